@@ -1,0 +1,243 @@
+"""Typed training configuration and recipe composition.
+
+A recipe (``recipes/<name>.yaml``) is a few lines composing config groups from ``conf/``:
+a size (``conf/size``), an objective (``conf/objective``), a phase list (``conf/phases``) and
+optionally an init. Composition is Hydra's; the result is merged into the ``TrainConfig`` schema
+below, so an unknown key or a wrongly typed value fails at start.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ettin.config import SIZES, ModelConfig, model_config
+from ettin.objectives import OBJECTIVES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = Path(os.environ.get("ETTIN_CONF_DIR", REPO_ROOT / "conf"))
+RECIPES_DIR = Path(os.environ.get("ETTIN_RECIPES_DIR", REPO_ROOT / "recipes"))
+
+LR_SCHEDULES = ("wsd", "one_minus_sqrt")
+INIT_MODES = ("weights", "weights+optimizer")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the problem and the fix."""
+
+
+@dataclass
+class DataSource:
+    path: str = "???"  # a prepared folder (python -m ettin.data.prepare), or "builtin"
+    weight: float = 1.0
+
+
+@dataclass
+class PhaseConfig:
+    tokens: int = "???"  # type: ignore[assignment]  # non-pad tokens, summed over ranks
+    seq_len: int = 1024
+    lr_scale: float = 1.0  # the phase's peak/start LR = optim.lr * lr_scale
+    lr_schedule: str = "wsd"  # wsd: warmup-stable-linear decay; one_minus_sqrt: 1-sqrt decay
+    warmup_tokens: int = 0
+    decay_tokens: int = 0  # wsd only: length of the final linear decay
+    final_lr_ratio: float = 1.0  # LR at the end of the phase, relative to the phase's start LR
+    batch_warmup_tokens: int = 0
+    batch_warmup_min: int = 0  # first global batch of the ramp (sequences); also its step size
+    global_rope_theta: float = 10000.0
+    local_rope_theta: float = 10000.0
+    mask_rate: float = 0.3  # MLM/MNTP only
+    micro_batch: int = 8  # sequences per device per forward/backward
+    checkpoint_every_tokens: int = 0  # 0: only at the phase end
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 8e-4  # peak LR of phase 1; other phases scale it with lr_scale
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    strategy: str = "ddp"  # ddp (default) or fsdp
+    compile: bool = False
+    activation_checkpointing: bool = False
+    num_workers: int = 2
+    log_every_steps: int = 10
+    val_every_tokens: int = 0  # 0: only at phase ends
+    val_batches: int = 20
+    val_mask_rate: float = 0.15
+    process_group_timeout_s: int = 600
+
+
+@dataclass
+class LoggingConfig:
+    csv: bool = True
+    wandb: bool = False
+    wandb_project: str = "ettin"
+    wandb_mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "???"
+    run_name: str = "???"
+    output_dir: str = "runs"
+    size: str = "???"
+    objective: str = "???"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the size row
+    tokenizer: str = "???"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    global_batch: int = 4608  # sequences per optimizer step, whatever the number of devices
+    phases: dict[str, PhaseConfig] = field(default_factory=dict)
+    # Sources per phase name: the same data for the encoder and the decoder of a pair.
+    data: dict[str, list[DataSource]] = field(default_factory=dict)
+    # Ettin's per-size values that the phase lists refer to (conf/size/<size>.yaml).
+    sized: dict[str, Any] = field(default_factory=dict)
+    pair: bool = False  # train the encoder AND the decoder (run names <run_name>-encoder/-decoder)
+    phase_order: list[str] = field(default_factory=list)
+    phase: Optional[str] = None  # run only this phase
+    init: Optional[str] = None  # our checkpoint or run dir, an HF folder or hub id, a Composer .pt
+    init_mode: str = "weights"
+    resume: str = "auto"  # auto: latest complete checkpoint of the run if any; never; or a path
+    seed: int = 21
+    data_dir: str = "data"  # where the offline default prepares the built-in corpus
+    keep_last_checkpoints: int = 3
+    export_at_phase_end: bool = False
+    export_at_end: bool = False
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dry_run: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def phases_to_run(self) -> list[str]:
+        return [self.phase] if self.phase else list(self.phase_order)
+
+    def model_config(self, phase: str) -> ModelConfig:
+        p = self.phases[phase]
+        return model_config(
+            self.size,
+            causal=OBJECTIVES[self.objective].causal,
+            global_rope_theta=p.global_rope_theta,
+            local_rope_theta=p.local_rope_theta,
+            **self.model,
+        )
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def compose(recipe: str, overrides: list[str] = ()) -> TrainConfig:
+    """Compose ``recipes/<recipe>.yaml`` with Hydra overrides into a validated TrainConfig."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    from hydra.core.config_store import ConfigStore
+
+    # The schema is the first default of conf/base.yaml, so overrides of any schema key work.
+    ConfigStore.instance().store(name="ettin_schema", node=TrainConfig)
+    choices = available_recipes()
+    if recipe not in choices:
+        raise ConfigError(f"unknown recipe {recipe!r}; available recipes: {', '.join(choices)}")
+    try:
+        with initialize_config_dir(str(RECIPES_DIR), version_base=None):
+            raw = hydra_compose(
+                recipe, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *overrides]
+            )
+    except HydraException as error:
+        raise ConfigError(f"recipe {recipe!r} with overrides {list(overrides)}: {error}") from None
+    raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
+    return validate(raw, recipe)
+
+
+def validate(raw: DictConfig | dict, recipe: str = "") -> TrainConfig:
+    """Merge into the schema (unknown keys and bad types fail) and check the combinations."""
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        if recipe and OmegaConf.is_missing(merged, "recipe"):
+            merged.recipe = recipe
+        if OmegaConf.is_missing(merged, "run_name"):
+            merged.run_name = merged.recipe
+        cfg: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        # Lists inside dicts come back as plain dicts; make every source a DataSource.
+        cfg.data = {
+            phase: [s if isinstance(s, DataSource) else DataSource(**s) for s in sources]
+            for phase, sources in cfg.data.items()
+        }
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid configuration: {error}".strip()) from None
+    check(cfg)
+    return cfg
+
+
+def check(cfg: TrainConfig) -> None:
+    if cfg.size not in SIZES:
+        raise ConfigError(f"size={cfg.size!r} is unknown; choose one of {', '.join(SIZES)}")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(
+            f"objective={cfg.objective!r} is unknown; choose one of {', '.join(OBJECTIVES)}"
+        )
+    if cfg.init_mode not in INIT_MODES:
+        raise ConfigError(f"init_mode={cfg.init_mode!r}; choose one of {', '.join(INIT_MODES)}")
+    if not cfg.phase_order:
+        raise ConfigError("the recipe lists no phases (phase_order is empty)")
+    for name in cfg.phase_order:
+        if name not in cfg.phases:
+            raise ConfigError(
+                f"phase_order names {name!r} but phases defines only {', '.join(cfg.phases)}"
+            )
+    if cfg.phase is not None and cfg.phase not in cfg.phase_order:
+        raise ConfigError(
+            f"phase={cfg.phase!r} is not a phase of this recipe; choose one of "
+            f"{', '.join(cfg.phase_order)}"
+        )
+    for name in cfg.phases_to_run():
+        p = cfg.phases[name]
+        if p.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"phases.{name}.lr_schedule={p.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+            )
+        if p.tokens <= 0 or p.seq_len <= 1 or p.micro_batch <= 0:
+            raise ConfigError(f"phases.{name}: tokens, seq_len and micro_batch must be positive")
+        if p.warmup_tokens + p.decay_tokens > p.tokens:
+            raise ConfigError(
+                f"phases.{name}: warmup_tokens + decay_tokens ({p.warmup_tokens + p.decay_tokens}) "
+                f"exceed the phase's tokens ({p.tokens})"
+            )
+        if OBJECTIVES[cfg.objective].masked and not 0.0 < p.mask_rate < 1.0:
+            raise ConfigError(f"phases.{name}.mask_rate={p.mask_rate} must be in (0, 1)")
+        if not cfg.data.get(name):
+            raise ConfigError(
+                f"no data for phase {name!r}: set data.{name}=[{{path: PREPARED_DIR, weight: 1}}] "
+                "(prepare one with: python -m ettin.data.prepare input=PATH output=DIR "
+                f"tokenizer={cfg.tokenizer} max_seq_len={p.seq_len})"
+            )
+        if p.batch_warmup_tokens and not 0 < p.batch_warmup_min <= cfg.global_batch:
+            raise ConfigError(
+                f"phases.{name}.batch_warmup_min={p.batch_warmup_min} must be in "
+                f"(0, global_batch={cfg.global_batch}]"
+            )
+    try:
+        cfg.model_config(cfg.phases_to_run()[0])
+    except (TypeError, ValueError, KeyError) as error:
+        raise ConfigError(f"model: {error}") from None
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(asdict(cfg)))

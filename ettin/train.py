@@ -1,0 +1,517 @@
+"""python -m ettin.train recipe=NAME [hydra overrides]
+
+Runs a recipe's phases in order inside ``<output_dir>/<run_name>/``, resuming from the run's latest
+complete checkpoint when there is one (``resume=auto``). With no arguments it runs ``recipe=smoke``:
+a tiny encoder and decoder on the built-in corpus, on CPU, exported as Hugging Face folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ettin.config import ModelConfig
+from ettin.recipes import ConfigError, TrainConfig, available_recipes, compose, to_yaml
+from ettin.runtime import git_commit
+
+log = logging.getLogger("ettin")
+
+USAGE = """usage: python -m ettin.train [recipe=NAME] [key=value ...]
+
+  recipe=NAME      one of: {recipes} (default: smoke)
+  dry_run=true     print the resolved config, parameter count, FLOPs/token and the schedule; exit
+  phase=NAME       run one phase alone (e.g. phase=extension init=PATH)
+  init=PATH|ID     start from our checkpoint or run dir, a Hugging Face folder or hub id, or a
+                   Composer .pt (init_mode=weights|weights+optimizer)
+  resume=auto      (default) continue from the run's latest complete checkpoint; resume=never
+Any other key of the resolved config can be overridden the Hydra way (e.g. trainer.devices=2).
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Start-up
+
+
+def parse_argv(argv: list[str]) -> tuple[str, list[str]]:
+    recipe, overrides = "smoke", []
+    for arg in argv:
+        if arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return recipe, overrides
+
+
+def environment_summary() -> dict[str, Any]:
+    import lightning
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "devices_visible": torch.cuda.device_count(),
+        "host": platform.node(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def global_rank() -> int:
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def setup_logging(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    if global_rank() == 0:
+        formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+            handler.setFormatter(formatter)
+            log.addHandler(handler)
+    log.propagate = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer and data
+
+
+def resolve_tokenizer(cfg: TrainConfig):
+    """The tokenizer of the run; ``builtin`` trains the tiny offline one when it is missing."""
+    from ettin.data.tokenizer import ensure_builtin_tokenizer, load_tokenizer
+
+    if cfg.tokenizer == "builtin":
+        return ensure_builtin_tokenizer(Path(cfg.data_dir) / "tokenizer-builtin")
+    return load_tokenizer(cfg.tokenizer)
+
+
+def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list[tuple[str, float]]:
+    """(prepared folder, weight) per source; ``builtin`` prepares the built-in corpus if needed."""
+    from ettin.data.prepare import ensure_prepared
+
+    seq_len = cfg.phases[phase].seq_len
+    sources = []
+    for source in cfg.data[phase]:
+        path = source.path
+        if path == "builtin":
+            path = str(Path(cfg.data_dir) / f"builtin-{seq_len}")
+            ensure_prepared(
+                input="builtin", output=path, tokenizer=tokenizer, max_seq_len=seq_len,
+                wait=global_rank() != 0,
+            )
+        sources.append((path, float(source.weight)))
+    return sources
+
+
+def run_model_config(cfg: TrainConfig, phase: str, tokenizer) -> ModelConfig:
+    """The recipe's model with the vocabulary and special ids of the run's tokenizer."""
+    from ettin.data.tokenizer import check_vocab, special_ids
+
+    ids = special_ids(tokenizer)
+    vocab = cfg.model.get("vocab_size") or -(-len(tokenizer) // 64) * 64
+    check_vocab(tokenizer, vocab)
+    config = cfg.model_config(phase)
+    return replace(
+        config, vocab_size=vocab, pad_token_id=ids.pad, bos_token_id=ids.cls,
+        eos_token_id=ids.sep, mask_token_id=ids.mask,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where a run starts: resume, init, or scratch
+
+
+@dataclass
+class StartState:
+    phase_index: int = 0
+    model_state: Optional[dict] = None
+    optimizer_state: Optional[dict] = None
+    loader_state: Any = None  # ettin.data.loader.LoaderState
+    rng_states: Optional[list] = None
+    description: str = "from scratch"
+
+
+def resolve_start(cfg: TrainConfig) -> StartState:
+    from ettin.checkpoint import latest_checkpoint
+
+    phases = cfg.phases_to_run()
+    if cfg.resume != "never":
+        checkpoint = Path(cfg.resume) if cfg.resume != "auto" else latest_checkpoint(cfg.run_dir)
+        if checkpoint is not None:
+            return resume_state(checkpoint, phases)
+    if cfg.init:
+        return init_state(cfg)
+    return StartState()
+
+
+def resume_state(checkpoint: Path, phases: list[str]) -> StartState:
+    from ettin.checkpoint import load_weights, read_meta, safe_torch_load
+    from ettin.data.loader import LoaderState
+
+    meta = read_meta(checkpoint)
+    if meta["phase"] not in phases:
+        raise ConfigError(
+            f"checkpoint {checkpoint} is from phase {meta['phase']!r}, which this run does not "
+            f"include ({', '.join(phases)}); use resume=never or another run_name"
+        )
+    index = phases.index(meta["phase"])
+    state = StartState(
+        model_state=load_weights(checkpoint),
+        optimizer_state=safe_torch_load(checkpoint / "optimizer.pt"),
+    )
+    if meta.get("phase_end"):
+        # The transition to the next phase is applied here, once: weights and optimizer moments
+        # carry over; token clock, schedule and data start afresh.
+        state.phase_index = index + 1
+        state.description = f"phase {meta['phase']!r} finished at {checkpoint}; next phase"
+    else:
+        state.phase_index = index
+        state.loader_state = LoaderState(**meta["loader_state"])
+        state.rng_states = safe_torch_load(checkpoint / "rng.pt")["rng"]
+        state.description = (
+            f"resumed from {checkpoint} (phase {meta['phase']!r}, step {meta['step']}, "
+            f"{meta['tokens']:,} tokens)"
+        )
+    return state
+
+
+def init_state(cfg: TrainConfig) -> StartState:
+    """Weights (and optionally optimizer state) from ``init``: ours, Hugging Face or Composer."""
+    from ettin.checkpoint import latest_checkpoint, load_weights, safe_torch_load
+
+    source = cfg.init
+    path = Path(source)
+    optimizer_state = None
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ConfigError(f"init={source}: that run has no complete checkpoint yet")
+        path = found
+    if path.is_dir() and (path / "meta.json").exists():
+        model_state = load_weights(path)
+        if cfg.init_mode == "weights+optimizer":
+            optimizer_state = safe_torch_load(path / "optimizer.pt")
+        kind = "ettin checkpoint"
+    elif path.suffix == ".pt":
+        from ettin.composer import load_composer
+
+        _, model_state, optimizer_state, _ = load_composer(path)
+        if cfg.init_mode == "weights":
+            optimizer_state = None
+        elif optimizer_state is None:
+            raise ConfigError(f"init={source} holds no optimizer state; use init_mode=weights")
+        kind = "Composer checkpoint"
+    else:
+        if not path.exists() and source.startswith(("/", ".", "runs")):
+            raise ConfigError(
+                f"init={source} does not exist; give a run dir, a checkpoint dir, a Hugging Face "
+                "folder or hub id, or a Composer .pt"
+            )
+        if cfg.init_mode != "weights":
+            raise ConfigError(f"init={source} is a Hugging Face model: only init_mode=weights")
+        from ettin.hub import load_hf
+
+        model_state = load_hf(source).state_dict()
+        kind = "Hugging Face model"
+    return StartState(model_state=model_state, optimizer_state=optimizer_state,
+                      description=f"initialised from {kind} {source} ({cfg.init_mode})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# One phase
+
+
+def lr_multiplier(cfg: TrainConfig, phase: str):
+    from ettin.schedule import OneMinusSqrt, WarmupStableDecay
+
+    p = cfg.phases[phase]
+    if p.lr_schedule == "wsd":
+        return WarmupStableDecay(p.warmup_tokens, p.decay_tokens, p.tokens, p.final_lr_ratio)
+    return OneMinusSqrt(p.tokens, p.final_lr_ratio, warmup_tokens=p.warmup_tokens)
+
+
+def batch_schedule(cfg: TrainConfig, phase: str):
+    from ettin.schedule import BatchSizeWarmup
+
+    p = cfg.phases[phase]
+    first = p.batch_warmup_min or cfg.global_batch
+    return BatchSizeWarmup(cfg.global_batch, first, p.batch_warmup_tokens, first)
+
+
+def trainer_devices(cfg: TrainConfig) -> tuple[str, int]:
+    accelerator = cfg.trainer.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    devices = cfg.trainer.devices
+    if devices in ("auto", -1):
+        devices = torch.cuda.device_count() if accelerator == "gpu" else 1
+    return accelerator, int(devices)
+
+
+def build_trainer(cfg: TrainConfig, phase: str, callbacks: list):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from ettin.distributed import StepSyncDDPStrategy, cluster_plugins
+
+    accelerator, devices = trainer_devices(cfg)
+    world = devices * cfg.trainer.num_nodes
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
+    strategy: Any = "auto"
+    if world > 1:
+        strategy = StepSyncDDPStrategy(
+            process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+            timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s),
+        )
+    loggers: list = []
+    if cfg.logging.csv:
+        loggers.append(CSVLogger(cfg.run_dir, name="logs", version=phase))
+    if cfg.logging.wandb:
+        mode = cfg.logging.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        # One wandb run per ettin run: the id is the run name, so a requeued job continues it.
+        loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.run_name,
+                                   id=cfg.run_name, resume="allow", save_dir=str(cfg.run_dir),
+                                   offline=mode == "offline"))
+    return L.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=cfg.trainer.num_nodes,
+        strategy=strategy, precision=precision, max_epochs=1, logger=loggers or False,
+        callbacks=callbacks, enable_checkpointing=False, enable_model_summary=False,
+        log_every_n_steps=cfg.trainer.log_every_steps, num_sanity_val_steps=0,
+        use_distributed_sampler=False, default_root_dir=cfg.run_dir, plugins=cluster_plugins(),
+    )
+
+
+def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Path:
+    """Train one phase from ``start``; returns the phase-end checkpoint."""
+    from torch.utils.data import DataLoader
+
+    from ettin.data.loader import LoaderState, StepBatches, validation_batches
+    from ettin.flops import peak_flops_per_device
+    from ettin.model import ModernBert
+    from ettin.module import EttinModule
+    from ettin.objectives import make_collator
+    from ettin.runtime import CheckpointHook, apply_speedups, restore_rng
+
+    p = cfg.phases[phase]
+    model_config = run_model_config(cfg, phase, tokenizer)
+    model = ModernBert(model_config)
+    if start.model_state is not None:
+        model.load_state_dict(start.model_state)
+    apply_speedups(model, compile=cfg.trainer.compile,
+                   activation_checkpointing=cfg.trainer.activation_checkpointing)
+    sources = resolve_sources(cfg, phase, tokenizer)
+    loader_state = start.loader_state or LoaderState(step=0, samples=0, tokens=0)
+    accelerator, devices = trainer_devices(cfg)
+
+    module = EttinModule(
+        model, objective=cfg.objective, lr=cfg.optim.lr * p.lr_scale,
+        lr_multiplier=lr_multiplier(cfg, phase), phase_tokens=p.tokens,
+        weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        peak_flops=peak_flops_per_device() if accelerator == "gpu" else None,
+        optimizer_state=start.optimizer_state, log_every_steps=cfg.trainer.log_every_steps,
+    )
+    checkpoints = CheckpointHook(cfg, phase, tokenizer, every_tokens=p.checkpoint_every_tokens,
+                                 start_tokens=loader_state.tokens)
+    module.step_hooks.append(checkpoints.after_step)
+    if cfg.trainer.val_every_tokens:
+        module.step_hooks.append(checkpoints.validate_every(cfg.trainer.val_every_tokens))
+
+    def train_loader() -> DataLoader:
+        rank, world = module.global_rank, module.trainer.world_size
+        if start.rng_states is not None:
+            restore_rng(start.rng_states, rank, world, seed=cfg.seed + loader_state.step)
+        else:
+            torch.manual_seed(cfg.seed * 1000 + rank)
+        steps = StepBatches(
+            sources, split="train", seq_len=p.seq_len,
+            collator=make_collator(cfg.objective, tokenizer, mask_rate=p.mask_rate, seed=cfg.seed),
+            global_batch_at=batch_schedule(cfg, phase), micro_batch_size=p.micro_batch,
+            rank=rank, world_size=world, seed=cfg.seed, phase=phase, state=loader_state,
+        )
+        return DataLoader(steps, batch_size=None, num_workers=cfg.trainer.num_workers,
+                          pin_memory=accelerator == "gpu",
+                          persistent_workers=False)
+
+    def val_loader():
+        collator = make_collator(cfg.objective, tokenizer, mask_rate=cfg.trainer.val_mask_rate,
+                                 seed=cfg.seed)
+        return validation_batches(sources, seq_len=p.seq_len, collator=collator,
+                                  batch_size=p.micro_batch, max_batches=cfg.trainer.val_batches,
+                                  rank=module.global_rank, world_size=module.trainer.world_size)
+
+    module.train_dataloader = train_loader  # type: ignore[method-assign]
+    checkpoints.val_loader = val_loader
+    module.loader_state = loader_state
+    trainer = build_trainer(cfg, phase, callbacks=checkpoints.callbacks())
+    log.info("phase %s: %s", phase, start.description)
+    log.info("model: %s, %s parameters, attention backend %s, %s",
+             cfg.size, f"{model.num_parameters():,}", model_config.attn_implementation,
+             "causal" if model_config.causal else "bidirectional")
+    trainer.fit(module)
+    if module.loader_state.tokens < p.tokens:
+        raise RuntimeError(
+            f"phase {phase} stopped at {module.loader_state.tokens:,} of {p.tokens:,} tokens "
+            "(interrupted); run the same command again to resume"
+        )
+    return checkpoints.save(module, phase_end=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A whole run
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run the recipe's phases from wherever the run stands; returns the final checkpoint."""
+    from ettin.checkpoint import load_weights, read_meta, safe_torch_load
+    from ettin.schedule import schedule_table
+
+    setup_logging(cfg.run_dir)
+    log.info("ettin run %s (recipe %s), git commit %s", cfg.run_name, cfg.recipe, git_commit())
+    log.info("environment: %s", json.dumps(environment_summary()))
+    log.info("resolved config:\n%s", to_yaml(cfg))
+    if global_rank() == 0:
+        (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    tokenizer = resolve_tokenizer(cfg)
+    log.info("schedule:\n%s", schedule_table(schedule_rows(cfg)))
+
+    phases = cfg.phases_to_run()
+    start = resolve_start(cfg)
+    log.info("start: %s", start.description)
+    final: Optional[Path] = None
+    for index in range(start.phase_index, len(phases)):
+        phase = phases[index]
+        final = run_phase(cfg, phase, tokenizer, start)
+        start = StartState(
+            model_state=load_weights(final), optimizer_state=safe_torch_load(final / "optimizer.pt"),
+            description=f"continued from the end of phase {phase!r} ({final})",
+        )
+    if final is None:  # every phase was already finished
+        from ettin.checkpoint import latest_checkpoint
+
+        final = latest_checkpoint(cfg.run_dir)
+        log.info("run %s already finished (%s)", cfg.run_name, read_meta(final)["phase"])
+    if cfg.export_at_end and global_rank() == 0:
+        export_run(cfg, final)
+    return final
+
+
+def export_dir(cfg: TrainConfig) -> Path:
+    return cfg.run_dir / "hf"
+
+
+def export_run(cfg: TrainConfig, checkpoint: Path) -> Path:
+    from ettin.export import export_checkpoint
+
+    out = export_dir(cfg)
+    export_checkpoint(checkpoint, out)
+    log.info("exported %s -> %s", checkpoint, out)
+    return out
+
+
+def schedule_rows(cfg: TrainConfig) -> list:
+    from ettin.schedule import PhaseSchedule
+
+    return [
+        PhaseSchedule(
+            name=name, tokens=cfg.phases[name].tokens, seq_len=cfg.phases[name].seq_len,
+            global_rope_theta=cfg.phases[name].global_rope_theta,
+            local_rope_theta=cfg.phases[name].local_rope_theta,
+            lr=cfg.optim.lr * cfg.phases[name].lr_scale, lr_multiplier=lr_multiplier(cfg, name),
+            global_batch=batch_schedule(cfg, name),
+        )
+        for name in cfg.phases_to_run()
+    ]
+
+
+def pair_configs(cfg: TrainConfig) -> list[TrainConfig]:
+    """The encoder and the decoder of a pair, on the same data and schedule."""
+    encoder_objective = cfg.objective if cfg.objective != "clm" else "mlm"
+    return [
+        replace(cfg, objective=encoder_objective, run_name=f"{cfg.run_name}-encoder", pair=False),
+        replace(cfg, objective="clm", run_name=f"{cfg.run_name}-decoder", pair=False),
+    ]
+
+
+def dry_run_report(cfg: TrainConfig) -> str:
+    from ettin.flops import training_flops
+    from ettin.model import ModernBert
+    from ettin.schedule import schedule_table, steps_for
+
+    lines = [f"recipe {cfg.recipe} (run {cfg.run_name}, objective {cfg.objective})", "", to_yaml(cfg)]
+    for name in cfg.phases_to_run():
+        p = cfg.phases[name]
+        config = cfg.model_config(name)
+        with torch.device("meta"):
+            model = ModernBert(config)
+        n_targets = p.seq_len if cfg.objective == "clm" else round(p.mask_rate * p.seq_len)
+        flops = training_flops(config, [p.seq_len], n_targets, config.causal) / p.seq_len
+        steps = steps_for(p.tokens, p.seq_len, batch_schedule(cfg, name))
+        lines.append(
+            f"phase {name}: {model.num_parameters():,} parameters, {flops / 1e9:.3f} GFLOP per "
+            f"token (training, full {p.seq_len}-token rows), {p.tokens:,} tokens, >= {steps:,} "
+            f"optimizer steps (rows at full length; shorter documents mean more steps)"
+        )
+    lines += ["", schedule_table(schedule_rows(cfg))]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE.format(recipes=", ".join(available_recipes())))
+        return 0
+    recipe, overrides = parse_argv(argv)
+    try:
+        cfg = compose(recipe, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if cfg.dry_run:
+        print(dry_run_report(cfg))
+        return 0
+    runs = pair_configs(cfg) if cfg.pair else [cfg]
+    started = time.perf_counter()
+    finals = [(run, train(run)) for run in runs]
+    if global_rank() == 0:
+        print(summary(finals, time.perf_counter() - started))
+    return 0
+
+
+def summary(finals: list[tuple[TrainConfig, Path]], seconds: float) -> str:
+    lines = [f"\nDone in {seconds / 60:.1f} min."]
+    for cfg, checkpoint in finals:
+        lines.append(f"  {cfg.run_name}: final checkpoint {checkpoint}")
+        if cfg.export_at_end:
+            out = export_dir(cfg)
+            if cfg.objective == "clm":
+                example = (f"pipeline('text-generation', model='{out}')('The module', "
+                           "max_new_tokens=20)")
+            else:
+                example = f"pipeline('fill-mask', model='{out}')('The [MASK] module.')"
+            lines.append(f"    Hugging Face folder: {out}")
+            lines.append(f"    try: python -c \"from transformers import pipeline; print({example})\"")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

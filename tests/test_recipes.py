@@ -1,0 +1,102 @@
+"""Recipes compose, validate and describe themselves; the config system rejects what cannot run."""
+
+import pytest
+import torch
+
+from ettin.model import ModernBert
+from ettin.recipes import ConfigError, available_recipes, compose
+from ettin.train import dry_run_report, main
+
+SIZES = ["17m", "32m", "68m", "150m", "400m", "1b"]
+PARAMETERS = {  # tied embeddings counted once, vocabulary 50368
+    "17m": 16_913_600, "32m": 32_081_344, "68m": 68_457_664,
+    "150m": 149_655_232, "400m": 395_881_664, "1b": 1_031_314_112,
+}
+FAMILIES = ["encoder", "decoder", "encoder_from_decoder", "decoder_from_encoder"]
+
+
+def test_every_size_and_family_ships_a_recipe():
+    expected = {f"{family}_{size}" for family in FAMILIES for size in SIZES} | {"smoke"}
+    assert expected <= set(available_recipes())
+
+
+@pytest.mark.parametrize("recipe", [f"{f}_{s}" for f in FAMILIES for s in SIZES])
+def test_recipe_builds_its_model_on_meta_with_the_right_parameter_count(recipe):
+    cfg = compose(recipe)
+    size = recipe.rsplit("_", 1)[1]
+    for phase in cfg.phases_to_run():
+        with torch.device("meta"):
+            model = ModernBert(cfg.model_config(phase))
+        assert model.num_parameters() == PARAMETERS[size]
+        assert model.config.causal == cfg.objective.startswith("clm")
+
+
+def test_three_phases_follow_the_ettin_values():
+    cfg = compose("decoder_150m")
+    assert cfg.objective == "clm" and cfg.phase_order == ["pretrain", "extension", "decay"]
+    pre, ext, dec = (cfg.phases[p] for p in cfg.phase_order)
+    assert (pre.tokens, ext.tokens, dec.tokens) == (1_700_000_000_000, 250_000_000_000, 50_000_000_000)
+    assert (pre.seq_len, ext.seq_len, dec.seq_len) == (1024, 8000, 8000)
+    assert cfg.optim.lr == 8e-4 and cfg.optim.weight_decay == 1e-5 and cfg.global_batch == 4608
+    assert pre.warmup_tokens == 3_000_000_000 and pre.batch_warmup_tokens == 50_000_000_000
+    assert (pre.global_rope_theta, pre.local_rope_theta) == (10_000, 10_000)
+    assert (ext.global_rope_theta, ext.local_rope_theta) == (160_000, 160_000)
+    assert dec.lr_scale == 0.5 and dec.final_lr_ratio == 0.04 and ext.final_lr_ratio == 0.5
+    encoder = compose("encoder_150m")
+    assert [encoder.phases[p].mask_rate for p in encoder.phase_order] == [0.3, 0.3, 0.15]
+
+
+def test_one_billion_has_shorter_later_phases():
+    cfg = compose("encoder_1b")
+    assert cfg.phases["extension"].tokens == 83_333_000_000
+    assert cfg.phases["decay"].tokens == 16_667_000_000
+
+
+def test_cross_objective_recipes():
+    cfg = compose("encoder_from_decoder_150m")
+    cross = cfg.phases["cross"]
+    assert cfg.objective == "mntp" and cfg.init == "runs/decoder_150m" and cfg.init_mode == "weights"
+    assert cross.tokens == 50_000_000_000 and cross.lr_scale == 0.5
+    assert (cross.warmup_tokens, cross.decay_tokens, cross.final_lr_ratio) == (3_000_000_000, 10_000_000_000, 0.02)
+    assert (cross.global_rope_theta, cross.local_rope_theta, cross.seq_len) == (160_000, 160_000, 8000)
+    assert compose("encoder_from_decoder_150m", ["objective=mlm"]).objective == "mlm"
+    assert compose("decoder_from_encoder_68m").objective == "clm"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["no_such_key=1"], "no_such_key"),
+        (["phases.pretrain.tokenz=3"], "tokenz"),
+        (["size=3m"], "3m"),
+        (["objective=xlm"], "choose one of mlm, clm, mntp"),
+        (["phase=warmup"], "choose one of pretrain, extension, decay"),
+        (["phases.pretrain.lr_schedule=cosine"], "choose one of wsd, one_minus_sqrt"),
+        (["phases.pretrain.seq_len=abc"], "seq_len"),
+        (["phases.pretrain.warmup_tokens=2_000_000_000_000"], "exceed"),
+    ],
+)
+def test_bad_configuration_fails_with_a_clear_message(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose("decoder_150m", overrides)
+
+
+def test_unknown_recipe_lists_the_choices(capsys):
+    assert main(["recipe=decoder_15m"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown recipe 'decoder_15m'" in err and "decoder_150m" in err and "smoke" in err
+
+
+def test_dry_run_prints_counts_flops_and_schedule(capsys):
+    assert main(["recipe=decoder_150m", "dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    assert "149,655,232 parameters" in out
+    assert "GFLOP per token" in out
+    assert "1,700,000,000,000 tokens" in out
+    assert "extension" in out and "decay" in out
+    assert "160000" in out.replace(",", "").replace("_", "")
+
+
+def test_dry_run_report_needs_no_data_or_tokenizer():
+    report = dry_run_report(compose("encoder_1b"))
+    assert "1,031,314,112 parameters" in report
