@@ -1,0 +1,139 @@
+"""The training entrypoint end to end on CPU: the offline default, exact resume, phase transitions,
+cross-objective training and starting from other formats."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ettin.checkpoint import latest_checkpoint, list_checkpoints, read_meta
+from ettin.module import EttinModule
+from ettin.recipes import compose
+from ettin.train import main, train
+
+# Short settings shared by the tests: the smoke recipe with smaller phases.
+SHORT = [
+    "phases.pretrain.tokens=60_000", "phases.pretrain.checkpoint_every_tokens=20_000",
+    "phases.extension.tokens=20_000", "phases.decay.tokens=10_000",
+    "trainer.log_every_steps=1", "trainer.num_workers=0",
+]
+
+
+def losses(run_dir: Path, phase: str) -> list[tuple[float, float]]:
+    """(tokens, train loss) per logged step of one phase, in order."""
+    path = run_dir / "logs" / phase / "metrics.csv"
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return [(float(r["train/tokens"]), float(r["train/loss"])) for r in rows]
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A data dir with the built-in tokenizer and corpus prepared once for every test."""
+    root = tmp_path_factory.mktemp("ettin")
+    return root
+
+
+def run_args(workspace: Path, name: str, *extra: str) -> list[str]:
+    return [f"output_dir={workspace / 'runs'}", f"data_dir={workspace / 'data'}",
+            f"run_name={name}", *SHORT, *extra]
+
+
+def test_default_run_trains_and_exports_a_pair(workspace, capsys):
+    assert main(run_args(workspace, "pair")) == 0
+    out = capsys.readouterr().out
+    from transformers import pipeline
+
+    for side, task in (("encoder", "fill-mask"), ("decoder", "text-generation")):
+        run_dir = workspace / "runs" / f"pair-{side}"
+        history = losses(run_dir, "pretrain")
+        first = sum(l for _, l in history[:5]) / 5
+        last = sum(l for _, l in history[-5:]) / 5
+        assert last < first - 0.5, (side, first, last)  # clearly falling
+        assert str(run_dir / "hf") in out
+        pipe = pipeline(task, model=str(run_dir / "hf"))
+        if task == "fill-mask":
+            assert len(pipe(f"The {pipe.tokenizer.mask_token} module.")) > 0
+        else:
+            assert pipe("The module", max_new_tokens=5)[0]["generated_text"].startswith("The module")
+        metas = [read_meta(c) for c in list_checkpoints(run_dir)]
+        assert [m["phase"] for m in metas if m["phase_end"]] == ["pretrain", "extension", "decay"]
+
+
+def test_resume_after_a_crash_repeats_the_same_losses_bitwise(workspace, monkeypatch):
+    args = ["phase_order=[pretrain]", "objective=mlm", "pair=false"]
+    reference = compose("smoke", run_args(workspace, "straight", *args))
+    train(reference)
+    expected = losses(reference.run_dir, "pretrain")
+
+    crashing = compose("smoke", run_args(workspace, "crashing", *args))
+    original = EttinModule.training_step
+
+    def crash_after_checkpoint(self, batch, batch_idx):
+        if self.loader_state is not None and self.loader_state.tokens >= 30_000:
+            raise KeyboardInterrupt  # a kill between two steps
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(EttinModule, "training_step", crash_after_checkpoint)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train(crashing)
+    monkeypatch.setattr(EttinModule, "training_step", original)
+    resumed_from = read_meta(latest_checkpoint(crashing.run_dir))
+    assert 0 < resumed_from["tokens"] < 60_000 and not resumed_from["phase_end"]
+    train(crashing)  # resume=auto
+    got = losses(crashing.run_dir, "pretrain")
+    after = [(t, l) for t, l in got if t > resumed_from["tokens"]]
+    assert after == [(t, l) for t, l in expected if t > resumed_from["tokens"]]
+    assert len(after) >= 3
+
+
+def test_phase_transition_keeps_weights_and_resets_the_clock(workspace):
+    cfg = compose("smoke", run_args(workspace, "phases", "pair=false", "objective=clm"))
+    train(cfg)
+    ends = {read_meta(c)["phase"]: c for c in list_checkpoints(cfg.run_dir) if read_meta(c)["phase_end"]}
+    assert set(ends) == {"pretrain", "extension", "decay"}
+    ext = read_meta(ends["extension"])
+    assert ext["tokens"] >= 20_000 and ext["tokens"] < 60_000  # clock restarted at the phase
+    assert ext["model_config"]["global_rope_theta"] == 160_000
+    # Running the same command again re-applies nothing: the run is finished.
+    before = sorted(p.name for p in list_checkpoints(cfg.run_dir))
+    train(cfg)
+    assert sorted(p.name for p in list_checkpoints(cfg.run_dir)) == before
+
+
+def test_single_phase_from_another_runs_checkpoint(workspace):
+    source = workspace / "runs" / "phases"
+    if latest_checkpoint(source) is None:
+        pytest.skip("needs test_phase_transition_keeps_weights_and_resets_the_clock")
+    cfg = compose("smoke", run_args(workspace, "ext-only", "pair=false", "objective=clm",
+                                    "phase=extension", f"init={source}"))
+    final = train(cfg)
+    assert read_meta(final)["phase"] == "extension"
+
+
+@pytest.mark.parametrize("recipe, init_run, objective", [
+    ("encoder_from_decoder_150m", "phases", "mntp"),
+    ("decoder_from_encoder_150m", "straight", "clm"),
+])
+def test_cross_objective_training_runs_both_directions(workspace, recipe, init_run, objective):
+    init = workspace / "runs" / init_run
+    if latest_checkpoint(init) is None:
+        pytest.skip(f"needs the {init_run} run of an earlier test")
+    cfg = compose(recipe, [
+        "size=tiny", "tokenizer=builtin", "global_batch=16", f"data_dir={workspace / 'data'}",
+        f"output_dir={workspace / 'runs'}", f"init={init}", "data.cross=[{path: builtin}]",
+        "phases.cross.tokens=8_000", "phases.cross.seq_len=256", "phases.cross.warmup_tokens=2_000",
+        "phases.cross.decay_tokens=4_000", "phases.cross.batch_warmup_tokens=0",
+        "trainer.num_workers=0", "trainer.log_every_steps=1",
+    ])
+    assert cfg.objective == objective
+    final = train(cfg)
+    meta = read_meta(final)
+    assert meta["objective"] == objective and meta["phase_end"]
+    assert meta["model_config"]["causal"] == (objective == "clm")
