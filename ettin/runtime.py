@@ -124,6 +124,7 @@ class CheckpointHook:
                 "recipe": self.cfg.recipe,
                 "objective": self.cfg.objective,
                 "phase": self.phase,
+                "phase_index": self.cfg.phase_order.index(self.phase),
                 "phase_end": phase_end,
                 "step": state.step,
                 "tokens": state.tokens,
