@@ -1,16 +1,31 @@
 """ModernBERT, the one architecture behind Ettin's encoders and decoders, as a plain nn.Module.
 
-Weight names are transformers' ``ModernBertForMaskedLM`` names, so the Hugging Face mapping in
-``ettin.hub`` is a short, readable function. Whether the model runs as an encoder (bidirectional) or
-as a decoder (causal) is a forward-time choice: the same weights serve both.
+Weight names are transformers' ``ModernBertForMaskedLM`` names, so ``model.load_state_dict(
+hf_mlm.state_dict())`` works as is. Whether the model runs as an encoder (bidirectional) or as a
+decoder (causal) is a forward-time choice: the same weights serve both.
 
-Inside, every batch is unpadded: tokens of all sequences are concatenated into one [N, H] stream with
-``cu_seqlens`` marking where each sequence starts, so padding costs no compute. RoPE positions restart
-at 0 for every sequence and attention never crosses one.
+Inside, every batch is unpadded: the tokens of all sequences are concatenated into one [N, H] stream
+with ``cu_seqlens`` marking where each sequence starts, so padding costs no compute in the matmuls.
+RoPE positions restart at 0 for every sequence and attention never crosses one.
+
+Sliding-window layers see ``config.window`` tokens on each side of a query (bidirectional) or the
+``window`` previous tokens and the query itself (causal; transformers' decoder calls that
+``sliding_window = window + 1``). Layer i is global iff ``i % global_attn_every_n_layers == 0``.
+
+Attention backends (``config.attn_implementation``), all computing the same function:
+
+* ``sdpa``  torch scaled_dot_product_attention over a [sequences, heads, max_seqlen, dim] grid (one
+            row per sequence, so a packed batch never builds an N x N mask); long sliding layers
+            attend block-wise to a band of keys instead of the whole sequence.
+* ``flex``  torch FlexAttention over the flat stream with a document / causal / window BlockMask
+            (compiled on GPU; on CPU torch runs it uncompiled and without a backward pass).
+* ``flash`` flash-attn's varlen kernel with ``window_size`` (optional dependency, GPU only).
+* ``eager`` explicit softmax over the same grid as sdpa: the readable reference.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -29,144 +44,262 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor  # [B, T, V] padded input, [N, V] flat input, [n_targets, V] with labels
     loss: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------------------------
-# Unpadded layout and attention
+# The unpadded layout: where each sequence lies in the flat stream, and the masks built from it.
 
 
-@dataclass
 class Layout:
-    """Where each sequence lies in the flat token stream, and what its tokens may attend to."""
+    """Sequences of one forward pass in the flat token stream.
 
-    cu_seqlens: torch.Tensor  # int32 [num_seqs + 1]
-    max_seqlen: int
-    positions: torch.Tensor  # int64 [N], restarting at 0 for each sequence
-    causal: bool
-    window: int
-    # Built lazily per backend and shared by the layers of one forward pass.
-    cache: dict
+    Masks are built lazily, once per forward pass, and shared by all layers of the same type.
+    """
 
-    @staticmethod
-    def build(cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, window: int) -> "Layout":
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths.long())
-        positions = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
-        return Layout(cu_seqlens, int(max_seqlen), positions, causal, window, {})
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, window: int) -> None:
+        self.cu_seqlens = cu_seqlens.to(torch.int32)
+        self.max_seqlen = int(max_seqlen)
+        self.causal = causal
+        self.window = window
+        self.lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        n = int(cu_seqlens[-1])
+        device = cu_seqlens.device
+        # Sequence index of every token, and its position inside its sequence.
+        self.sequence = torch.repeat_interleave(torch.arange(len(self.lengths), device=device),
+                                                self.lengths, output_size=n)
+        self.positions = torch.arange(n, device=device) - cu_seqlens[:-1].long()[self.sequence]
+        self.uniform = bool((self.lengths == self.max_seqlen).all())  # no padding in the grid
+        self._cache: dict = {}
 
-    @property
-    def lengths(self) -> torch.Tensor:
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+    def cached(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
-    def padded_index(self) -> torch.Tensor:
-        """For each flat token, its index in a [num_seqs * max_seqlen] padded grid."""
-        if "padded_index" not in self.cache:
-            seq = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.positions.device),
-                                          self.lengths)
-            self.cache["padded_index"] = seq * self.max_seqlen + self.positions
-        return self.cache["padded_index"]
+    # -- sdpa / eager: one row per sequence --------------------------------------------------------
+    def grid_index(self) -> torch.Tensor:
+        """For each flat token, its row in the [num_seqs * max_seqlen] grid."""
+        return self.cached("grid_index", lambda: self.sequence * self.max_seqlen + self.positions)
 
-    def dense_mask(self, sliding: bool) -> torch.Tensor:
-        """Boolean [num_seqs, 1, T, T] mask for sdpa/eager: True where query i may see key j."""
-        key = ("dense", sliding)
-        if key not in self.cache:
-            t = self.max_seqlen
-            idx = torch.arange(t, device=self.positions.device)
-            valid = idx[None, :] < self.lengths[:, None]  # [S, T]
-            allowed = valid[:, None, :].expand(-1, t, -1)  # key must be a real token
-            distance = idx[:, None] - idx[None, :]  # query - key
-            pattern = torch.ones(t, t, dtype=torch.bool, device=idx.device)
-            if self.causal:
-                pattern &= distance >= 0
-            if sliding:
-                pattern &= distance.abs() <= self.window
-            # Padded query rows see only themselves, so no row is empty (an empty row gives NaN).
-            mask = (allowed & pattern) | torch.eye(t, dtype=torch.bool, device=idx.device)
-            self.cache[key] = mask[:, None]
-        return self.cache[key]
+    def grid_mask(self, sliding: bool) -> Optional[torch.Tensor]:
+        """Boolean [num_seqs, 1, T, T]: True where query i may see key j; None when nothing is
+        masked (a global bidirectional layer over equal-length sequences)."""
+        return self.cached(("grid", sliding), lambda: self._grid_mask(sliding))
 
+    def _grid_mask(self, sliding: bool) -> Optional[torch.Tensor]:
+        t = self.max_seqlen
+        if self.uniform and not sliding and not self.causal:
+            return None
+        idx = torch.arange(t, device=self.lengths.device)
+        pattern = allowed_pairs(idx[:, None], idx[None, :], self.causal, self.window if sliding else None)
+        if self.uniform:
+            return pattern[None, None]
+        # Keys must be real tokens. Padded query rows see only themselves so no row is empty (an
+        # empty softmax row is NaN); their outputs are never read.
+        real_key = idx[None, None, :] < self.lengths[:, None, None]
+        return ((pattern & real_key) | torch.eye(t, dtype=torch.bool, device=idx.device))[:, None]
+
+    # -- sdpa, long sliding layers: a band of keys per block of the flat stream ---------------------
+    def use_band(self) -> bool:
+        """Whether sliding layers attend block-wise over the stream (``band_attention``): when the
+        band holds fewer (query, key) pairs than the per-sequence grid."""
+        w = self.window
+        return len(self.sequence) * (4 * w + 2) * 1.5 < len(self.lengths) * self.max_seqlen**2
+
+    def band(self):
+        """Query blocks of ``block = 2 (w + 1)`` stream tokens; block b sees the ``keys`` stream
+        tokens from ``b * block - w``. Returns (block, keys, mask [n_blocks, 1, block, keys])."""
+
+        def build():
+            w, n = self.window, len(self.sequence)
+            block = 2 * (w + 1)
+            keys = block + (w if self.causal else 2 * w)
+            n_blocks = -(-n // block)
+            device = self.sequence.device
+            q = torch.arange(n_blocks * block, device=device).view(n_blocks, block, 1)
+            k = (torch.arange(n_blocks, device=device) * block - w)[:, None, None] + torch.arange(
+                keys, device=device)  # [n_blocks, 1, keys] stream index, may lie outside [0, n)
+
+            def sequence_and_position(i):  # beyond the stream: no sequence (-1 after, -2 before)
+                inside = (i >= 0) & (i < n)
+                j = i.clamp(0, n - 1)
+                seq = torch.where(inside, self.sequence[j], torch.where(i < 0, -2, -1))
+                return seq, torch.where(inside, self.positions[j], i)
+
+            q_seq, q_pos = sequence_and_position(q)
+            k_seq, k_pos = sequence_and_position(k)
+            # Stream padding after the end sees itself, so no softmax row is empty.
+            mask = (q_seq == k_seq) & allowed_pairs(q_pos, k_pos, self.causal, w)
+            return block, keys, mask[:, None]
+
+        return self.cached("band", build)
+
+    # -- flex: the flat stream ---------------------------------------------------------------------
     def block_mask(self, sliding: bool):
-        """FlexAttention BlockMask over the flat stream: same document, causal, window."""
-        key = ("flex", sliding)
-        if key not in self.cache:
+        """FlexAttention BlockMask over the flat stream: same sequence, causal, window."""
+
+        def build():
             from torch.nn.attention.flex_attention import create_block_mask
 
-            n = int(self.cu_seqlens[-1])
-            document = torch.repeat_interleave(
-                torch.arange(len(self.lengths), device=self.positions.device), self.lengths)
-            positions, causal, window = self.positions, self.causal, self.window
+            n = len(self.sequence)
+            sequence, positions = self.sequence, self.positions
+            causal, window = self.causal, (self.window if sliding else None)
 
             def mask_mod(b, h, q, kv):
-                allowed = document[q] == document[kv]
+                allowed = sequence[q] == sequence[kv]
                 if causal:
                     allowed = allowed & (kv <= q)
-                if sliding:
+                if window is not None:
                     allowed = allowed & ((positions[q] - positions[kv]).abs() <= window)
                 return allowed
 
-            self.cache[key] = create_block_mask(mask_mod, None, None, n, n,
-                                                device=str(self.positions.device))
-        return self.cache[key]
+            on_gpu = sequence.device.type == "cuda"  # compiled: never materializes N x N
+            return create_block_mask(mask_mod, None, None, n, n, device=sequence.device, _compile=on_gpu)
+
+        return self.cached(("flex", sliding), build)
 
 
-def attend(q, k, v, layout: Layout, sliding: bool, backend: str, dropout: float, training: bool):
-    """Attention over the unpadded stream. q, k, v: [N, heads, head_dim] -> [N, heads, head_dim]."""
-    n, heads, dim = q.shape
-    p = dropout if training else 0.0
-    if backend == "flash":
-        from flash_attn import flash_attn_varlen_func
-
-        window = (layout.window, 0 if layout.causal else layout.window) if sliding else (-1, -1)
-        return flash_attn_varlen_func(q, k, v, layout.cu_seqlens, layout.cu_seqlens,
-                                      layout.max_seqlen, layout.max_seqlen, dropout_p=p,
-                                      causal=layout.causal, window_size=window)
-    if backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        if p:
-            raise ValueError("attention_dropout > 0 is not supported by the flex backend; use sdpa")
-        out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                             v.transpose(0, 1)[None], block_mask=layout.block_mask(sliding))
-        return out[0].transpose(0, 1)
-    # sdpa / eager: scatter into a padded [seqs, heads, T, dim] grid for the attention only.
-    seqs, t = len(layout.lengths), layout.max_seqlen
-    index = layout.padded_index()
-
-    def to_grid(x):
-        grid = x.new_zeros(seqs * t, heads, dim)
-        grid[index] = x
-        return grid.view(seqs, t, heads, dim).transpose(1, 2)
-
-    qg, kg, vg = to_grid(q), to_grid(k), to_grid(v)
-    mask = layout.dense_mask(sliding)
-    if backend == "sdpa":
-        out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=p)
-    else:  # eager: the explicit reference
-        scores = (qg @ kg.transpose(-1, -2)) * dim**-0.5
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(qg.dtype), p)
-        out = probs @ vg
-    return out.transpose(1, 2).reshape(seqs * t, heads, dim)[index]
+def allowed_pairs(q: torch.Tensor, k: torch.Tensor, causal: bool, window: Optional[int]) -> torch.Tensor:
+    """Whether the query at position q may see the key at position k (same sequence assumed)."""
+    allowed = torch.ones(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)
+    if causal:
+        allowed &= k <= q
+    if window is not None:
+        allowed &= (q - k).abs() <= window
+    return allowed
 
 
 # ------------------------------------------------------------------------------------------------
-# Rotary position embedding (GPT-NeoX "rotate half", full head dim), cos/sin always in fp32
+# Attention backends. Input: the roped [N, 3, heads, dim] q/k/v stack; output [N, heads, dim].
 
 
-def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float):
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([freqs, freqs], dim=-1)
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]  # [N, 1, dim]
+def attend(qkv: torch.Tensor, layout: Layout, sliding: bool, backend: str, dropout: float) -> torch.Tensor:
+    if backend == "flash":
+        return flash_attention(qkv, layout, sliding, dropout)
+    if backend == "flex":
+        return flex_attention(qkv, layout, sliding, dropout)
+    return grid_attention(qkv, layout, sliding, eager=backend == "eager", dropout=dropout)
+
+
+def grid_attention(qkv, layout: Layout, sliding: bool, eager: bool, dropout: float) -> torch.Tensor:
+    """sdpa / eager. Long sliding layers (sdpa): ``band_attention``. Otherwise the stream is
+    scattered into a [seqs, heads, T, dim] grid for the attention only."""
+    if sliding and not eager and layout.use_band():
+        return band_attention(qkv, layout, dropout)
+    n, _, heads, dim = qkv.shape
+    seqs, t = len(layout.lengths), layout.max_seqlen
+    index = layout.grid_index()
+    if layout.uniform:  # the stream already is the grid
+        grid = qkv.view(seqs, t, 3, heads, dim)
+    else:
+        grid = qkv.new_zeros(seqs * t, 3, heads, dim).index_copy_(0, index, qkv).view(seqs, t, 3, heads, dim)
+    q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # each [seqs, heads, T, dim]
+    is_causal = layout.causal and layout.uniform and not sliding
+    out = dot_product_attention(q, k, v, layout.grid_mask(sliding), is_causal, eager, dropout)
+    out = out.transpose(1, 2).reshape(seqs * t, heads, dim)
+    return out if layout.uniform else out.index_select(0, index)
+
+
+def dot_product_attention(q, k, v, mask: Optional[torch.Tensor], is_causal: bool, eager: bool,
+                          dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v over [..., T, dim]; mask True = attend."""
+    if not eager:
+        if is_causal:  # equal-length causal: the kernel's own causal mask, no mask tensor
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    if is_causal:
+        t = q.shape[-2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout)
+    return probs @ v
+
+
+def band_attention(qkv, layout: Layout, dropout: float) -> torch.Tensor:
+    """Sliding-window attention that only touches the keys a query can see.
+
+    The flat stream is cut into blocks of ``block = 2 (w + 1)`` tokens; block b attends to the
+    stream tokens ``[b block - w, (b + 1) block + w)`` (causal: ``... (b + 1) block)``), masked to the
+    query's own sequence and window. That is ``block + 2 w`` keys per query instead of a whole
+    sequence, and padding costs nothing: for T = 1024 and w = 64 about a quarter of the grid's work.
+    """
+    n, _, heads, dim = qkv.shape
+    w = layout.window
+    block, keys, mask = layout.band()
+    n_blocks = mask.shape[0]
+    after = (n_blocks - 1) * block + keys - w - n  # padding after the stream: the last band's end
+    padded = F.pad(qkv, (0, 0, 0, 0, 0, 0, w, after))
+    q = padded[w : w + n_blocks * block, 0].view(n_blocks, block, heads, dim).transpose(1, 2)
+    # unfold: a strided [n_blocks, heads, dim, keys] view of the band of each block, no copy.
+    k = padded[:, 1].unfold(0, keys, block)[:n_blocks].permute(0, 1, 3, 2)
+    v = padded[:, 2].unfold(0, keys, block)[:n_blocks].permute(0, 1, 3, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return out.transpose(1, 2).reshape(n_blocks * block, heads, dim)[:n]
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_kernel(device_type: str):
+    from torch.nn.attention.flex_attention import flex_attention as kernel
+
+    if device_type == "cuda":  # uncompiled flex materializes the scores; compiled is the fast path
+        return torch.compile(kernel)
+    return kernel
+
+
+def flex_attention(qkv, layout: Layout, sliding: bool, dropout: float) -> torch.Tensor:
+    if dropout:
+        raise ValueError("attention_dropout > 0 is not supported by the flex backend; use sdpa")
+    if qkv.device.type == "cpu" and torch.is_grad_enabled() and qkv.requires_grad:
+        raise NotImplementedError(
+            "torch FlexAttention has no backward pass on CPU; train on CPU with attn_implementation=sdpa")
+    q, k, v = qkv.permute(1, 2, 0, 3)[:, None].unbind(0)  # each [1, heads, N, dim]
+    out = _flex_kernel(qkv.device.type)(q, k, v, block_mask=layout.block_mask(sliding))
+    return out[0].transpose(0, 1)
+
+
+def flash_attention(qkv, layout: Layout, sliding: bool, dropout: float) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    dtype = qkv.dtype
+    if dtype not in (torch.float16, torch.bfloat16):  # flash-attn computes in 16 bits only
+        qkv = qkv.to(torch.bfloat16)
+    q, k, v = qkv.unbind(1)
+    window = (layout.window, 0 if layout.causal else layout.window) if sliding else (-1, -1)
+    out = flash_attn_varlen_func(q, k, v, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
+                                 layout.max_seqlen, dropout_p=dropout, causal=layout.causal,
+                                 window_size=window)
+    return out.to(dtype)
+
+
+def _require_flash_attn() -> None:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "attn_implementation='flash' needs flash-attn (pip install -e '.[gpu]' on a CUDA machine); "
+            "or choose attn_implementation='sdpa' (default) or 'flex'"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary position embedding: GPT-NeoX "rotate half" over the full head dim, cos/sin always in fp32.
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * theta^(-2k/dim), k < dim/2: [N, 1, 1, dim/2] fp32 each."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.float()[:, None] * inv_freq
+    return angles.cos()[:, None, None], angles.sin()[:, None, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x32 = x.float()
-    half = x32.shape[-1] // 2
-    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
-    return (x32 * cos + rotated * sin).to(x.dtype)
+    """x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), rotate_half(x) = cat(-x2, x1), in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,16 +319,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: Layout, rope: dict) -> torch.Tensor:
         c = self.config
-        q, k, v = self.Wqkv(x).view(-1, 3, c.num_attention_heads, c.head_dim).unbind(1)
+        qkv = self.Wqkv(x).view(-1, 3, c.num_attention_heads, c.head_dim)
         cos, sin = rope[self.theta]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, layout, self.sliding, c.attn_implementation, c.attention_dropout,
-                     self.training)
+        qkv = torch.cat([apply_rope(qkv[:, :2], cos, sin), qkv[:, 2:]], dim=1)
+        out = attend(qkv, layout, self.sliding, c.attn_implementation,
+                     c.attention_dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.reshape(-1, c.hidden_size)))
 
 
 class MLP(nn.Module):
-    """GeGLU: the first half of Wi's output goes through GELU, the second half gates it."""
+    """GeGLU: the first half of Wi's output goes through GELU (erf), the second half gates it."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -216,7 +349,7 @@ def layer_norm(config: ModelConfig) -> nn.LayerNorm:
 class Layer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        # The embeddings end in a LayerNorm, so layer 0 needs no pre-attention norm.
+        # The embeddings end in a LayerNorm, so layer 0 has no pre-attention norm (no weight either).
         self.attn_norm = nn.Identity() if layer_index == 0 else layer_norm(config)
         self.attn = Attention(config, layer_index)
         self.mlp_norm = layer_norm(config)
@@ -230,9 +363,8 @@ class Layer(nn.Module):
 class Embeddings(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
-                                           padding_idx=config.pad_token_id
-                                           if config.pad_token_id < config.vocab_size else None)
+        pad = config.pad_token_id if 0 <= config.pad_token_id < config.vocab_size else None
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.norm = layer_norm(config)
         self.drop = nn.Dropout(config.embedding_dropout)
 
@@ -274,20 +406,22 @@ class ModernBert(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.attn_implementation == "flash":
+            _require_flash_attn()
         self.config = config
         self.model = Backbone(config)
         self.head = PredictionHead(config)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight
         self.reset_parameters()
-        if config.attn_implementation == "flash":
-            _require_flash_attn()
-        log.info("ModernBert: %d layers, hidden %d, attention backend %s", config.num_hidden_layers,
-                 config.hidden_size, config.attn_implementation)
+        log.info("ModernBert: %d layers, hidden %d, %s parameters, attention backend %s",
+                 config.num_hidden_layers, config.hidden_size, f"{self.num_parameters():,}",
+                 config.attn_implementation)
 
     def reset_parameters(self) -> None:
-        """Truncated-normal init as Ettin (bert24 ``full_megatron``): sigma for inputs, embeddings
-        and the head; sigma / sqrt(2 L) for the projections back into the residual stream."""
+        """Truncated-normal init as Ettin (bert24 ``full_megatron``), cut at +-cutoff * std:
+        sigma = initializer_range for the embeddings, Wqkv, mlp.Wi and head.dense; sigma / sqrt(2 L)
+        for attn.Wo and mlp.Wo (the projections back into the residual stream). Biases 0, norms 1."""
         c = self.config
         sigma = c.initializer_range
         out_sigma = sigma / math.sqrt(2.0 * c.num_hidden_layers)
@@ -312,7 +446,8 @@ class ModernBert(nn.Module):
             init(layer.mlp.Wo.weight, out_sigma)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # parameters() counts tied weights once
+        """Unique parameters (the tied embedding / decoder weight counted once)."""
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
 
     def forward(
         self,
@@ -325,46 +460,51 @@ class ModernBert(nn.Module):
         causal: Optional[bool] = None,
         loss_reduction: str = "mean",
     ) -> ModelOutput:
+        """Padded ([B, T] + attention_mask) or flat (input_ids [N] + cu_seqlens) input; see
+        docs/design.md. With labels only labelled positions reach the head: logits [n_targets, V]."""
         causal = self.config.causal if causal is None else causal
-        padded_shape = None
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', not {loss_reduction!r}")
+        keep = None
         if cu_seqlens is None:
             if input_ids.dim() != 2:
-                raise ValueError("input_ids must be [batch, seq] (or flat with cu_seqlens)")
+                raise ValueError("input_ids must be [batch, seq], or flat [N] with cu_seqlens")
             padded_shape = input_ids.shape
             if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            keep = attention_mask.flatten().bool()
-            lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+                lengths = torch.full((padded_shape[0],), padded_shape[1], dtype=torch.int32,
+                                     device=input_ids.device)
+                input_ids = input_ids.flatten()
+                labels = None if labels is None else labels.flatten()
+            else:
+                keep = attention_mask.flatten().nonzero().squeeze(1)
+                lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+                input_ids = input_ids.flatten()[keep]
+                labels = None if labels is None else labels.flatten()[keep]
             cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
             max_seqlen = int(lengths.max()) if len(lengths) else 0
-            input_ids = input_ids.flatten()[keep]
-            if labels is not None:
-                labels = labels.flatten()[keep]
-        elif max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        layout = Layout.build(cu_seqlens.to(torch.int32), max_seqlen, causal, self.config.window)
+        else:
+            if input_ids.dim() != 1:
+                raise ValueError("with cu_seqlens, input_ids must be flat [N]")
+            padded_shape = None
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        layout = Layout(cu_seqlens, max_seqlen, causal, self.config.window)
         hidden = self.model(input_ids, layout)
 
         if labels is None:
             logits = self.decoder(self.head(hidden))
             if padded_shape is not None:
-                full = logits.new_zeros(padded_shape.numel(), logits.shape[-1])
-                full[keep] = logits
-                logits = full.view(*padded_shape, -1)
+                if keep is not None:  # re-pad with zeros
+                    logits = logits.new_zeros(padded_shape.numel(), logits.shape[-1]).index_copy_(
+                        0, keep, logits)
+                logits = logits.view(*padded_shape, -1)
             return ModelOutput(logits=logits)
+
         # Only labelled positions go through the head and the vocabulary projection.
-        selected = labels != IGNORE_INDEX
+        selected = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         targets = labels[selected]
         logits = self.decoder(self.head(hidden[selected]))
-        loss = F.cross_entropy(logits.float(), targets, reduction=loss_reduction)
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if loss_reduction == "mean":  # 0 rather than NaN for a batch without targets
+            loss = loss / max(targets.numel(), 1)
         return ModelOutput(logits=logits, loss=loss)
-
-
-def _require_flash_attn() -> None:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "attn_implementation='flash' needs flash-attn: pip install -e '.[gpu]' on a CUDA "
-            "machine, or choose attn_implementation=sdpa (default) or flex"
-        ) from None

@@ -15,6 +15,7 @@ from safetensors.torch import save_model
 from torch.utils.checkpoint import checkpoint
 
 from ettin.checkpoint import prune_checkpoints, write_checkpoint
+from ettin.preemption import PreemptionHandler
 from ettin.recipes import TrainConfig, to_yaml
 
 if TYPE_CHECKING:
@@ -78,10 +79,10 @@ class CheckpointHook:
         self.last_tokens = start_tokens
         self.val_loader: Optional[Callable] = None
 
-    def callbacks(self) -> list:
-        from ettin.preemption import PreemptionHandler
+        self.preemption = PreemptionHandler(save_fn=lambda trainer: self.save(trainer.lightning_module))
 
-        return [PreemptionHandler(save_fn=lambda trainer: self.save(trainer.lightning_module))]
+    def callbacks(self) -> list:
+        return [self.preemption]
 
     def after_step(self, module: "EttinModule") -> None:
         tokens = module.loader_state.tokens

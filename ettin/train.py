@@ -22,6 +22,8 @@ import torch
 
 from ettin.config import ModelConfig
 from ettin.recipes import ConfigError, TrainConfig, available_recipes, compose, to_yaml
+from ettin.launch import TopologyError, check_topology
+from ettin.preemption import Preempted
 from ettin.runtime import git_commit
 
 log = logging.getLogger("ettin")
@@ -97,7 +99,12 @@ def resolve_tokenizer(cfg: TrainConfig):
     from ettin.data.tokenizer import ensure_builtin_tokenizer, load_tokenizer
 
     if cfg.tokenizer == "builtin":
-        return ensure_builtin_tokenizer(Path(cfg.data_dir) / "tokenizer-builtin")
+        directory = Path(cfg.data_dir) / "tokenizer-builtin"
+        if global_rank() != 0:  # rank 0 trains it; the others wait for the finished folder
+            while not (directory / "tokenizer.json").exists():
+                time.sleep(1.0)
+            return load_tokenizer(str(directory))
+        return ensure_builtin_tokenizer(directory)
     return load_tokenizer(cfg.tokenizer)
 
 
@@ -368,6 +375,8 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
              cfg.size, f"{model.num_parameters():,}", model_config.attn_implementation,
              "causal" if model_config.causal else "bidirectional")
     trainer.fit(module)
+    if checkpoints.preemption.preempted:
+        raise Preempted(f"preempted in phase {phase}; the checkpoint is saved and the job requeued")
     if module.loader_state.tokens < p.tokens:
         raise RuntimeError(
             f"phase {phase} stopped at {module.loader_state.tokens:,} of {p.tokens:,} tokens "
@@ -387,6 +396,9 @@ def train(cfg: TrainConfig) -> Path:
 
     setup_logging(cfg.run_dir)
     log.info("ettin run %s (recipe %s), git commit %s", cfg.run_name, cfg.recipe, git_commit())
+    _, devices = trainer_devices(cfg)
+    check_topology(devices * cfg.trainer.num_nodes, devices_per_node=devices,
+                   num_nodes=cfg.trainer.num_nodes)  # prints one line per rank
     log.info("environment: %s", json.dumps(environment_summary()))
     log.info("resolved config:\n%s", to_yaml(cfg))
     if global_rank() == 0:
@@ -491,7 +503,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     runs = pair_configs(cfg) if cfg.pair else [cfg]
     started = time.perf_counter()
-    finals = [(run, train(run)) for run in runs]
+    try:
+        finals = [(run, train(run)) for run in runs]
+    except Preempted as stop:
+        log.info("%s", stop)
+        return 0
+    except TopologyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if global_rank() == 0:
         print(summary(finals, time.perf_counter() - started))
     return 0

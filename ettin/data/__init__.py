@@ -1,0 +1,1 @@
+"""Data: tokenizers, the built-in corpus, preparation into MDS shards, collators and the loader."""

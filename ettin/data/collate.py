@@ -1,0 +1,163 @@
+"""Collators: a list of ``(global sample index, tokens)`` -> exactly the model's keyword arguments.
+
+* padded: ``{input_ids [B, T], attention_mask [B, T], labels [B, T]}`` (right padding);
+* unpadded (default): ``{input_ids [N], cu_seqlens int32 [B + 1], max_seqlen, labels [N]}``: the
+  rows concatenated, one sequence each, so attention never crosses a row. This is also the packed
+  form: a micro-batch is one stream of documents (StepBatches(pack=True) fills micro-batches by
+  tokens instead of rows).
+
+Labels: -100 is "no target", and the label at position i is the target predicted FROM position i,
+so the model and the loss are the same for every objective:
+
+* CLM: ``label[i] = token[i + 1]`` within the row; -100 on the row's last position. A prepared row
+  holds one document (``[CLS] ...`` with ``[SEP]`` only where the document really ends), so nothing
+  is predicted across documents, and ``[SEP]`` (EOS) is a target only at a true document end.
+* MLM: each non-special token is selected with ``mask_rate``; of the selected, 80 % become
+  ``[MASK]``, 10 % a random non-special token, 10 % stay; ``label = original`` where selected.
+* MNTP (LLM2Vec): MLM's masking, but a masked token at j is the target of position j - 1.
+
+Encoder rows (MLM, MNTP) are closed with ``[SEP]`` when the chunk does not end a document
+(``close_rows``), so every encoder row reads ``[CLS] ... [SEP]``; the prepared middle chunks leave
+room for it. Decoder rows are used as prepared: BOS (``[CLS]``) first, EOS only at a document end.
+
+Every random choice derives from (seed, global sample index) alone, so a resumed run masks exactly
+as an uninterrupted one, whatever the number of workers or ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ettin.data.tokenizer import SpecialIds
+
+IGNORE_INDEX = -100
+Sample = tuple  # (global sample index: int, tokens: np.ndarray)
+
+
+def batch_tensors(rows: Sequence[np.ndarray], labels: Sequence[np.ndarray], pad_id: int,
+                  unpadded: bool) -> dict:
+    """Rows and their labels (int64 arrays of equal lengths) as the model's keyword arguments."""
+    if not rows:
+        raise ValueError("cannot collate an empty list of samples")
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    if lengths.min() < 1:
+        raise ValueError("cannot collate an empty row")
+    if unpadded:
+        cu_seqlens = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu_seqlens[1:])
+        return {
+            "input_ids": torch.from_numpy(np.concatenate(rows)),
+            "cu_seqlens": torch.from_numpy(cu_seqlens),
+            "max_seqlen": int(lengths.max()),
+            "labels": torch.from_numpy(np.concatenate(labels)),
+        }
+    width = int(lengths.max())
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    label_grid = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(row)] = row
+        label_grid[i, : len(row)] = label
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "labels": torch.from_numpy(label_grid)}
+
+
+class _Collator:
+    ids: SpecialIds
+    unpadded: bool
+    close_rows = False  # whether rows get a closing [SEP] (encoders): one token more per row
+
+    @property
+    def pad_id(self) -> int:
+        return self.ids.pad if self.ids.pad is not None else self.ids.sep
+
+    def row(self, tokens) -> np.ndarray:
+        row = np.asarray(tokens).astype(np.int64)
+        if self.close_rows and (len(row) == 0 or row[-1] != self.ids.sep):
+            row = np.append(row, self.ids.sep)
+        return row
+
+
+class CLMCollator(_Collator):
+    """Next-token prediction within each row (a row is one document's chunk)."""
+
+    def __init__(self, ids: SpecialIds, unpadded: bool = True) -> None:
+        self.ids, self.unpadded = ids, unpadded
+
+    def labels(self, row: np.ndarray) -> np.ndarray:
+        labels = np.empty_like(row)
+        labels[:-1] = row[1:]
+        labels[-1] = IGNORE_INDEX
+        return labels
+
+    def __call__(self, samples: Sequence[Sample]) -> dict:
+        rows = [self.row(tokens) for _, tokens in samples]
+        return batch_tensors(rows, [self.labels(r) for r in rows], self.pad_id, self.unpadded)
+
+
+class MLMCollator(_Collator):
+    """Masked language modelling (BERT's 80/10/10), masks seeded by (seed, global sample index).
+
+    ``vocab_size`` is the tokenizer's size (``len(tokenizer)``): random replacements are drawn
+    uniformly from its non-special ids (never [CLS]/[SEP]/[PAD]/[MASK]/[UNK] nor unused ids)."""
+
+    shift = 0  # MNTP: the target of a masked token j sits at position j - 1
+    close_rows = True
+
+    def __init__(self, ids: SpecialIds, vocab_size: int, mask_rate: float, seed: int,
+                 unpadded: bool = True, close_rows: Optional[bool] = None) -> None:
+        if not 0.0 < mask_rate < 1.0:
+            raise ValueError(f"mask_rate={mask_rate} must be in (0, 1)")
+        if ids.mask is None:
+            raise ValueError("the tokenizer has no [MASK] token; masked objectives need one "
+                             "(add one, or train with objective=clm)")
+        self.ids, self.mask_rate, self.seed, self.unpadded = ids, mask_rate, int(seed), unpadded
+        if close_rows is not None:
+            self.close_rows = close_rows
+        self.vocab_size = int(vocab_size)
+        special = np.zeros(self.vocab_size, dtype=bool)
+        special[[i for i in ids.all if 0 <= i < self.vocab_size]] = True
+        self.is_special = special
+        self.replacements = np.flatnonzero(~special)  # random replacements are never special
+        if not len(self.replacements):
+            raise ValueError("the vocabulary has no non-special token to draw replacements from")
+
+    def mask(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
+        """(model input, labels) of one row; a function of (seed, index, tokens) only."""
+        row = self.row(tokens)
+        if len(row) and row.max() >= self.vocab_size:
+            raise ValueError(
+                f"token id {int(row.max())} is outside the tokenizer's {self.vocab_size} ids: the "
+                "data was prepared with another tokenizer; prepare it again with this one"
+            )
+        rng = np.random.default_rng([self.seed, int(index)])
+        n = len(row)
+        selected = (rng.random(n) < self.mask_rate) & ~self.is_special[row]
+        action = rng.random(n)
+        random_ids = self.replacements[rng.integers(0, len(self.replacements), n)]
+        inputs = row.copy()
+        inputs[selected & (action < 0.8)] = self.ids.mask
+        swap = selected & (action >= 0.8) & (action < 0.9)
+        inputs[swap] = random_ids[swap]
+        labels = np.where(selected, row, IGNORE_INDEX)
+        if self.shift:
+            labels = np.append(labels[1:], IGNORE_INDEX)
+        return inputs, labels
+
+    def __call__(self, samples: Sequence[Sample]) -> dict:
+        pairs = [self.mask(index, tokens) for index, tokens in samples]
+        return batch_tensors([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id,
+                             self.unpadded)
+
+
+class MNTPCollator(MLMCollator):
+    """Masked next-token prediction (LLM2Vec): MLM masking, but a masked token at position j is the
+    target of position j - 1 (bidirectional attention). [CLS] at 0 is never masked, so every
+    target has a position before it."""
+
+    shift = 1

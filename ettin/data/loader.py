@@ -1,0 +1,558 @@
+"""Deterministic, resumable, rank-aware batches: one optimizer step at a time.
+
+The global order of samples is a function of (seed, phase, global position) only:
+
+* one source: position p is sample ``perm_k(p mod N)`` of epoch ``k = p // N``, where ``perm_k`` is a
+  pseudo-random permutation of [0, N) keyed by (seed, phase, k) -- a Feistel network with cycle
+  walking, computed per position in O(1) memory, so resuming at sample 10^10 costs nothing;
+* a mixture: positions come in blocks of ``MIX_BLOCK``; each block holds a fixed number of samples
+  of every source (its weight, a share of TOKENS, turned into a share of samples with the source's
+  mean sample length) in a keyed random order; each source walks through its own epochs as above
+  (a small source repeats, a large one is partly used).
+
+Step s takes the next ``global_batch_at(tokens)`` positions; rank r takes its contiguous slice and
+cuts it into micro-batches. Hence the order does not depend on the number of workers (worker w
+builds the steps s with (s - first step) % workers == w, and the DataLoader takes workers in turn)
+nor on the world size (the same global batch is sliced differently), and resuming needs only the
+counters ``LoaderState(step, samples, tokens)``: no batch is replayed. Token counts come from each
+split's ``lengths.npy`` (memory-mapped), so every worker plans steps, and the batch-size warmup,
+without reading samples.
+
+Shards are read by a small reader over the MDS files (memory-mapped, read-only): no shared memory,
+no locks, nothing left behind by a crash, any number of jobs can read one folder at once, and no
+CUDA anywhere. (mosaicml-streaming's StreamingDataset would bring a shared-memory registry, a fixed
+world and its own order; its file format is kept.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ettin.data.prepare import COMPLETE, is_complete, prepare_command, require_prepared
+
+MIX_BLOCK = 1 << 20  # positions per mixture block: proportions are exact to 1 / MIX_BLOCK per block
+MAX_OPEN_SHARDS = 256  # memory maps kept open per process
+
+
+@dataclass
+class LoaderState:
+    """Global counters after ``step`` optimizer steps of a phase (the same on every rank)."""
+
+    step: int = 0
+    samples: int = 0  # global positions consumed
+    tokens: int = 0  # tokens of those samples (sum of min(length, seq_len)), all ranks together
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoaderState":
+        return cls(**{k: int(data[k]) for k in ("step", "samples", "tokens")})
+
+
+# ------------------------------------------------------------------------------------------------
+# Keyed permutations
+
+
+def _key(*parts) -> int:
+    """A 64-bit key from any parts (str() of each)."""
+    text = "\x1f".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(x: np.ndarray, n: int, key: int, rounds: int = 6) -> np.ndarray:
+    """``perm(x)`` for a pseudo-random permutation of [0, n) chosen by ``key``: a balanced Feistel
+    network on the smallest even number of bits covering n, cycle-walking back into [0, n)."""
+    x = np.asarray(x, dtype=np.uint64)
+    if n <= 1:
+        return np.zeros_like(x)
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    keys = [np.uint64(_key(key, r)) for r in range(rounds)]
+
+    def once(y: np.ndarray) -> np.ndarray:
+        left, right = y >> shift, y & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        return (left << shift) | right
+
+    with np.errstate(over="ignore"):
+        y = once(x)
+        outside = y >= np.uint64(n)
+        while outside.any():
+            y[outside] = once(y[outside])
+            outside = y >= np.uint64(n)
+    return y
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading prepared folders
+
+
+class PreparedSplit:
+    """One split of a prepared folder: sample lengths (memory-mapped ``lengths.npy``) and a reader
+    over its MDS shards (memory-mapped, read-only, opened lazily in the process that reads)."""
+
+    def __init__(self, path: str | os.PathLike, split: str) -> None:
+        self.root = require_prepared(path)
+        self.split = split
+        self.summary = json.loads((self.root / "summary.json").read_text())
+        self.max_seq_len = int(self.summary["settings"]["max_seq_len"])
+        directory = self.root / split
+        try:
+            index = json.loads((directory / "index.json").read_text())
+            self.lengths = np.load(directory / "lengths.npy", mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise self.damaged(f"{directory} cannot be read ({type(error).__name__}: {error})")
+        self.shards: list[dict] = []
+        for shard in index.get("shards", []):
+            if shard.get("format") != "mds" or shard.get("compression") or shard.get("zip_data"):
+                raise self.damaged(f"{directory}: shard {shard.get('raw_data', {}).get('basename')} "
+                                   "is not an uncompressed MDS shard")
+            names = shard["column_names"]
+            if "input_ids" not in names:
+                raise self.damaged(f"{directory}: the shards have no input_ids column")
+            self.shards.append({
+                "file": directory / shard["raw_data"]["basename"],
+                "bytes": int(shard["raw_data"]["bytes"]),
+                "samples": int(shard["samples"]),
+                "columns": names, "encodings": shard["column_encodings"],
+                "sizes": shard["column_sizes"],
+            })
+        self.starts = np.cumsum([0] + [s["samples"] for s in self.shards])
+        if self.starts[-1] != len(self.lengths):
+            raise self.damaged(f"{directory}: the shards hold {self.starts[-1]} samples but "
+                               f"lengths.npy lists {len(self.lengths)}")
+        for shard in self.shards:  # a truncated or missing shard fails here, not mid-training
+            size = shard["file"].stat().st_size if shard["file"].exists() else None
+            if size != shard["bytes"]:
+                state = "is missing" if size is None else \
+                    f"has {size:,} bytes instead of {shard['bytes']:,} (truncated or damaged)"
+                raise self.damaged(f"shard {shard['file']} {state}")
+        self._maps: OrderedDict = OrderedDict()
+
+    def damaged(self, problem: str) -> ValueError:
+        settings = self.summary.get("settings", {}) if hasattr(self, "summary") else {}
+        tokenizer = self.summary.get("tokenizer", {}).get("source") if hasattr(self, "summary") else None
+        command = prepare_command(self.root, settings.get("max_seq_len"), tokenizer).replace(
+            "YOUR_TEXT", str(settings.get("input", "YOUR_TEXT")))
+        return ValueError(f"{problem}. The prepared folder {self.root} is damaged: delete it and "
+                          f"prepare it again: {command}")
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def mean_length(self, seq_len: int) -> float:
+        """Mean sample length capped at ``seq_len`` (from the summary when nothing is capped)."""
+        stats = self.summary.get("splits", {}).get(self.split, {})
+        if seq_len >= self.max_seq_len and stats.get("chunks"):
+            return stats["tokens"] / stats["chunks"]
+        return float(np.minimum(np.asarray(self.lengths), seq_len).mean())
+
+    def __getstate__(self) -> dict:  # DataLoader workers map the files themselves
+        return {**self.__dict__, "_maps": OrderedDict()}
+
+    def _map(self, shard: int) -> np.ndarray:
+        data = self._maps.get(shard)
+        if data is None:
+            info = self.shards[shard]
+            data = np.memmap(info["file"], dtype=np.uint8, mode="r")
+            if len(data) < 4 or int(np.frombuffer(data, np.uint32, 1, 0)[0]) != info["samples"]:
+                raise self.damaged(f"shard {info['file']} does not hold the {info['samples']} "
+                                   "samples its index lists (corrupt header)")
+            self._maps[shard] = data
+            if len(self._maps) > MAX_OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(shard)
+        return data
+
+    def tokens(self, index: int) -> np.ndarray:
+        """The token ids of sample ``index`` (a read-only view into the shard)."""
+        index = int(index)
+        if not 0 <= index < len(self.lengths):
+            raise IndexError(f"sample {index} of {self.root}/{self.split} (it has {len(self)})")
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        info = self.shards[shard]
+        data = self._map(shard)
+        local = index - int(self.starts[shard])
+        begin, end = np.frombuffer(data, np.uint32, 2, 4 + 4 * local)
+        expected = int(self.lengths[index])
+        try:
+            sample = memoryview(data)[int(begin):int(end)]
+            if len(sample) != int(end) - int(begin) or end <= begin:
+                raise ValueError("offsets outside the file")
+            ids = _decode_input_ids(sample, info)
+        except (ValueError, IndexError, KeyError) as error:
+            raise self.damaged(f"sample {index} in {info['file']} cannot be decoded ({error})") from None
+        if len(ids) != expected:
+            raise self.damaged(f"sample {index} in {info['file']} has {len(ids)} tokens where "
+                               f"lengths.npy says {expected} (corrupt shard)")
+        return ids
+
+
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32, "int64": np.int64,
+           "uint64": np.uint64, "uint8": np.uint8, "int16": np.int16}
+_SHAPE_DTYPES = {0: np.uint8, 1: np.uint16, 2: np.uint32, 3: np.uint64}
+_FIXED_SIZES = {"int": 8, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "int8": 1,
+                "int16": 2, "int32": 4, "int64": 8, "float32": 4, "float64": 8}
+
+
+def _decode_input_ids(sample: memoryview, info: dict) -> np.ndarray:
+    """The input_ids column of one MDS sample (the layout MDSWriter writes: the byte counts of the
+    variable-size columns, then each column in order)."""
+    columns, encodings, sizes = info["columns"], info["encodings"], info["sizes"]
+    variable = [i for i, s in enumerate(sizes) if s is None]
+    head = np.frombuffer(sample, np.uint32, len(variable), 0)
+    offset = 4 * len(variable)
+    byte_sizes = []
+    for i, size in enumerate(sizes):
+        byte_sizes.append(int(head[variable.index(i)]) if size is None else int(size))
+    position = columns.index("input_ids")
+    start = offset + sum(byte_sizes[:position])
+    datum = sample[start:start + byte_sizes[position]]
+    encoding = encodings[position]
+    if not encoding.startswith("ndarray:"):
+        raise ValueError(f"input_ids is stored as {encoding}, not ndarray:<dtype>")
+    dtype = _DTYPES[encoding.split(":")[1]]
+    header = datum[0]
+    ndim, shape_dtype = header >> 2, _SHAPE_DTYPES[header & 3]
+    if ndim != 1:
+        raise ValueError(f"input_ids has {ndim} dimensions")
+    width = np.dtype(shape_dtype).itemsize
+    (n,) = np.frombuffer(datum, shape_dtype, 1, 1)
+    values = np.frombuffer(datum, dtype, int(n), 1 + width)
+    return values
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixtures
+
+
+def normalize_sources(sources) -> list[tuple[str, float]]:
+    """A folder, a list of folders, or a list of (folder, weight) / {path, weight} -> [(folder,
+    weight)]."""
+    if isinstance(sources, (str, os.PathLike)):
+        return [(str(sources), 1.0)]
+    out = []
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)):
+            out.append((str(source), 1.0))
+        elif isinstance(source, dict):
+            out.append((str(source["path"]), float(source.get("weight", 1.0))))
+        elif hasattr(source, "path"):
+            out.append((str(source.path), float(getattr(source, "weight", 1.0))))
+        else:
+            path, weight = source
+            out.append((str(path), float(weight)))
+    if not out:
+        raise ValueError("no data sources given")
+    for path, weight in out:
+        if not weight > 0:
+            raise ValueError(f"source {path} has weight {weight}; weights must be positive")
+    return out
+
+
+class Mixture:
+    """The global order over one or several prepared folders (see the module docstring).
+
+    ``weights`` are shares of tokens (as the Ettin mixture tables give them), turned into shares of
+    samples with each source's mean sample length (capped at ``seq_len``)."""
+
+    def __init__(self, splits: Sequence[PreparedSplit], weights: Sequence[float], *, seed: int,
+                 phase, seq_len: int) -> None:
+        self.splits, self.seed, self.phase, self.seq_len = list(splits), int(seed), str(phase), seq_len
+        for split in self.splits:
+            if not len(split):
+                raise ValueError(f"{split.root}/{split.split} holds no samples; prepare it from more "
+                                 "text or leave it out of the mixture")
+        self.sizes = np.array([len(s) for s in self.splits], dtype=np.int64)
+        shares = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.token_shares = shares
+        if len(self.splits) == 1:
+            self.block_counts = np.array([MIX_BLOCK], dtype=np.int64)
+        else:
+            mean = np.array([s.mean_length(seq_len) for s in self.splits])
+            sample_shares = shares / mean
+            sample_shares /= sample_shares.sum()
+            self.block_counts = _largest_remainder(sample_shares, MIX_BLOCK)
+            if (self.block_counts == 0).any():
+                small = [str(s.root) for s, c in zip(self.splits, self.block_counts) if c == 0]
+                raise ValueError(f"sources {small} have weights too small to be sampled "
+                                 f"(< 1 in {MIX_BLOCK:,} samples)")
+        self.block_starts = np.concatenate(([0], np.cumsum(self.block_counts)))
+
+    def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """(source, sample index) of each global position."""
+        p = np.asarray(positions, dtype=np.int64)
+        if len(self.splits) == 1:
+            source = np.zeros(p.shape, dtype=np.int64)
+            k = p
+        else:
+            block, offset = p // MIX_BLOCK, p % MIX_BLOCK
+            slot = np.empty(p.shape, dtype=np.int64)
+            for b in np.unique(block):
+                here = block == b
+                slot[here] = permute(offset[here], MIX_BLOCK,
+                                     _key(self.seed, self.phase, "mix", int(b))).astype(np.int64)
+            source = np.searchsorted(self.block_starts, slot, side="right") - 1
+            k = block * self.block_counts[source] + (slot - self.block_starts[source])
+        index = np.empty(p.shape, dtype=np.int64)
+        for i in np.unique(source):
+            here = source == i
+            n = int(self.sizes[i])
+            epoch, within = k[here] // n, k[here] % n
+            out = np.empty(within.shape, dtype=np.int64)
+            for e in np.unique(epoch):
+                sel = epoch == e
+                out[sel] = permute(within[sel], n, _key(self.seed, self.phase, "source", int(i),
+                                                         "epoch", int(e))).astype(np.int64)
+            index[here] = out
+        return source, index
+
+    def lengths(self, start: int, count: int) -> np.ndarray:
+        """The lengths (capped at seq_len) of the samples at positions [start, start + count)."""
+        source, index = self.locate(np.arange(start, start + count, dtype=np.int64))
+        out = np.empty(count, dtype=np.int64)
+        for i in np.unique(source):
+            here = source == i
+            out[here] = np.asarray(self.splits[i].lengths)[index[here]]
+        return np.minimum(out, self.seq_len)
+
+    def samples(self, start: int, count: int) -> list[tuple[int, np.ndarray]]:
+        """(global position, tokens) for positions [start, start + count)."""
+        positions = np.arange(start, start + count, dtype=np.int64)
+        source, index = self.locate(positions)
+        return [(int(p), self.splits[int(s)].tokens(int(i)))
+                for p, s, i in zip(positions, source, index)]
+
+
+def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    raw = shares * total
+    counts = np.floor(raw).astype(np.int64)
+    rest = total - int(counts.sum())
+    order = np.argsort(-(raw - counts), kind="stable")
+    counts[order[:rest]] += 1
+    return counts
+
+
+def open_splits(sources, split: str, seq_len: int, truncate: bool = False) -> list[PreparedSplit]:
+    """The ``split`` of every source folder, checked against the sequence length."""
+    splits = []
+    for path, _ in normalize_sources(sources):
+        s = PreparedSplit(path, split)
+        if s.max_seq_len > seq_len and not truncate:
+            raise ValueError(
+                f"{s.root} holds chunks of up to {s.max_seq_len} tokens but the sequence length is "
+                f"{seq_len}: training would cut them. Prepare it for this length (ettin never "
+                f"truncates silently): {prepare_command(str(s.root) + f'-{seq_len}', seq_len)}"
+            )
+        splits.append(s)
+    return splits
+
+
+def check_special_ids(splits: Sequence[PreparedSplit], ids) -> None:
+    """The folders must have been prepared with special ids equal to those the collator uses."""
+    for split in splits:
+        stored = split.summary.get("tokenizer", {}).get("special_ids", {})
+        for name in ("cls", "sep"):
+            if name in stored and stored[name] != getattr(ids, name):
+                raise ValueError(
+                    f"{split.root} was prepared with {name}={stored[name]} but the training "
+                    f"tokenizer has {name}={getattr(ids, name)}: prepare it again with the training "
+                    f"tokenizer, or train with the tokenizer in {split.root / 'tokenizer'}"
+                )
+
+
+# ------------------------------------------------------------------------------------------------
+# Training batches
+
+
+class StepBatches(IterableDataset):
+    """This rank's part of each optimizer step, from ``state`` on, forever:
+    ``{"micro_batches": [collated dict, ...], "state": LoaderState after the step,
+    "global_batch": sequences in the step (all ranks), "step_tokens": tokens in the step (all
+    ranks)}``.
+
+    ``sources``: a prepared folder or a list of (folder, weight). ``global_batch_at(tokens)`` gives
+    the global batch in sequences after ``tokens`` tokens (batch-size warmup); it must be divisible
+    by ``world_size``. ``truncate``: cut samples longer than ``seq_len`` instead of refusing the
+    folder. ``pack``: micro-batches hold up to ``micro_batch_size * seq_len`` tokens of whole
+    samples instead of ``micro_batch_size`` samples (unpadded collators only; the number of
+    micro-batches then varies per step and rank)."""
+
+    def __init__(self, sources, *, split: str = "train", seq_len: int, collator: Callable,
+                 global_batch_at: Callable[[int], int], micro_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, phase="0",
+                 state: Optional[LoaderState] = None, truncate: bool = False,
+                 pack: bool = False) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if micro_batch_size < 1 or seq_len < 2:
+            raise ValueError("micro_batch_size must be >= 1 and seq_len >= 2")
+        if pack and not getattr(collator, "unpadded", True):
+            raise ValueError("pack=True needs an unpadded collator (padded rows cannot keep "
+                             "documents apart)")
+        self.sources = normalize_sources(sources)
+        self.splits = open_splits(self.sources, split, seq_len, truncate)
+        if getattr(collator, "ids", None) is not None:
+            check_special_ids(self.splits, collator.ids)
+        self.mixture = Mixture(self.splits, [w for _, w in self.sources], seed=seed, phase=phase,
+                               seq_len=seq_len)
+        self.seq_len, self.truncate, self.pack = seq_len, truncate, pack
+        # An encoder closes a row with [SEP]: a cut row keeps room for it.
+        self.cut = seq_len - 1 if getattr(collator, "close_rows", False) else seq_len
+        self.collator = collator
+        self.global_batch_at = global_batch_at
+        self.micro_batch_size = micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.start = state if state is not None else LoaderState()
+        self.global_batch(self.start.tokens)  # a bad batch size fails now, not in a worker
+
+    def global_batch(self, tokens: int) -> int:
+        batch = int(self.global_batch_at(tokens))
+        if batch < 1 or batch % self.world_size:
+            raise ValueError(
+                f"global batch {batch} (at {tokens:,} tokens) is not a positive multiple of the "
+                f"world size {self.world_size}: every rank must get the same number of sequences. "
+                "Choose a global batch (and batch-warmup sizes) divisible by the number of devices."
+            )
+        return batch
+
+    def plan(self) -> Iterator[tuple[LoaderState, int, int]]:
+        """(state before the step, global batch, step tokens) of every step from the start on."""
+        state = self.start
+        while True:
+            batch = self.global_batch(state.tokens)
+            step_tokens = int(self.mixture.lengths(state.samples, batch).sum())
+            yield state, batch, step_tokens
+            state = LoaderState(state.step + 1, state.samples + batch, state.tokens + step_tokens)
+
+    def rank_samples(self, state: LoaderState, batch: int) -> list[tuple[int, np.ndarray]]:
+        share = batch // self.world_size
+        samples = self.mixture.samples(state.samples + self.rank * share, share)
+        if self.truncate:
+            samples = [(p, t[: self.cut] if len(t) > self.seq_len else t) for p, t in samples]
+        return samples
+
+    def micro_batches(self, samples: list) -> list[list]:
+        if not self.pack:
+            m = self.micro_batch_size
+            return [samples[i:i + m] for i in range(0, len(samples), m)]
+        budget, groups, current, used = self.micro_batch_size * self.seq_len, [], [], 0
+        for sample in samples:
+            if current and used + len(sample[1]) > budget:
+                groups.append(current)
+                current, used = [], 0
+            current.append(sample)
+            used += len(sample[1])
+        if current:
+            groups.append(current)
+        return groups
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for state, batch, step_tokens in self.plan():
+            if (state.step - self.start.step) % workers != worker:
+                continue
+            samples = self.rank_samples(state, batch)
+            micro = [self.collator(group) for group in self.micro_batches(samples)]
+            after = LoaderState(state.step + 1, state.samples + batch, state.tokens + step_tokens)
+            yield {"micro_batches": micro, "state": after, "global_batch": batch,
+                   "step_tokens": step_tokens}
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation batches
+
+
+class ValidationBatches:
+    """A fixed set of validation batches, the same at every evaluation: the sources' validation
+    splits in stored order (for a mixture, each source contributes in proportion to its weight),
+    rank r taking every ``world_size``-th sample, ``batch_size`` samples per batch, at most
+    ``max_batches`` batches per rank. Iterable any number of times; collated on the fly."""
+
+    def __init__(self, sources, *, seq_len: int, collator: Callable, batch_size: int,
+                 max_batches: Optional[int] = None, rank: int = 0, world_size: int = 1,
+                 truncate: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.sources = normalize_sources(sources)
+        self.splits = open_splits(self.sources, "validation", seq_len, truncate)
+        if getattr(collator, "ids", None) is not None:
+            check_special_ids(self.splits, collator.ids)
+        sizes = np.array([len(s) for s in self.splits], dtype=np.int64)
+        if not sizes.sum():
+            raise ValueError(
+                f"the validation split of {', '.join(str(s.root) for s in self.splits)} is empty "
+                "(prepared with validation_fraction=0, or too little text); prepare with "
+                "validation_fraction > 0, or turn validation off"
+            )
+        total = int(sizes.sum()) if max_batches is None else \
+            min(int(sizes.sum()), batch_size * max_batches * world_size)
+        weights = np.array([w for _, w in self.sources], dtype=np.float64)
+        counts = np.minimum(_largest_remainder(weights / weights.sum(), total), sizes)
+        # What a capped source cannot give goes to the others, in order.
+        for i in range(len(counts)):
+            missing = total - int(counts.sum())
+            if missing <= 0:
+                break
+            counts[i] += min(missing, int(sizes[i] - counts[i]))
+        self.order = [(int(s), int(i)) for s, c in enumerate(counts) for i in range(int(c))]
+        self.seq_len, self.truncate = seq_len, truncate
+        self.cut = seq_len - 1 if getattr(collator, "close_rows", False) else seq_len
+        self.collator, self.batch_size = collator, batch_size
+        self.mine = self.order[rank::world_size]
+        self.positions = list(range(rank, len(self.order), world_size))
+        if max_batches is not None:
+            self.mine = self.mine[: batch_size * max_batches]
+            self.positions = self.positions[: batch_size * max_batches]
+
+    def __len__(self) -> int:
+        return -(-len(self.mine) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        for start in range(0, len(self.mine), self.batch_size):
+            samples = []
+            for position, (s, i) in zip(self.positions[start:start + self.batch_size],
+                                        self.mine[start:start + self.batch_size]):
+                tokens = self.splits[s].tokens(i)
+                if self.truncate and len(tokens) > self.seq_len:
+                    tokens = tokens[: self.cut]
+                samples.append((position, tokens))
+            yield self.collator(samples)
+
+
+def validation_batches(sources, *, seq_len: int, collator: Callable, batch_size: int,
+                       max_batches: Optional[int] = None, rank: int = 0, world_size: int = 1,
+                       truncate: bool = False) -> list[dict]:
+    """``list(ValidationBatches(...))``."""
+    return list(ValidationBatches(sources, seq_len=seq_len, collator=collator,
+                                  batch_size=batch_size, max_batches=max_batches, rank=rank,
+                                  world_size=world_size, truncate=truncate))
+
+
+__all__ = ["LoaderState", "StepBatches", "ValidationBatches", "validation_batches", "Mixture",
+           "PreparedSplit", "permute", "normalize_sources", "COMPLETE", "is_complete"]

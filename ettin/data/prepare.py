@@ -1,0 +1,839 @@
+"""Raw text -> tokenized, chunked MDS shards, in one command:
+
+    python -m ettin.data.prepare input=PATH output=DIR tokenizer=PATH_OR_ID max_seq_len=N
+
+``input`` is a file or folder of .txt / .md / .jsonl / .json / .parquet / .csv (tables are read
+through ``datasets``), ``builtin`` (the offline corpus, ettin/data/corpus.py), or a Hugging Face
+dataset name when online. The output is objective-agnostic: the encoder and the decoder of a pair
+train on the very same shards.
+
+    DIR/train/, DIR/validation/  MDS shards (columns input_ids: ndarray uint16/uint32, doc_id: int)
+                                 + lengths.npy (int32, the length of every sample, in order)
+    DIR/tokenizer/               the tokenizer used (training loads it from here)
+    DIR/summary.json             settings, documents/chunks/tokens per split and source, skipped
+                                 documents and files and why, bytes on disk, time
+    DIR/COMPLETE                 written last, inside a temporary folder that is then renamed to
+                                 DIR: a folder without it is never taken as finished
+
+Documents are chunked, never truncated. With C = max_seq_len - 2 a document of n tokens becomes
+ceil(n / C) chunks ``[CLS] t_i ... t_j``; the last one also ends with ``[SEP]``. No token is lost or
+duplicated. A middle chunk has max_seq_len - 1 tokens, so an encoder can close it with ``[SEP]``
+(collators do, for MLM/MNTP) and every row stays within max_seq_len. A short tail (fewer than
+``min(min_tail, C // 2)`` tokens) is not dropped or padded: the last two chunks share their tokens
+equally instead (Ettin back-filled short chunks from the previous one, duplicating tokens).
+
+Run it again with the same settings and it does nothing; other settings on a finished folder are an
+error (or ``overwrite=true``). Tokenization runs in ``num_proc`` processes; the result does not
+depend on that number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+COMPLETE = "COMPLETE"
+FORMAT = "ettin-prepared-v1"
+SPLITS = ("train", "validation")
+TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".text": "text", ".jsonl": "json", ".json": "json",
+                 ".parquet": "parquet", ".csv": "csv"}
+TEXT_UNITS = ("document", "paragraph", "line")
+UNIT_CHARS = 1 << 18  # documents are tokenized in units of about 256k characters
+UNIT_DOCS = 2048
+MAX_LISTED = 50  # longest lists (files, sources) kept whole in the summary
+
+
+@dataclass
+class PrepareConfig:
+    input: str = "???"  # a file or folder, "builtin", or a hub dataset name
+    output: str = "???"
+    tokenizer: str = "???"  # a tokenizer folder or hub id
+    max_seq_len: int = 1024  # the phase's sequence length: chunks hold at most this many tokens
+    validation_fraction: float = 0.01  # share of documents held out (whole documents)
+    min_tail: int = 512  # a last chunk shorter than min(min_tail, (max_seq_len-2)//2) is rebalanced
+    text_column: str = "text"  # of .jsonl/.json/.parquet/.csv files and hub datasets
+    text_unit: str = "document"  # .txt/.md: a document is a whole file, a paragraph, or a line
+    hub_config: Optional[str] = None  # the configuration of a hub dataset
+    split: str = "train"  # of a hub dataset
+    max_documents: Optional[int] = None  # stop after this many documents (quick trials)
+    seed: int = 42  # decides which documents are held out
+    num_proc: int = 0  # tokenizer processes; 0 = one per CPU core (fewer for a small input)
+    shard_size_mb: int = 64
+    strict: bool = False  # an unreadable file is an error instead of a counted skip
+    overwrite: bool = False  # replace a finished folder prepared with other settings
+    progress: bool = True
+
+
+@dataclass
+class Document:
+    index: int
+    source: str
+    text: str
+
+
+@dataclass
+class Skips:
+    """Documents and files left out, and why (reported in summary.json)."""
+
+    documents: dict = field(default_factory=dict)  # reason -> count
+    files: dict = field(default_factory=dict)  # path -> reason
+
+    def document(self, reason: str) -> None:
+        self.documents[reason] = self.documents.get(reason, 0) + 1
+
+    def file(self, path: str, reason: str) -> None:
+        self.files[str(path)] = reason
+
+
+class PrepareError(ValueError):
+    """Input that cannot be prepared; the message names the problem and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_documents(spec: str, text_column: str = "text", *, text_unit: str = "document",
+                   split: str = "train", hub_config: Optional[str] = None,
+                   skips: Optional[Skips] = None, strict: bool = False) -> Iterator[Document]:
+    """The documents of ``spec`` in a fixed order; empty documents and unreadable files are counted
+    in ``skips`` and left out (``strict``: unreadable files raise)."""
+    skips = Skips() if skips is None else skips
+    if text_unit not in TEXT_UNITS:
+        raise PrepareError(f"text_unit={text_unit!r}; choose one of {', '.join(TEXT_UNITS)}")
+    counter = iter(range(1 << 62))
+
+    def emit(source: str, text: Any) -> Iterator[Document]:
+        if text is None or (isinstance(text, str) and not text.strip()):
+            skips.document("empty document")
+            return
+        if not isinstance(text, str):
+            skips.document(f"not a string ({type(text).__name__})")
+            return
+        yield Document(next(counter), source, text)
+
+    if spec == "builtin":
+        from ettin.data.corpus import builtin_documents
+
+        for _, text in builtin_documents():
+            yield from emit("builtin", text)
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if _looks_like_hub_id(spec):
+            yield from _hub_documents(spec, hub_config, split, text_column, emit)
+            return
+        raise FileNotFoundError(
+            f"input {spec!r} does not exist. Give a file or folder of "
+            f"{'/'.join(TEXT_SUFFIXES)} files, input=builtin for the built-in corpus, or a Hugging "
+            "Face dataset name (owner/name, online)."
+        )
+    files = input_files(path)
+    root = path if path.is_dir() else path.parent
+    for file in files:
+        source = file.relative_to(root).as_posix()
+        try:
+            if TEXT_SUFFIXES[file.suffix.lower()] == "text":
+                yield from _text_file(file, source, text_unit, emit)
+            else:
+                yield from _table_file(file, source, text_column, emit)
+        except PrepareError:
+            raise
+        except (OSError, ValueError) as error:  # undecodable bytes, malformed json/csv/parquet
+            reason = _short_reason(error)
+            if strict:
+                raise PrepareError(
+                    f"cannot read {file}: {reason}. Fix or remove the file, or run with "
+                    "strict=false to skip unreadable files (they are counted in summary.json)."
+                ) from None
+            skips.file(str(file), reason)
+            print(f"warning: skipped {file}: {reason}", file=sys.stderr)
+
+
+def input_files(path: Path) -> list[Path]:
+    """Every readable file of a file or folder, sorted (hidden files and folders left out)."""
+    if path.is_file():
+        if path.suffix.lower() not in TEXT_SUFFIXES:
+            raise PrepareError(f"{path}: unsupported file type {path.suffix!r}; supported: "
+                               f"{', '.join(TEXT_SUFFIXES)}")
+        return [path]
+    files, others = [], set()
+    for file in sorted(path.rglob("*")):
+        if not file.is_file() or any(p.startswith(".") for p in file.relative_to(path).parts):
+            continue
+        if file.suffix.lower() in TEXT_SUFFIXES:
+            files.append(file)
+        else:
+            others.add(file.suffix or file.name)
+    if not files:
+        found = f" (found only: {', '.join(sorted(others)[:10])})" if others else " (it is empty)"
+        raise FileNotFoundError(
+            f"no {'/'.join(TEXT_SUFFIXES)} files under {path}{found}"
+        )
+    return files
+
+
+def _short_reason(error: BaseException) -> str:
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (invalid byte at offset {error.start})"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def _text_file(file: Path, source: str, unit: str, emit) -> Iterator[Document]:
+    text = file.read_bytes().decode("utf-8")  # strict: a non-UTF-8 file is skipped whole
+    if unit == "document":
+        yield from emit(source, text)
+    elif unit == "line":
+        for line in text.splitlines():
+            yield from emit(source, line)
+    else:
+        import re
+
+        for paragraph in re.split(r"\n(?:[ \t\r\f\v]*\n)+", text):
+            yield from emit(source, paragraph)
+
+
+def _table_file(file: Path, source: str, column: str, emit) -> Iterator[Document]:
+    import datasets
+
+    kind = TEXT_SUFFIXES[file.suffix.lower()]
+    # streaming=True reads the file in place: no Arrow copy in the datasets cache.
+    table = datasets.load_dataset(kind, data_files=str(file), split="train", streaming=True)
+    names = table.column_names
+    if names is None:  # json: columns are only known once read
+        first = next(iter(table), None)
+        names = list(first) if first is not None else [column]
+    if column not in names:
+        raise PrepareError(f"{file} has no column {column!r} (columns: {', '.join(names)}); set "
+                           "text_column=NAME")
+    for batch in table.select_columns([column]).iter(batch_size=1024):
+        for text in batch[column]:
+            yield from emit(source, text)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return (not spec.startswith((".", "/", "~")) and 1 <= len(parts) <= 2 and all(parts)
+            and not Path(spec).suffix.lower() in TEXT_SUFFIXES)
+
+
+def _hub_documents(name: str, config: Optional[str], split: str, column: str,
+                   emit) -> Iterator[Document]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        names = rows.column_names
+        if names is not None and column not in names:
+            raise PrepareError(f"hub dataset {name!r} has no column {column!r} (columns: "
+                               f"{', '.join(names)}); set text_column=NAME")
+        iterator = rows.select_columns([column]).iter(batch_size=1024)
+        for batch in iterator:
+            for text in batch[column]:
+                yield from emit(name, text)
+    except PrepareError:
+        raise
+    except Exception as error:  # offline, no such dataset, gated, ...
+        raise FileNotFoundError(
+            f"input {name!r} is not a local path, and reading it as a Hugging Face dataset failed "
+            f"({_short_reason(error)}). Check the path, or go online / log in for hub datasets "
+            "(hub_config=... and split=... select a configuration and split)."
+        ) from None
+
+
+def input_fingerprint(spec: str) -> str:
+    """What identifies the input: file names, sizes and modification times (builtin: the Python
+    version; a hub dataset: its name)."""
+    if spec == "builtin":
+        from ettin.data.corpus import stdlib_root
+
+        return f"builtin:python-{sys.version.split()[0]}:{stdlib_root()}"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return f"hub:{spec}"
+    digest = hashlib.sha1()
+    for file in input_files(path):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path if path.is_dir() else path.parent)}\0{stat.st_size}"
+                      f"\0{stat.st_mtime_ns}\n".encode())
+    return f"files:{digest.hexdigest()}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunking
+
+
+def chunk_bounds(n: int, max_seq_len: int, min_tail: int = 0) -> list[tuple[int, int]]:
+    """[start, end) of each chunk's share of a document's ``n`` tokens (see the module docstring)."""
+    capacity = max_seq_len - 2
+    if capacity < 1:
+        raise PrepareError(f"max_seq_len={max_seq_len} leaves no room for text next to [CLS] and "
+                           "[SEP]; use at least 3")
+    if n <= capacity:
+        return [(0, n)]
+    starts = list(range(0, n, capacity))
+    bounds = [(s, min(s + capacity, n)) for s in starts]
+    tail = bounds[-1][1] - bounds[-1][0]
+    if tail < min(min_tail, capacity // 2):
+        begin = bounds[-2][0]
+        middle = begin + (n - begin + 1) // 2
+        bounds[-2:] = [(begin, middle), (middle, n)]
+    return bounds
+
+
+def chunk_document(ids: np.ndarray, max_seq_len: int, cls: int, sep: int,
+                   min_tail: int = 0) -> list[np.ndarray]:
+    """The chunks of one document: ``[CLS] ...`` each, ``... [SEP]`` for the last."""
+    ids = np.asarray(ids)
+    bounds = chunk_bounds(len(ids), max_seq_len, min_tail)
+    chunks = [np.concatenate(([cls], ids[a:b])).astype(ids.dtype) for a, b in bounds]
+    chunks[-1] = np.append(chunks[-1], sep).astype(ids.dtype)
+    return chunks
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizing (in worker processes)
+
+
+@dataclass
+class UnitResult:
+    """One unit of documents, tokenized, chunked and encoded as MDS samples. Per split: the encoded
+    samples, their lengths in tokens and their document ids; per document: (index, source, split,
+    tokens, chunks, tail rebalanced)."""
+
+    samples: dict  # split -> list of bytes (MDS-encoded samples, ready for the shard)
+    lengths: dict  # split -> int32 array
+    doc_ids: dict  # split -> int64 array (one per chunk)
+    documents: list
+
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_file: str, settings: dict) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    # Special-token strings inside the text are plain text; specials come from the chunker only.
+    tokenizer.encode_special_tokens = True
+    _worker.update(settings, tokenizer=tokenizer)
+
+
+def encode_sample(chunk: np.ndarray, doc_id: int) -> bytes:
+    """One sample exactly as ``MDSWriter(columns=columns_for(dtype)).encode_sample`` encodes it
+    (tests check this), without importing ``streaming`` (which imports torch) in the workers.
+    Columns in sorted order: doc_id (int64), input_ids (ndarray: a byte ``ndim << 2 | shape
+    dtype``, the shape, the values); the variable-size column's byte count comes first."""
+    n = len(chunk)
+    shape_code, shape_dtype = (0, np.uint8) if n < 1 << 8 else (1, np.uint16) if n < 1 << 16 \
+        else (2, np.uint32)
+    data = bytes([(1 << 2) | shape_code]) + np.array([n], shape_dtype).tobytes() + chunk.tobytes()
+    return np.uint32(len(data)).tobytes() + np.int64(doc_id).tobytes() + data
+
+
+def columns_for(dtype: str) -> dict:
+    return {"input_ids": f"ndarray:{dtype}", "doc_id": "int"}
+
+
+def _tokenize_unit(unit: list[Document]) -> UnitResult:
+    w = _worker
+    encode = getattr(w["tokenizer"], "encode_batch_fast", w["tokenizer"].encode_batch)
+    encodings = encode([d.text for d in unit], add_special_tokens=False)
+    dtype, max_seq_len, min_tail = np.dtype(w["dtype"]), w["max_seq_len"], w["min_tail"]
+    cls, sep = np.array([w["cls"]], dtype), np.array([w["sep"]], dtype)
+    samples: dict = {s: [] for s in SPLITS}
+    lengths: dict = {s: [] for s in SPLITS}
+    doc_ids: dict = {s: [] for s in SPLITS}
+    documents = []
+    for document, encoding in zip(unit, encodings):
+        ids = np.asarray(encoding.ids, dtype=dtype)
+        if len(ids) == 0:  # e.g. text that the normalizer removes entirely
+            documents.append((document.index, document.source, None, 0, 0, False))
+            continue
+        split = "validation" if is_validation(document.index, w["fraction"], w["seed"]) else "train"
+        bounds = chunk_bounds(len(ids), max_seq_len, min_tail)
+        for i, (a, b) in enumerate(bounds):
+            chunk = np.concatenate((cls, ids[a:b], sep) if i == len(bounds) - 1 else (cls, ids[a:b]))
+            samples[split].append(encode_sample(chunk, document.index))
+            lengths[split].append(len(chunk))
+            doc_ids[split].append(document.index)
+        rebalanced = len(bounds) > 1 and bounds[-2][1] - bounds[-2][0] < max_seq_len - 2
+        documents.append((document.index, document.source, split, len(ids), len(bounds), rebalanced))
+    return UnitResult(
+        samples=samples,
+        lengths={s: np.asarray(lengths[s], dtype=np.int32) for s in SPLITS},
+        doc_ids={s: np.asarray(doc_ids[s], dtype=np.int64) for s in SPLITS},
+        documents=documents,
+    )
+
+
+def is_validation(index: int, fraction: float, seed: int) -> bool:
+    """Whether document ``index`` is held out: a hash of (seed, index) below ``fraction``; the first
+    document is always held out (when fraction > 0) so that a small corpus has a validation split."""
+    if fraction <= 0:
+        return False
+    if index == 0:
+        return True
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def _units(documents: Iterable[Document]) -> Iterator[list[Document]]:
+    unit: list[Document] = []
+    chars = 0
+    for document in documents:
+        unit.append(document)
+        chars += len(document.text)
+        if chars >= UNIT_CHARS or len(unit) >= UNIT_DOCS:
+            yield unit
+            unit, chars = [], 0
+    if unit:
+        yield unit
+
+
+def _ordered_map(function: Callable, items: Iterable, processes: int, initializer, initargs):
+    """``map`` in ``processes`` worker processes, results in input order, at most 2 x processes
+    items in flight (``Pool.imap`` would read the whole input ahead)."""
+    if processes <= 1:
+        initializer(*initargs)
+        yield from map(function, items)
+        return
+    import multiprocessing
+
+    # fork is cheapest but unsafe in a process that runs other threads (a trainer, CUDA, a
+    # tokenizer's thread pool); then forkserver: one clean server process, forked per worker.
+    methods = multiprocessing.get_all_start_methods()
+    if _single_threaded() and "fork" in methods:
+        context = multiprocessing.get_context("fork")
+    elif "forkserver" in methods:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["ettin.data.prepare", "tokenizers"])
+    else:
+        context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer, initargs) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(function, (item,)))
+            if len(pending) >= 2 * processes:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+PROCESS_BYTES = 8 << 20  # num_proc=0 starts one process per 8 MB of local input, up to one per core
+
+
+def worker_count(cfg: PrepareConfig) -> int:
+    """``num_proc``, or (0) one per CPU core, fewer for small local input (a small corpus is done
+    before extra processes would have started)."""
+    if cfg.num_proc > 0:
+        return cfg.num_proc
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    size = None
+    if cfg.input == "builtin":
+        from ettin.data.corpus import _all_documents, stdlib_root
+
+        size = sum(len(t) for _, t in _all_documents(str(stdlib_root())))
+    elif Path(cfg.input).expanduser().exists():
+        size = sum(f.stat().st_size for f in input_files(Path(cfg.input).expanduser()))
+    if size is not None:
+        return max(1, min(cores or 1, -(-size // PROCESS_BYTES)))
+    return max(1, cores or 1)
+
+
+def _single_threaded() -> bool:
+    """Whether this process runs a single OS thread (Linux: /proc/self/task)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _encoded_writer(**kwargs):
+    """An ``MDSWriter`` that also takes samples already encoded (bytes) by the tokenizer processes."""
+    from streaming import MDSWriter
+
+    class EncodedMDSWriter(MDSWriter):
+        def encode_sample(self, sample):
+            return sample if isinstance(sample, bytes) else super().encode_sample(sample)
+
+    return EncodedMDSWriter(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Preparing
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock (fcntl.flock) held while the block runs; concurrent preparations of
+    one folder wait for each other instead of writing over each other."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def settings_of(cfg: PrepareConfig, tokenizer) -> dict:
+    """What decides the content of a prepared folder (compared on every re-run)."""
+    from ettin.data.tokenizer import tokenizer_fingerprint
+
+    spec = cfg.input
+    if spec != "builtin" and Path(spec).expanduser().exists():
+        spec = str(Path(spec).expanduser().resolve())
+    return {
+        "format": FORMAT, "input": spec, "input_fingerprint": input_fingerprint(cfg.input),
+        "max_seq_len": cfg.max_seq_len, "min_tail": cfg.min_tail,
+        "validation_fraction": cfg.validation_fraction, "seed": cfg.seed,
+        "text_column": cfg.text_column, "text_unit": cfg.text_unit, "hub_config": cfg.hub_config,
+        "split": cfg.split, "max_documents": cfg.max_documents,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def prepare(cfg: Optional[PrepareConfig] = None, tokenizer=None, **fields) -> Path:
+    """Prepare ``cfg.output`` (or ``PrepareConfig(**fields)``) and return it; a finished folder with
+    the same settings is returned as it is. ``tokenizer`` may be a loaded tokenizer (its folder name
+    is then taken from it) or a path/hub id."""
+    from ettin.data.tokenizer import load_tokenizer
+
+    if cfg is None:
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+            fields.setdefault("tokenizer", getattr(tokenizer, "name_or_path", "") or "<object>")
+        elif tokenizer is not None:
+            fields["tokenizer"] = str(tokenizer)
+        cfg = PrepareConfig(**fields)
+    elif fields:
+        raise TypeError("give a PrepareConfig or keyword fields, not both")
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(cfg.tokenizer if tokenizer is None else tokenizer)
+    _check_config(cfg)
+    output = Path(cfg.output).expanduser()
+    settings = settings_of(cfg, tokenizer)
+    if _finished_with(output, settings, cfg.overwrite):
+        return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(output.with_name(output.name + ".lock")):
+        if _finished_with(output, settings, cfg.overwrite):  # another process just finished it
+            return output
+        for stale in output.parent.glob(f"{output.name}.tmp-*"):  # crashed earlier attempts
+            shutil.rmtree(stale, ignore_errors=True)
+        temp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+        try:
+            _write(cfg, tokenizer, settings, temp)
+            _publish(temp, output)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+    return output
+
+
+def _check_config(cfg: PrepareConfig) -> None:
+    for name in ("input", "output", "tokenizer"):
+        if getattr(cfg, name) in ("???", "", None):
+            raise PrepareError(f"{name}=... is required: python -m ettin.data.prepare input=PATH "
+                               "output=DIR tokenizer=PATH_OR_ID max_seq_len=N")
+    if cfg.max_seq_len < 3:
+        raise PrepareError(f"max_seq_len={cfg.max_seq_len} must be at least 3 ([CLS], a token, [SEP])")
+    if not 0.0 <= cfg.validation_fraction < 1.0:
+        raise PrepareError(f"validation_fraction={cfg.validation_fraction} must be in [0, 1)")
+    if cfg.text_unit not in TEXT_UNITS:
+        raise PrepareError(f"text_unit={cfg.text_unit!r}; choose one of {', '.join(TEXT_UNITS)}")
+
+
+def _finished_with(output: Path, settings: dict, overwrite: bool) -> bool:
+    if not is_complete(output):
+        return False
+    try:
+        previous = json.loads((output / "summary.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        previous = {}
+    if previous == settings:
+        return True
+    if overwrite:
+        return False
+    changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in settings.items()
+                        if previous.get(k) != v)
+    raise FileExistsError(
+        f"{output} is a finished prepared folder with other settings ({changed}). Choose another "
+        "output folder, delete this one, or add overwrite=true."
+    )
+
+
+def _publish(temp: Path, output: Path) -> None:
+    """Put the finished ``temp`` at ``output`` (a rename; an older folder is moved aside first)."""
+    if output.exists():
+        ours = {"train", "validation", "tokenizer", "summary.json", COMPLETE}
+        foreign = [p.name for p in output.iterdir() if p.name not in ours]
+        if foreign:
+            raise FileExistsError(
+                f"{output} exists and holds files that are not a prepared folder's "
+                f"({', '.join(sorted(foreign)[:5])}); choose another output folder"
+            )
+        old = output.with_name(f"{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(temp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, output)
+
+
+def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path) -> None:
+    from streaming import MDSWriter
+    from tqdm import tqdm
+
+    from ettin.data.tokenizer import special_ids
+
+    started = time.perf_counter()
+    ids = special_ids(tokenizer)
+    temp.mkdir(parents=True)
+    tokenizer.save_pretrained(str(temp / "tokenizer"))
+    dtype = "uint16" if len(tokenizer) <= 1 << 16 else "uint32"
+    skips = Skips()
+    documents: Iterable[Document] = read_documents(
+        cfg.input, cfg.text_column, text_unit=cfg.text_unit, split=cfg.split,
+        hub_config=cfg.hub_config, skips=skips, strict=cfg.strict)
+    if cfg.max_documents is not None:
+        documents = _take(documents, cfg.max_documents)
+    stats = {s: {"documents": 0, "chunks": 0, "tokens": 0, "document_tokens": 0, "sources": {}}
+             for s in SPLITS}
+    lengths: dict = {s: [] for s in SPLITS}
+    rebalanced = long_documents = 0
+    timings = {"read": 0.0, "tokenize": 0.0, "write": 0.0}
+    processes = worker_count(cfg)
+    worker_settings = {"dtype": dtype, "cls": ids.cls, "sep": ids.sep,
+                       "max_seq_len": cfg.max_seq_len, "min_tail": cfg.min_tail,
+                       "fraction": cfg.validation_fraction, "seed": cfg.seed}
+    columns = columns_for(dtype)
+    size_limit = cfg.shard_size_mb << 20
+    total = None
+    if cfg.input == "builtin":
+        from ettin.data.corpus import _all_documents, stdlib_root
+
+        total = len(_all_documents(str(stdlib_root())))
+    progress = tqdm(total=total, desc=f"tokenizing {cfg.input}", unit=" docs", dynamic_ncols=True,
+                    disable=None if cfg.progress else True, file=sys.stderr)
+    with _encoded_writer(columns=columns, out=str(temp / "train"), size_limit=size_limit) as train, \
+            _encoded_writer(columns=columns, out=str(temp / "validation"),
+                            size_limit=size_limit) as val:
+        writers = {"train": train, "validation": val}
+        results = _ordered_map(_tokenize_unit, _timed(_units(documents), timings, "read"),
+                               processes, _init_worker,
+                               (str(temp / "tokenizer" / "tokenizer.json"), worker_settings))
+        for result in _timed(results, timings, "tokenize"):
+            started_writing = time.perf_counter()
+            for split in SPLITS:
+                sizes = result.lengths[split]
+                write = writers[split].write
+                for sample in result.samples[split]:
+                    write(sample)
+                lengths[split].append(sizes)
+                s = stats[split]
+                s["chunks"] += len(sizes)
+                s["tokens"] += int(sizes.sum())
+            for index, source, split, n_tokens, n_chunks, was_rebalanced in result.documents:
+                if split is None:
+                    skips.document("no tokens after tokenization")
+                    continue
+                s = stats[split]
+                s["documents"] += 1
+                s["document_tokens"] += n_tokens
+                per_source = s["sources"].setdefault(source, {"documents": 0, "tokens": 0})
+                per_source["documents"] += 1
+                per_source["tokens"] += n_tokens + n_chunks + 1
+                long_documents += n_chunks > 1
+                rebalanced += bool(was_rebalanced)
+            progress.update(len(result.documents))
+            progress.set_postfix(tokens=f"{stats['train']['tokens'] + stats['validation']['tokens']:,}")
+            timings["write"] += time.perf_counter() - started_writing
+        progress.close()
+    timings["tokenize"] -= timings["read"]  # reading happens inside the wait for results
+    arrays = {s: np.concatenate(lengths[s]) if lengths[s] else np.zeros(0, np.int32) for s in SPLITS}
+    if not len(arrays["train"]):
+        if len(arrays["validation"]):  # a corpus of a single document: train on it
+            shutil.rmtree(temp / "train")
+            os.replace(temp / "validation", temp / "train")
+            MDSWriter(columns=columns, out=str(temp / "validation")).finish()
+            arrays = {"train": arrays["validation"], "validation": np.zeros(0, np.int32)}
+            stats = {"train": stats["validation"], "validation": {
+                "documents": 0, "chunks": 0, "tokens": 0, "document_tokens": 0, "sources": {}}}
+        else:
+            raise PrepareError(
+                f"input {cfg.input!r} gave no documents to train on (skipped documents: "
+                f"{skips.documents or 'none'}; skipped files: {len(skips.files)}"
+                f"{': ' + ', '.join(list(skips.files)[:5]) if skips.files else ''})"
+            )
+    for split in SPLITS:
+        np.save(temp / split / "lengths.npy", arrays[split].astype(np.int32))
+        index = json.loads((temp / split / "index.json").read_text())
+        assert sum(s["samples"] for s in index["shards"]) == len(arrays[split]), split
+        sources = stats[split]["sources"]
+        if len(sources) > MAX_LISTED:  # a per-file breakdown of a big folder is too long
+            stats[split]["sources"] = {f"({len(sources)} files)": {
+                "documents": sum(v["documents"] for v in sources.values()),
+                "tokens": sum(v["tokens"] for v in sources.values())}}
+        if len(arrays[split]):
+            stats[split]["chunk_length"] = {"min": int(arrays[split].min()),
+                                            "mean": round(float(arrays[split].mean()), 1),
+                                            "max": int(arrays[split].max())}
+    seconds = time.perf_counter() - started
+    total_tokens = int(sum(stats[s]["tokens"] for s in SPLITS))
+    skipped_files = dict(list(skips.files.items())[:MAX_LISTED])
+    if len(skips.files) > MAX_LISTED:
+        skipped_files["..."] = f"{len(skips.files) - MAX_LISTED} more"
+    summary = {
+        "settings": settings,
+        "tokenizer": {"source": cfg.tokenizer, "tokens": len(tokenizer),
+                      "special_ids": {k: v for k, v in asdict(ids).items() if k != "all"}},
+        "splits": stats,
+        "chunking": {"max_seq_len": cfg.max_seq_len, "text_tokens_per_chunk": cfg.max_seq_len - 2,
+                     "documents_longer_than_a_chunk": long_documents,
+                     "tails_rebalanced": rebalanced, "dtype": dtype},
+        "skipped": {"documents": skips.documents, "files": skipped_files,
+                    "files_count": len(skips.files)},
+        "bytes_on_disk": {s: _bytes(temp / s) for s in (*SPLITS, "tokenizer")},
+        "seconds": round(seconds, 2),
+        "seconds_in_main_process": {k: round(v, 2) for k, v in timings.items()},
+        "tokens_per_second": round(total_tokens / max(seconds, 1e-9)),
+        "num_proc": processes,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    summary["bytes_on_disk"]["total"] = sum(summary["bytes_on_disk"].values())
+    (temp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (temp / COMPLETE).write_text(json.dumps({"format": FORMAT, "created": summary["created"]}) + "\n")
+
+
+def _timed(items: Iterable, timings: dict, key: str) -> Iterator:
+    """``items``, adding the time spent producing each to ``timings[key]``."""
+    iterator = iter(items)
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            timings[key] += time.perf_counter() - started
+            return
+        timings[key] += time.perf_counter() - started
+        yield item
+
+
+def _take(documents: Iterable[Document], count: int) -> Iterator[Document]:
+    for document in documents:
+        if document.index >= count:
+            return
+        yield document
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def ensure_prepared(*, input: str, output: str | Path, tokenizer, max_seq_len: int,
+                    wait: bool = False, timeout_s: float = 3600, **fields) -> Path:
+    """The prepared folder ``output``, preparing it first unless it is finished. ``wait`` (ranks
+    other than 0) only waits for another process to finish it."""
+    output = Path(output)
+    if wait:
+        deadline = time.monotonic() + timeout_s
+        while not is_complete(output):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"waited {timeout_s:.0f}s for another process to prepare {output}")
+            time.sleep(min(1.0, left))
+        return output
+    fields.setdefault("progress", False)
+    return prepare(None, tokenizer, input=input, output=str(output), max_seq_len=max_seq_len,
+                   **fields)
+
+
+def prepare_command(path: str | Path, max_seq_len: Optional[int] = None,
+                    tokenizer: Optional[str] = None) -> str:
+    return (f"python -m ettin.data.prepare input=YOUR_TEXT output={path} "
+            f"tokenizer={tokenizer or 'TOKENIZER'} max_seq_len={max_seq_len or 'SEQ_LEN'}")
+
+
+def require_prepared(path: str | Path, max_seq_len: Optional[int] = None) -> Path:
+    """``path`` if it is a finished prepared folder, else a clear error with the command to run."""
+    path = Path(path)
+    if not is_complete(path):
+        if path.exists() and (path / "summary.json").exists():
+            state = "is unfinished (no COMPLETE marker: its preparation was interrupted)"
+        elif path.exists():
+            state = "is not a prepared folder (no COMPLETE marker)"
+        else:
+            state = "does not exist"
+        raise FileNotFoundError(
+            f"prepared data {path} {state}. Prepare it with: {prepare_command(path, max_seq_len)}"
+        )
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ettin.recipes import CONF_DIR
+
+    overrides = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in overrides):
+        print(__doc__)
+        print("options (key=value):")
+        for name, value in asdict(PrepareConfig()).items():
+            print(f"  {name}={value}")
+        return 0
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            raw = compose("prepare", overrides=overrides)
+        merged = OmegaConf.merge(OmegaConf.structured(PrepareConfig), raw)
+        cfg: PrepareConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        output = prepare(cfg)
+    except (PrepareError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # Hydra/OmegaConf: an unknown key or a bad value
+        if not type(error).__module__.startswith(("hydra", "omegaconf")):
+            raise
+        print(f"error: {error}\nusage: python -m ettin.data.prepare input=PATH output=DIR "
+              "tokenizer=PATH_OR_ID max_seq_len=N [key=value ...] (--help lists the keys)",
+              file=sys.stderr)
+        return 2
+    summary = json.loads((output / "summary.json").read_text())
+    train, val = summary["splits"]["train"], summary["splits"]["validation"]
+    skipped = summary["skipped"]
+    print(f"prepared {output}: train {train['documents']:,} documents, {train['chunks']:,} chunks, "
+          f"{train['tokens']:,} tokens; validation {val['documents']:,} documents, "
+          f"{val['tokens']:,} tokens; skipped {sum(skipped['documents'].values()):,} documents "
+          f"{skipped['documents'] or ''} and {skipped['files_count']} files; "
+          f"{summary['bytes_on_disk']['total'] / 1e6:.1f} MB; {summary['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
