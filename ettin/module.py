@@ -111,7 +111,8 @@ class EttinModule(L.LightningModule):
                 targets = micro_batch["labels"][micro_batch["labels"] != -100]
                 correct += (out.logits.detach().argmax(-1) == targets).sum()
 
-        log_now = (self.global_step + 1) % self.log_every_steps == 0
+        # On the run's step counter (not Lightning's, which restarts at 0 on resume).
+        log_now = state_after.step % self.log_every_steps == 0
         grad_norm = self._grad_norm() if log_now else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import logging
@@ -9,8 +10,10 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
+import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import save_model
 from torch.utils.checkpoint import checkpoint
 
@@ -67,6 +70,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class ContinueLogs(L.Callback):
+    """A resumed phase continues its logs instead of restarting them: Lightning counts logging steps
+    from 0 again and its CSV logger empties ``metrics.csv``. Rows logged up to the checkpoint are
+    kept (read here, before the logger starts), rows after it (about to be redone) are dropped, and
+    steps continue from the checkpoint's, so wandb accepts them too."""
+
+    def __init__(self, metrics_csv: Path, *, step: int, tokens: int) -> None:
+        self.step = step
+        self.rows: list[dict] = []
+        if step and metrics_csv.exists():
+            with metrics_csv.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+            done = [i for i, row in enumerate(rows)
+                    if row.get("train/tokens") and float(row["train/tokens"]) <= tokens]
+            self.rows = rows[: done[-1] + 1] if done else []
+
+    def on_train_start(self, trainer, module) -> None:
+        trainer.fit_loop.epoch_loop._batches_that_stepped = self.step
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger) and self.rows:
+                logger.experiment.metrics[:0] = self.rows  # written out with the next rows
+
+
 class CheckpointHook:
     """Checkpoints at token intervals and at the phase end; validation at token intervals."""
 
@@ -105,7 +131,7 @@ class CheckpointHook:
     def validate(self, module: "EttinModule") -> dict[str, float]:
         metrics = module.evaluate(self.val_loader())
         for logger in module.loggers:
-            logger.log_metrics(metrics, step=module.global_step)
+            logger.log_metrics(metrics, step=module.loader_state.step)
         log.info("validation at %s tokens: %s", f"{module.loader_state.tokens:,}",
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics

@@ -218,11 +218,13 @@ def init_state(cfg: TrainConfig) -> StartState:
     elif path.suffix == ".pt":
         from ettin.composer import load_composer
 
-        _, model_state, optimizer_state, _ = load_composer(path)
+        _, model_state, optimizer_state, composer_meta = load_composer(path)
         if cfg.init_mode == "weights":
             optimizer_state = None
         elif optimizer_state is None:
-            raise ConfigError(f"init={source} holds no optimizer state; use init_mode=weights")
+            why = "; ".join(n for n in composer_meta["notes"] if n.startswith("optimizer"))
+            raise ConfigError(f"init={source} holds no usable optimizer state ({why or 'none saved'}); "
+                              "use init_mode=weights")
         kind = "Composer checkpoint"
     else:
         if not path.exists() and source.startswith(("/", ".", "runs")):
@@ -317,10 +319,11 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
     from ettin.model import ModernBert
     from ettin.module import EttinModule
     from ettin.objectives import make_collator
-    from ettin.runtime import CheckpointHook, apply_speedups, restore_rng
+    from ettin.runtime import CheckpointHook, ContinueLogs, apply_speedups, restore_rng
 
     p = cfg.phases[phase]
     model_config = run_model_config(cfg, phase, tokenizer)
+    torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed alone
     model = ModernBert(model_config)
     if start.model_state is not None:
         model.load_state_dict(start.model_state)
@@ -355,9 +358,11 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
             global_batch_at=batch_schedule(cfg, phase), micro_batch_size=p.micro_batch,
             rank=rank, world_size=world, seed=cfg.seed, phase=phase, state=loader_state,
         )
+        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG,
+        # which would shift the dropout stream restored from a checkpoint.
         return DataLoader(steps, batch_size=None, num_workers=cfg.trainer.num_workers,
-                          pin_memory=accelerator == "gpu",
-                          persistent_workers=False)
+                          pin_memory=accelerator == "gpu", persistent_workers=False,
+                          generator=torch.Generator().manual_seed(cfg.seed))
 
     def val_loader():
         collator = make_collator(cfg.objective, tokenizer, mask_rate=cfg.trainer.val_mask_rate,
@@ -369,7 +374,9 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
     module.train_dataloader = train_loader  # type: ignore[method-assign]
     checkpoints.val_loader = val_loader
     module.loader_state = loader_state
-    trainer = build_trainer(cfg, phase, callbacks=checkpoints.callbacks())
+    history = ContinueLogs(cfg.run_dir / "logs" / phase / "metrics.csv", step=loader_state.step,
+                           tokens=loader_state.tokens)
+    trainer = build_trainer(cfg, phase, callbacks=[*checkpoints.callbacks(), history])
     log.info("phase %s: %s", phase, start.description)
     log.info("model: %s, %s parameters, attention backend %s, %s",
              cfg.size, f"{model.num_parameters():,}", model_config.attn_implementation,
@@ -413,6 +420,8 @@ def train(cfg: TrainConfig) -> Path:
     for index in range(start.phase_index, len(phases)):
         phase = phases[index]
         final = run_phase(cfg, phase, tokenizer, start)
+        if cfg.export_at_phase_end and global_rank() == 0:
+            export_run(cfg, final, cfg.run_dir / f"hf-{phase}")
         start = StartState(
             model_state=load_weights(final), optimizer_state=safe_torch_load(final / "optimizer.pt"),
             description=f"continued from the end of phase {phase!r} ({final})",
@@ -423,7 +432,7 @@ def train(cfg: TrainConfig) -> Path:
         final = latest_checkpoint(cfg.run_dir)
         log.info("run %s already finished (%s)", cfg.run_name, read_meta(final)["phase"])
     if cfg.export_at_end and global_rank() == 0:
-        export_run(cfg, final)
+        export_run(cfg, final, export_dir(cfg))
     return final
 
 
@@ -431,10 +440,9 @@ def export_dir(cfg: TrainConfig) -> Path:
     return cfg.run_dir / "hf"
 
 
-def export_run(cfg: TrainConfig, checkpoint: Path) -> Path:
+def export_run(cfg: TrainConfig, checkpoint: Path, out: Path) -> Path:
     from ettin.export import export_checkpoint
 
-    out = export_dir(cfg)
     export_checkpoint(checkpoint, out)
     log.info("exported %s -> %s", checkpoint, out)
     return out
@@ -517,18 +525,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def summary(finals: list[tuple[TrainConfig, Path]], seconds: float) -> str:
+    from ettin.export import pipeline_example
+    from ettin.objectives import OBJECTIVES
+
     lines = [f"\nDone in {seconds / 60:.1f} min."]
     for cfg, checkpoint in finals:
         lines.append(f"  {cfg.run_name}: final checkpoint {checkpoint}")
         if cfg.export_at_end:
             out = export_dir(cfg)
-            if cfg.objective == "clm":
-                example = (f"pipeline('text-generation', model='{out}')('The module', "
-                           "max_new_tokens=20)")
-            else:
-                example = f"pipeline('fill-mask', model='{out}')('The [MASK] module.')"
             lines.append(f"    Hugging Face folder: {out}")
-            lines.append(f"    try: python -c \"from transformers import pipeline; print({example})\"")
+            lines.append(f"    try: {pipeline_example(out, OBJECTIVES[cfg.objective].causal)}")
     return "\n".join(lines)
 
 

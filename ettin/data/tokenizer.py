@@ -104,6 +104,20 @@ def check_vocab(tokenizer, model_vocab_size: int) -> None:
         )
 
 
+def set_objective_template(tokenizer, *, causal: bool) -> None:
+    """What ``tokenizer(text)`` adds, matching how the objective's rows look in training: an encoder
+    sees ``[CLS] text [SEP]``; a decoder starts with BOS (``[CLS]``) and gets no EOS, because it is
+    asked to continue the text. Set on the Rust backend, so the saved tokenizer.json, the Python
+    tokenizer and the Rust tokenizer all agree."""
+    from tokenizers import processors
+
+    ids = special_ids(tokenizer)
+    cls, sep = tokenizer.convert_ids_to_tokens([ids.cls, ids.sep])
+    single, pair = (f"{cls} $A", f"{cls} $A $B") if causal else (f"{cls} $A {sep}", f"{cls} $A {sep} $B {sep}")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(cls, ids.cls), (sep, ids.sep)])
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything that decides the ids (vocabulary, merges, normalizer, specials)."""
     import hashlib
@@ -119,7 +133,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path | str):
     """Train a byte-level BPE with ``[CLS] [SEP] [PAD] [MASK] [UNK]`` (ids 0-4) on ``texts``, pad its
     vocabulary with ``[unused<i>]`` special tokens to a multiple of 64, and save it as a folder that
     ``AutoTokenizer`` loads (template ``[CLS] $A [SEP]``). Returns the loaded tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIALS):
@@ -137,17 +151,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path | str):
     padded = -(-trained // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     tokenizer.add_special_tokens([AddedToken(f"[unused{i}]", special=True)
                                   for i in range(padded - trained)])
-    cls, sep = tokenizer.token_to_id(SPECIALS["cls"]), tokenizer.token_to_id(SPECIALS["sep"])
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
-    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
         mask_token=AddedToken("[MASK]", lstrip=True, special=True), unk_token="[UNK]",
         bos_token="[CLS]", eos_token="[SEP]", model_max_length=8192,
         model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=False,
     )
+    set_objective_template(fast, causal=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))

@@ -1,0 +1,95 @@
+"""Resuming on a different number of processes (DDP on CPU with gloo, 1 <-> 2) with the same global
+batch continues the same data order and the same losses.
+
+Dropout is off: its random draws are per rank, so they cannot match across world sizes (on a
+changed world size the dropout RNG is reseeded, and the log says so). What remains differs only in
+the order of floating-point sums (gradient all-reduce vs accumulation): LOSS_ATOL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ettin.checkpoint import list_checkpoints, read_meta
+from ettin.recipes import compose
+from ettin.train import train
+
+from test_train import losses
+
+LOSS_ATOL = 1e-4
+RUN = [
+    "phase_order=[pretrain]", "pair=false", "objective=mlm", "export_at_end=false",
+    "phases.pretrain.tokens=60_000", "phases.pretrain.checkpoint_every_tokens=15_000",
+    "keep_last_checkpoints=10", "model.attention_output_dropout=0.0",
+    "trainer.log_every_steps=1", "trainer.num_workers=0", "trainer.accelerator=cpu",
+]
+
+
+def train_in_two_processes(workspace: Path, *overrides: str) -> None:
+    """``python -m ettin.train`` with trainer.devices=2: Lightning starts the second process."""
+    command = [sys.executable, "-m", "ettin.train", "recipe=smoke", *RUN, *args(workspace),
+               "trainer.devices=2", *overrides]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def args(workspace: Path) -> list[str]:
+    return [f"output_dir={workspace / 'runs'}", f"data_dir={workspace / 'data'}"]
+
+
+def train_in_one_process(workspace: Path, *overrides: str) -> None:
+    train(compose("smoke", [*RUN, *args(workspace), "trainer.devices=1", *overrides]))
+
+
+def middle_checkpoint(run_dir: Path) -> Path:
+    inside = [c for c in list_checkpoints(run_dir) if not read_meta(c)["phase_end"]]
+    return next(c for c in inside if read_meta(c)["tokens"] >= 25_000)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    train_in_one_process(root, "run_name=one")  # also prepares the tokenizer and the data
+    train_in_two_processes(root, "run_name=two")
+    return root
+
+
+def test_one_and_two_processes_train_alike(workspace):
+    one, two = losses(workspace / "runs" / "one", "pretrain"), losses(workspace / "runs" / "two", "pretrain")
+    assert [t for t, _ in one] == [t for t, _ in two] and len(one) >= 20
+    assert max(abs(a - b) for (_, a), (_, b) in zip(one, two)) <= LOSS_ATOL
+    assert read_meta(list_checkpoints(workspace / "runs" / "two")[0])["world_size"] == 2
+
+
+@pytest.mark.parametrize("saved_by, resumed_on", [("two", 1), ("one", 2)])
+def test_resume_on_another_world_size_continues_the_same_run(workspace, saved_by, resumed_on):
+    source = workspace / "runs" / saved_by
+    checkpoint = middle_checkpoint(source)
+    saved = read_meta(checkpoint)
+    assert saved["world_size"] == (2 if saved_by == "two" else 1)
+    name = f"{saved_by}-then-{resumed_on}"
+    shutil.rmtree(workspace / "runs" / name, ignore_errors=True)
+    if resumed_on == 2:
+        train_in_two_processes(workspace, f"run_name={name}", f"resume={checkpoint}")
+    else:
+        train_in_one_process(workspace, f"run_name={name}", f"resume={checkpoint}")
+
+    run_dir = workspace / "runs" / name
+    log = (run_dir / "train.log").read_text()
+    assert f"resumed from {checkpoint}" in log
+    assert f"world size changed ({saved['world_size']} -> {resumed_on})" in log
+    expected = [(t, l) for t, l in losses(source, "pretrain") if t > saved["tokens"]]
+    got = losses(run_dir, "pretrain")
+    assert [t for t, _ in got] == [t for t, _ in expected] and len(got) >= 5  # same batches
+    worst = max(abs(a - b) for (_, a), (_, b) in zip(got, expected))
+    assert worst <= LOSS_ATOL, f"losses differ by up to {worst:.2e} (tolerance {LOSS_ATOL:.0e})"
+    final = read_meta(list_checkpoints(run_dir)[-1])
+    assert final["phase_end"] and final["world_size"] == resumed_on
+    assert final["loader_state"] == read_meta(list_checkpoints(source)[-1])["loader_state"]
