@@ -88,7 +88,7 @@ class ContinueLogs(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         trainer.fit_loop.epoch_loop._batches_that_stepped = self.step
-        for logger in trainer.loggers:
+        for logger in trainer.loggers if trainer.is_global_zero else []:  # rank 0 writes the logs
             if isinstance(logger, CSVLogger) and self.rows:
                 logger.experiment.metrics[:0] = self.rows  # written out with the next rows
 
