@@ -69,7 +69,7 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    strategy: str = "ddp"  # ddp (default) or fsdp
+    strategy: str = "ddp"  # the only one so far; see check()
     compile: bool = False
     activation_checkpointing: bool = False
     num_workers: int = 2
@@ -109,6 +109,7 @@ class TrainConfig:
     phase: Optional[str] = None  # run only this phase
     init: Optional[str] = None  # our checkpoint or run dir, an HF folder or hub id, a Composer .pt
     init_mode: str = "weights"
+    init_revision: Optional[str] = None  # a hub revision of init, e.g. step599525, ext1000, decay100
     resume: str = "auto"  # auto: latest complete checkpoint of the run if any; never; or a path
     seed: int = 21
     data_dir: str = "data"  # where the offline default prepares the built-in corpus
@@ -195,6 +196,14 @@ def check(cfg: TrainConfig) -> None:
         )
     if cfg.init_mode not in INIT_MODES:
         raise ConfigError(f"init_mode={cfg.init_mode!r}; choose one of {', '.join(INIT_MODES)}")
+    if cfg.trainer.strategy != "ddp":
+        raise ConfigError(
+            f"trainer.strategy={cfg.trainer.strategy!r}: only ddp is implemented (FSDP for 400m/1b is "
+            "planned). ddp keeps weights, gradients and both Adam moments in fp32 on every GPU: 16 bytes "
+            "per parameter, 16.5 GB for 1b, before activations"
+        )
+    if cfg.init_revision and not cfg.init:
+        raise ConfigError(f"init_revision={cfg.init_revision} without init: give init=<hub id> too")
     if not cfg.phase_order:
         raise ConfigError("the recipe lists no phases (phase_order is empty)")
     for name in cfg.phase_order:

@@ -236,8 +236,8 @@ def init_state(cfg: TrainConfig) -> StartState:
             raise ConfigError(f"init={source} is a Hugging Face model: only init_mode=weights")
         from ettin.hub import load_hf
 
-        model_state = load_hf(source).state_dict()
-        kind = "Hugging Face model"
+        model_state = load_hf(source, revision=cfg.init_revision).state_dict()
+        kind = "Hugging Face model" + (f" at revision {cfg.init_revision}" if cfg.init_revision else "")
     return StartState(model_state=model_state, optimizer_state=optimizer_state,
                       description=f"initialised from {kind} {source} ({cfg.init_mode})")
 

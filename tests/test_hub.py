@@ -68,7 +68,7 @@ def test_encoder_folder_made_by_transformers_imports_with_its_logits(tmp_path):
 
 
 @pytest.mark.parametrize("local_rope_theta", [GSSG["global_rope_theta"], 20.0])
-def test_decoder_folder_made_by_transformers_imports_with_its_logits(tmp_path, local_rope_theta, caplog):
+def test_decoder_folder_made_by_transformers_imports_with_its_logits(tmp_path, local_rope_theta, ettin_log):
     """The decoder's window is whatever transformers derives on reload, and 4.x decoders apply the
     global theta everywhere (a differing local theta in the file is ignored, with a warning)."""
     window = GSSG["window"]
@@ -79,7 +79,7 @@ def test_decoder_folder_made_by_transformers_imports_with_its_logits(tmp_path, l
     assert ours.config.causal and ours.config.window == theirs.config.sliding_window - 1
     assert_same_on_real_tokens(ours, theirs)
     if local_rope_theta != GSSG["global_rope_theta"]:
-        assert "applies global_rope_theta" in caplog.text
+        assert "applies global_rope_theta" in ettin_log.text
 
 
 def test_sharded_and_classification_folders_import_their_backbone(tmp_path):
@@ -217,3 +217,8 @@ def test_conversion_round_trips_and_fits_transformers_exactly(layout):
     assert all(torch.equal(back[k], v) for k, v in expected.items())
     bare = {k.removeprefix("model."): v for k, v in converted.items() if k.startswith("model.")}
     assert set(convert_state_dict(bare, to="ours")) == {k for k in expected if k.startswith("model.")}
+
+
+def test_a_hub_id_that_cannot_be_fetched_names_the_id_and_the_revision():
+    with pytest.raises(HubError, match=r"cannot fetch 'jhu-clsp/ettin-encoder-17m' at revision 'step599525'"):
+        load_hf("jhu-clsp/ettin-encoder-17m", revision="step599525")

@@ -74,6 +74,9 @@ def test_cross_objective_recipes():
         (["phases.pretrain.lr_schedule=cosine"], "choose one of wsd, one_minus_sqrt"),
         (["phases.pretrain.seq_len=abc"], "seq_len"),
         (["phases.pretrain.warmup_tokens=2_000_000_000_000"], "exceed"),
+        (["init_revision=step599525"], "without init"),
+        (["trainer.strategy=fsdp"], "only ddp is implemented"),
+        (["init_mode=optimizer"], "choose one of"),
     ],
 )
 def test_bad_configuration_fails_with_a_clear_message(overrides, message):
