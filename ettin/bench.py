@@ -46,7 +46,7 @@ DEVICE_DEFAULTS = {
     "cuda": dict(size="150m", batch=16, seq_len=1024, steps=10, warmup=3, trials=5, dtype="bf16"),
 }
 LOSS_TOLERANCE = 1e-4  # relative, fp32
-SIDES = ("ours", "ours_unpadded", "transformers")
+OUR_SIDES = ("ours", "ours_unpadded")
 SIDE_NAMES = {"ours": "ours (padded batch)", "ours_unpadded": "ours (unpadded, cu_seqlens)"}
 
 
@@ -121,10 +121,11 @@ def make_batch(config: ModelConfig, objective: str, batch: int, seq_len: int, pa
 # The peer: transformers' model with our weights
 
 
-def peer_model(ours: ModernBert, objective: str, attn: str) -> nn.Module:
+def peer_model(ours: ModernBert, objective: str, attn: str, sparse_prediction: bool = False) -> nn.Module:
     """transformers' ModernBERT with the same architecture and weights as ``ours``: the config and
     weights our export writes (ettin.hub). Its attention is eager when ours is, else sdpa (its
-    encoder has no flex path)."""
+    encoder has no flex path). ``sparse_prediction`` (encoder only): its head runs on labelled rows
+    only, as ours; off by default in transformers."""
     import transformers
 
     causal = objective == "clm"
@@ -135,8 +136,8 @@ def peer_model(ours: ModernBert, objective: str, attn: str) -> nn.Module:
         config = transformers.ModernBertDecoderConfig(**raw)
         peer = transformers.ModernBertDecoderForCausalLM._from_config(
             config, attn_implementation=attn_implementation)
-    else:  # its head also runs on the labelled rows only, as ours
-        config = transformers.ModernBertConfig(**{**raw, "sparse_prediction": True})
+    else:
+        config = transformers.ModernBertConfig(**{**raw, "sparse_prediction": sparse_prediction})
         peer = transformers.ModernBertForMaskedLM._from_config(config, attn_implementation=attn_implementation)
     state = convert_state_dict(ours.state_dict(), to="decoder" if causal else "encoder")
     missing, unexpected = peer.load_state_dict(state, strict=False)
@@ -155,7 +156,7 @@ def side_inputs(batch: Batch, objective: str) -> dict[str, dict]:
     if objective == "clm":
         peer["use_cache"] = False  # training: no KV cache
     return {"ours": dict(padded, labels=batch.labels), "ours_unpadded": batch.flat(),
-            "transformers": peer}
+            "transformers": peer, "transformers_sparse": peer}
 
 
 def loss_of(model: nn.Module, inputs: dict) -> float:
@@ -206,46 +207,51 @@ def time_steps(model: nn.Module, inputs: dict, steps: int, device: str, autocast
 def bench_model(size: str, batch: int, seq_len: int, padding: float, label_rate: float, steps: int,
                 warmup: int, trials: int, device: str, dtype: str, objective: str, attn: str,
                 seed: int = 0) -> dict:
-    """The three sides (ours padded, ours unpadded, transformers) on one batch: the fp32 loss check,
-    then ``trials`` rounds of ``steps`` timed steps each, the sides alternating (the order rotates
-    each round); medians over all timed steps."""
+    """The sides (ours padded, ours unpadded, transformers as configured by default and, for mlm,
+    with sparse_prediction=True) on one batch: the fp32 loss check, then ``trials`` rounds of
+    ``steps`` timed steps each, the sides alternating (the order rotates each round); medians over
+    all timed steps."""
     if attn == "flex" and device == "cpu":
         raise ValueError("--attn flex has no backward pass on CPU (torch FlexAttention); use sdpa or eager")
     torch.manual_seed(seed)
     ours = ModernBert(model_config(size, attn_implementation=attn, attention_output_dropout=0.0,
                                    causal=objective == "clm"))
-    peer = peer_model(ours, objective, attn)
-    models = {"ours": ours, "ours_unpadded": ours, "transformers": peer}
-    for model in (ours, peer):
+    peers = {"transformers": peer_model(ours, objective, attn)}
+    if objective == "mlm":
+        peers["transformers_sparse"] = peer_model(ours, objective, attn, sparse_prediction=True)
+    models = {"ours": ours, "ours_unpadded": ours, **peers}
+    sides_run = (*OUR_SIDES, *peers)
+    for model in models.values():
         model.to(device).train()  # every dropout is 0: train mode is deterministic
+    peer = peers["transformers"]
     data = make_batch(ours.config, objective, batch, seq_len, padding, label_rate, seed)
     inputs = side_inputs(data.to(device), objective)
 
-    losses = {side: loss_of(models[side], inputs[side]) for side in SIDES}
+    losses = {side: loss_of(models[side], inputs[side]) for side in sides_run}
     difference, tolerance = check_losses(losses)
 
     autocast = (torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext())
-    for side in SIDES:
+    for side in sides_run:
         time_steps(models[side], inputs[side], warmup, device, autocast)
-    seconds: dict[str, list] = {side: [] for side in SIDES}
-    peaks = {side: 0 for side in SIDES}
+    seconds: dict[str, list] = {side: [] for side in sides_run}
+    peaks = {side: 0 for side in sides_run}
     for trial in range(trials):
-        first = trial % len(SIDES)
-        for side in SIDES[first:] + SIDES[:first]:
+        first = trial % len(sides_run)
+        for side in sides_run[first:] + sides_run[:first]:
             step_seconds, peak = time_steps(models[side], inputs[side], steps, device, autocast)
             seconds[side] += step_seconds
             peaks[side] = max(peaks[side], peak)
 
     tokens = data.real_tokens
     sides = {}
-    for side in SIDES:
+    for side in sides_run:
         median = statistics.median(seconds[side])
         sides[side] = {"ms_per_step": round(median * 1e3, 2), "tokens_per_s": round(tokens / median),
                        "all_ms": [round(s * 1e3, 2) for s in seconds[side]]}
         if device == "cuda":
             sides[side]["peak_step_mib"] = round(peaks[side] / 2**20, 1)
     peer_rate = sides["transformers"]["tokens_per_s"]
-    for side in SIDES:
+    for side in sides_run:
         sides[side]["ratio_tokens_per_s"] = round(sides[side]["tokens_per_s"] / peer_rate, 3)
         if device == "cuda":
             sides[side]["ratio_peak_memory"] = round(peaks[side] / peaks["transformers"], 3)
@@ -265,6 +271,9 @@ def bench_model(size: str, batch: int, seq_len: int, padding: float, label_rate:
                  "max_difference": difference, "tolerance": tolerance, "agree": True},
         "sides": sides,
         "ratio_tokens_per_s": sides["ours"]["ratio_tokens_per_s"],
+        "ratio_tokens_per_s_vs_sparse": (round(sides["ours"]["tokens_per_s"]
+                                               / sides["transformers_sparse"]["tokens_per_s"], 3)
+                                         if "transformers_sparse" in sides else None),
     }
 
 
@@ -282,19 +291,22 @@ def print_model_result(r: dict) -> None:
           f"({r['padding']:.0%} padding), {r['targets']:,} targets; {r['trials']} trials x "
           f"{r['steps']} steps per side after {r['warmup']} warm-up; forward + backward, no optimizer")
     loss = r["loss"]
-    print(f"loss check (fp32, same weights, same batch): ours {loss['ours']:.6f} | ours unpadded "
-          f"{loss['ours_unpadded']:.6f} | transformers {loss['transformers']:.6f} -> agree "
+    values = " | ".join(f"{side.replace('_', ' ')} {loss[side]:.6f}" for side in r["sides"])
+    print(f"loss check (fp32, same weights, same batch): {values} -> agree "
           f"(max difference {loss['max_difference']:.2g} <= {loss['tolerance']:.2g})")
-    header = f"{'side':<46}{'ms/step':>10}{'tokens/s':>12}{'vs peer':>9}"
+    header = f"{'side':<56}{'ms/step':>10}{'tokens/s':>12}{'vs peer':>9}"
     print(header + (f"{'peak MiB':>10}{'vs peer':>9}" if cuda else ""))
-    for side in SIDES:
-        s = r["sides"][side]
-        name = SIDE_NAMES.get(side, f"transformers {r['peer']}")
-        line = f"{name:<46}{s['ms_per_step']:>10.1f}{s['tokens_per_s']:>12,}{s['ratio_tokens_per_s']:>8.2f}x"
+    names = {**SIDE_NAMES, "transformers": f"transformers {r['peer']}",
+             "transformers_sparse": f"transformers {r['peer']}, sparse_prediction"}
+    for side, s in r["sides"].items():
+        name = names[side]
+        line = f"{name:<56}{s['ms_per_step']:>10.1f}{s['tokens_per_s']:>12,}{s['ratio_tokens_per_s']:>8.2f}x"
         if cuda:
             line += f"{s['peak_step_mib']:>10,.0f}{s['ratio_peak_memory']:>8.2f}x"
         print(line)
     print(f"ratio ours/transformers: {r['ratio_tokens_per_s']:.2f}x tokens/s")
+    if r["ratio_tokens_per_s_vs_sparse"] is not None:
+        print(f"ratio ours/transformers (sparse_prediction=True): {r['ratio_tokens_per_s_vs_sparse']:.2f}x tokens/s")
 
 
 def model_main(argv: list[str]) -> int:

@@ -37,7 +37,12 @@ def test_model_bench_prints_the_ratio_and_the_loss_agreement(objective, tmp_path
     assert abs(loss["ours"] - loss["transformers"]) <= loss["tolerance"]
     assert abs(loss["ours_unpadded"] - loss["transformers"]) <= loss["tolerance"]
     assert 9.0 < loss["transformers"] < 12.0  # about ln(vocab) at initialization
-    assert set(result["sides"]) == {"ours", "ours_unpadded", "transformers"}
+    peers = {"transformers", "transformers_sparse"} if objective == "mlm" else {"transformers"}
+    assert set(result["sides"]) == {"ours", "ours_unpadded", *peers}
+    for side in peers:
+        assert abs(loss[side] - loss["transformers"]) <= loss["tolerance"]
+    if objective == "mlm":
+        assert re.search(r"^ratio ours/transformers \(sparse_prediction=True\): \d+\.\d\dx tokens/s$", out, re.M)
     for side in result["sides"].values():
         assert len(side["all_ms"]) == 2  # trials x steps
         assert side["tokens_per_s"] == pytest.approx(result["real_tokens"] / side["ms_per_step"] * 1e3,
@@ -55,8 +60,8 @@ def test_model_bench_prints_the_ratio_and_the_loss_agreement(objective, tmp_path
 def test_a_peer_with_different_weights_is_refused_before_timing(monkeypatch, capsys):
     build_peer = bench.peer_model
 
-    def perturbed_peer(ours, objective, attn):
-        peer = build_peer(ours, objective, attn)
+    def perturbed_peer(ours, objective, attn, **options):
+        peer = build_peer(ours, objective, attn, **options)
         with torch.no_grad():
             peer.decoder.bias.add_(torch.randn_like(peer.decoder.bias))
         return peer
