@@ -75,7 +75,7 @@ class TrainerConfig:
     num_workers: int = 2
     log_every_steps: int = 10
     val_every_tokens: int = 0  # 0: only at phase ends
-    val_batches: int = 20
+    val_batches: int = 20  # in all, not per device: the same samples on any number of devices
     val_mask_rate: float = 0.15
     process_group_timeout_s: int = 600
 
@@ -102,6 +102,9 @@ class TrainConfig:
     phases: dict[str, PhaseConfig] = field(default_factory=dict)
     # Sources per phase name: the same data for the encoder and the decoder of a pair.
     data: dict[str, list[DataSource]] = field(default_factory=dict)
+    # Ettin: one chunk per row, micro_batch rows per micro-batch. True: each micro-batch takes whole
+    # chunks up to micro_batch x seq_len tokens (short documents fill it; attention stays within each).
+    pack_micro_batches: bool = False
     # Ettin's per-size values that the phase lists refer to (conf/size/<size>.yaml).
     sized: dict[str, Any] = field(default_factory=dict)
     pair: bool = False  # train the encoder AND the decoder (run names <run_name>-encoder/-decoder)

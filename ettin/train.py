@@ -35,6 +35,7 @@ USAGE = """usage: python -m ettin.train [recipe=NAME] [key=value ...]
   phase=NAME       run one phase alone (e.g. phase=extension init=PATH)
   init=PATH|ID     start from our checkpoint or run dir, a Hugging Face folder or hub id, or a
                    Composer .pt (init_mode=weights|weights+optimizer)
+  init_revision=R  a hub revision of init (e.g. step599525, ext1000, decay100)
   resume=auto      (default) continue from the run's latest complete checkpoint; resume=never
 Any other key of the resolved config can be overridden the Hydra way (e.g. trainer.devices=2).
 """
@@ -357,6 +358,7 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
             collator=make_collator(cfg.objective, tokenizer, mask_rate=p.mask_rate, seed=cfg.seed),
             global_batch_at=batch_schedule(cfg, phase), micro_batch_size=p.micro_batch,
             rank=rank, world_size=world, seed=cfg.seed, phase=phase, state=loader_state,
+            pack=cfg.pack_micro_batches,
         )
         # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG,
         # which would shift the dropout stream restored from a checkpoint.

@@ -220,6 +220,14 @@ def test_validation_batches_are_fixed_and_split_across_ranks(tiny_prepared, tiny
                                 rank=r, world_size=2) for r in range(2)]
     assert len(ranks[0]) + len(ranks[1]) == len(whole) == len(PreparedSplit(tiny_prepared, "validation"))
     assert torch.equal(ranks[1][0]["input_ids"], whole[1]["input_ids"])  # masks follow the position
+    # Capped at batch_size x max_batches samples in all: the same samples on any number of ranks.
+    capped = validation_batches(tiny_prepared, seq_len=TINY_SEQ_LEN, collator=collate, batch_size=1,
+                                max_batches=5)
+    split = [validation_batches(tiny_prepared, seq_len=TINY_SEQ_LEN, collator=collate, batch_size=1,
+                                max_batches=5, rank=r, world_size=2) for r in range(2)]
+    assert len(capped) == 5 < len(whole) and [len(b) for b in split] == [3, 2]
+    interleaved = [split[i % 2][i // 2] for i in range(5)]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(interleaved, capped))
 
 
 def test_no_shared_memory_or_files_left_behind(tiny_prepared, tiny_tokenizer):

@@ -164,3 +164,24 @@ def test_training_starts_from_a_hugging_face_folder(workspace):
     assert "initialised from Hugging Face model" in (cfg.run_dir / "train.log").read_text()
     scratch = losses(workspace / "runs" / "pair-decoder", "pretrain")[0][1]
     assert losses(cfg.run_dir, "decay")[0][1] < scratch - 1.0  # it starts from the trained weights
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_packed_micro_batches_fill_the_token_budget(workspace, monkeypatch, pack):
+    """pack_micro_batches=true: a micro-batch takes whole chunks up to micro_batch x seq_len tokens,
+    so short documents give it more rows than micro_batch; off, it holds micro_batch rows."""
+    cfg = compose("smoke", run_args(workspace, f"pack-{pack}", "pair=false", "objective=clm",
+                                    "phase_order=[pretrain]", "phases.pretrain.tokens=20_000",
+                                    f"pack_micro_batches={pack}"))
+    rows = []
+    original = EttinModule.training_step
+
+    def record(self, batch, batch_idx):
+        rows.extend(len(mb["cu_seqlens"]) - 1 for mb in batch["micro_batches"])
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(EttinModule, "training_step", record)
+    final = train(cfg)
+    micro_batch = cfg.phases["pretrain"].micro_batch
+    assert read_meta(final)["tokens"] >= 20_000
+    assert (max(rows) > micro_batch) == pack and max(rows) >= micro_batch

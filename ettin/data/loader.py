@@ -491,8 +491,9 @@ class StepBatches(IterableDataset):
 class ValidationBatches:
     """A fixed set of validation batches, the same at every evaluation: the sources' validation
     splits in stored order (for a mixture, each source contributes in proportion to its weight),
-    rank r taking every ``world_size``-th sample, ``batch_size`` samples per batch, at most
-    ``max_batches`` batches per rank. Iterable any number of times; collated on the fly."""
+    at most ``batch_size * max_batches`` samples in all, whatever the world size (so validation
+    figures compare across GPU counts); rank r takes every ``world_size``-th of them, ``batch_size``
+    samples per batch. Iterable any number of times; collated on the fly."""
 
     def __init__(self, sources, *, seq_len: int, collator: Callable, batch_size: int,
                  max_batches: Optional[int] = None, rank: int = 0, world_size: int = 1,
@@ -511,7 +512,7 @@ class ValidationBatches:
                 "validation_fraction > 0, or turn validation off"
             )
         total = int(sizes.sum()) if max_batches is None else \
-            min(int(sizes.sum()), batch_size * max_batches * world_size)
+            min(int(sizes.sum()), batch_size * max_batches)
         weights = np.array([w for _, w in self.sources], dtype=np.float64)
         counts = np.minimum(_largest_remainder(weights / weights.sum(), total), sizes)
         # What a capped source cannot give goes to the others, in order.
@@ -526,9 +527,6 @@ class ValidationBatches:
         self.collator, self.batch_size = collator, batch_size
         self.mine = self.order[rank::world_size]
         self.positions = list(range(rank, len(self.order), world_size))
-        if max_batches is not None:
-            self.mine = self.mine[: batch_size * max_batches]
-            self.positions = self.positions[: batch_size * max_batches]
 
     def __len__(self) -> int:
         return -(-len(self.mine) // self.batch_size)
