@@ -123,8 +123,25 @@ def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list[tuple[str, 
                 input="builtin", output=path, tokenizer=tokenizer, max_seq_len=seq_len,
                 wait=global_rank() != 0,
             )
+        check_prepared_with(path, tokenizer)
         sources.append((path, float(source.weight)))
     return sources
+
+
+def check_prepared_with(path: str, tokenizer) -> None:
+    """A prepared folder's token ids only mean something with the tokenizer that made them."""
+    from ettin.data.tokenizer import tokenizer_fingerprint
+
+    summary = Path(path) / "summary.json"
+    if not summary.exists():  # not prepared: the loader says how to prepare it
+        return
+    stored = json.loads(summary.read_text()).get("settings", {}).get("tokenizer_fingerprint")
+    if stored is not None and stored != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(
+            f"{path} was prepared with another tokenizer than this run's ({getattr(tokenizer, 'name_or_path', '')}): "
+            f"its token ids would be read as different tokens. Train with tokenizer={Path(path) / 'tokenizer'}, "
+            "or prepare the data again with this run's tokenizer"
+        )
 
 
 def run_model_config(cfg: TrainConfig, phase: str, tokenizer) -> ModelConfig:
@@ -518,7 +535,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Preempted as stop:
         log.info("%s", stop)
         return 0
-    except TopologyError as error:
+    except (TopologyError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if global_rank() == 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,20 @@ def test_packed_micro_batches_fill_the_token_budget(workspace, monkeypatch, pack
     micro_batch = cfg.phases["pretrain"].micro_batch
     assert read_meta(final)["tokens"] >= 20_000
     assert (max(rows) > micro_batch) == pack and max(rows) >= micro_batch
+
+
+def test_data_prepared_with_another_tokenizer_is_refused(workspace, capsys):
+    prepared = sorted((workspace / "data").glob("builtin-*"))
+    if not prepared:
+        pytest.skip("needs the built-in data of an earlier test")
+    other = workspace / "data" / "other-tokenizer"
+    if not other.exists():
+        shutil.copytree(prepared[0], other)
+        summary = json.loads((other / "summary.json").read_text())
+        summary["settings"]["tokenizer_fingerprint"] = "0" * 40
+        (other / "summary.json").write_text(json.dumps(summary))
+    seq_len = prepared[0].name.split("-")[1]
+    code = main(run_args(workspace, "mismatch", "pair=false", "phase_order=[pretrain]",
+                         f"phases.pretrain.seq_len={seq_len}", f"data.pretrain=[{{path: {other}}}]"))
+    assert code == 2
+    assert "was prepared with another tokenizer" in capsys.readouterr().err
