@@ -204,7 +204,7 @@ def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS} in {path}")
     state = load_file(str(file))
-    # safetensors stores a shared tensor under one of its names (save_model picks which): restore both.
+    # The tied pair is stored under one of its names (safetensors cannot share storage): restore both.
     tied = ("model.embeddings.tok_embeddings.weight", "decoder.weight")
     for have, missing in (tied, tied[::-1]):
         if missing not in state and have in state:

@@ -56,6 +56,7 @@ class EttinModule(L.LightningModule):
         self.log_every_steps = log_every_steps
         self._optimizer_state = optimizer_state
         self._ddp: list[DistributedDataParallel] = []  # a list so it is not registered as a submodule
+        self._sharded = False  # trainer.strategy=fsdp: parameters sharded in place by fully_shard
         self._window_start, self._window_tokens, self._window_flops = 0.0, 0, 0.0
         self.loader_state: Any = None  # the data loader's counters after the last finished step
         self.step_hooks: list[Callable[["EttinModule"], None]] = []  # run after every optimizer step
@@ -64,6 +65,55 @@ class EttinModule(L.LightningModule):
     def wrap_ddp(self, **ddp_kwargs: Any) -> None:
         """Called by StepSyncDDPStrategy: DDP around the network only, so micro-batches can skip sync."""
         self._ddp = [DistributedDataParallel(self.model, **ddp_kwargs)]
+
+    def shard(self) -> None:
+        """Called by StepSyncDDPStrategy for trainer.strategy=fsdp: FSDP2 shards each layer and the
+        rest (embeddings, tied vocabulary projection, head) across the ranks."""
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.model.model.layers:
+            fully_shard(layer)
+        fully_shard(self.model)
+        self._sharded = True
+
+    def full_model_state(self) -> dict:
+        """The whole model state dict on CPU (every rank must call it; sharded: rank 0 gets it)."""
+        if not self._sharded:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state dict in torch's usual layout (parameters numbered in group order),
+        whole, whatever the strategy: it loads on any world size (every rank must call it)."""
+        if not self._sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        by_name = get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if not by_name:  # ranks other than 0
+            return {}
+        number = {name: i for i, name in enumerate(n for g in by_name["param_groups"] for n in g["params"])}
+        return {"state": {number[n]: v for n, v in by_name["state"].items()},
+                "param_groups": [{**g, "params": [number[n] for n in g["params"]]}
+                                 for g in by_name["param_groups"]]}
+
+    def _load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        if not self._sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        ordered = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        by_name = {"state": {ordered[i]: v for i, v in state["state"].items()},
+                   "param_groups": [{**g, "params": [ordered[i] for i in g["params"]]}
+                                    for g in state["param_groups"]]}
+        set_optimizer_state_dict(self.model, optimizer, by_name,
+                                 options=StateDictOptions(full_state_dict=True))
 
     @property
     def network(self) -> torch.nn.Module:
@@ -78,7 +128,7 @@ class EttinModule(L.LightningModule):
             weight_decay=self.weight_decay,
         )
         if self._optimizer_state is not None:
-            optimizer.load_state_dict(self._optimizer_state)
+            self._load_optimizer_state(optimizer, self._optimizer_state)
             self._optimizer_state = None
         return optimizer
 
@@ -102,6 +152,8 @@ class EttinModule(L.LightningModule):
         correct = torch.zeros((), device=self.device)
         last = len(micro_batches) - 1
         for index, micro_batch in enumerate(micro_batches):
+            if self._sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(index == last)
             sync = nullcontext() if index == last or not self._ddp else self._ddp[0].no_sync()
             with sync:
                 out = self.network(**micro_batch, loss_reduction="sum")
@@ -134,6 +186,9 @@ class EttinModule(L.LightningModule):
 
     def _grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self._sharded:  # each rank holds a shard of every gradient: sum the squares over ranks
+            squares = torch.stack([g.to_local().float().pow(2).sum() for g in grads]).sum()
+            return self._sum_over_ranks(squares).sqrt()
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
     def _log_step(self, step_batch, global_targets, loss_sum, correct, lr, grad_norm) -> None:
@@ -183,6 +238,17 @@ class EttinModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(3, device=self.device)  # loss sum, targets, correct
+        batches = list(batches)
+        if self._sharded:  # every forward is collective: ranks with fewer batches repeat one, unweighted
+            most = int(self.trainer.strategy.reduce(
+                torch.tensor(float(len(batches)), device=self.device), reduce_op="max"))
+            if len(batches) < most:
+                if not batches:
+                    raise RuntimeError("fewer validation samples than devices: raise trainer.val_batches")
+                extra = self.trainer.strategy.batch_to_device(batches[0])
+                for _ in range(most - len(batches)):
+                    with self.trainer.precision_plugin.forward_context():
+                        self.model(**extra, loss_reduction="sum")
         for batch in batches:
             batch = self.trainer.strategy.batch_to_device(batch)
             with self.trainer.precision_plugin.forward_context():

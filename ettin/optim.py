@@ -25,7 +25,9 @@ import math
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 # Temporaries of the foreach path (two lists the size of the parameters) are bounded by processing a
 # group in chunks of at most this many elements.
@@ -80,10 +82,11 @@ class StableAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             for chunk in _chunks(params):
                 _update(
-                    chunk,
-                    [p.grad for p in chunk],
-                    [self.state[p]["exp_avg"] for p in chunk],
-                    [self.state[p]["exp_avg_sq"] for p in chunk],
+                    [_local(p) for p in chunk],
+                    [_local(p.grad) for p in chunk],
+                    [_local(self.state[p]["exp_avg"]) for p in chunk],
+                    [_local(self.state[p]["exp_avg_sq"]) for p in chunk],
+                    numels=[p.numel() for p in chunk], shard_group=_shard_group(chunk),
                     step=group["step"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
                     weight_decay=group["weight_decay"], max_lr=max_lr,
                 )
@@ -105,7 +108,24 @@ def _chunks(params: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
         yield chunk
 
 
-def _update(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, betas, eps, weight_decay, max_lr) -> None:
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2 DTensor) tensor's local shard, updated in place; other tensors as they are."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_group(params: list[torch.Tensor]):
+    """The process group over which ``params`` are sharded (FSDP2), or None."""
+    if isinstance(params[0], DTensor):
+        if any(not isinstance(p, DTensor) for p in params):
+            raise RuntimeError("StableAdamW: a parameter group mixes sharded and unsharded parameters")
+        return params[0].device_mesh.get_group()
+    return None
+
+
+def _update(params, grads, exp_avgs, exp_avg_sqs, *, numels, shard_group, step, lr, betas, eps,
+            weight_decay, max_lr) -> None:
+    """The update on local tensors. ``numels``: each tensor's whole size; ``shard_group``: when the
+    tensors are shards, the group whose shards make up the whole (the RMS is over the whole tensor)."""
     b1, b2 = debias_beta(betas[0], step), debias_beta(betas[1], step)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - b1)  # m <- b1 m + (1 - b1) g
     torch._foreach_mul_(exp_avg_sqs, b2)
@@ -115,9 +135,13 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, betas, eps, weigh
     # rms = sqrt(mean(g^2 / max(v, eps^2))) = || g / (max(sqrt v, eps) sqrt(numel)) ||
     scaled = torch._foreach_maximum(sqrt_v, eps)
     torch._foreach_reciprocal_(scaled)
-    torch._foreach_mul_(scaled, [1.0 / math.sqrt(p.numel()) for p in params])  # host floats: no copy
+    torch._foreach_mul_(scaled, [1.0 / math.sqrt(n) for n in numels])  # host floats: no copy
     torch._foreach_mul_(scaled, grads)
     rms = torch.stack(torch._foreach_norm(scaled))
+    if shard_group is not None:  # the norm of the whole tensor from its shards' norms
+        squares = rms.square()
+        dist.all_reduce(squares, group=shard_group)
+        rms = squares.sqrt()
     del scaled
     step_lrs = lr / rms.clamp(min=1.0)  # lr / max(1, rms): one value per tensor, kept on the device
 

@@ -25,6 +25,7 @@ RECIPES_DIR = Path(os.environ.get("ETTIN_RECIPES_DIR", REPO_ROOT / "recipes"))
 
 LR_SCHEDULES = ("wsd", "one_minus_sqrt")
 INIT_MODES = ("weights", "weights+optimizer")
+STRATEGIES = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -69,7 +70,7 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
-    strategy: str = "ddp"  # the only one so far; see check()
+    strategy: str = "ddp"  # ddp, or fsdp (FSDP2: weights, gradients and moments sharded; 400m, 1b)
     compile: bool = False
     activation_checkpointing: bool = False
     num_workers: int = 2
@@ -199,12 +200,8 @@ def check(cfg: TrainConfig) -> None:
         )
     if cfg.init_mode not in INIT_MODES:
         raise ConfigError(f"init_mode={cfg.init_mode!r}; choose one of {', '.join(INIT_MODES)}")
-    if cfg.trainer.strategy != "ddp":
-        raise ConfigError(
-            f"trainer.strategy={cfg.trainer.strategy!r}: only ddp is implemented (FSDP for 400m/1b is "
-            "planned). ddp keeps weights, gradients and both Adam moments in fp32 on every GPU: 16 bytes "
-            "per parameter, 16.5 GB for 1b, before activations"
-        )
+    if cfg.trainer.strategy not in STRATEGIES:
+        raise ConfigError(f"trainer.strategy={cfg.trainer.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if cfg.init_revision and not cfg.init:
         raise ConfigError(f"init_revision={cfg.init_revision} without init: give init=<hub id> too")
     if not cfg.phase_order:

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from ettin.checkpoint import prune_checkpoints, write_checkpoint
@@ -144,8 +144,10 @@ class CheckpointHook:
         state = module.loader_state
         name = f"{self.phase}-step{state.step:07d}-tok{state.tokens:015d}"
         path = self.cfg.run_dir / "checkpoints" / name
+        # Collective when the model is sharded: every rank takes part, rank 0 receives it whole.
+        weights = module.full_model_state()
+        optimizer_state = module.full_optimizer_state(module.optimizers(use_pl_optimizer=False))
         if module.global_rank == 0:
-            optimizer = module.optimizers(use_pl_optimizer=False)
             meta = {
                 "run_name": self.cfg.run_name,
                 "recipe": self.cfg.recipe,
@@ -163,8 +165,10 @@ class CheckpointHook:
             }
 
             def write(directory: Path) -> None:
-                save_model(module.model, str(directory / "model.safetensors"))
-                torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+                # The tied decoder.weight is the embedding matrix: stored once (load_weights re-ties).
+                save_file({k: v.detach().cpu().contiguous() for k, v in weights.items() if k != "decoder.weight"},
+                          str(directory / "model.safetensors"), metadata={"format": "pt"})
+                torch.save(optimizer_state, directory / "optimizer.pt")
                 torch.save({"rng": rng}, directory / "rng.pt")
                 (directory / "config.yaml").write_text(to_yaml(self.cfg))
 

@@ -305,6 +305,7 @@ def build_trainer(cfg: TrainConfig, phase: str, callbacks: list):
     strategy: Any = "auto"
     if world > 1:
         strategy = StepSyncDDPStrategy(
+            shard=cfg.trainer.strategy == "fsdp",
             process_group_backend="nccl" if accelerator == "gpu" else "gloo",
             timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s),
         )

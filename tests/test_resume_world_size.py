@@ -1,5 +1,6 @@
 """Resuming on a different number of processes (DDP on CPU with gloo, 1 <-> 2) with the same global
-batch continues the same data order and the same losses.
+batch continues the same data order and the same losses; FSDP (trainer.strategy=fsdp) trains as DDP
+does and its checkpoints load on any world size and strategy, and the other way round.
 
 Dropout is off: its random draws are per rank, so they cannot match across world sizes (on a
 changed world size the dropout RNG is reseeded, and the log says so). What remains differs only in
@@ -58,38 +59,44 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     train_in_one_process(root, "run_name=one")  # also prepares the tokenizer and the data
     train_in_two_processes(root, "run_name=two")
+    train_in_two_processes(root, "run_name=fsdp", "trainer.strategy=fsdp")
     return root
 
 
-def test_one_and_two_processes_train_alike(workspace):
-    one, two = losses(workspace / "runs" / "one", "pretrain"), losses(workspace / "runs" / "two", "pretrain")
+@pytest.mark.parametrize("run", ["two", "fsdp"])
+def test_one_and_two_processes_train_alike(workspace, run):
+    one, two = losses(workspace / "runs" / "one", "pretrain"), losses(workspace / "runs" / run, "pretrain")
     assert [t for t, _ in one] == [t for t, _ in two] and len(one) >= 20
     assert max(abs(a - b) for (_, a), (_, b) in zip(one, two)) <= LOSS_ATOL
-    assert read_meta(list_checkpoints(workspace / "runs" / "two")[0])["world_size"] == 2
+    assert read_meta(list_checkpoints(workspace / "runs" / run)[0])["world_size"] == 2
 
 
-@pytest.mark.parametrize("saved_by, resumed_on", [("two", 1), ("one", 2)])
+@pytest.mark.parametrize("saved_by, resumed_on", [("two", "1"), ("one", "2"), ("fsdp", "1"),
+                                                  ("one", "2-fsdp")])
 def test_resume_on_another_world_size_continues_the_same_run(workspace, saved_by, resumed_on):
     source = workspace / "runs" / saved_by
     checkpoint = middle_checkpoint(source)
     saved = read_meta(checkpoint)
-    assert saved["world_size"] == (2 if saved_by == "two" else 1)
+    assert saved["world_size"] == (1 if saved_by == "one" else 2)
     name = f"{saved_by}-then-{resumed_on}"
     shutil.rmtree(workspace / "runs" / name, ignore_errors=True)
-    if resumed_on == 2:
-        train_in_two_processes(workspace, f"run_name={name}", f"resume={checkpoint}")
+    if resumed_on.startswith("2"):
+        strategy = "fsdp" if resumed_on.endswith("fsdp") else "ddp"
+        train_in_two_processes(workspace, f"run_name={name}", f"resume={checkpoint}",
+                               f"trainer.strategy={strategy}")
     else:
         train_in_one_process(workspace, f"run_name={name}", f"resume={checkpoint}")
 
     run_dir = workspace / "runs" / name
     log = (run_dir / "train.log").read_text()
     assert f"resumed from {checkpoint}" in log
-    assert f"world size changed ({saved['world_size']} -> {resumed_on})" in log
+    world = int(resumed_on[0])
+    assert f"world size changed ({saved['world_size']} -> {world})" in log
     expected = [(t, l) for t, l in losses(source, "pretrain") if t > saved["tokens"]]
     got = losses(run_dir, "pretrain")
     assert [t for t, _ in got] == [t for t, _ in expected] and len(got) >= 5  # same batches
     worst = max(abs(a - b) for (_, a), (_, b) in zip(got, expected))
     assert worst <= LOSS_ATOL, f"losses differ by up to {worst:.2e} (tolerance {LOSS_ATOL:.0e})"
     final = read_meta(list_checkpoints(run_dir)[-1])
-    assert final["phase_end"] and final["world_size"] == resumed_on
+    assert final["phase_end"] and final["world_size"] == world
     assert final["loader_state"] == read_meta(list_checkpoints(source)[-1])["loader_state"]
