@@ -75,7 +75,7 @@ def test_cross_objective_recipes():
         (["phases.pretrain.seq_len=abc"], "seq_len"),
         (["phases.pretrain.warmup_tokens=2_000_000_000_000"], "exceed"),
         (["init_revision=step599525"], "without init"),
-        (["trainer.strategy=fsdp"], "only ddp is implemented"),
+        (["trainer.strategy=zero3"], "choose one of ddp, fsdp"),
         (["init_mode=optimizer"], "choose one of"),
     ],
 )
