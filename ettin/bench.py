@@ -31,7 +31,7 @@ from torch import nn
 
 from ettin.config import SIZES, ModelConfig, model_config
 from ettin.hub import convert_state_dict, to_hf_config
-from ettin.model import IGNORE_INDEX, ModernBert
+from ettin.model import IGNORE_INDEX, ModernBert, unpad
 
 SUBCOMMANDS = {
     "model": "training-step speed and memory of ettin.model.ModernBert vs transformers' ModernBERT",
@@ -71,11 +71,9 @@ class Batch:
 
     def flat(self) -> dict:
         """Our unpadded inputs: the real tokens as one stream, ``cu_seqlens`` marking the rows."""
-        keep = self.attention_mask.bool()
-        lengths = self.attention_mask.sum(1, dtype=torch.int32)
-        return dict(input_ids=self.input_ids[keep], labels=self.labels[keep],
-                    cu_seqlens=F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)),
-                    max_seqlen=int(lengths.max()))
+        input_ids, labels, cu_seqlens, max_seqlen, _ = unpad(self.input_ids, self.attention_mask,
+                                                             self.labels)
+        return dict(input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def to(self, device: str) -> "Batch":
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels,

@@ -194,6 +194,19 @@ def prune_checkpoints(run_dir: Path | str, keep_last: int,
     return deleted
 
 
+# The embeddings and the vocabulary projection share one tensor; safetensors cannot store shared
+# storage, so a checkpoint holds it under one of the two names.
+TIED = ("model.embeddings.tok_embeddings.weight", "decoder.weight")
+
+
+def save_weights(state: dict[str, torch.Tensor], directory: Path | str) -> None:
+    """``state`` as ``directory/model.safetensors``, on CPU, the tied pair stored once."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if k != TIED[1]}
+    save_file(tensors, str(Path(directory) / WEIGHTS), metadata={"format": "pt"})
+
+
 def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
     """The model state dict of a checkpoint directory (or a ``.safetensors`` file), via safetensors:
     loading runs no code. The tied embeddings / ``decoder.weight`` pair, stored once, gets both names."""
@@ -203,10 +216,12 @@ def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
     file = path / WEIGHTS if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS} in {path}")
-    state = load_file(str(file))
-    # The tied pair is stored under one of its names (safetensors cannot share storage): restore both.
-    tied = ("model.embeddings.tok_embeddings.weight", "decoder.weight")
-    for have, missing in (tied, tied[::-1]):
+    return retie(load_file(str(file)))
+
+
+def retie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with both names of the tied pair, whichever one it holds."""
+    for have, missing in (TIED, TIED[::-1]):
         if missing not in state and have in state:
             state[missing] = state[have]
     return state

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from ettin.checkpoint import retie
 from ettin.config import ModelConfig
 from ettin.model import ModernBert
 
@@ -99,8 +100,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], *, to: str) -> dict[str, 
 def _load_into(model: ModernBert, state: dict[str, torch.Tensor], source: str) -> None:
     """Load converted weights; the head and vocabulary bias may be absent (SequenceClassification
     and bare-backbone checkpoints): those keep their fresh init, and the log says so."""
-    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-    state.setdefault("decoder.weight", state.get("model.embeddings.tok_embeddings.weight"))
+    state = retie({k: v for k, v in state.items() if not k.startswith("classifier.")})
     expected = model.state_dict()
     unexpected = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
@@ -111,9 +111,8 @@ def _load_into(model: ModernBert, state: dict[str, torch.Tensor], source: str) -
             f"{unexpected[:6] or 'none'}, missing {[k for k in missing if k not in optional][:6] or 'none'}"
         )
     for key, tensor in state.items():
-        if tensor is None or tensor.shape != expected[key].shape:
-            got = None if tensor is None else tuple(tensor.shape)
-            raise HubError(f"{source}: {key} has shape {got}, the config implies "
+        if tensor.shape != expected[key].shape:
+            raise HubError(f"{source}: {key} has shape {tuple(tensor.shape)}, the config implies "
                            f"{tuple(expected[key].shape)}; config.json and the weights disagree")
     model.load_state_dict(state, strict=False)
     if optional:

@@ -401,6 +401,29 @@ class PredictionHead(nn.Module):
         return self.norm(self.act(self.dense(x)))
 
 
+def unpad(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+          labels: Optional[torch.Tensor] = None):
+    """A padded batch ([B, T], attention_mask 1 = real) as the flat stream of its real tokens:
+    ``(input_ids [N], labels [N] or None, cu_seqlens, max_seqlen, keep)``, ``keep`` being the real
+    tokens' positions in the flattened grid (None without a mask: every token is real)."""
+    if input_ids.dim() != 2:
+        raise ValueError("input_ids must be [batch, seq], or flat [N] with cu_seqlens")
+    if attention_mask is None:
+        keep = None
+        lengths = torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.int32,
+                             device=input_ids.device)
+        input_ids = input_ids.flatten()
+        labels = None if labels is None else labels.flatten()
+    else:
+        keep = attention_mask.flatten().nonzero().squeeze(1)
+        lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+        input_ids = input_ids.flatten()[keep]
+        labels = None if labels is None else labels.flatten()[keep]
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(lengths.max()) if len(lengths) else 0
+    return input_ids, labels, cu_seqlens, max_seqlen, keep
+
+
 class ModernBert(nn.Module):
     """Backbone + prediction head + vocabulary projection tied to the token embeddings."""
 
@@ -467,21 +490,8 @@ class ModernBert(nn.Module):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', not {loss_reduction!r}")
         keep = None
         if cu_seqlens is None:
-            if input_ids.dim() != 2:
-                raise ValueError("input_ids must be [batch, seq], or flat [N] with cu_seqlens")
             padded_shape = input_ids.shape
-            if attention_mask is None:
-                lengths = torch.full((padded_shape[0],), padded_shape[1], dtype=torch.int32,
-                                     device=input_ids.device)
-                input_ids = input_ids.flatten()
-                labels = None if labels is None else labels.flatten()
-            else:
-                keep = attention_mask.flatten().nonzero().squeeze(1)
-                lengths = attention_mask.sum(dim=1, dtype=torch.int32)
-                input_ids = input_ids.flatten()[keep]
-                labels = None if labels is None else labels.flatten()[keep]
-            cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-            max_seqlen = int(lengths.max()) if len(lengths) else 0
+            input_ids, labels, cu_seqlens, max_seqlen, keep = unpad(input_ids, attention_mask, labels)
         else:
             if input_ids.dim() != 1:
                 raise ValueError("with cu_seqlens, input_ids must be flat [N]")

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ettin.flops import training_flops
 from ettin.model import ModernBert
-from ettin.optim import StableAdamW, param_groups
+from ettin.optim import StableAdamW, grad_norm, param_groups
 
 
 class EttinModule(L.LightningModule):
@@ -96,10 +96,7 @@ class EttinModule(L.LightningModule):
             full_state_dict=True, cpu_offload=True))
         if not by_name:  # ranks other than 0
             return {}
-        number = {name: i for i, name in enumerate(n for g in by_name["param_groups"] for n in g["params"])}
-        return {"state": {number[n]: v for n, v in by_name["state"].items()},
-                "param_groups": [{**g, "params": [number[n] for n in g["params"]]}
-                                 for g in by_name["param_groups"]]}
+        return _rekey(by_name, {n: i for i, n in enumerate(self._parameter_names(optimizer))})
 
     def _load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         if not self._sharded:
@@ -107,13 +104,23 @@ class EttinModule(L.LightningModule):
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        ordered = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-        by_name = {"state": {ordered[i]: v for i, v in state["state"].items()},
-                   "param_groups": [{**g, "params": [ordered[i] for i in g["params"]]}
-                                    for g in state["param_groups"]]}
+        by_name = _rekey(state, dict(enumerate(self._parameter_names(optimizer))))
         set_optimizer_state_dict(self.model, optimizer, by_name,
                                  options=StateDictOptions(full_state_dict=True))
+
+    def _parameter_names(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        """The names of the optimizer's parameters in torch's numbering (group by group)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+    def _gradient_sync(self, enabled: bool):
+        """The context of one micro-batch's backward: gradients are reduced across ranks only when
+        ``enabled`` (the step's last micro-batch), once per optimizer step."""
+        if self._sharded:
+            self.model.set_requires_gradient_sync(enabled)
+        elif self._ddp and not enabled:
+            return self._ddp[0].no_sync()
+        return nullcontext()
 
     @property
     def network(self) -> torch.nn.Module:
@@ -152,10 +159,7 @@ class EttinModule(L.LightningModule):
         correct = torch.zeros((), device=self.device)
         last = len(micro_batches) - 1
         for index, micro_batch in enumerate(micro_batches):
-            if self._sharded:  # reduce-scatter the gradients once, after the last micro-batch
-                self.model.set_requires_gradient_sync(index == last)
-            sync = nullcontext() if index == last or not self._ddp else self._ddp[0].no_sync()
-            with sync:
+            with self._gradient_sync(index == last):
                 out = self.network(**micro_batch, loss_reduction="sum")
                 self.manual_backward(out.loss * scale)
             loss_sum += out.loss.detach()
@@ -165,14 +169,14 @@ class EttinModule(L.LightningModule):
 
         # On the run's step counter (not Lightning's, which restarts at 0 on resume).
         log_now = state_after.step % self.log_every_steps == 0
-        grad_norm = self._grad_norm() if log_now else None
+        norm = grad_norm(self.model.parameters()) if log_now else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         self.loader_state = state_after
         self._count_work(step_batch)
         if log_now:
-            self._log_step(step_batch, global_targets, loss_sum, correct, lr, grad_norm)
+            self._log_step(step_batch, global_targets, loss_sum, correct, lr, norm)
         self.log("loss", loss_sum / max(local_targets, 1), prog_bar=True, on_step=True)
         for hook in self.step_hooks:
             hook(self)
@@ -183,13 +187,6 @@ class EttinModule(L.LightningModule):
         if self.trainer.world_size == 1:
             return value
         return self.trainer.strategy.reduce(value, reduce_op="sum")
-
-    def _grad_norm(self) -> torch.Tensor:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self._sharded:  # each rank holds a shard of every gradient: sum the squares over ranks
-            squares = torch.stack([g.to_local().float().pow(2).sum() for g in grads]).sum()
-            return self._sum_over_ranks(squares).sqrt()
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
     def _log_step(self, step_batch, global_targets, loss_sum, correct, lr, grad_norm) -> None:
         totals = self._sum_over_ranks(torch.stack([loss_sum, correct]))
@@ -276,3 +273,10 @@ def _row_lengths(micro_batch: dict) -> list[int]:
     if mask is None:
         return [micro_batch["input_ids"].shape[1]] * micro_batch["input_ids"].shape[0]
     return mask.sum(dim=1).tolist()
+
+
+def _rekey(optimizer_state: dict, key: dict) -> dict:
+    """An optimizer state dict with its parameter keys mapped through ``key`` (names <-> numbers)."""
+    return {"state": {key[k]: v for k, v in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [key[k] for k in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}

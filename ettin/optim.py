@@ -113,13 +113,22 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _shard_group(params: list[torch.Tensor]):
-    """The process group over which ``params`` are sharded (FSDP2), or None."""
-    if isinstance(params[0], DTensor):
-        if any(not isinstance(p, DTensor) for p in params):
-            raise RuntimeError("StableAdamW: a parameter group mixes sharded and unsharded parameters")
-        return params[0].device_mesh.get_group()
+def _shard_group(tensors: list[torch.Tensor]):
+    """The process group over which ``tensors`` are sharded (FSDP2), or None."""
+    if isinstance(tensors[0], DTensor):
+        if any(not isinstance(t, DTensor) for t in tensors):
+            raise RuntimeError("sharded and unsharded tensors mixed in one update")
+        return tensors[0].device_mesh.get_group()
     return None
+
+
+def _whole_norms(norms: torch.Tensor, shard_group) -> torch.Tensor:
+    """The 2-norms of whole tensors from the 2-norms of this rank's shards (or, unsharded, as given)."""
+    if shard_group is None:
+        return norms
+    squares = norms.square()
+    dist.all_reduce(squares, group=shard_group)
+    return squares.sqrt()
 
 
 def _update(params, grads, exp_avgs, exp_avg_sqs, *, numels, shard_group, step, lr, betas, eps,
@@ -137,11 +146,7 @@ def _update(params, grads, exp_avgs, exp_avg_sqs, *, numels, shard_group, step, 
     torch._foreach_reciprocal_(scaled)
     torch._foreach_mul_(scaled, [1.0 / math.sqrt(n) for n in numels])  # host floats: no copy
     torch._foreach_mul_(scaled, grads)
-    rms = torch.stack(torch._foreach_norm(scaled))
-    if shard_group is not None:  # the norm of the whole tensor from its shards' norms
-        squares = rms.square()
-        dist.all_reduce(squares, group=shard_group)
-        rms = squares.sqrt()
+    rms = _whole_norms(torch.stack(torch._foreach_norm(scaled)), shard_group)
     del scaled
     step_lrs = lr / rms.clamp(min=1.0)  # lr / max(1, rms): one value per tensor, kept on the device
 
@@ -178,12 +183,16 @@ def param_group_names(model: nn.Module) -> tuple[list[str], list[str]]:
 def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """The global gradient norm over ``parameters`` as a 0-dim tensor (no host synchronisation).
 
-    For logging; it does not clip. Under DDP call it after the gradients are all-reduced."""
+    For logging; it does not clip. Under DDP call it after the gradients are all-reduced; under FSDP
+    (sharded gradients) every rank must call it."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads, norm_type)
+    shard_group = _shard_group(grads)
+    if shard_group is not None and norm_type != 2.0:
+        raise ValueError("grad_norm of sharded gradients: only the 2-norm")
+    norms = torch._foreach_norm([_local(g) for g in grads], norm_type)
     devices = {n.device for n in norms}
     if len(devices) > 1:
         norms = [n.to(grads[0].device) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    return torch.linalg.vector_norm(_whole_norms(torch.stack(norms), shard_group), norm_type)

@@ -14,10 +14,9 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from ettin.checkpoint import prune_checkpoints, write_checkpoint
+from ettin.checkpoint import prune_checkpoints, save_weights, write_checkpoint
 from ettin.preemption import PreemptionHandler
 from ettin.recipes import TrainConfig, to_yaml
 
@@ -165,9 +164,7 @@ class CheckpointHook:
             }
 
             def write(directory: Path) -> None:
-                # The tied decoder.weight is the embedding matrix: stored once (load_weights re-ties).
-                save_file({k: v.detach().cpu().contiguous() for k, v in weights.items() if k != "decoder.weight"},
-                          str(directory / "model.safetensors"), metadata={"format": "pt"})
+                save_weights(weights, directory)
                 torch.save(optimizer_state, directory / "optimizer.pt")
                 torch.save({"rng": rng}, directory / "rng.pt")
                 (directory / "config.yaml").write_text(to_yaml(self.cfg))
