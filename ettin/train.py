@@ -111,7 +111,9 @@ def resolve_tokenizer(cfg: TrainConfig):
 
 def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list[tuple[str, float]]:
     """(prepared folder, weight) per source; ``builtin`` prepares the built-in corpus if needed."""
+    from ettin.data.loader import check_prepared_tokenizer, open_splits
     from ettin.data.prepare import ensure_prepared
+    from ettin.data.tokenizer import special_ids, tokenizer_fingerprint
 
     seq_len = cfg.phases[phase].seq_len
     sources = []
@@ -123,25 +125,14 @@ def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list[tuple[str, 
                 input="builtin", output=path, tokenizer=tokenizer, max_seq_len=seq_len,
                 wait=global_rank() != 0,
             )
-        check_prepared_with(path, tokenizer)
         sources.append((path, float(source.weight)))
+    # The loader's own checks, at start: a clear error before any process is spawned.
+    try:
+        check_prepared_tokenizer(open_splits(sources, "train", seq_len), special_ids(tokenizer),
+                                 tokenizer_fingerprint(tokenizer))
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"data of phase {phase}: {error}") from None
     return sources
-
-
-def check_prepared_with(path: str, tokenizer) -> None:
-    """A prepared folder's token ids only mean something with the tokenizer that made them."""
-    from ettin.data.tokenizer import tokenizer_fingerprint
-
-    summary = Path(path) / "summary.json"
-    if not summary.exists():  # not prepared: the loader says how to prepare it
-        return
-    stored = json.loads(summary.read_text()).get("settings", {}).get("tokenizer_fingerprint")
-    if stored is not None and stored != tokenizer_fingerprint(tokenizer):
-        raise ConfigError(
-            f"{path} was prepared with another tokenizer than this run's ({getattr(tokenizer, 'name_or_path', '')}): "
-            f"its token ids would be read as different tokens. Train with tokenizer={Path(path) / 'tokenizer'}, "
-            "or prepare the data again with this run's tokenizer"
-        )
 
 
 def run_model_config(cfg: TrainConfig, phase: str, tokenizer) -> ModelConfig:

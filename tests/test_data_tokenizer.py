@@ -7,8 +7,8 @@ import json
 import pytest
 from data_fixtures import data_root, tiny_tokenizer  # noqa: F401
 
-from ettin.data.tokenizer import (SPECIALS, check_vocab, load_tokenizer, main, special_ids,
-                                  tokenizer_fingerprint, train_tokenizer)
+from ettin.data.tokenizer import (SPECIALS, check_vocab, load_tokenizer, main, set_objective_template,
+                                  special_ids, tokenizer_fingerprint, train_tokenizer)
 
 
 def test_trained_tokenizer_is_modernbert_style(tiny_tokenizer):
@@ -46,6 +46,11 @@ def test_training_is_deterministic_and_pads_to_64(tmp_path):
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
     assert len(a) % 64 == 0 and len(a) >= 261
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    # The objective's template adds only specials, which prepare adds itself: same ids, same print.
+    set_objective_template(b, causal=True)
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    c = train_tokenizer(["sphinx of black quartz judge my vow " * 20] * 5, 300, tmp_path / "c")
+    assert tokenizer_fingerprint(c) != tokenizer_fingerprint(a)
 
 
 def test_cli_trains_from_a_folder(tmp_path, capsys):

@@ -372,17 +372,21 @@ def open_splits(sources, split: str, seq_len: int, truncate: bool = False) -> li
     return splits
 
 
-def check_special_ids(splits: Sequence[PreparedSplit], ids) -> None:
-    """The folders must have been prepared with special ids equal to those the collator uses."""
+def check_prepared_tokenizer(splits: Sequence[PreparedSplit], ids, fingerprint: Optional[str] = None) -> None:
+    """The folders must have been prepared with the tokenizer the run uses: the same
+    ``tokenizer_fingerprint`` when the caller knows it, else at least the same [CLS] and [SEP] ids."""
     for split in splits:
-        stored = split.summary.get("tokenizer", {}).get("special_ids", {})
+        fix = (f"prepare it again with the training tokenizer, or train with the tokenizer in "
+               f"{split.root / 'tokenizer'}")
+        stored = split.summary.get("settings", {}).get("tokenizer_fingerprint")
+        if fingerprint is not None and stored is not None and stored != fingerprint:
+            raise ValueError(f"{split.root} was prepared with another tokenizer than this run's: its token "
+                             f"ids would be read as different tokens; {fix}")
+        stored_ids = split.summary.get("tokenizer", {}).get("special_ids", {})
         for name in ("cls", "sep"):
-            if name in stored and stored[name] != getattr(ids, name):
-                raise ValueError(
-                    f"{split.root} was prepared with {name}={stored[name]} but the training "
-                    f"tokenizer has {name}={getattr(ids, name)}: prepare it again with the training "
-                    f"tokenizer, or train with the tokenizer in {split.root / 'tokenizer'}"
-                )
+            if name in stored_ids and stored_ids[name] != getattr(ids, name):
+                raise ValueError(f"{split.root} was prepared with {name}={stored_ids[name]} but the "
+                                 f"training tokenizer has {name}={getattr(ids, name)}: {fix}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,7 +421,7 @@ class StepBatches(IterableDataset):
         self.sources = normalize_sources(sources)
         self.splits = open_splits(self.sources, split, seq_len, truncate)
         if getattr(collator, "ids", None) is not None:
-            check_special_ids(self.splits, collator.ids)
+            check_prepared_tokenizer(self.splits, collator.ids)
         self.mixture = Mixture(self.splits, [w for _, w in self.sources], seed=seed, phase=phase,
                                seq_len=seq_len)
         self.seq_len, self.truncate, self.pack = seq_len, truncate, pack
@@ -503,7 +507,7 @@ class ValidationBatches:
         self.sources = normalize_sources(sources)
         self.splits = open_splits(self.sources, "validation", seq_len, truncate)
         if getattr(collator, "ids", None) is not None:
-            check_special_ids(self.splits, collator.ids)
+            check_prepared_tokenizer(self.splits, collator.ids)
         sizes = np.array([len(s) for s in self.splits], dtype=np.int64)
         if not sizes.sum():
             raise ValueError(

@@ -119,12 +119,13 @@ def set_objective_template(tokenizer, *, causal: bool) -> None:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides the ids (vocabulary, merges, normalizer, specials)."""
+    """A hash of everything that decides the ids of a text (vocabulary, merges, normalizer, specials);
+    not the template (``set_objective_template``), which only adds specials that ettin adds itself."""
     import hashlib
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    backend.pop("truncation", None)
-    backend.pop("padding", None)
+    for setting in ("truncation", "padding", "post_processor"):
+        backend.pop(setting, None)
     text = json.dumps(backend, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()
 
