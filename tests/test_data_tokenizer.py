@@ -90,3 +90,35 @@ def test_check_vocab_names_the_fix(tiny_tokenizer):
 def test_missing_tokenizer_says_how_to_get_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m ettin.data.tokenizer"):
         load_tokenizer(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_unreachable_hub_tokenizer_fails_at_once_naming_the_id(monkeypatch, offline):
+    import time
+
+    from huggingface_hub import constants
+
+    import ettin.data.tokenizer as tokenizers
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(tokenizers, "_reachable", lambda url, timeout_s=3.0: False)
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=r"'someone/no-such-tokenizer'.*huggingface-cli download"):
+        load_tokenizer("someone/no-such-tokenizer")
+    assert time.monotonic() - started < 10
+
+
+def test_cached_hub_tokenizer_loads_offline(tiny_tokenizer, monkeypatch):
+    """local_files_only is tried first: what is in the cache loads with no network at all."""
+    import transformers
+
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def from_cache(spec, **kwargs):
+        calls.append(kwargs.get("local_files_only"))
+        return real(str(tiny_tokenizer), **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_cache)
+    tokenizer = load_tokenizer("someone/cached-tokenizer")
+    assert calls == [True] and len(tokenizer) == len(load_tokenizer(tiny_tokenizer))

@@ -53,8 +53,12 @@ def load_tokenizer(path_or_id: str | os.PathLike):
     try:
         if path.is_file() and path.suffix == ".json":
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=spec)
-        else:
+        elif path.exists():
             tokenizer = AutoTokenizer.from_pretrained(spec, use_fast=True)
+        else:
+            tokenizer = _hub_tokenizer(spec)
+    except FileNotFoundError:
+        raise
     except Exception as error:  # OSError, ValueError, HF hub errors: all mean "cannot load"
         where = "the folder exists but holds no loadable tokenizer" if path.exists() else (
             "no such local folder, and it cannot be fetched as a hub id (offline, or not on the hub)")
@@ -66,6 +70,42 @@ def load_tokenizer(path_or_id: str | os.PathLike):
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"tokenizer {spec!r} has no fast (Rust) version; ettin needs one")
     return tokenizer
+
+
+def _hub_tokenizer(repo_id: str):
+    """A hub tokenizer: from the local Hugging Face cache first; online only when the hub is
+    reachable (a quick probe), so an offline machine fails in seconds, not after minutes of retries."""
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(repo_id, use_fast=True, local_files_only=True)
+    except OSError:
+        pass
+    fix = (f"download it while online (huggingface-cli download {repo_id}) or give a local "
+           "tokenizer folder (train one: python -m ettin.data.tokenizer input=TEXT_PATH output=DIR)")
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"tokenizer {repo_id!r} is not in the local Hugging Face cache and "
+                                f"HF_HUB_OFFLINE is set: {fix}") from None
+    if not _reachable(constants.ENDPOINT):
+        raise FileNotFoundError(f"tokenizer {repo_id!r} is not a local folder, not in the local "
+                                f"Hugging Face cache, and {constants.ENDPOINT} cannot be reached "
+                                f"(offline?): {fix}") from None
+    return AutoTokenizer.from_pretrained(repo_id, use_fast=True)
+
+
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout_s``."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def special_ids(tokenizer) -> SpecialIds:
@@ -169,7 +209,7 @@ def ensure_builtin_tokenizer(out_dir: Path | str, vocab_size: int = 2048):
     """The offline default's tokenizer: trained on the built-in corpus the first time, then loaded.
     The folder appears complete or not at all (written aside, then renamed)."""
     from ettin.data.corpus import builtin_documents
-    from ettin.data.prepare import file_lock
+    from ettin.data.files import file_lock
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +228,7 @@ USAGE = "usage: python -m ettin.data.tokenizer input=PATH|builtin output=DIR [vo
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ettin.data.prepare import read_documents
+    from ettin.data.reading import read_documents
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
