@@ -9,7 +9,8 @@ Atomicity: everything is written into ``RUN_DIR/checkpoints/.tmp-<name>-<pid>/``
 directory in it is fsynced, then ``COMPLETE`` is written and fsynced, the directory is renamed to its
 final name and the parent directory is fsynced. A crash or kill at any point leaves either no
 directory under the final name or a complete one, so the previous checkpoint stays the latest
-usable one. Temporary directories left by a crash are deleted by the next write.
+usable one. Temporary directories left by a crash are deleted by the next write (never those of a
+process that is still alive). ``meta.json`` records the sha256 of every file, verified on load.
 
 Ordering: ``meta.json`` must hold ``tokens`` and ``step`` (the token clock and step AFTER the saved
 step, counted from the start of the phase) and may hold ``phase_index`` (the phase's position in the
@@ -20,6 +21,7 @@ restarts at each phase, so a later phase's first checkpoint is later than the pr
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +29,8 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -38,12 +41,6 @@ META = "meta.json"
 WEIGHTS = "model.safetensors"
 TEMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
-
-
-def checkpoint_name(step: int, tokens: int, prefix: str = "") -> str:
-    """``[prefix-]step-0000123-tok-0000000123456``: zero-padded (13 token digits: up to 9.99T) so names
-    sort like the token clock within a phase."""
-    return f"{prefix + '-' if prefix else ''}step-{step:07d}-tok-{tokens:013d}"
 
 
 def checkpoints_dir(run_dir: Path | str) -> Path:
@@ -76,6 +73,9 @@ def _remove_stale_temps(root: Path) -> None:
     """Delete what interrupted writes left behind. A complete checkpoint that was moved aside to be
     replaced by a same-named one (``.tmp-old-<name>-<pid>``) is put back if the new one never landed."""
     for stale in sorted(root.glob(f"{TEMP_PREFIX}*")):
+        owner = re.search(r"-(\d+)$", stale.name)
+        if owner and int(owner.group(1)) != os.getpid() and pid_alive(int(owner.group(1))):
+            continue  # another live process is writing it (a second run is refused by RunLock)
         old = re.match(rf"^{re.escape(TEMP_PREFIX)}old-(.+)-\d+$", stale.name)
         if old and is_complete(stale) and not (root / old.group(1)).exists():
             log.warning("restoring %s, moved aside by an interrupted checkpoint write", old.group(1))
@@ -113,6 +113,8 @@ def write_checkpoint(run_dir: Path | str, name: str, write_fn: Callable[[Path], 
         for reserved in (META, COMPLETE):
             if (temp / reserved).exists():
                 raise ValueError(f"write_fn must not write {reserved}; write_checkpoint writes it")
+        meta = {**meta, "sha256": {str(f.relative_to(temp)): sha256_file(f)
+                                   for f in sorted(temp.rglob("*")) if f.is_file()}}
         (temp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _fsync_tree(temp)
         (temp / COMPLETE).write_text("")  # last: a directory with this file is whole
@@ -194,6 +196,55 @@ def prune_checkpoints(run_dir: Path | str, keep_last: int,
     return deleted
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what to do instead."""
+
+
+def verify_checkpoint(path: Path | str) -> None:
+    """Check every file of a checkpoint against the sha256 recorded in its ``meta.json`` (checkpoints
+    written before hashes were recorded pass). Raises :class:`CheckpointError` naming the file and the
+    previous complete checkpoint of the run to resume from."""
+    path = Path(path)
+    recorded = read_meta(path).get("sha256", {})
+    for name, expected in recorded.items():
+        file = path / name
+        problem = "is missing" if not file.is_file() else (
+            "does not match the sha256 recorded when it was written (corrupted or modified)"
+            if sha256_file(file) != expected else None)
+        if problem:
+            raise CheckpointError(f"{file} {problem}. {_fallback_hint(path)}")
+
+
+def _fallback_hint(path: Path) -> str:
+    run_dir = path.parent.parent
+    earlier = [c for c in list_checkpoints(run_dir) if c != path]
+    earlier = [c for c in earlier if _order(read_meta(c)) < _order(read_meta(path))] if is_complete(path) \
+        else earlier
+    if earlier:
+        return (f"Resume from the previous complete checkpoint with resume={earlier[-1]} (or delete "
+                f"{path} and rerun: resume=auto then takes the latest good one).")
+    return "No earlier complete checkpoint exists in this run; start it again with another run_name."
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # The embeddings and the vocabulary projection share one tensor; safetensors cannot store shared
 # storage, so a checkpoint holds it under one of the two names.
 TIED = ("model.embeddings.tok_embeddings.weight", "decoder.weight")
@@ -216,7 +267,11 @@ def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
     file = path / WEIGHTS if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS} in {path}")
-    return retie(load_file(str(file)))
+    try:
+        return retie(load_file(str(file)))
+    except Exception as error:  # safetensors raises its own (Rust) errors, naming no file
+        raise CheckpointError(f"{file} is not a readable safetensors file ({error}). "
+                              f"{_fallback_hint(file.parent) if path.is_dir() else ''}".rstrip()) from None
 
 
 def retie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -231,16 +286,224 @@ def safe_torch_load(path: Path | str, map_location="cpu"):
     """``torch.load(weights_only=True)``: tensors, containers and plain values only.
 
     A file that needs arbitrary Python objects unpickled (which can run code) is refused with a
-    ``ValueError`` that names the offending object and says what to do instead."""
+    ``ValueError`` that names the offending object and says what to do instead; a file that is not a
+    torch file at all (truncated, overwritten) raises :class:`CheckpointError` saying so."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        found = re.search(r"GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if found is None:  # not a refused object: the bytes are not a pickle at all
+            raise _unreadable(path, error) from None
         raise ValueError(
             f"refusing to load {path}: it needs unpickling arbitrary Python objects"
-            f"{' (' + found.group(1) + ')' if found else ''}, which can run code, and ettin "
+            f" ({found.group(1) or found.group(2)}), which can run code, and ettin "
             f"only loads tensors, containers and plain values (torch.load(weights_only=True)). "
             f"Use a safetensors file or a state dict of plain tensors instead; if you trust the file, "
             f"convert it once yourself (torch.load(..., weights_only=False) in a separate script, then "
             f"save just the tensors with safetensors or torch.save) and load the converted file."
         ) from None
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # the bytes are not a torch file: torch raises many kinds here
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path | str, error: BaseException) -> CheckpointError:
+    path = Path(path)
+    hint = _fallback_hint(path.parent) if (path.parent / META).exists() else \
+        "Use another copy of the file."
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", str(error))
+    reason = found.group(1) if found else (str(error).strip().splitlines() or [type(error).__name__])[0]
+    detail = f" ({reason.strip()[:160]})" if reason.strip() else ""
+    return CheckpointError(f"{path} is not a readable torch file: it is truncated or corrupted"
+                           f"{detail}. {hint}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training's view: one object names, writes, keeps, verifies and resumes checkpoints.
+
+KINDS = ("interval", "phase_end", "preemption")
+
+
+@dataclass
+class StartState:
+    """Where a phase starts: weights, optimizer state, loader counters and RNG states (each None
+    when starting afresh), and whether the Adam moments are fresh (zero)."""
+
+    phase_index: int = 0
+    model_state: Optional[dict] = None
+    optimizer_state: Optional[dict] = None
+    loader_state: Optional[dict] = None  # {step, samples, tokens} of the phase
+    rng_states: Optional[list] = None
+    fresh_optimizer: bool = True
+    description: str = "from scratch"
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    meta: dict
+    model_state: dict
+    optimizer_state: dict
+    rng_states: Optional[list] = field(default=None, repr=False)
+
+
+class Checkpointer:
+    """A run's checkpoints: ``<phase>-step<7 digits>-tok<15 digits>`` names, atomic writes with
+    per-file sha256, retention, verified loading, and the state a run resumes from.
+
+    Retention: phase ends are always kept; interval checkpoints (every ``checkpoint_every_tokens``)
+    too when ``keep_interval`` (Ettin released all of them); of the other saves (preemption) the
+    newest ``keep_last``. The newest checkpoint is never deleted."""
+
+    def __init__(self, run_dir: Path | str, *, keep_interval: bool = True, keep_last: int = 3) -> None:
+        self.run_dir = Path(run_dir)
+        self.keep_interval = keep_interval
+        self.keep_last = keep_last
+
+    @staticmethod
+    def name(phase: str, step: int, tokens: int) -> str:
+        return f"{phase}-step{step:07d}-tok{tokens:015d}"
+
+    def save(self, *, phase: str, phase_index: int, kind: str, loader_state: dict, model_state: dict,
+             optimizer_state: dict, rng_states: list, config_yaml: str, meta: dict) -> Path:
+        """Write one checkpoint (rank 0 only) and apply the retention policy."""
+        if kind not in KINDS:
+            raise ValueError(f"checkpoint kind {kind!r}; one of {', '.join(KINDS)}")
+        step, tokens = int(loader_state["step"]), int(loader_state["tokens"])
+        full_meta = {**meta, "phase": phase, "phase_index": phase_index, "kind": kind,
+                     "phase_end": kind == "phase_end", "step": step, "tokens": tokens,
+                     "loader_state": dict(loader_state)}
+
+        def write(directory: Path) -> None:
+            save_weights(model_state, directory)
+            torch.save(optimizer_state, directory / "optimizer.pt")
+            torch.save({"rng": rng_states}, directory / "rng.pt")
+            (directory / "config.yaml").write_text(config_yaml)
+
+        path = write_checkpoint(self.run_dir, self.name(phase, step, tokens), write, full_meta)
+        prune_checkpoints(self.run_dir, keep_last=self.keep_last, keep=self._kept)
+        return path
+
+    def _kept(self, meta: dict) -> bool:
+        kind = meta.get("kind", "phase_end" if meta.get("phase_end") else "interval")
+        return kind == "phase_end" or (kind == "interval" and self.keep_interval)
+
+    def list(self) -> list[Path]:
+        return list_checkpoints(self.run_dir)
+
+    def latest(self) -> Optional[Path]:
+        return latest_checkpoint(self.run_dir)
+
+    def load(self, path: Path | str, *, rng: bool = True) -> LoadedCheckpoint:
+        """A checkpoint's contents, every file checked against its recorded sha256 first."""
+        path = Path(path)
+        if not is_complete(path):
+            raise CheckpointError(f"{path} is not a complete ettin checkpoint (no {COMPLETE} or "
+                                  f"{META}). {_fallback_hint(path)}")
+        verify_checkpoint(path)
+        return LoadedCheckpoint(
+            path=path, meta=read_meta(path), model_state=load_weights(path),
+            optimizer_state=safe_torch_load(path / "optimizer.pt"),
+            rng_states=safe_torch_load(path / "rng.pt")["rng"] if rng else None,
+        )
+
+    def resume(self, path: Path | str, phases: list[str]) -> StartState:
+        """The state to continue from ``path``: the same phase mid-way, or, from a phase end, the
+        next phase (applied here, once: weights and optimizer moments carry over; token clock,
+        schedule and data start afresh)."""
+        meta = read_meta(path)
+        if meta["phase"] not in phases:
+            raise CheckpointError(
+                f"checkpoint {path} is from phase {meta['phase']!r}, which this run does not include "
+                f"({', '.join(phases)}); use another run_name, or init={path} to start from its weights"
+            )
+        index = phases.index(meta["phase"])
+        loaded = self.load(path, rng=not meta.get("phase_end"))
+        if meta.get("phase_end"):
+            return StartState(phase_index=index + 1, model_state=loaded.model_state,
+                              optimizer_state=loaded.optimizer_state, fresh_optimizer=False,
+                              description=f"phase {meta['phase']!r} finished at {path}; next phase")
+        return StartState(
+            phase_index=index, model_state=loaded.model_state,
+            optimizer_state=loaded.optimizer_state, loader_state=meta["loader_state"],
+            rng_states=loaded.rng_states, fresh_optimizer=bool(meta.get("fresh_optimizer")),
+            description=(f"resumed from {path} (phase {meta['phase']!r}, step {meta['step']}, "
+                         f"{meta['tokens']:,} tokens)"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# One training process per run directory.
+
+
+class RunLockedError(RuntimeError):
+    """Another live process trains in this run directory."""
+
+
+class RunLock:
+    """``RUN_DIR/LOCK`` holds the PID, host and SLURM job of the process training in the run.
+
+    A second process refuses to start, naming the holder. A lock whose process is gone (same host,
+    PID not alive) or that belongs to this SLURM job (a requeue, possibly on another node) is taken
+    over. Created with O_EXCL, so two processes starting at once cannot both get it."""
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.path = Path(run_dir) / "LOCK"
+        self.held = False
+
+    def _me(self) -> dict:
+        import socket
+        import time
+
+        return {"pid": os.getpid(), "host": socket.gethostname(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()}
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = self._me()
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or self._stale(holder, me):
+                    log.warning("taking over %s, left by %s", self.path, holder or "an unreadable lock")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RunLockedError(
+                    f"{self.path.parent} is in use: process {holder['pid']} on {holder['host']}"
+                    f"{' (SLURM job ' + holder['slurm_job_id'] + ')' if holder.get('slurm_job_id') else ''}"
+                    f" is training in it. Wait for it to finish, stop it, or use another run_name; if "
+                    f"that process is gone, delete {self.path}."
+                )
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunLockedError(f"could not take {self.path}; delete it if no run uses {self.path.parent}")
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _stale(holder: dict, me: dict) -> bool:
+        if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+            return True  # this process (a pair's second run, or a finished earlier call)
+        if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"]:
+            return True  # the same SLURM job, requeued
+        return holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))
+
+    def release(self) -> None:
+        if self.held and (self._holder() or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -284,9 +284,9 @@ def _check_flexbert(flexbert: dict, sizes: dict) -> None:
 def _heads_from_sizes(sizes: dict, notes: list[str]) -> int:
     shape = {k: sizes[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size")}
     for name, row in SIZES.items():
-        if all(row[k] == v for k, v in shape.items()):
+        if all(row.shape()[k] == v for k, v in shape.items()):
             notes.append(f"attention heads from the {name} row of SIZES")
-            return row["num_attention_heads"]
+            return row.num_attention_heads
     if sizes["hidden_size"] % 64:
         raise ComposerLoadError(f"cannot tell the number of attention heads of hidden size "
                                 f"{sizes['hidden_size']}: the checkpoint has no FlexBERT config")

@@ -72,18 +72,94 @@ class ModelConfig:
         return layer_index % self.global_attn_every_n_layers == 0
 
 
-# One row per size: (layers, hidden, GLU intermediate, heads). Head dim is 64 for every Ettin size.
-# "tiny" is for tests and the offline default run; it keeps every architectural feature (global and
-# sliding layers, a window shorter than the sequences it sees).
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=96, num_attention_heads=4),
-    "17m": dict(num_hidden_layers=7, hidden_size=256, intermediate_size=384, num_attention_heads=4),
-    "32m": dict(num_hidden_layers=10, hidden_size=384, intermediate_size=576, num_attention_heads=6),
-    "68m": dict(num_hidden_layers=19, hidden_size=512, intermediate_size=768, num_attention_heads=8),
-    "150m": dict(num_hidden_layers=22, hidden_size=768, intermediate_size=1152, num_attention_heads=12),
-    "400m": dict(num_hidden_layers=28, hidden_size=1024, intermediate_size=2624, num_attention_heads=16),
-    "1b": dict(num_hidden_layers=28, hidden_size=1792, intermediate_size=3840, num_attention_heads=28),
+@dataclass(frozen=True)
+class MicroBatches:
+    """Sequences per device per forward/backward in each phase (Ettin's 4-GPU runs)."""
+
+    pretrain: int
+    extension: int
+    decay: int
+    cross: int
+
+
+@dataclass(frozen=True)
+class Size:
+    """One size: the model's shape and Ettin's per-size training values (docs/recipes.md).
+
+    Recipes read the training values with ``${size:FIELD}`` (ettin/recipes.py), so a misspelt field
+    fails at start instead of falling back to another value."""
+
+    # shape (head dim is 64 for every Ettin size)
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    # phase-1 peak LR and weight decay
+    lr: float
+    weight_decay: float
+    pretrain_warmup_tokens: int
+    batch_warmup_tokens: int
+    # Ettin ran 4 GPUs: the batch ramp starts at (and grows by) one micro-batch per GPU.
+    batch_warmup_min: int
+    cross_batch_warmup_min: int
+    micro_batch: MicroBatches
+    # Later phases; the 1B's are shorter (Ettin configs).
+    extension_tokens: int = 250_000_000_000
+    decay_tokens: int = 50_000_000_000
+    cross_tokens: int = 50_000_000_000
+    cross_warmup_tokens: int = 3_000_000_000
+    cross_decay_tokens: int = 10_000_000_000
+    cross_checkpoint_every_tokens: int = 10_000_000_000
+
+    def shape(self) -> dict[str, int]:
+        """The ModelConfig fields of this size."""
+        return dict(num_hidden_layers=self.num_hidden_layers, hidden_size=self.hidden_size,
+                    intermediate_size=self.intermediate_size,
+                    num_attention_heads=self.num_attention_heads)
+
+
+# The one table of sizes. "tiny" is for tests and the offline default run; it keeps every architectural
+# feature (global and sliding layers, a window shorter than the sequences it sees).
+SIZES: dict[str, Size] = {
+    "tiny": Size(4, 64, 96, 4, lr=3e-3, weight_decay=1e-4, pretrain_warmup_tokens=20_000,
+                 batch_warmup_tokens=0, batch_warmup_min=8, cross_batch_warmup_min=8,
+                 micro_batch=MicroBatches(8, 8, 8, 8)),
+    "17m": Size(7, 256, 384, 4, lr=3e-3, weight_decay=3e-4, pretrain_warmup_tokens=4_000_000_000,
+                batch_warmup_tokens=125_000_000_000, batch_warmup_min=576, cross_batch_warmup_min=48,
+                micro_batch=MicroBatches(144, 24, 12, 12)),
+    "32m": Size(10, 384, 576, 6, lr=3e-3, weight_decay=3e-4, pretrain_warmup_tokens=4_000_000_000,
+                batch_warmup_tokens=100_000_000_000, batch_warmup_min=512, cross_batch_warmup_min=48,
+                micro_batch=MicroBatches(128, 24, 12, 12)),
+    "68m": Size(19, 512, 768, 8, lr=3e-3, weight_decay=3e-4, pretrain_warmup_tokens=3_000_000_000,
+                batch_warmup_tokens=75_000_000_000, batch_warmup_min=384, cross_batch_warmup_min=32,
+                micro_batch=MicroBatches(96, 18, 8, 8)),
+    "150m": Size(22, 768, 1152, 12, lr=8e-4, weight_decay=1e-5, pretrain_warmup_tokens=3_000_000_000,
+                 batch_warmup_tokens=50_000_000_000, batch_warmup_min=288, cross_batch_warmup_min=48,
+                 micro_batch=MicroBatches(72, 16, 12, 12)),
+    "400m": Size(28, 1024, 2624, 16, lr=5e-4, weight_decay=1e-5, pretrain_warmup_tokens=2_000_000_000,
+                 batch_warmup_tokens=10_000_000_000, batch_warmup_min=192, cross_batch_warmup_min=16,
+                 micro_batch=MicroBatches(48, 6, 2, 4)),
+    "1b": Size(28, 1792, 3840, 28, lr=5e-4, weight_decay=5e-5, pretrain_warmup_tokens=2_000_000_000,
+               batch_warmup_tokens=3_000_000_000, batch_warmup_min=96, cross_batch_warmup_min=8,
+               micro_batch=MicroBatches(24, 2, 2, 2), extension_tokens=83_333_000_000,
+               decay_tokens=16_667_000_000, cross_tokens=16_667_000_000,
+               cross_warmup_tokens=1_000_000_000, cross_decay_tokens=3_333_000_000,
+               cross_checkpoint_every_tokens=3_333_000_000),
 }
+
+
+def size_value(size: str, field: str):
+    """A training value of the size table, e.g. ``size_value("1b", "micro_batch.extension")``."""
+    if size not in SIZES:
+        raise KeyError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    value = SIZES[size]
+    for part in field.split("."):
+        if not hasattr(value, part) or callable(getattr(value, part)):
+            names = ", ".join(f.name for f in fields(value))
+            raise KeyError(f"the size table has no value {field!r} (ettin/config.py SIZES; "
+                           f"fields: {names})")
+        value = getattr(value, part)
+    return value
 
 
 def model_config(size: str, **overrides) -> ModelConfig:
@@ -93,4 +169,4 @@ def model_config(size: str, **overrides) -> ModelConfig:
     unknown = set(overrides) - {f.name for f in fields(ModelConfig)}
     if unknown:
         raise TypeError(f"unknown ModelConfig field(s): {', '.join(sorted(unknown))}")
-    return replace(ModelConfig(**SIZES[size]), **overrides)
+    return replace(ModelConfig(**SIZES[size].shape()), **overrides)

@@ -170,8 +170,7 @@ def _override_value(overrides: Sequence[str], key: str) -> Optional[str]:
 
 
 def _build_spec(args: argparse.Namespace, overrides: list[str]) -> JobSpec:
-    from ettin.recipes import ConfigError, compose
-    from ettin.train import parse_argv
+    from ettin.recipes import ConfigError, compose, parse_argv
 
     if (args.gpus_per_node is None) == (args.cpus_per_node is None):
         raise LaunchError("give exactly one of --gpus-per-node G (GPU training, one task per GPU) "

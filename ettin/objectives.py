@@ -1,8 +1,9 @@
-"""The objectives. Choosing one selects the attention direction and the collator (the labels);
-the loss is the same cross-entropy over labelled positions for all of them."""
+"""The objectives. Choosing one selects the attention direction, the collator (the labels) and the
+metrics; the loss is the same cross-entropy over labelled positions for all of them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -12,6 +13,36 @@ class Objective:
     causal: bool  # attention direction of the model
     masked: bool  # the collator masks tokens at a rate (MLM, MNTP); CLM predicts every next token
     description: str
+
+    def collator(self, tokenizer, *, mask_rate: float, seed: int, unpadded: bool = True):
+        """This objective's collator; rows are unpadded (no compute spent on padding) by default."""
+        from ettin.data.collate import CLMCollator, MLMCollator, MNTPCollator
+        from ettin.data.tokenizer import special_ids
+
+        ids = special_ids(tokenizer)
+        if not self.masked:
+            return CLMCollator(ids, unpadded=unpadded)
+        collator = MNTPCollator if self.name == "mntp" else MLMCollator
+        return collator(ids, vocab_size=len(tokenizer), mask_rate=mask_rate, seed=seed,
+                        unpadded=unpadded)
+
+    def targets_per_row(self, seq_len: int, mask_rate: float) -> int:
+        """Labelled positions of a full row (for FLOP estimates)."""
+        return round(mask_rate * seq_len) if self.masked else seq_len
+
+    def metric_names(self, prefix: str) -> list[str]:
+        second = "masked_accuracy" if self.masked else "perplexity"
+        return [f"{prefix}/loss", f"{prefix}/{second}"]
+
+    def metrics(self, prefix: str, loss: float, correct: float, targets: float) -> dict[str, float]:
+        """``{prefix}/loss`` (mean over target tokens) and the objective's second figure: masked
+        accuracy for masked objectives, perplexity for CLM."""
+        out = {f"{prefix}/loss": loss}
+        if self.masked:
+            out[f"{prefix}/masked_accuracy"] = correct / max(targets, 1.0)
+        else:
+            out[f"{prefix}/perplexity"] = math.exp(min(loss, 30.0))
+        return out
 
 
 OBJECTIVES = {
@@ -23,15 +54,3 @@ OBJECTIVES = {
                       description="masked next-token prediction (LLM2Vec): a masked token is "
                                   "predicted from the position before it"),
 }
-
-
-def make_collator(objective: str, tokenizer, *, mask_rate: float, seed: int, unpadded: bool = True):
-    """The collator of ``objective``; rows are unpadded (no compute spent on padding) by default."""
-    from ettin.data.collate import CLMCollator, MLMCollator, MNTPCollator
-    from ettin.data.tokenizer import special_ids
-
-    ids = special_ids(tokenizer)
-    if objective == "clm":
-        return CLMCollator(ids, unpadded=unpadded)
-    collator = MLMCollator if objective == "mlm" else MNTPCollator
-    return collator(ids, vocab_size=len(tokenizer), mask_rate=mask_rate, seed=seed, unpadded=unpadded)

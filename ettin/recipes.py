@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ettin.config import SIZES, ModelConfig, model_config
+from ettin.config import SIZES, ModelConfig, model_config, size_value
 from ettin.objectives import OBJECTIVES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,11 @@ RECIPES_DIR = Path(os.environ.get("ETTIN_RECIPES_DIR", REPO_ROOT / "recipes"))
 LR_SCHEDULES = ("wsd", "one_minus_sqrt")
 INIT_MODES = ("weights", "weights+optimizer")
 STRATEGIES = ("ddp", "fsdp")
+LOSS_NORMALIZATIONS = ("tokens", "micro_batch")
+
+# ``${size:FIELD}`` in a config reads FIELD of the run's row of the size table (ettin/config.py).
+if not OmegaConf.has_resolver("size"):
+    OmegaConf.register_new_resolver("size", lambda field, _root_: size_value(_root_.size, field))
 
 
 class ConfigError(ValueError):
@@ -54,6 +59,10 @@ class PhaseConfig:
     mask_rate: float = 0.3  # MLM/MNTP only
     micro_batch: int = 8  # sequences per device per forward/backward
     checkpoint_every_tokens: int = 0  # 0: only at the phase end
+    # A phase that starts with a fresh optimizer (zero Adam moments: weights from a Hugging Face
+    # folder or init_mode=weights) and has no warmup of its own ramps the LR up over these tokens.
+    fresh_optimizer_warmup_tokens: int = 0
+    val_every_tokens: int = 0  # validation cadence; 0: only at the phase end
 
 
 @dataclass
@@ -62,6 +71,9 @@ class OptimConfig:
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
+    # tokens: the mean over every target token of an optimizer step, across micro-batches and ranks
+    # (decision 5); micro_batch: Composer's mean per micro-batch, averaged (how Ettin was trained).
+    loss_normalization: str = "tokens"
 
 
 @dataclass
@@ -75,8 +87,9 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     num_workers: int = 2
     log_every_steps: int = 10
-    val_every_tokens: int = 0  # 0: only at phase ends
-    val_batches: int = 20  # in all, not per device: the same samples on any number of devices
+    # Validation samples in all, not per device: the same samples whatever the micro-batch size or
+    # the number of devices.
+    val_samples: int = 512
     val_mask_rate: float = 0.15
     process_group_timeout_s: int = 600
 
@@ -106,8 +119,6 @@ class TrainConfig:
     # Ettin: one chunk per row, micro_batch rows per micro-batch. True: each micro-batch takes whole
     # chunks up to micro_batch x seq_len tokens (short documents fill it; attention stays within each).
     pack_micro_batches: bool = False
-    # Ettin's per-size values that the phase lists refer to (conf/size/<size>.yaml).
-    sized: dict[str, Any] = field(default_factory=dict)
     pair: bool = False  # train the encoder AND the decoder (run names <run_name>-encoder/-decoder)
     phase_order: list[str] = field(default_factory=list)
     phase: Optional[str] = None  # run only this phase
@@ -117,7 +128,12 @@ class TrainConfig:
     resume: str = "auto"  # auto: latest complete checkpoint of the run if any; never; or a path
     seed: int = 21
     data_dir: str = "data"  # where the offline default prepares the built-in corpus
+    # Every checkpoint_every_tokens checkpoint and every phase end is kept (Ettin released them all);
+    # of the other saves (preemption), the newest keep_last_checkpoints.
+    keep_interval_checkpoints: bool = True
     keep_last_checkpoints: int = 3
+    eval_at_end: bool = False  # a pair: evaluate both exports and write the pair report
+    eval_tasks: str = "offline"  # the tasks of that evaluation (python -m ettin.eval --tasks)
     export_at_phase_end: bool = False
     export_at_end: bool = False
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -140,6 +156,17 @@ class TrainConfig:
             local_rope_theta=p.local_rope_theta,
             **self.model,
         )
+
+
+def parse_argv(argv: list[str]) -> tuple[str, list[str]]:
+    """``recipe=NAME`` (default: smoke) and the Hydra overrides of a command line."""
+    recipe, overrides = "smoke", []
+    for arg in argv:
+        if arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return recipe, overrides
 
 
 def available_recipes() -> list[str]:
@@ -174,6 +201,9 @@ def validate(raw: DictConfig | dict, recipe: str = "") -> TrainConfig:
     """Merge into the schema (unknown keys and bad types fail) and check the combinations."""
     schema = OmegaConf.structured(TrainConfig)
     try:
+        # As plain values, so a key added with Hydra's `+key=value` meets the schema too and fails.
+        if isinstance(raw, DictConfig):
+            raw = OmegaConf.to_container(raw, resolve=False)
         merged = OmegaConf.merge(schema, raw)
         if recipe and OmegaConf.is_missing(merged, "recipe"):
             merged.recipe = recipe
@@ -200,6 +230,11 @@ def check(cfg: TrainConfig) -> None:
         )
     if cfg.init_mode not in INIT_MODES:
         raise ConfigError(f"init_mode={cfg.init_mode!r}; choose one of {', '.join(INIT_MODES)}")
+    if cfg.optim.loss_normalization not in LOSS_NORMALIZATIONS:
+        raise ConfigError(f"optim.loss_normalization={cfg.optim.loss_normalization!r}; choose one of "
+                          f"{', '.join(LOSS_NORMALIZATIONS)}")
+    if cfg.trainer.val_samples < 1:
+        raise ConfigError("trainer.val_samples must be >= 1")
     if cfg.trainer.strategy not in STRATEGIES:
         raise ConfigError(f"trainer.strategy={cfg.trainer.strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if cfg.init_revision and not cfg.init:

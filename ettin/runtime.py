@@ -1,4 +1,6 @@
-"""What a training process does around the steps: checkpoints, validation, RNG, speed switches."""
+"""What a training process does around the steps, as Lightning callbacks and a logger: checkpoints and
+validation at token intervals, one continuous metrics.csv per phase, a progress bar in tokens, RNG
+states and speed switches."""
 
 from __future__ import annotations
 
@@ -8,16 +10,17 @@ import functools
 import logging
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.checkpoint import checkpoint
 
-from ettin.checkpoint import prune_checkpoints, save_weights, write_checkpoint
-from ettin.preemption import PreemptionHandler
+from ettin.checkpoint import Checkpointer
 from ettin.recipes import TrainConfig, to_yaml
 
 if TYPE_CHECKING:
@@ -69,109 +72,156 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class ContinueLogs(L.Callback):
-    """A resumed phase continues its logs instead of restarting them: Lightning counts logging steps
-    from 0 again and its CSV logger empties ``metrics.csv``. Rows logged up to the checkpoint are
-    kept (read here, before the logger starts), rows after it (about to be redone) are dropped, and
-    steps continue from the checkpoint's, so wandb accepts them too."""
-
-    def __init__(self, metrics_csv: Path, *, step: int, tokens: int) -> None:
-        self.step = step
-        self.rows: list[dict] = []
-        if step and metrics_csv.exists():
-            with metrics_csv.open(newline="") as f:
-                rows = list(csv.DictReader(f))
-            done = [i for i, row in enumerate(rows)
-                    if row.get("train/tokens") and float(row["train/tokens"]) <= tokens]
-            self.rows = rows[: done[-1] + 1] if done else []
-
-    def on_train_start(self, trainer, module) -> None:
-        trainer.fit_loop.epoch_loop._batches_that_stepped = self.step
-        for logger in trainer.loggers if trainer.is_global_zero else []:  # rank 0 writes the logs
-            if isinstance(logger, CSVLogger) and self.rows:
-                logger.experiment.metrics[:0] = self.rows  # written out with the next rows
+def _crossed(before: int, after: int, every: int) -> bool:
+    return bool(every) and after // every > before // every
 
 
-class CheckpointHook:
-    """Checkpoints at token intervals and at the phase end; validation at token intervals."""
+class MetricsCSV(Logger):
+    """``logs/<phase>/metrics.csv``: one row per logged step (train) and one per validation, at the
+    run's step, with a fixed set of columns. A resumed phase keeps the rows up to the checkpoint's
+    step and appends after them, so a phase has one continuous file whatever happened."""
 
-    def __init__(self, cfg: TrainConfig, phase: str, tokenizer, *, every_tokens: int,
+    def __init__(self, path: Path, columns: list[str], *, resume_step: int = 0) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.columns = ["step", *columns]
+        self._resume_step = resume_step
+        self._started = False
+
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> str:
+        return self.path.parent.name
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        if not self._started:
+            self._start()
+        unknown = set(metrics) - set(self.columns)
+        if unknown:
+            raise KeyError(f"metrics.csv has no column for {sorted(unknown)}")
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow({"step": step, **metrics})
+
+    def _start(self) -> None:
+        """Keep the rows logged up to the resume step (the rest is about to be redone)."""
+        kept: list[dict] = []
+        if self._resume_step and self.path.exists():
+            with self.path.open(newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= self._resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_suffix(".tmp")
+        with temp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+        temp.replace(self.path)
+        self._started = True
+
+
+class TokenProgressBar(TQDMProgressBar):
+    """The phase's progress in tokens, with its total; no Lightning version number."""
+
+    def __init__(self, phase: str, total_tokens: int, start_tokens: int) -> None:
+        super().__init__()
+        self.phase, self.total_tokens, self.start_tokens = phase, total_tokens, start_tokens
+
+    def on_train_epoch_start(self, trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.reset(total=self.total_tokens)
+        self.train_progress_bar.n = self.start_tokens
+        self.train_progress_bar.unit = " tok"
+        self.train_progress_bar.unit_scale = True
+        self.train_progress_bar.set_description(self.phase)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        bar.n = pl_module.loader_state.tokens
+        bar.total = max(self.total_tokens, bar.n)  # the last step may overshoot the budget
+        bar.set_postfix(self.get_metrics(trainer, pl_module))
+        bar.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class ValidationCallback(L.Callback):
+    """Validation every ``every_tokens`` tokens of the phase (and, called by the phase's end, once
+    more), logged to metrics.csv with the tokens it was measured at."""
+
+    def __init__(self, make_batches: Callable[["EttinModule"], Any], *, every_tokens: int,
                  start_tokens: int) -> None:
-        self.cfg = cfg
-        self.phase = phase
-        self.tokenizer = tokenizer
+        self.make_batches = make_batches
         self.every_tokens = every_tokens
         self.last_tokens = start_tokens
-        self.val_loader: Optional[Callable] = None
 
-        self.preemption = PreemptionHandler(save_fn=lambda trainer: self.save(trainer.lightning_module))
-
-    def callbacks(self) -> list:
-        return [self.preemption]
-
-    def after_step(self, module: "EttinModule") -> None:
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         tokens = module.loader_state.tokens
-        phase_done = tokens >= self.cfg.phases[self.phase].tokens
-        if self.every_tokens and not phase_done and _crossed(self.last_tokens, tokens, self.every_tokens):
-            self.save(module)
+        if _crossed(self.last_tokens, tokens, self.every_tokens) and tokens < module.phase_tokens:
+            self.validate(module)
         self.last_tokens = tokens
 
-    def validate_every(self, every_tokens: int) -> Callable[["EttinModule"], None]:
-        previous = [self.last_tokens]
-
-        def hook(module: "EttinModule") -> None:
-            tokens = module.loader_state.tokens
-            if _crossed(previous[0], tokens, every_tokens):
-                self.validate(module)
-            previous[0] = tokens
-
-        return hook
-
     def validate(self, module: "EttinModule") -> dict[str, float]:
-        metrics = module.evaluate(self.val_loader())
-        for logger in module.loggers:
-            logger.log_metrics(metrics, step=module.loader_state.step)
+        metrics = module.evaluate(self.make_batches(module))
+        module.log_metrics({**metrics, "val/tokens": float(module.loader_state.tokens)})
         log.info("validation at %s tokens: %s", f"{module.loader_state.tokens:,}",
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def save(self, module: "EttinModule", *, phase_end: bool = False) -> Path:
+
+class CheckpointCallback(L.Callback):
+    """Checkpoints every ``every_tokens`` tokens of the phase; ``save`` also serves the phase end and
+    preemption. Nothing is written from a state whose loss was not finite."""
+
+    def __init__(self, cfg: TrainConfig, phase: str, tokenizer, checkpointer: Checkpointer, *,
+                 every_tokens: int, start_tokens: int, fresh_optimizer: bool,
+                 data_identity: dict) -> None:
+        self.cfg, self.phase, self.tokenizer = cfg, phase, tokenizer
+        self.checkpointer = checkpointer
+        self.every_tokens = every_tokens
+        self.last_tokens = start_tokens
+        self.fresh_optimizer = fresh_optimizer
+        self.data_identity = data_identity
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
+        tokens = module.loader_state.tokens
+        if _crossed(self.last_tokens, tokens, self.every_tokens) and tokens < module.phase_tokens:
+            self.save(module, kind="interval")
+        self.last_tokens = tokens
+
+    def save(self, module: "EttinModule", *, kind: str) -> Path:
         """Every rank calls this; rank 0 writes the checkpoint atomically."""
-        if phase_end and self.val_loader is not None:
-            self.validate(module)
+        module.train_step.check_finite(f"the {kind} checkpoint at step {module.loader_state.step}")
         rng = _all_gather(capture_rng())
         state = module.loader_state
-        name = f"{self.phase}-step{state.step:07d}-tok{state.tokens:015d}"
-        path = self.cfg.run_dir / "checkpoints" / name
         # Collective when the model is sharded: every rank takes part, rank 0 receives it whole.
-        weights = module.full_model_state()
-        optimizer_state = module.full_optimizer_state(module.optimizers(use_pl_optimizer=False))
+        weights = module.parallel.full_model_state()
+        optimizer_state = module.parallel.full_optimizer_state(module.optimizers(use_pl_optimizer=False))
+        path = self.checkpointer.run_dir / "checkpoints" / self.checkpointer.name(
+            self.phase, state.step, state.tokens)
         if module.global_rank == 0:
-            meta = {
-                "run_name": self.cfg.run_name,
-                "recipe": self.cfg.recipe,
-                "objective": self.cfg.objective,
-                "phase": self.phase,
-                "phase_index": self.cfg.phase_order.index(self.phase),
-                "phase_end": phase_end,
-                "step": state.step,
-                "tokens": state.tokens,
-                "loader_state": {"step": state.step, "samples": state.samples, "tokens": state.tokens},
-                "world_size": module.trainer.world_size,
-                "model_config": dataclasses.asdict(module.model.config),
-                "tokenizer": str(self.tokenizer_dir()),
-                "git_commit": git_commit(),
-            }
-
-            def write(directory: Path) -> None:
-                save_weights(weights, directory)
-                torch.save(optimizer_state, directory / "optimizer.pt")
-                torch.save({"rng": rng}, directory / "rng.pt")
-                (directory / "config.yaml").write_text(to_yaml(self.cfg))
-
-            path = write_checkpoint(self.cfg.run_dir, name, write, meta)
-            prune_checkpoints(self.cfg.run_dir, keep_last=self.cfg.keep_last_checkpoints,
-                              keep=lambda m: bool(m.get("phase_end")))
+            path = self.checkpointer.save(
+                phase=self.phase, phase_index=self.cfg.phase_order.index(self.phase), kind=kind,
+                loader_state={"step": state.step, "samples": state.samples, "tokens": state.tokens},
+                model_state=weights, optimizer_state=optimizer_state, rng_states=rng,
+                config_yaml=to_yaml(self.cfg),
+                meta={
+                    "run_name": self.cfg.run_name, "recipe": self.cfg.recipe,
+                    "objective": self.cfg.objective, "world_size": module.trainer.world_size,
+                    "model_config": dataclasses.asdict(module.model.config),
+                    "tokenizer": str(self.tokenizer_dir()), "git_commit": git_commit(),
+                    "fresh_optimizer": self.fresh_optimizer, "data": self.data_identity,
+                },
+            )
             log.info("checkpoint %s", path)
         _barrier()
         return path
@@ -182,10 +232,6 @@ class CheckpointHook:
         if not (directory / "tokenizer_config.json").exists():
             self.tokenizer.save_pretrained(directory)
         return directory.resolve()
-
-
-def _crossed(before: int, after: int, every: int) -> bool:
-    return after // every > before // every
 
 
 def git_commit() -> str:

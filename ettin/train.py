@@ -13,18 +13,21 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from ettin.checkpoint import CheckpointError, Checkpointer, RunLock, RunLockedError, StartState
 from ettin.config import ModelConfig
-from ettin.recipes import ConfigError, TrainConfig, available_recipes, compose, to_yaml
 from ettin.launch import TopologyError, check_topology
+from ettin.objectives import OBJECTIVES
 from ettin.preemption import Preempted
+from ettin.recipes import ConfigError, TrainConfig, available_recipes, compose, parse_argv, to_yaml
 from ettin.runtime import git_commit
+from ettin.step import NonFiniteLossError
 
 log = logging.getLogger("ettin")
 
@@ -37,22 +40,13 @@ USAGE = """usage: python -m ettin.train [recipe=NAME] [key=value ...]
                    Composer .pt (init_mode=weights|weights+optimizer)
   init_revision=R  a hub revision of init (e.g. step599525, ext1000, decay100)
   resume=auto      (default) continue from the run's latest complete checkpoint; resume=never
+                   refuses a run directory that already holds a run; resume=PATH one checkpoint
 Any other key of the resolved config can be overridden the Hydra way (e.g. trainer.devices=2).
 """
 
 
 # ---------------------------------------------------------------------------------------------------
 # Start-up
-
-
-def parse_argv(argv: list[str]) -> tuple[str, list[str]]:
-    recipe, overrides = "smoke", []
-    for arg in argv:
-        if arg.startswith("recipe="):
-            recipe = arg.split("=", 1)[1]
-        else:
-            overrides.append(arg)
-    return recipe, overrides
 
 
 def environment_summary() -> dict[str, Any]:
@@ -153,76 +147,44 @@ def run_model_config(cfg: TrainConfig, phase: str, tokenizer) -> ModelConfig:
 # Where a run starts: resume, init, or scratch
 
 
-@dataclass
-class StartState:
-    phase_index: int = 0
-    model_state: Optional[dict] = None
-    optimizer_state: Optional[dict] = None
-    loader_state: Any = None  # ettin.data.loader.LoaderState
-    rng_states: Optional[list] = None
-    description: str = "from scratch"
+def checkpointer(cfg: TrainConfig) -> Checkpointer:
+    return Checkpointer(cfg.run_dir, keep_interval=cfg.keep_interval_checkpoints,
+                        keep_last=cfg.keep_last_checkpoints)
 
 
 def resolve_start(cfg: TrainConfig) -> StartState:
-    from ettin.checkpoint import latest_checkpoint
-
     phases = cfg.phases_to_run()
-    if cfg.resume != "never":
-        checkpoint = Path(cfg.resume) if cfg.resume != "auto" else latest_checkpoint(cfg.run_dir)
-        if checkpoint is not None:
-            return resume_state(checkpoint, phases)
+    if cfg.resume == "never":
+        existing = checkpointer(cfg).list() or list((cfg.run_dir / "logs").glob("*/metrics.csv"))
+        if existing:
+            raise ConfigError(
+                f"resume=never, but {cfg.run_dir} already holds a run ({existing[-1]}); choose another "
+                "run_name (or output_dir), or resume=auto to continue it"
+            )
+    else:
+        path = Path(cfg.resume) if cfg.resume != "auto" else checkpointer(cfg).latest()
+        if path is not None:
+            return checkpointer(cfg).resume(path, phases)
     if cfg.init:
         return init_state(cfg)
     return StartState()
 
 
-def resume_state(checkpoint: Path, phases: list[str]) -> StartState:
-    from ettin.checkpoint import load_weights, read_meta, safe_torch_load
-    from ettin.data.loader import LoaderState
-
-    meta = read_meta(checkpoint)
-    if meta["phase"] not in phases:
-        raise ConfigError(
-            f"checkpoint {checkpoint} is from phase {meta['phase']!r}, which this run does not "
-            f"include ({', '.join(phases)}); use resume=never or another run_name"
-        )
-    index = phases.index(meta["phase"])
-    state = StartState(
-        model_state=load_weights(checkpoint),
-        optimizer_state=safe_torch_load(checkpoint / "optimizer.pt"),
-    )
-    if meta.get("phase_end"):
-        # The transition to the next phase is applied here, once: weights and optimizer moments
-        # carry over; token clock, schedule and data start afresh.
-        state.phase_index = index + 1
-        state.description = f"phase {meta['phase']!r} finished at {checkpoint}; next phase"
-    else:
-        state.phase_index = index
-        state.loader_state = LoaderState(**meta["loader_state"])
-        state.rng_states = safe_torch_load(checkpoint / "rng.pt")["rng"]
-        state.description = (
-            f"resumed from {checkpoint} (phase {meta['phase']!r}, step {meta['step']}, "
-            f"{meta['tokens']:,} tokens)"
-        )
-    return state
-
-
 def init_state(cfg: TrainConfig) -> StartState:
     """Weights (and optionally optimizer state) from ``init``: ours, Hugging Face or Composer."""
-    from ettin.checkpoint import latest_checkpoint, load_weights, safe_torch_load
-
     source = cfg.init
     path = Path(source)
     optimizer_state = None
     if path.is_dir() and (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path)
+        found = Checkpointer(path).latest()
         if found is None:
             raise ConfigError(f"init={source}: that run has no complete checkpoint yet")
         path = found
     if path.is_dir() and (path / "meta.json").exists():
-        model_state = load_weights(path)
+        loaded = Checkpointer(path.parent.parent).load(path, rng=False)
+        model_state = loaded.model_state
         if cfg.init_mode == "weights+optimizer":
-            optimizer_state = safe_torch_load(path / "optimizer.pt")
+            optimizer_state = loaded.optimizer_state
         kind = "ettin checkpoint"
     elif path.suffix == ".pt":
         from ettin.composer import load_composer
@@ -248,6 +210,7 @@ def init_state(cfg: TrainConfig) -> StartState:
         model_state = load_hf(source, revision=cfg.init_revision).state_dict()
         kind = "Hugging Face model" + (f" at revision {cfg.init_revision}" if cfg.init_revision else "")
     return StartState(model_state=model_state, optimizer_state=optimizer_state,
+                      fresh_optimizer=optimizer_state is None,
                       description=f"initialised from {kind} {source} ({cfg.init_mode})")
 
 
@@ -255,13 +218,17 @@ def init_state(cfg: TrainConfig) -> StartState:
 # One phase
 
 
-def lr_multiplier(cfg: TrainConfig, phase: str):
+def lr_multiplier(cfg: TrainConfig, phase: str, *, fresh_optimizer: bool = False):
+    """The phase's LR multiplier of the tokens seen. A phase without a warmup of its own that starts
+    with zero Adam moments warms up over ``fresh_optimizer_warmup_tokens`` (full-LR first steps of a
+    fresh Adam are sign-like and large)."""
     from ettin.schedule import OneMinusSqrt, WarmupStableDecay
 
     p = cfg.phases[phase]
+    warmup = p.warmup_tokens or (p.fresh_optimizer_warmup_tokens if fresh_optimizer else 0)
     if p.lr_schedule == "wsd":
-        return WarmupStableDecay(p.warmup_tokens, p.decay_tokens, p.tokens, p.final_lr_ratio)
-    return OneMinusSqrt(p.tokens, p.final_lr_ratio, warmup_tokens=p.warmup_tokens)
+        return WarmupStableDecay(warmup, p.decay_tokens, p.tokens, p.final_lr_ratio)
+    return OneMinusSqrt(p.tokens, p.final_lr_ratio, warmup_tokens=warmup)
 
 
 def batch_schedule(cfg: TrainConfig, phase: str):
@@ -282,9 +249,21 @@ def trainer_devices(cfg: TrainConfig) -> tuple[str, int]:
     return accelerator, int(devices)
 
 
-def build_trainer(cfg: TrainConfig, phase: str, callbacks: list):
+def set_cpu_threads(cfg: TrainConfig) -> None:
+    """On CPU, each process of a run gets its share of the cores (torch's default takes them all in
+    every process, and oversubscribed OpenMP threads slow everything on the machine 10x or more)."""
+    accelerator, devices = trainer_devices(cfg)
+    if accelerator == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(devices, 1)))
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)  # a data-loader worker collates on the host; it must not compete
+
+
+def build_trainer(cfg: TrainConfig, phase: str, callbacks: list, loggers: list):
     import lightning as L
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from ettin.distributed import StepSyncDDPStrategy, cluster_plugins
 
@@ -300,17 +279,6 @@ def build_trainer(cfg: TrainConfig, phase: str, callbacks: list):
             process_group_backend="nccl" if accelerator == "gpu" else "gloo",
             timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s),
         )
-    loggers: list = []
-    if cfg.logging.csv:
-        loggers.append(CSVLogger(cfg.run_dir, name="logs", version=phase))
-    if cfg.logging.wandb:
-        mode = cfg.logging.wandb_mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        # One wandb run per ettin run: the id is the run name, so a requeued job continues it.
-        loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.run_name,
-                                   id=cfg.run_name, resume="allow", save_dir=str(cfg.run_dir),
-                                   offline=mode == "offline"))
     return L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=cfg.trainer.num_nodes,
         strategy=strategy, precision=precision, max_epochs=1, logger=loggers or False,
@@ -320,131 +288,221 @@ def build_trainer(cfg: TrainConfig, phase: str, callbacks: list):
     )
 
 
+def build_loggers(cfg: TrainConfig, phase: str, resume_step: int) -> list:
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ettin.runtime import MetricsCSV
+
+    objective = OBJECTIVES[cfg.objective]
+    loggers: list = []
+    if cfg.logging.csv:
+        columns = [*objective.metric_names("train"), "train/lr", "train/grad_norm", "train/tokens",
+                   "train/global_batch", "perf/tokens_per_s_per_device", "perf/tflops_per_device",
+                   "perf/mfu", *objective.metric_names("val"), "val/tokens"]
+        loggers.append(MetricsCSV(cfg.run_dir / "logs" / phase / "metrics.csv", columns,
+                                  resume_step=resume_step))
+    if cfg.logging.wandb:
+        mode = cfg.logging.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        # One wandb run per ettin run: the id is the run name, so a requeued job continues it.
+        loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.run_name,
+                                   id=cfg.run_name, resume="allow", save_dir=str(cfg.run_dir),
+                                   offline=mode == "offline"))
+    return loggers
+
+
+def data_identity(cfg: TrainConfig, phase: str, sources: list[tuple[str, float]]) -> dict:
+    """What decides the tokens a phase sees, in order: recorded in every checkpoint so two runs can be
+    proven to have seen the same data (ettin.compare)."""
+    import hashlib
+
+    def fingerprint(path: str) -> Optional[str]:
+        summary = Path(path) / "summary.json"
+        return hashlib.sha256(summary.read_bytes()).hexdigest() if summary.is_file() else None
+
+    p = cfg.phases[phase]
+    return {
+        "seed": cfg.seed, "phase": phase, "seq_len": p.seq_len, "global_batch": cfg.global_batch,
+        "batch_warmup_tokens": p.batch_warmup_tokens, "batch_warmup_min": p.batch_warmup_min,
+        "pack_micro_batches": cfg.pack_micro_batches,
+        "sources": [{"path": str(Path(path).resolve()), "weight": weight,
+                     "fingerprint": fingerprint(path)} for path, weight in sources],
+    }
+
+
 def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Path:
     """Train one phase from ``start``; returns the phase-end checkpoint."""
+    import lightning as L
     from torch.utils.data import DataLoader
 
     from ettin.data.loader import LoaderState, StepBatches, validation_batches
     from ettin.flops import peak_flops_per_device
     from ettin.model import ModernBert
-    from ettin.module import EttinModule
-    from ettin.objectives import make_collator
-    from ettin.runtime import CheckpointHook, ContinueLogs, apply_speedups, restore_rng
+    from ettin.module import EttinModule, count_on_host
+    from ettin.preemption import PreemptionHandler
+    from ettin.runtime import (CheckpointCallback, TokenProgressBar, ValidationCallback,
+                               apply_speedups, restore_rng)
 
     p = cfg.phases[phase]
+    objective = OBJECTIVES[cfg.objective]
     model_config = run_model_config(cfg, phase, tokenizer)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed alone
     model = ModernBert(model_config)
     if start.model_state is not None:
-        model.load_state_dict(start.model_state)
+        load_model_state(model, start.model_state)
     apply_speedups(model, compile=cfg.trainer.compile,
                    activation_checkpointing=cfg.trainer.activation_checkpointing)
     sources = resolve_sources(cfg, phase, tokenizer)
-    loader_state = start.loader_state or LoaderState(step=0, samples=0, tokens=0)
-    accelerator, devices = trainer_devices(cfg)
+    loader_state = LoaderState(**start.loader_state) if start.loader_state else \
+        LoaderState(step=0, samples=0, tokens=0)
+    accelerator, _ = trainer_devices(cfg)
 
-    module = EttinModule(
-        model, objective=cfg.objective, lr=cfg.optim.lr * p.lr_scale,
-        lr_multiplier=lr_multiplier(cfg, phase), phase_tokens=p.tokens,
-        weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-        peak_flops=peak_flops_per_device() if accelerator == "gpu" else None,
-        optimizer_state=start.optimizer_state, log_every_steps=cfg.trainer.log_every_steps,
-    )
-    checkpoints = CheckpointHook(cfg, phase, tokenizer, every_tokens=p.checkpoint_every_tokens,
-                                 start_tokens=loader_state.tokens)
-    module.step_hooks.append(checkpoints.after_step)
-    if cfg.trainer.val_every_tokens:
-        module.step_hooks.append(checkpoints.validate_every(cfg.trainer.val_every_tokens))
-
-    def train_loader() -> DataLoader:
+    def start_rng(module: EttinModule) -> None:
         rank, world = module.global_rank, module.trainer.world_size
         if start.rng_states is not None:
             restore_rng(start.rng_states, rank, world, seed=cfg.seed + loader_state.step)
         else:
             torch.manual_seed(cfg.seed * 1000 + rank)
-        steps = StepBatches(
-            sources, split="train", seq_len=p.seq_len,
-            collator=make_collator(cfg.objective, tokenizer, mask_rate=p.mask_rate, seed=cfg.seed),
-            global_batch_at=batch_schedule(cfg, phase), micro_batch_size=p.micro_batch,
-            rank=rank, world_size=world, seed=cfg.seed, phase=phase, state=loader_state,
-            pack=cfg.pack_micro_batches,
-        )
-        # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG,
-        # which would shift the dropout stream restored from a checkpoint.
-        return DataLoader(steps, batch_size=None, num_workers=cfg.trainer.num_workers,
-                          pin_memory=accelerator == "gpu", persistent_workers=False,
-                          generator=torch.Generator().manual_seed(cfg.seed))
 
-    def val_loader():
-        collator = make_collator(cfg.objective, tokenizer, mask_rate=cfg.trainer.val_mask_rate,
-                                 seed=cfg.seed)
+    module = EttinModule(
+        model, objective=objective, lr=cfg.optim.lr * p.lr_scale, peak_lr=cfg.optim.lr,
+        lr_multiplier=lr_multiplier(cfg, phase, fresh_optimizer=start.fresh_optimizer),
+        phase_tokens=p.tokens, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps, loss_normalization=cfg.optim.loss_normalization,
+        peak_flops=peak_flops_per_device() if accelerator == "gpu" else None,
+        optimizer_state=start.optimizer_state, log_every_steps=cfg.trainer.log_every_steps,
+        loader_state=loader_state, on_train_start_fn=start_rng,
+    )
+
+    class PhaseData(L.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            steps = StepBatches(
+                sources, split="train", seq_len=p.seq_len,
+                collator=objective.collator(tokenizer, mask_rate=p.mask_rate, seed=cfg.seed),
+                global_batch_at=batch_schedule(cfg, phase), micro_batch_size=p.micro_batch,
+                rank=self.trainer.global_rank, world_size=self.trainer.world_size, seed=cfg.seed,
+                phase=phase, state=loader_state, pack=cfg.pack_micro_batches,
+            )
+            # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG,
+            # which would shift the dropout stream restored from a checkpoint.
+            return DataLoader(steps, batch_size=None, num_workers=cfg.trainer.num_workers,
+                              pin_memory=accelerator == "gpu", persistent_workers=False,
+                              worker_init_fn=_one_thread,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+
+        def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+            return count_on_host(batch)
+
+    def val_batches(module: EttinModule):
+        collator = objective.collator(tokenizer, mask_rate=cfg.trainer.val_mask_rate, seed=cfg.seed)
         return validation_batches(sources, seq_len=p.seq_len, collator=collator,
-                                  batch_size=p.micro_batch, max_batches=cfg.trainer.val_batches,
+                                  batch_size=p.micro_batch, max_samples=cfg.trainer.val_samples,
                                   rank=module.global_rank, world_size=module.trainer.world_size)
 
-    module.train_dataloader = train_loader  # type: ignore[method-assign]
-    checkpoints.val_loader = val_loader
-    module.loader_state = loader_state
-    history = ContinueLogs(cfg.run_dir / "logs" / phase / "metrics.csv", step=loader_state.step,
-                           tokens=loader_state.tokens)
-    trainer = build_trainer(cfg, phase, callbacks=[*checkpoints.callbacks(), history])
+    checkpoints = CheckpointCallback(
+        cfg, phase, tokenizer, checkpointer(cfg), every_tokens=p.checkpoint_every_tokens,
+        start_tokens=loader_state.tokens, fresh_optimizer=start.fresh_optimizer,
+        data_identity=data_identity(cfg, phase, sources))
+    validation = ValidationCallback(val_batches, every_tokens=p.val_every_tokens,
+                                    start_tokens=loader_state.tokens)
+    preemption = PreemptionHandler(
+        save_fn=lambda trainer: checkpoints.save(trainer.lightning_module, kind="preemption"))
+    progress = TokenProgressBar(phase, p.tokens, loader_state.tokens)
+    trainer = build_trainer(cfg, phase, callbacks=[validation, checkpoints, preemption, progress],
+                            loggers=build_loggers(cfg, phase, resume_step=loader_state.step))
     log.info("phase %s: %s", phase, start.description)
     log.info("model: %s, %s parameters, attention backend %s, %s",
              cfg.size, f"{model.num_parameters():,}", model_config.attn_implementation,
              "causal" if model_config.causal else "bidirectional")
-    trainer.fit(module)
-    if checkpoints.preemption.preempted:
+    trainer.fit(module, datamodule=PhaseData())
+    if preemption.preempted:
         raise Preempted(f"preempted in phase {phase}; the checkpoint is saved and the job requeued")
     if module.loader_state.tokens < p.tokens:
         raise RuntimeError(
             f"phase {phase} stopped at {module.loader_state.tokens:,} of {p.tokens:,} tokens "
             "(interrupted); run the same command again to resume"
         )
-    return checkpoints.save(module, phase_end=True)
+    validation.validate(module)
+    return checkpoints.save(module, kind="phase_end")
+
+
+def load_model_state(model: torch.nn.Module, state: dict) -> None:
+    """``model.load_state_dict`` with an error that names the tensor, both shapes and the fix."""
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            fix = (f"set model.vocab_size={tensor.shape[0]} (the starting weights' vocabulary) or "
+                   "use a tokenizer of that size") if "tok_embeddings" in name or name.startswith(
+                "decoder") else "use a size whose shapes match the starting weights (size=...)"
+            raise ConfigError(f"the starting weights do not fit the model: {name} has shape "
+                              f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here; {fix}")
+    model.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------------
 # A whole run
 
 
+def check_phases_data(cfg: TrainConfig, tokenizer) -> dict[str, list[tuple[str, float]]]:
+    """Every phase's data, checked before the first step (a missing extension folder must not wait
+    for the end of pretraining to fail)."""
+    return {phase: resolve_sources(cfg, phase, tokenizer) for phase in cfg.phases_to_run()}
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run the recipe's phases from wherever the run stands; returns the final checkpoint."""
-    from ettin.checkpoint import load_weights, read_meta, safe_torch_load
+    lock = RunLock(cfg.run_dir).acquire() if global_rank() == 0 else None
+    setup_logging(cfg.run_dir)
+    try:
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig) -> Path:
     from ettin.schedule import schedule_table
 
-    setup_logging(cfg.run_dir)
     log.info("ettin run %s (recipe %s), git commit %s", cfg.run_name, cfg.recipe, git_commit())
     _, devices = trainer_devices(cfg)
     check_topology(devices * cfg.trainer.num_nodes, devices_per_node=devices,
                    num_nodes=cfg.trainer.num_nodes)  # prints one line per rank
+    set_cpu_threads(cfg)
     log.info("environment: %s", json.dumps(environment_summary()))
+    start = resolve_start(cfg)
     log.info("resolved config:\n%s", to_yaml(cfg))
     if global_rank() == 0:
         (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
     tokenizer = resolve_tokenizer(cfg)
-    log.info("schedule:\n%s", schedule_table(schedule_rows(cfg)))
-
     phases = cfg.phases_to_run()
-    start = resolve_start(cfg)
+    check_phases_data(cfg, tokenizer)
+    log.info("schedule:\n%s", schedule_table(schedule_rows(cfg)))
     log.info("start: %s", start.description)
     final: Optional[Path] = None
     for index in range(start.phase_index, len(phases)):
         phase = phases[index]
         final = run_phase(cfg, phase, tokenizer, start)
+        quiet_lightning_banners()
         if cfg.export_at_phase_end and global_rank() == 0:
             export_run(cfg, final, cfg.run_dir / f"hf-{phase}")
+        loaded = checkpointer(cfg).load(final, rng=False)
         start = StartState(
-            model_state=load_weights(final), optimizer_state=safe_torch_load(final / "optimizer.pt"),
-            description=f"continued from the end of phase {phase!r} ({final})",
+            model_state=loaded.model_state, optimizer_state=loaded.optimizer_state,
+            fresh_optimizer=False, description=f"continued from the end of phase {phase!r} ({final})",
         )
     if final is None:  # every phase was already finished
-        from ettin.checkpoint import latest_checkpoint
-
-        final = latest_checkpoint(cfg.run_dir)
-        log.info("run %s already finished (%s)", cfg.run_name, read_meta(final)["phase"])
+        final = checkpointer(cfg).latest()
+        log.info("run %s already finished (%s)", cfg.run_name, final)
     if cfg.export_at_end and global_rank() == 0:
         export_run(cfg, final, export_dir(cfg))
     return final
+
+
+def quiet_lightning_banners() -> None:
+    """Lightning prints its device banner for every Trainer: once per run is enough."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 def export_dir(cfg: TrainConfig) -> Path:
@@ -476,11 +534,22 @@ def schedule_rows(cfg: TrainConfig) -> list:
 
 def pair_configs(cfg: TrainConfig) -> list[TrainConfig]:
     """The encoder and the decoder of a pair, on the same data and schedule."""
-    encoder_objective = cfg.objective if cfg.objective != "clm" else "mlm"
+    encoder_objective = "mlm" if OBJECTIVES[cfg.objective].causal else cfg.objective
     return [
         replace(cfg, objective=encoder_objective, run_name=f"{cfg.run_name}-encoder", pair=False),
         replace(cfg, objective="clm", run_name=f"{cfg.run_name}-decoder", pair=False),
     ]
+
+
+def pair_report(cfg: TrainConfig, runs: list[TrainConfig]) -> Path:
+    """Both exports evaluated on the same tasks, and the pair report with its plots."""
+    from ettin.compare import write_report
+    from ettin.evaluation import evaluate
+
+    out = Path(cfg.output_dir) / f"{cfg.run_name}-report"
+    log.info("evaluating %s on the offline suite", " and ".join(r.run_name for r in runs))
+    results = evaluate([r.run_dir for r in runs], tasks=cfg.eval_tasks, out=out, seed=cfg.seed)
+    return write_report(runs[0].run_dir, runs[1].run_dir, out, evaluation=results)
 
 
 def dry_run_report(cfg: TrainConfig) -> str:
@@ -488,13 +557,14 @@ def dry_run_report(cfg: TrainConfig) -> str:
     from ettin.model import ModernBert
     from ettin.schedule import schedule_table, steps_for
 
+    objective = OBJECTIVES[cfg.objective]
     lines = [f"recipe {cfg.recipe} (run {cfg.run_name}, objective {cfg.objective})", "", to_yaml(cfg)]
     for name in cfg.phases_to_run():
         p = cfg.phases[name]
         config = cfg.model_config(name)
         with torch.device("meta"):
             model = ModernBert(config)
-        n_targets = p.seq_len if cfg.objective == "clm" else round(p.mask_rate * p.seq_len)
+        n_targets = objective.targets_per_row(p.seq_len, p.mask_rate)
         flops = training_flops(config, [p.seq_len], n_targets, config.causal) / p.seq_len
         steps = steps_for(p.tokens, p.seq_len, batch_schedule(cfg, name))
         lines.append(
@@ -502,8 +572,36 @@ def dry_run_report(cfg: TrainConfig) -> str:
             f"token (training, full {p.seq_len}-token rows), {p.tokens:,} tokens, >= {steps:,} "
             f"optimizer steps (rows at full length; shorter documents mean more steps)"
         )
-    lines += ["", schedule_table(schedule_rows(cfg))]
+    lines += ["", schedule_table(schedule_rows(cfg)), "", *readiness(cfg)]
     return "\n".join(lines)
+
+
+def readiness(cfg: TrainConfig) -> list[str]:
+    """What a real run would need that is not there yet: the tokenizer and every phase's data."""
+    from ettin.data.loader import open_splits
+
+    lines = ["ready to run?"]
+    if cfg.tokenizer == "builtin":
+        lines.append("  tokenizer: built-in (trained at start if missing)")
+    else:
+        from ettin.data.tokenizer import load_tokenizer
+
+        try:
+            load_tokenizer(cfg.tokenizer)
+            lines.append(f"  tokenizer {cfg.tokenizer}: ok")
+        except Exception as error:  # noqa: BLE001 - reported, not raised: this is a report
+            lines.append(f"  tokenizer {cfg.tokenizer}: MISSING - {str(error).splitlines()[0]}")
+    for phase in cfg.phases_to_run():
+        for source in cfg.data[phase]:
+            if source.path == "builtin":
+                lines.append(f"  data {phase}: built-in corpus (prepared at start if missing)")
+                continue
+            try:
+                open_splits([(source.path, source.weight)], "train", cfg.phases[phase].seq_len)
+                lines.append(f"  data {phase}: {source.path}: ok")
+            except (ValueError, FileNotFoundError, OSError) as error:
+                lines.append(f"  data {phase}: {source.path}: MISSING - {str(error).splitlines()[0]}")
+    return lines
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -522,22 +620,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     runs = pair_configs(cfg) if cfg.pair else [cfg]
     started = time.perf_counter()
+    report = None
     try:
         finals = [(run, train(run)) for run in runs]
+        if cfg.pair and cfg.eval_at_end and global_rank() == 0:
+            report = pair_report(cfg, runs)
     except Preempted as stop:
         log.info("%s", stop)
         return 0
-    except (TopologyError, ConfigError) as error:
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except (TopologyError, ConfigError, CheckpointError, RunLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if global_rank() == 0:
-        print(summary(finals, time.perf_counter() - started))
+        print(summary(finals, time.perf_counter() - started, report))
     return 0
 
 
-def summary(finals: list[tuple[TrainConfig, Path]], seconds: float) -> str:
+def summary(finals: list[tuple[TrainConfig, Path]], seconds: float, report: Optional[Path] = None) -> str:
     from ettin.export import pipeline_example
-    from ettin.objectives import OBJECTIVES
 
     lines = [f"\nDone in {seconds / 60:.1f} min."]
     for cfg, checkpoint in finals:
@@ -546,6 +649,8 @@ def summary(finals: list[tuple[TrainConfig, Path]], seconds: float) -> str:
             out = export_dir(cfg)
             lines.append(f"    Hugging Face folder: {out}")
             lines.append(f"    try: {pipeline_example(out, OBJECTIVES[cfg.objective].causal)}")
+    if report is not None:
+        lines.append(f"  pair report: {report}")
     return "\n".join(lines)
 
 

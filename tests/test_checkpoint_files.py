@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from ettin.checkpoint import (
     COMPLETE,
-    checkpoint_name,
+    Checkpointer,
     checkpoints_dir,
     latest_checkpoint,
     list_checkpoints,
@@ -38,15 +39,18 @@ def _write_files(payload: str = "x"):
 
 
 def _save(run_dir, step, tokens, **meta):
-    return write_checkpoint(run_dir, checkpoint_name(step, tokens), _write_files(f"{step}"),
+    return write_checkpoint(run_dir, Checkpointer.name("pretrain", step, tokens), _write_files(f"{step}"),
                             {"step": step, "tokens": tokens, **meta})
 
 
 def test_write_produces_a_complete_checkpoint(tmp_path):
     path = _save(tmp_path, 3, 1234, phase="pretrain")
-    assert path == tmp_path / "checkpoints" / "step-0000003-tok-0000000001234"
+    assert path == tmp_path / "checkpoints" / "pretrain-step0000003-tok000000000001234"
     assert (path / COMPLETE).is_file() and (path / "sub" / "more.bin").is_file()
-    assert read_meta(path) == {"step": 3, "tokens": 1234, "phase": "pretrain"}
+    meta = read_meta(path)
+    hashes = meta.pop("sha256")
+    assert meta == {"step": 3, "tokens": 1234, "phase": "pretrain"}
+    assert hashes["sub/more.bin"] == hashlib.sha256((path / "sub" / "more.bin").read_bytes()).hexdigest()
     assert json.loads((path / "meta.json").read_text())["tokens"] == 1234
     assert latest_checkpoint(tmp_path) == path
     assert [p.name for p in checkpoints_dir(tmp_path).iterdir()] == [path.name]  # no temp left
@@ -59,11 +63,11 @@ def test_latest_is_highest_phase_then_tokens_then_step(tmp_path):
     c = _save(tmp_path, 15, 7_000)  # written last but not the latest
     assert list_checkpoints(tmp_path) == [a, c, b] and latest_checkpoint(tmp_path) == b
     # The token clock restarts with each phase: a later phase is later whatever its tokens.
-    d = write_checkpoint(tmp_path, "extension-" + checkpoint_name(1, 100), _write_files(),
+    d = write_checkpoint(tmp_path, Checkpointer.name("extension", 1, 100), _write_files(),
                          {"step": 1, "tokens": 100, "phase_index": 1})
     assert latest_checkpoint(tmp_path) == d
     # Same tokens, higher step wins.
-    e = write_checkpoint(tmp_path, "extension-" + checkpoint_name(2, 100), _write_files(),
+    e = write_checkpoint(tmp_path, Checkpointer.name("extension", 2, 100), _write_files(),
                          {"step": 2, "tokens": 100, "phase_index": 1})
     assert latest_checkpoint(tmp_path) == e
 
@@ -72,10 +76,10 @@ def test_temp_and_incomplete_directories_are_ignored(tmp_path):
     good = _save(tmp_path, 1, 100)
     root = checkpoints_dir(tmp_path)
     (root / ".tmp-step-0000009-tok-000000009000-123").mkdir()
-    incomplete = root / checkpoint_name(5, 5_000)
+    incomplete = root / Checkpointer.name("pretrain", 5, 5_000)
     incomplete.mkdir()
     (incomplete / "meta.json").write_text(json.dumps({"step": 5, "tokens": 5_000}))
-    broken = root / checkpoint_name(6, 6_000)
+    broken = root / Checkpointer.name("pretrain", 6, 6_000)
     broken.mkdir()
     (broken / "meta.json").write_text("{not json")
     (broken / COMPLETE).write_text("")
@@ -90,7 +94,7 @@ def test_exception_in_write_fn_keeps_the_previous_checkpoint(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        write_checkpoint(tmp_path, checkpoint_name(2, 200), failing, {"step": 2, "tokens": 200})
+        write_checkpoint(tmp_path, Checkpointer.name("pretrain", 2, 200), failing, {"step": 2, "tokens": 200})
     assert latest_checkpoint(tmp_path) == previous
     assert sorted(p.name for p in checkpoints_dir(tmp_path).iterdir()) == [previous.name]
 
@@ -114,7 +118,7 @@ def test_a_process_killed_inside_write_fn_leaves_the_previous_checkpoint(tmp_pat
         def write(directory):
             (directory / "model.safetensors").write_bytes(b"half of it")
             os._exit(9)  # killed mid-write: no cleanup, no exception handlers
-        ck.write_checkpoint(run_dir, ck.checkpoint_name(2, 200), write, {"step": 2, "tokens": 200})
+        ck.write_checkpoint(run_dir, ck.Checkpointer.name("pretrain", 2, 200), write, {"step": 2, "tokens": 200})
     """)
     assert code == 9
     root = checkpoints_dir(tmp_path)
@@ -135,7 +139,7 @@ def test_a_process_killed_after_complete_but_before_the_rename(tmp_path):
         def dying_replace(src, dst):
             os._exit(9)
         ck.os.replace = dying_replace
-        ck.write_checkpoint(run_dir, ck.checkpoint_name(2, 200), lambda d: (d / "w").write_text("w"),
+        ck.write_checkpoint(run_dir, ck.Checkpointer.name("pretrain", 2, 200), lambda d: (d / "w").write_text("w"),
                             {"step": 2, "tokens": 200})
     """)
     assert code == 9
@@ -155,19 +159,19 @@ def test_a_process_killed_while_replacing_a_same_named_checkpoint(tmp_path):
                 os._exit(9)
             real(src, dst)
         ck.os.replace = dying_replace
-        ck.write_checkpoint(run_dir, ck.checkpoint_name(2, 200), lambda d: (d / "w").write_text("new"),
+        ck.write_checkpoint(run_dir, ck.Checkpointer.name("pretrain", 2, 200), lambda d: (d / "w").write_text("new"),
                             {"step": 2, "tokens": 200, "phase_end": True})
     """)
     assert code == 9
     # The next write puts the moved-aside checkpoint back before cleaning up.
     _save(tmp_path, 3, 300)
     assert first.is_dir() and (first / "data.txt").read_text() == "2"
-    assert [p.name for p in list_checkpoints(tmp_path)] == [first.name, checkpoint_name(3, 300)]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [first.name, Checkpointer.name("pretrain", 3, 300)]
 
 
 def test_saving_the_same_name_again_replaces_it(tmp_path):
     _save(tmp_path, 2, 200)
-    path = write_checkpoint(tmp_path, checkpoint_name(2, 200), _write_files("again"),
+    path = write_checkpoint(tmp_path, Checkpointer.name("pretrain", 2, 200), _write_files("again"),
                             {"step": 2, "tokens": 200, "phase_end": True})
     assert (path / "data.txt").read_text() == "again" and read_meta(path)["phase_end"] is True
     assert [p.name for p in checkpoints_dir(tmp_path).iterdir()] == [path.name]

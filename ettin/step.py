@@ -1,0 +1,141 @@
+"""One optimizer step as a plain object: micro-batches -> loss normalisation -> LR from the token clock
+-> gradient sync -> optimizer step. No Lightning in here, so it is tested directly (tests/test_step.py).
+
+Loss normalisation (``optim.loss_normalization``):
+- ``tokens`` (default, decision 5): the mean over every target token of the step, across micro-batches
+  and ranks. Each micro-batch's summed loss is divided by the step's global target count, so a token
+  weighs the same whichever micro-batch or rank it fell into.
+- ``micro_batch``: Composer's way, how the released Ettin models were trained: each micro-batch's own
+  mean loss, weighted by its share of the rank's sequences, averaged over ranks.
+``tokens`` multiplies by the world size because DDP (and FSDP's reduce-scatter) average gradients over
+ranks; ``micro_batch`` keeps that average, as Composer did. The loss reported is always the token mean,
+so runs compare whatever they normalise by. Nothing in a step waits on the device (no host sync):
+counts come from the host, the global target count stays a device tensor.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
+
+import torch
+
+from ettin.optim import grad_norm
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # summed cross-entropy of this rank's targets (0-dim, on the device)
+    correct: torch.Tensor  # this rank's targets predicted right (argmax)
+    local_targets: int
+    global_targets: torch.Tensor  # summed over ranks, 0-dim on the device
+    lr: float
+    grad_norm: Optional[torch.Tensor]  # only when asked for (it costs a pass over the gradients)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite: training stops rather than train on it."""
+
+
+class TrainStep:
+    """Runs one optimizer step on ``network`` (the model, possibly wrapped for DDP).
+
+    ``sum_over_ranks`` adds a tensor over ranks (identity on one process); ``gradient_sync(enabled)``
+    is the context of a micro-batch's backward; ``backward`` runs a backward pass (Lightning's
+    precision-aware ``manual_backward`` in training); ``forward_context`` wraps forwards (autocast).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        lr: float,
+        lr_multiplier: Callable[[int], float],
+        loss_normalization: str = "tokens",
+        world_size: int = 1,
+        sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+        gradient_sync: Callable[[bool], ContextManager] = lambda enabled: nullcontext(),
+        backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
+        forward_context: Callable[[], ContextManager] = nullcontext,
+    ) -> None:
+        if loss_normalization not in ("tokens", "micro_batch"):
+            raise ValueError(f"loss_normalization={loss_normalization!r}: tokens or micro_batch")
+        self.network = network
+        self.optimizer = optimizer
+        self.lr = lr
+        self.lr_multiplier = lr_multiplier
+        self.loss_normalization = loss_normalization
+        self.world_size = world_size
+        self.sum_over_ranks = sum_over_ranks
+        self.gradient_sync = gradient_sync
+        self.backward = backward
+        self.forward_context = forward_context
+        # Set on the device when a step's loss is not finite; read (a host sync) only by check_finite.
+        self.nonfinite = torch.zeros((), dtype=torch.bool)
+
+    def lr_at(self, tokens_before: int) -> float:
+        """The LR of the step that starts after ``tokens_before`` tokens of the phase."""
+        return self.lr * self.lr_multiplier(tokens_before)
+
+    def __call__(self, micro_batches: list[dict], *, tokens_before: int, targets: list[int],
+                 rows: list[int], with_grad_norm: bool = False) -> StepResult:
+        """``targets``/``rows``: labelled positions and sequences of each micro-batch, counted on the
+        host (so nothing here waits on the device to know them)."""
+        device = next(iter(micro_batches[0].values())).device
+        local_targets = sum(targets)
+        global_targets = self.sum_over_ranks(torch.tensor(float(local_targets), device=device))
+        lr = self.lr_at(tokens_before)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        last = len(micro_batches) - 1
+        for index, micro_batch in enumerate(micro_batches):
+            with self.gradient_sync(index == last):
+                with self.forward_context():
+                    out = self.network(**micro_batch, loss_reduction="sum")
+                self.backward(out.loss * self._scale(targets[index], rows[index], global_targets,
+                                                     sum(rows)))
+            loss_sum += out.loss.detach().float()
+            correct += _correct(out, micro_batch)
+
+        norm = grad_norm(p for g in self.optimizer.param_groups for p in g["params"]) \
+            if with_grad_norm else None
+        self.nonfinite = self.nonfinite.to(device) | ~torch.isfinite(loss_sum)
+        if norm is not None:
+            self.nonfinite |= ~torch.isfinite(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_sum, correct, local_targets, global_targets, lr, norm)
+
+    def _scale(self, mb_targets: int, mb_rows: int, global_targets: torch.Tensor, local_rows: int):
+        if self.loss_normalization == "tokens":
+            return self.world_size / global_targets.clamp(min=1.0)
+        # Composer: mean over the micro-batch's targets, weighted by its share of the rank's rows;
+        # gradient averaging over ranks then averages the ranks.
+        return (mb_rows / max(local_rows, 1)) / max(mb_targets, 1)
+
+    def check_finite(self, where: str) -> None:
+        """Raise :class:`NonFiniteLossError` if any step since the start was not finite (a host sync:
+        called at log steps and before every checkpoint)."""
+        flag = self.nonfinite.float()
+        if self.world_size > 1:  # every rank stops at the same step
+            flag = self.sum_over_ranks(flag)
+        if float(flag) > 0:
+            raise NonFiniteLossError(
+                f"the loss or the gradient became NaN/inf before {where}; training stopped and no "
+                "checkpoint was written from this state. Lower optim.lr (or check the data and the "
+                "initial weights), then resume from the last checkpoint (run the same command)."
+            )
+
+
+def _correct(out, micro_batch: dict) -> torch.Tensor:
+    """Targets whose argmax is right: the model's own count when it gives one, else from the logits
+    (which, with labels, hold only the labelled positions, in order)."""
+    if getattr(out, "n_correct", None) is not None:
+        return out.n_correct.detach().float()
+    labels = micro_batch["labels"]
+    return (out.logits.detach().argmax(-1) == labels[labels != -100]).sum().float()
