@@ -21,6 +21,16 @@ Attention backends (``config.attn_implementation``), all computing the same func
             (compiled on GPU; on CPU torch runs it uncompiled and without a backward pass).
 * ``flash`` flash-attn's varlen kernel with ``window_size`` (optional dependency, GPU only).
 * ``eager`` explicit softmax over the same grid as sdpa: the readable reference.
+
+Host-device synchronisation: given what the collators provide (flat ``input_ids`` with
+``cu_seqlens``, ``max_seqlen`` and ``target_index``), forward and backward read nothing back from
+the device, so a GPU never waits for the host between micro-batches. Without them the model
+computes them itself (``nonzero``, ``max``), which synchronises once per call.
+
+The loss (``ModernBert.loss_implementation``): ``plain`` materialises the [targets, vocab] logits
+and returns them; ``chunked`` (``linear_cross_entropy``) never holds more than ``loss_chunk_tokens``
+rows of logits at once, which is what lets CLM at 8k context fit (the logits alone would be
+[tokens x 50,368] fp32), and returns no logits.
 """
 
 from __future__ import annotations
@@ -42,10 +52,21 @@ log = logging.getLogger("ettin")
 IGNORE_INDEX = -100
 
 
+LOSS_IMPLEMENTATIONS = ("plain", "chunked")
+
+
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V] padded input, [N, V] flat input, [n_targets, V] with labels
+    """Without labels: ``logits`` [B, T, V] for padded input, [N, V] for flat input. With labels:
+    ``logits`` [n_targets, V] of the labelled positions in stream order (None under the chunked
+    loss), ``loss``, ``targets`` (the labels of those positions, [n_targets]; ``targets.numel()``
+    is the count, known without a sync) and ``n_correct`` (0-dim int64 tensor: targets whose
+    largest logit is the label, for masked accuracy without indexing on the host)."""
+
+    logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None
+    targets: Optional[torch.Tensor] = None
+    n_correct: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,23 +76,40 @@ class ModelOutput:
 class Layout:
     """Sequences of one forward pass in the flat token stream.
 
-    Masks are built lazily, once per forward pass, and shared by all layers of the same type.
+    Masks are built once per forward pass (``prepare``, before the layers, so a compiled layer only
+    reads them) and shared by all layers of the same type. ``n_tokens`` (the stream's length, from
+    the input's shape) saves reading ``cu_seqlens[-1]`` back from the device.
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, window: int) -> None:
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, window: int,
+                 n_tokens: Optional[int] = None) -> None:
         self.cu_seqlens = cu_seqlens.to(torch.int32)
         self.max_seqlen = int(max_seqlen)
         self.causal = causal
         self.window = window
         self.lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        n = int(cu_seqlens[-1])
+        n = int(cu_seqlens[-1]) if n_tokens is None else n_tokens
         device = cu_seqlens.device
         # Sequence index of every token, and its position inside its sequence.
         self.sequence = torch.repeat_interleave(torch.arange(len(self.lengths), device=device),
                                                 self.lengths, output_size=n)
         self.positions = torch.arange(n, device=device) - cu_seqlens[:-1].long()[self.sequence]
-        self.uniform = bool((self.lengths == self.max_seqlen).all())  # no padding in the grid
+        # No padding in the grid: every length <= max_seqlen, so they are all equal iff they sum to
+        # seqs * max_seqlen (shapes only, no sync).
+        self.uniform = n == len(self.lengths) * self.max_seqlen
         self._cache: dict = {}
+
+    def prepare(self, backend: str, sliding_kinds) -> None:
+        """Build the masks that layers of each kind (``sliding`` True / False) will read."""
+        for sliding in sliding_kinds:
+            if backend == "flex":
+                self.block_mask(sliding)
+            elif backend in ("sdpa", "eager"):
+                if sliding and backend == "sdpa" and self.use_band():
+                    self.band()
+                else:
+                    self.grid_index()
+                    self.grid_mask(sliding)
 
     def cached(self, key, build):
         if key not in self._cache:
@@ -286,6 +324,69 @@ def _require_flash_attn() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# The memory-light loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T + bias`` against ``targets``, and the number of
+    rows whose largest logit is the target, computed ``chunk`` rows at a time. The gradients are
+    computed in the forward, chunk by chunk, while each chunk's logits exist (as liger-kernel's
+    fused linear cross-entropy does), so no [rows, vocab] tensor is ever alive and nothing is
+    recomputed. Matmuls run in ``dtype`` (the autocast dtype), softmax and loss in fp32, the weight
+    gradient is accumulated in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
+        grads_needed = any(ctx.needs_input_grad[:3])
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        n_correct = torch.zeros((), device=hidden.device, dtype=torch.long)
+        grad_hidden = torch.empty_like(h) if grads_needed else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grads_needed else None
+        grad_bias = None if bias is None or not grads_needed else torch.zeros_like(bias, dtype=torch.float32)
+        for start in range(0, len(h), chunk):
+            h_chunk, t_chunk = h[start:start + chunk], targets[start:start + chunk]
+            logits = F.linear(h_chunk, w, b).float()
+            n_correct += (logits.argmax(-1) == t_chunk).sum()
+            log_norm = logits.logsumexp(-1, keepdim=True)
+            loss += (log_norm.squeeze(1) - logits.gather(1, t_chunk[:, None]).squeeze(1)).sum()
+            if grads_needed:  # d loss / d logits = softmax - one_hot(target)
+                grad_logits = logits.sub_(log_norm).exp_()
+                grad_logits.scatter_add_(1, t_chunk[:, None], grad_logits.new_full((len(t_chunk), 1), -1.0))
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+                grad_logits = grad_logits.to(dtype)
+                grad_hidden[start:start + chunk] = grad_logits @ w
+                grad_weight += (grad_logits.t() @ h_chunk).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(n_correct)
+        return loss, n_correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_n_correct):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        dtypes = ctx.input_dtypes
+        grads = [None if g is None else (g * grad_loss).to(d)
+                 for g, d in zip((grad_hidden, grad_weight, grad_bias), dtypes)]
+        return (*grads, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of cross_entropy(F.linear(hidden, weight, bias), targets), n_correct)`` in chunks of
+    ``chunk`` rows; the same values and gradients as the plain computation, in the autocast dtype
+    when autocast is on (as ``nn.Linear`` would be)."""
+    if chunk < 1:
+        raise ValueError(f"loss_chunk_tokens must be >= 1, not {chunk}")
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
 # Rotary position embedding: GPT-NeoX "rotate half" over the full head dim, cos/sin always in fp32.
 
 
@@ -382,6 +483,7 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
         c = self.config
+        layout.prepare(c.attn_implementation, {layer.attn.sliding for layer in self.layers})
         rope = {theta: rope_cos_sin(layout.positions, c.head_dim, theta)
                 for theta in {c.global_rope_theta, c.local_rope_theta}}
         x = self.embeddings(input_ids)
@@ -425,12 +527,21 @@ def unpad(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
 
 
 class ModernBert(nn.Module):
-    """Backbone + prediction head + vocabulary projection tied to the token embeddings."""
+    """Backbone + prediction head + vocabulary projection tied to the token embeddings.
 
-    def __init__(self, config: ModelConfig) -> None:
+    ``loss_implementation``: ``plain`` or ``chunked`` (see the module docstring); an attribute, so
+    it can be switched on a built model, as can ``loss_chunk_tokens``."""
+
+    def __init__(self, config: ModelConfig, *, loss_implementation: str = "plain",
+                 loss_chunk_tokens: int = 4096) -> None:
         super().__init__()
         if config.attn_implementation == "flash":
             _require_flash_attn()
+        if loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(f"loss_implementation={loss_implementation!r} is unknown; choose one of "
+                             f"{', '.join(LOSS_IMPLEMENTATIONS)}")
+        self.loss_implementation = loss_implementation
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.config = config
         self.model = Backbone(config)
         self.head = PredictionHead(config)
@@ -480,14 +591,20 @@ class ModernBert(nn.Module):
         *,
         cu_seqlens: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
+        target_index: Optional[torch.Tensor] = None,
         causal: Optional[bool] = None,
         loss_reduction: str = "mean",
     ) -> ModelOutput:
         """Padded ([B, T] + attention_mask) or flat (input_ids [N] + cu_seqlens) input; see
-        docs/design.md. With labels only labelled positions reach the head: logits [n_targets, V]."""
+        docs/design.md. With labels only labelled positions reach the head. Flat input may come
+        with ``max_seqlen`` (the longest row) and ``target_index`` (the stream positions whose
+        label is not -100, ascending): given both, nothing is read back from the device."""
         causal = self.config.causal if causal is None else causal
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', not {loss_reduction!r}")
+        if target_index is not None and (labels is None or cu_seqlens is None):
+            raise ValueError("target_index indexes the labels of the flat stream: pass it with "
+                             "labels and cu_seqlens (flat input), or leave it out")
         keep = None
         if cu_seqlens is None:
             padded_shape = input_ids.shape
@@ -496,9 +613,9 @@ class ModernBert(nn.Module):
             if input_ids.dim() != 1:
                 raise ValueError("with cu_seqlens, input_ids must be flat [N]")
             padded_shape = None
-            if max_seqlen is None:
+            if max_seqlen is None:  # a host sync; the collators pass it
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        layout = Layout(cu_seqlens, max_seqlen, causal, self.config.window)
+        layout = Layout(cu_seqlens, max_seqlen, causal, self.config.window, n_tokens=len(input_ids))
         hidden = self.model(input_ids, layout)
 
         if labels is None:
@@ -511,10 +628,18 @@ class ModernBert(nn.Module):
             return ModelOutput(logits=logits)
 
         # Only labelled positions go through the head and the vocabulary projection.
-        selected = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        targets = labels[selected]
-        logits = self.decoder(self.head(hidden[selected]))
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if target_index is None:  # a host sync; the collators pass target_index
+            target_index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = labels.index_select(0, target_index)
+        selected = self.head(hidden.index_select(0, target_index))
+        if self.loss_implementation == "chunked":
+            logits = None
+            loss, n_correct = linear_cross_entropy(selected, self.decoder.weight, self.decoder.bias,
+                                                   targets, self.loss_chunk_tokens)
+        else:
+            logits = self.decoder(selected)
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+            n_correct = (logits.detach().argmax(-1) == targets).sum()
         if loss_reduction == "mean":  # 0 rather than NaN for a batch without targets
             loss = loss / max(targets.numel(), 1)
-        return ModelOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits, loss=loss, targets=targets, n_correct=n_correct)

@@ -26,9 +26,11 @@ def test_clm_labels_are_the_next_token_within_each_row():
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert out["labels"].tolist() == [[11, 12, 13, 1, X], [21, 22, X, X, X]]
     flat = CLMCollator(IDS)(rows)
-    assert set(flat) == {"input_ids", "cu_seqlens", "max_seqlen", "labels"}
+    assert set(flat) == {"input_ids", "cu_seqlens", "max_seqlen", "labels", "target_index"}
     assert flat["input_ids"].tolist() == [0, 11, 12, 13, 1, 0, 21, 22]
     assert flat["labels"].tolist() == [11, 12, 13, 1, X, 21, 22, X]  # never across rows
+    assert flat["target_index"].tolist() == [0, 1, 2, 3, 5, 6]  # the labelled stream positions
+    assert flat["target_index"].dtype == torch.long
     assert flat["cu_seqlens"].dtype == torch.int32 and flat["cu_seqlens"].tolist() == [0, 5, 8]
     assert flat["max_seqlen"] == 5
     assert flat["input_ids"].dtype == torch.long and flat["labels"].dtype == torch.long
@@ -118,6 +120,9 @@ def test_padded_and_unpadded_hold_the_same_rows():
     assert torch.equal(padded["labels"][keep], flat["labels"])
     assert (padded["labels"][~keep] == X).all() and (padded["input_ids"][~keep] == IDS.pad).all()
     assert torch.equal(keep.sum(1).int(), torch.diff(flat["cu_seqlens"]))
+    assert torch.equal(flat["target_index"], (flat["labels"] != X).nonzero().squeeze(1))
+    assert 0 < len(flat["target_index"]) < len(flat["labels"])
+    assert flat["max_seqlen"] == padded["input_ids"].shape[1]
 
 
 def test_encoder_rows_are_closed_and_decoder_rows_are_not():
@@ -135,8 +140,13 @@ def test_bad_inputs_to_collators():
     no_mask = SpecialIds(cls=0, sep=1, pad=None, mask=None, unk=None, all=frozenset({0, 1}))
     with pytest.raises(ValueError, match=r"no \[MASK\] token"):
         MLMCollator(no_mask, vocab_size=V, mask_rate=0.3, seed=0)
-    with pytest.raises(ValueError, match="prepared with another tokenizer"):
+    with pytest.raises(ValueError, match="token id 500 is outside the tokenizer's 100 ids: the data was "
+                                         "prepared with another tokenizer"):
         MLMCollator(IDS, vocab_size=V, mask_rate=0.3, seed=0)([(0, np.array([0, 500, 1]))])
+    with pytest.raises(ValueError, match="token id 100 is outside the tokenizer's 100 ids: the data was "
+                                         "prepared with another tokenizer"):
+        CLMCollator(IDS, vocab_size=V)([(0, np.array([0, 11, 1])), (1, np.array([0, 100]))])
+    assert CLMCollator(IDS, vocab_size=V)([(0, np.array([0, 99, 1]))])["input_ids"].tolist() == [0, 99, 1]
     # No [PAD]: padded batches pad with [SEP] (masked out by attention_mask and labels anyway).
     out = CLMCollator(no_mask, unpadded=False)([(0, np.array([0, 11, 1])), (1, np.array([0]))])
     assert out["input_ids"].tolist() == [[0, 11, 1], [0, 1, 1]]

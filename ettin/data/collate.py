@@ -1,10 +1,12 @@
 """Collators: a list of ``(global sample index, tokens)`` -> exactly the model's keyword arguments.
 
 * padded: ``{input_ids [B, T], attention_mask [B, T], labels [B, T]}`` (right padding);
-* unpadded (default): ``{input_ids [N], cu_seqlens int32 [B + 1], max_seqlen, labels [N]}``: the
-  rows concatenated, one sequence each, so attention never crosses a row. This is also the packed
-  form: a micro-batch is one stream of documents (StepBatches(pack=True) fills micro-batches by
-  tokens instead of rows).
+* unpadded (default): ``{input_ids [N], cu_seqlens int32 [B + 1], max_seqlen, labels [N],
+  target_index [n_targets]}``: the rows concatenated, one sequence each, so attention never crosses
+  a row. This is also the packed form: a micro-batch is one stream of documents
+  (StepBatches(pack=True) fills micro-batches by tokens instead of rows). ``max_seqlen`` (an int)
+  and ``target_index`` (int64 stream positions whose label is not -100, ascending) are computed
+  here on the host, so the model's forward needs no host-device sync to find them.
 
 Labels: -100 is "no target", and the label at position i is the target predicted FROM position i,
 so the model and the loss are the same for every objective:
@@ -48,11 +50,13 @@ def batch_tensors(rows: Sequence[np.ndarray], labels: Sequence[np.ndarray], pad_
     if unpadded:
         cu_seqlens = np.zeros(len(rows) + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu_seqlens[1:])
+        flat_labels = np.concatenate(labels)
         return {
             "input_ids": torch.from_numpy(np.concatenate(rows)),
             "cu_seqlens": torch.from_numpy(cu_seqlens),
             "max_seqlen": int(lengths.max()),
-            "labels": torch.from_numpy(np.concatenate(labels)),
+            "labels": torch.from_numpy(flat_labels),
+            "target_index": torch.from_numpy(np.flatnonzero(flat_labels != IGNORE_INDEX)),
         }
     width = int(lengths.max())
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -70,6 +74,7 @@ def batch_tensors(rows: Sequence[np.ndarray], labels: Sequence[np.ndarray], pad_
 class _Collator:
     ids: SpecialIds
     unpadded: bool
+    vocab_size: Optional[int]  # the tokenizer's size: larger ids are refused (None: not checked)
     close_rows = False  # whether rows get a closing [SEP] (encoders): one token more per row
 
     @property
@@ -78,16 +83,23 @@ class _Collator:
 
     def row(self, tokens) -> np.ndarray:
         row = np.asarray(tokens).astype(np.int64)
+        if self.vocab_size is not None and len(row) and row.max() >= self.vocab_size:
+            raise ValueError(
+                f"token id {int(row.max())} is outside the tokenizer's {self.vocab_size} ids: the "
+                "data was prepared with another tokenizer; prepare it again with this one"
+            )
         if self.close_rows and (len(row) == 0 or row[-1] != self.ids.sep):
             row = np.append(row, self.ids.sep)
         return row
 
 
 class CLMCollator(_Collator):
-    """Next-token prediction within each row (a row is one document's chunk)."""
+    """Next-token prediction within each row (a row is one document's chunk). ``vocab_size``: the
+    tokenizer's size (``len(tokenizer)``), so data prepared with another tokenizer is refused."""
 
-    def __init__(self, ids: SpecialIds, unpadded: bool = True) -> None:
+    def __init__(self, ids: SpecialIds, unpadded: bool = True, *, vocab_size: Optional[int] = None) -> None:
         self.ids, self.unpadded = ids, unpadded
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
 
     def labels(self, row: np.ndarray) -> np.ndarray:
         labels = np.empty_like(row)
@@ -130,11 +142,6 @@ class MLMCollator(_Collator):
     def mask(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
         """(model input, labels) of one row; a function of (seed, index, tokens) only."""
         row = self.row(tokens)
-        if len(row) and row.max() >= self.vocab_size:
-            raise ValueError(
-                f"token id {int(row.max())} is outside the tokenizer's {self.vocab_size} ids: the "
-                "data was prepared with another tokenizer; prepare it again with this one"
-            )
         rng = np.random.default_rng([self.seed, int(index)])
         n = len(row)
         selected = (rng.random(n) < self.mask_rate) & ~self.is_special[row]
