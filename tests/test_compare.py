@@ -1,0 +1,280 @@
+"""python -m ettin.compare and ettin.analysis on run directories written by hand (no training).
+
+The reference for the sample order is the training loader itself (``StepBatches`` iterated the way
+training iterates it, its micro-batches read back): the report's replay (``plan()`` and the keyed
+permutation) must agree with it, and must catch a different seed or different data.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from data_fixtures import build_tiny_prepared, data_root, tiny_prepared, tiny_tokenizer  # noqa: F401
+from ettin import analysis
+from ettin.compare import default_out_dir, main, write_report
+from ettin.data.loader import StepBatches
+
+BATCH = 4
+STEPS = {"pretrain": 6, "decay": 3}
+
+
+def loader_steps(prepared: Path, *, seed: int, phase: str, steps: int) -> list[dict]:
+    """What training reads: the loader's step batches, micro-batches uncollated."""
+    loader = StepBatches(str(prepared), seq_len=64, collator=lambda group: group,
+                         global_batch_at=lambda tokens: BATCH, micro_batch_size=2, seed=seed,
+                         phase=phase)
+    return list(itertools.islice(iter(loader), steps))
+
+
+def make_run(root: Path, name: str, prepared: Path, *, objective: str = "mlm", seed: int = 21,
+             loader_seed: int | None = None, val_tokens: bool = False, bad_samples: bool = False,
+             steps: dict = STEPS) -> Path:
+    """A run directory as ettin.train writes it: config.yaml, metrics.csv per phase (a train row per
+    step and a validation row at the end) and a phase-end checkpoint meta per phase."""
+    run = root / name
+    phases = list(steps)
+    config = {
+        "recipe": "test", "run_name": name, "objective": objective, "seed": seed,
+        "global_batch": BATCH, "optim": {"lr": 1e-3}, "phase_order": phases, "data_dir": str(root),
+        "trainer": {"val_mask_rate": 0.15},
+        "phases": {p: {"tokens": 10_000, "seq_len": 64, "micro_batch": 2, "lr_scale": 1.0,
+                       "lr_schedule": "wsd", "global_rope_theta": 10_000.0,
+                       "local_rope_theta": 10_000.0, "batch_warmup_tokens": 0,
+                       "batch_warmup_min": 0} for p in phases},
+        "data": {p: [{"path": str(prepared), "weight": 1.0}] for p in phases},
+    }
+    (run / "logs").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for index, phase in enumerate(phases):
+        batches = loader_steps(prepared, seed=seed if loader_seed is None else loader_seed,
+                               phase=phase, steps=steps[phase])
+        (run / "logs" / phase).mkdir()
+        with (run / "logs" / phase / "metrics.csv").open("w", newline="") as f:
+            columns = ["step", "train/loss", "train/lr", "train/tokens", "train/global_batch",
+                       "perf/tokens_per_s_per_device", "val/loss"] + (["val/tokens"] if val_tokens else [])
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            for step, batch in enumerate(batches):
+                writer.writerow({"step": step, "train/loss": 5.0 - step / 10, "train/lr": 1e-3,
+                                 "train/tokens": batch["state"].tokens,
+                                 "train/global_batch": batch["global_batch"],
+                                 "perf/tokens_per_s_per_device": 1000.0})
+            last = batches[-1]["state"]
+            writer.writerow({"step": len(batches) - 1, "val/loss": 4.5,
+                             **({"val/tokens": last.tokens} if val_tokens else {})})
+        samples = last.samples + (1 if bad_samples else 0)
+        checkpoint = run / "checkpoints" / f"{phase}-step{last.step:07d}-tok{last.tokens:015d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "meta.json").write_text(json.dumps({
+            "run_name": name, "objective": objective, "phase": phase, "phase_index": index,
+            "phase_end": True, "step": last.step, "tokens": last.tokens,
+            "loader_state": {"step": last.step, "samples": samples, "tokens": last.tokens},
+            "model_config": {"hidden_size": 64, "num_hidden_layers": 2, "causal": objective == "clm"},
+            "git_commit": "abc",
+        }))
+        (checkpoint / "COMPLETE").write_text("")
+    return run
+
+
+def statuses(checks, name: str) -> dict[str, str]:
+    return {c.phase: c.status for c in checks if c.name == name}
+
+
+def evaluation(names_kinds: dict, scores: dict) -> dict:
+    """An eval.json in the ettin-eval/1 schema; ``scores`` maps task -> (category, metric,
+    higher_is_better, {name: score})."""
+    return {"format": "ettin-eval/1", "suite": "offline", "created": "2026-01-01T00:00:00",
+            "models": {name: {"path": f"/x/{name}", "kind": kind, "objective": None, "parameters": 1,
+                              "tasks": {task: {"category": c, "metric": m, "score": s[name],
+                                               "higher_is_better": h, "smoke": True, "n_examples": 3,
+                                               "library": "test"}
+                                        for task, (c, m, h, s) in scores.items() if name in s}}
+                       for name, kind in names_kinds.items()}}
+
+
+def test_a_pair_on_the_same_data_is_identical_everywhere(tmp_path, tiny_prepared):
+    a = analysis.load_run(make_run(tmp_path, "p-encoder", tiny_prepared))
+    b = analysis.load_run(make_run(tmp_path, "p-decoder", tiny_prepared, objective="clm"))
+    checks = analysis.identity_checks(a, b)
+    assert {c.status for c in checks} == {"identical"}, analysis.checks_table(checks).to_string()
+    assert {c.name for c in checks} >= {"seed", "sequence length", "global batch", "token budget",
+                                        "data sources (path, weight)", "prepared data fingerprint",
+                                        "tokens seen", "sample order", "replay vs the run's own records"}
+    order = [c for c in checks if c.name == "sample order" and c.phase == "pretrain"][0]
+    assert "6 of 6 steps compared" in order.how
+
+
+def test_the_replay_digests_exactly_the_token_ids_training_reads(tmp_path, tiny_prepared):
+    run = analysis.load_run(make_run(tmp_path, "r", tiny_prepared))
+    replayed = analysis.replay(run, "pretrain")
+    for (batch, step_tokens, digest), step in zip(replayed.steps, loader_steps(
+            tiny_prepared, seed=21, phase="pretrain", steps=6)):
+        h = hashlib.blake2b(digest_size=12)
+        rows = [tokens for micro in step["micro_batches"] for _, tokens in micro]
+        for tokens in rows:
+            h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+        assert (batch, step_tokens, digest) == (step["global_batch"], step["step_tokens"], h.hexdigest())
+    assert len(replayed.steps) == 6
+
+
+def test_another_seed_shows_as_a_different_seed_and_sample_order(tmp_path, tiny_prepared):
+    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = analysis.load_run(make_run(tmp_path, "b", tiny_prepared, seed=22))
+    checks = analysis.identity_checks(a, b)
+    assert statuses(checks, "seed") == {"": "differs"}
+    assert statuses(checks, "sample order") == {"pretrain": "differs", "decay": "differs"}
+    # Each run's replay still reproduces what that run recorded.
+    assert statuses(checks, "replay vs the run's own records") == {"pretrain": "identical",
+                                                                   "decay": "identical"}
+    row = analysis.checks_table(checks).query("check == 'seed'").iloc[0]
+    assert (row["A"], row["B"]) == ("21", "22")
+
+
+def test_other_data_shows_as_a_different_fingerprint_and_order(tmp_path, data_root, tiny_prepared):
+    other = build_tiny_prepared(data_root, "tiny-prepared-other-split", seed=5)
+    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = analysis.load_run(make_run(tmp_path, "b", other))
+    checks = analysis.identity_checks(a, b)
+    assert statuses(checks, "data sources (path, weight)")["pretrain"] == "differs"
+    assert statuses(checks, "prepared data fingerprint")["pretrain"] == "differs"
+    assert statuses(checks, "sample order")["pretrain"] == "differs"
+
+
+def test_a_run_whose_records_disagree_with_the_replay_is_caught(tmp_path, tiny_prepared):
+    # Trained on seed 7 but config.yaml says 21: the replay (seed 21) misses its logged token clock.
+    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = analysis.load_run(make_run(tmp_path, "b", tiny_prepared, loader_seed=7))
+    assert statuses(analysis.identity_checks(a, b), "replay vs the run's own records")["pretrain"] == "differs"
+    c = analysis.load_run(make_run(tmp_path, "c", tiny_prepared, bad_samples=True))
+    checks = analysis.identity_checks(a, c)
+    assert statuses(checks, "replay vs the run's own records")["pretrain"] == "differs"
+    assert statuses(checks, "tokens seen")["pretrain"] == "differs"
+
+
+def test_a_bounded_replay_says_how_much_it_compared(tmp_path, tiny_prepared):
+    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = analysis.load_run(make_run(tmp_path, "b", tiny_prepared))
+    checks = analysis.order_checks(a, b, "pretrain", max_steps=2, spread_positions=5)
+    assert checks[0].status == "identical"
+    assert "2 of 6 steps compared" in checks[0].how and "5 sample positions" in checks[0].how
+    assert "first 2 of 6 steps replayed" in checks[1].a
+
+
+def test_missing_data_is_not_recorded_rather_than_identical(tmp_path, tiny_prepared):
+    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = analysis.load_run(make_run(tmp_path, "b", tiny_prepared))
+    config = yaml.safe_load((b.path / "config.yaml").read_text())
+    config["data"]["decay"] = [{"path": str(tmp_path / "gone"), "weight": 1.0}]
+    (b.path / "config.yaml").write_text(yaml.safe_dump(config))
+    checks = analysis.identity_checks(a, analysis.load_run(b.path))
+    assert statuses(checks, "prepared data fingerprint")["decay"] == "not recorded"
+    assert statuses(checks, "sample order")["decay"] == "not recorded"
+
+
+def test_recorded_data_in_the_checkpoint_meta_is_preferred(tmp_path, tiny_prepared):
+    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
+    for checkpoint in a.checkpoints:
+        checkpoint.meta["data"] = {"seed": 99, "seq_len": 64, "global_batch": BATCH, "sources": [
+            {"path": str(tiny_prepared), "weight": 1.0, "fingerprint": "recorded-fp"}]}
+    sources = analysis.data_sources(a, "pretrain")
+    assert sources == [{"path": str(tiny_prepared), "weight": 1.0, "fingerprint": "recorded-fp",
+                        "recorded": True}]
+    assert analysis._seed(a) == 99
+
+
+def test_metrics_lie_on_one_cumulative_token_axis(tmp_path, tiny_prepared):
+    run = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
+    first = loader_steps(tiny_prepared, seed=21, phase="pretrain", steps=6)
+    second = loader_steps(tiny_prepared, seed=21, phase="decay", steps=3)
+    end_of_first = first[-1]["state"].tokens
+    assert run.offsets == {"pretrain": 0, "decay": end_of_first}
+    decay = run.curve("train/loss")[lambda d: d["phase"] == "decay"]
+    assert list(decay["total_tokens"]) == [end_of_first + s["state"].tokens for s in second]
+    # The validation row has no val/tokens: its step's train row gives them.
+    val = run.curve("val/loss")
+    assert list(val["total_tokens"]) == [end_of_first, end_of_first + second[-1]["state"].tokens]
+
+
+def test_validation_tokens_are_read_when_logged_and_stale_rows_are_dropped(tmp_path, tiny_prepared):
+    path = make_run(tmp_path, "a", tiny_prepared, val_tokens=True)
+    csv_file = path / "logs" / "decay" / "metrics.csv"
+    rows = list(csv.DictReader(csv_file.open()))
+    stale = {**rows[-2], "step": "9"}  # the last train values again at a later step
+    with csv_file.open("a", newline="") as f:
+        csv.DictWriter(f, rows[0].keys()).writerow(stale)
+    run = analysis.load_run(path)
+    decay = run.curve("train/loss")[lambda d: d["phase"] == "decay"]
+    assert len(decay) == 3
+    assert run.curve("val/loss")["total_tokens"].iloc[-1] == run.offsets["decay"] + int(rows[-1]["val/tokens"])
+
+
+def test_scores_name_the_winner_by_the_metric_direction_and_the_paper(tmp_path):
+    ev = evaluation({"enc": "encoder", "dec": "decoder"}, {
+        "nli": ("classification", "accuracy", True, {"enc": 0.6, "dec": 0.5}),
+        "ret": ("retrieval", "ndcg@10", True, {"enc": 0.2, "dec": 0.3}),
+        "lm": ("generation", "loss", False, {"enc": 2.0, "dec": 1.5}),
+        "same": ("generation", "acc", True, {"enc": 0.4, "dec": 0.4}),
+        "ppl": ("language_modeling", "pseudo_perplexity", False, {"enc": 9.0}),
+    })
+    ev["models"]["dec"]["tasks"]["ppl"] = {**ev["models"]["enc"]["tasks"]["ppl"], "metric": "perplexity"}
+    table = analysis.score_table(ev, "enc", "dec").set_index("task")
+    assert dict(table["winner"]) == {"nli": "enc", "ret": "dec", "lm": "dec", "same": "tie",
+                                     "ppl": "not comparable (pseudo_perplexity vs perplexity)"}
+    assert dict(table["agrees"]) == {"nli": "yes", "ret": "no", "lm": "yes", "same": "-", "ppl": "-"}
+    assert analysis.is_smoke(ev)
+    # Two encoders: an A/B comparison, the paper's direction is not tested.
+    ab = evaluation({"x": "encoder", "y": "encoder"},
+                    {"nli": ("classification", "accuracy", True, {"x": 0.1, "y": 0.2})})
+    row = analysis.score_table(ab, "x", "y").iloc[0]
+    assert (row["winner"], row["agrees"]) == ("y", "-") and "not tested" in row["paper"]
+    with pytest.raises(analysis.RunError, match="no results for z"):
+        analysis.score_table(ab, "x", "z")
+
+
+def test_write_report_writes_markdown_html_and_plots(tmp_path, tiny_prepared):
+    a = make_run(tmp_path, "p-encoder", tiny_prepared)
+    b = make_run(tmp_path, "p-decoder", tiny_prepared, objective="clm")
+    ev = evaluation({"p-encoder": "encoder", "p-decoder": "decoder"},
+                    {"nli": ("classification", "accuracy", True, {"p-encoder": 0.7, "p-decoder": 0.6})})
+    (a / "eval.json").write_text(json.dumps(ev))  # found without --eval
+    out = default_out_dir(a, b)
+    assert out == tmp_path / "p-report"
+    report = write_report(a, b, out)
+    assert report == out / "report.md"
+    text = report.read_text()
+    assert "smoke tasks" in text and "| nli | classification | accuracy | higher | 0.7 ★ | 0.6 |" in text
+    assert "encoder/decoder pair" in text and "checks identical" in text
+    for png in ("loss.png", "schedule.png", "throughput.png", "scores.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in text
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "src='loss.png'" not in page
+
+
+def test_two_runs_of_one_objective_are_an_ab_comparison(tmp_path, tiny_prepared):
+    a = make_run(tmp_path, "lr1", tiny_prepared)
+    b = make_run(tmp_path, "lr2", tiny_prepared)
+    assert default_out_dir(a, b) == tmp_path / "lr1-vs-lr2"
+    assert main([str(a), str(b)]) == 0
+    text = (tmp_path / "lr1-vs-lr2" / "report.md").read_text()
+    assert "A/B comparison of two encoders" in text and "No evaluation found" in text
+
+
+def test_a_path_that_is_not_a_run_is_refused_by_name(tmp_path, tiny_prepared, capsys):
+    a = make_run(tmp_path, "a", tiny_prepared)
+    (tmp_path / "empty").mkdir()
+    assert main([str(a), str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'} is not an ettin run directory" in error and "config.yaml" in error
+    assert main([str(tmp_path / "nowhere"), str(a)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main([str(a), str(a), "--out", str(tmp_path / "o"), "--eval", str(tmp_path / "bad.json")]) == 2
+    assert "ettin-eval/1" in capsys.readouterr().err
