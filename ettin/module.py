@@ -176,11 +176,9 @@ class EttinModule(L.LightningModule):
             batch = self.trainer.strategy.batch_to_device(batch)
             with self.trainer.precision_plugin.forward_context():
                 out = self.model(**batch, loss_reduction="sum")
-            labels = batch["labels"][batch["labels"] != -100]
-            totals += torch.stack(
-                [out.loss.float(), torch.tensor(float(labels.numel()), device=self.device),
-                 (out.logits.argmax(-1) == labels).sum().float()]
-            )
+            totals += torch.stack([out.loss.float(),
+                                   torch.tensor(float(out.targets.numel()), device=self.device),
+                                   out.n_correct.float()])
         self.model.train(was_training)
         totals = self._sum_over_ranks(totals)
         loss_sum, targets, correct = (float(t) for t in totals)

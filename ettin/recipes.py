@@ -39,8 +39,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataSource:
-    path: str = "???"  # a prepared folder (python -m ettin.data.prepare), or "builtin"
+    path: str = "???"  # a prepared folder (python -m ettin.data.prepare), "builtin", an MDS folder or remote
     weight: float = 1.0
+    format: str = "auto"  # auto | prepared | mds | order (docs/data.md, ettin/data/loader.py Source)
+    column: str = "input_ids"  # mds: the token id column
+    cache_dir: Optional[str] = None  # mds: cache of remote / compressed shards ($ETTIN_CACHE_DIR)
+    cache_limit_gb: float = 0.0  # mds: cache size limit (0: none)
+    from_step: Optional[int] = None  # order: the first released step to replay
 
 
 @dataclass
@@ -134,6 +139,7 @@ class TrainConfig:
     keep_last_checkpoints: int = 3
     eval_at_end: bool = False  # a pair: evaluate both exports and write the pair report
     eval_tasks: str = "offline"  # the tasks of that evaluation (python -m ettin.eval --tasks)
+    eval_limit: Optional[int] = None  # at most this many examples per task (quick looks, tests)
     export_at_phase_end: bool = False
     export_at_end: bool = False
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

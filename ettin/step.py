@@ -100,7 +100,7 @@ class TrainStep:
                 self.backward(out.loss * self._scale(targets[index], rows[index], global_targets,
                                                      sum(rows)))
             loss_sum += out.loss.detach().float()
-            correct += _correct(out, micro_batch)
+            correct += out.n_correct.float()  # counted on the device: no sync
 
         norm = grad_norm(p for g in self.optimizer.param_groups for p in g["params"]) \
             if with_grad_norm else None
@@ -132,10 +132,3 @@ class TrainStep:
             )
 
 
-def _correct(out, micro_batch: dict) -> torch.Tensor:
-    """Targets whose argmax is right: the model's own count when it gives one, else from the logits
-    (which, with labels, hold only the labelled positions, in order)."""
-    if getattr(out, "n_correct", None) is not None:
-        return out.n_correct.detach().float()
-    labels = micro_batch["labels"]
-    return (out.logits.detach().argmax(-1) == labels[labels != -100]).sum().float()

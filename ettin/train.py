@@ -103,11 +103,10 @@ def resolve_tokenizer(cfg: TrainConfig):
     return load_tokenizer(cfg.tokenizer)
 
 
-def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list[tuple[str, float]]:
-    """(prepared folder, weight) per source; ``builtin`` prepares the built-in corpus if needed."""
-    from ettin.data.loader import check_prepared_tokenizer, open_splits
+def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
+    """The phase's sources; ``builtin`` prepares the built-in corpus if needed."""
+    from ettin.data.loader import check_sources
     from ettin.data.prepare import ensure_prepared
-    from ettin.data.tokenizer import special_ids, tokenizer_fingerprint
 
     seq_len = cfg.phases[phase].seq_len
     sources = []
@@ -119,12 +118,11 @@ def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list[tuple[str, 
                 input="builtin", output=path, tokenizer=tokenizer, max_seq_len=seq_len,
                 wait=global_rank() != 0,
             )
-        sources.append((path, float(source.weight)))
+        sources.append(replace(source, path=path))
     # The loader's own checks, at start: a clear error before any process is spawned.
     try:
-        check_prepared_tokenizer(open_splits(sources, "train", seq_len), special_ids(tokenizer),
-                                 tokenizer_fingerprint(tokenizer))
-    except (ValueError, FileNotFoundError) as error:
+        check_sources(sources, seq_len, tokenizer)
+    except (ValueError, FileNotFoundError, OSError) as error:
         raise ConfigError(f"data of phase {phase}: {error}") from None
     return sources
 
@@ -312,7 +310,7 @@ def build_loggers(cfg: TrainConfig, phase: str, resume_step: int) -> list:
     return loggers
 
 
-def data_identity(cfg: TrainConfig, phase: str, sources: list[tuple[str, float]]) -> dict:
+def data_identity(cfg: TrainConfig, phase: str, sources: list) -> dict:
     """What decides the tokens a phase sees, in order: recorded in every checkpoint so two runs can be
     proven to have seen the same data (ettin.compare)."""
     import hashlib
@@ -326,8 +324,9 @@ def data_identity(cfg: TrainConfig, phase: str, sources: list[tuple[str, float]]
         "seed": cfg.seed, "phase": phase, "seq_len": p.seq_len, "global_batch": cfg.global_batch,
         "batch_warmup_tokens": p.batch_warmup_tokens, "batch_warmup_min": p.batch_warmup_min,
         "pack_micro_batches": cfg.pack_micro_batches,
-        "sources": [{"path": str(Path(path).resolve()), "weight": weight,
-                     "fingerprint": fingerprint(path)} for path, weight in sources],
+        "sources": [{"path": s.path if "://" in s.path else str(Path(s.path).resolve()),
+                     "weight": s.weight, "format": s.format, "fingerprint": fingerprint(s.path)}
+                    for s in sources],
     }
 
 

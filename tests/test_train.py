@@ -3,7 +3,9 @@ cross-objective training and starting from other formats."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -52,9 +54,35 @@ def run_args(workspace: Path, name: str, *extra: str) -> list[str]:
             f"run_name={name}", *SHORT, *extra]
 
 
-def test_default_run_trains_and_exports_a_pair(workspace, capsys):
-    assert main(run_args(workspace, "pair")) == 0
-    out = capsys.readouterr().out
+# Runs that several tests start from, made once per session by whichever test needs one first.
+
+@pytest.fixture(scope="session")
+def pair_run(workspace) -> str:
+    """The default command (a pair, evaluated, with its report) on short phases; its printed output."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(run_args(workspace, "pair", "eval_limit=8")) == 0
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def phases_run(workspace):
+    cfg = compose("smoke", run_args(workspace, "phases", "pair=false", "objective=clm",
+                                    "export_at_phase_end=true"))
+    train(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def straight_run(workspace):
+    cfg = compose("smoke", run_args(workspace, "straight", "phase_order=[pretrain]", "objective=mlm",
+                                    "pair=false"))
+    train(cfg)
+    return cfg
+
+
+def test_default_run_trains_and_exports_a_pair(workspace, pair_run):
+    out = pair_run
     from transformers import pipeline
 
     for side, task in (("encoder", "fill-mask"), ("decoder", "text-generation")):
@@ -71,12 +99,15 @@ def test_default_run_trains_and_exports_a_pair(workspace, capsys):
             assert pipe("The module", max_new_tokens=5)[0]["generated_text"].startswith("The module")
         metas = [read_meta(c) for c in list_checkpoints(run_dir)]
         assert [m["phase"] for m in metas if m["phase_end"]] == ["pretrain", "extension", "decay"]
+    report = workspace / "runs" / "pair-report" / "report.md"
+    assert f"pair report: {report}" in out and report.is_file()
+    results = json.loads((report.parent / "eval.json").read_text())
+    assert set(results["models"]) == {"pair-encoder", "pair-decoder"}
 
 
-def test_resume_after_a_crash_repeats_the_same_losses_bitwise(workspace, monkeypatch):
+def test_resume_after_a_crash_repeats_the_same_losses_bitwise(workspace, monkeypatch, straight_run):
     args = ["phase_order=[pretrain]", "objective=mlm", "pair=false"]
-    reference = compose("smoke", run_args(workspace, "straight", *args))
-    train(reference)
+    reference = straight_run
     expected = losses(reference.run_dir, "pretrain")
 
     crashing = compose("smoke", run_args(workspace, "crashing", *args))
@@ -103,10 +134,8 @@ def test_resume_after_a_crash_repeats_the_same_losses_bitwise(workspace, monkeyp
     assert logged_steps(crashing.run_dir) == logged_steps(reference.run_dir)  # steps continue
 
 
-def test_phase_transition_keeps_weights_and_resets_the_clock(workspace):
-    cfg = compose("smoke", run_args(workspace, "phases", "pair=false", "objective=clm",
-                                    "export_at_phase_end=true"))
-    train(cfg)
+def test_phase_transition_keeps_weights_and_resets_the_clock(phases_run):
+    cfg = phases_run
     ends = {read_meta(c)["phase"]: c for c in list_checkpoints(cfg.run_dir) if read_meta(c)["phase_end"]}
     assert set(ends) == {"pretrain", "extension", "decay"}
     for phase in ends:  # each phase's model, exported and checked against transformers
@@ -121,10 +150,8 @@ def test_phase_transition_keeps_weights_and_resets_the_clock(workspace):
     assert sorted(p.name for p in list_checkpoints(cfg.run_dir)) == before
 
 
-def test_single_phase_from_another_runs_checkpoint(workspace):
-    source = workspace / "runs" / "phases"
-    if latest_checkpoint(source) is None:
-        pytest.skip("needs test_phase_transition_keeps_weights_and_resets_the_clock")
+def test_single_phase_from_another_runs_checkpoint(workspace, phases_run):
+    source = phases_run.run_dir
     cfg = compose("smoke", run_args(workspace, "ext-only", "pair=false", "objective=clm",
                                     "phase=extension", f"init={source}"))
     final = train(cfg)
@@ -135,10 +162,8 @@ def test_single_phase_from_another_runs_checkpoint(workspace):
     ("encoder_from_decoder_150m", "phases", "mntp"),
     ("decoder_from_encoder_150m", "straight", "clm"),
 ])
-def test_cross_objective_training_runs_both_directions(workspace, recipe, init_run, objective):
-    init = workspace / "runs" / init_run
-    if latest_checkpoint(init) is None:
-        pytest.skip(f"needs the {init_run} run of an earlier test")
+def test_cross_objective_training_runs_both_directions(workspace, request, recipe, init_run, objective):
+    init = request.getfixturevalue(f"{init_run}_run").run_dir
     cfg = compose(recipe, [
         "size=tiny", "tokenizer=builtin", "global_batch=16", f"data_dir={workspace / 'data'}",
         f"output_dir={workspace / 'runs'}", f"init={init}", "data.cross=[{path: builtin}]",
@@ -153,11 +178,11 @@ def test_cross_objective_training_runs_both_directions(workspace, recipe, init_r
     assert meta["model_config"]["causal"] == (objective == "clm")
 
 
-def test_training_starts_from_a_hugging_face_folder(workspace):
-    """init=<folder transformers loads>: the exported decoder of the default run continues training."""
+def test_training_starts_from_a_hugging_face_folder(workspace, pair_run):
+    """init=<folder transformers loads>: the exported decoder of the default run continues training,
+    with a fresh optimizer that warms up (the phase has no warmup of its own) and decays weights
+    relative to the recipe's peak LR."""
     exported = workspace / "runs" / "pair-decoder" / "hf"
-    if not (exported / "config.json").exists():
-        pytest.skip("needs test_default_run_trains_and_exports_a_pair")
     cfg = compose("smoke", run_args(workspace, "from-hf", "pair=false", "objective=clm", "phase=decay",
                                     f"init={exported}"))
     final = train(cfg)
@@ -165,6 +190,10 @@ def test_training_starts_from_a_hugging_face_folder(workspace):
     assert "initialised from Hugging Face model" in (cfg.run_dir / "train.log").read_text()
     scratch = losses(workspace / "runs" / "pair-decoder", "pretrain")[0][1]
     assert losses(cfg.run_dir, "decay")[0][1] < scratch - 1.0  # it starts from the trained weights
+    with (cfg.run_dir / "logs" / "decay" / "metrics.csv").open() as f:
+        lrs = [float(r["train/lr"]) for r in csv.DictReader(f) if r["train/lr"]]
+    peak = cfg.optim.lr * cfg.phases["decay"].lr_scale
+    assert lrs[0] < 1e-6 * peak and max(lrs) > 0.5 * peak  # ramps up from ~0, then the schedule
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -188,10 +217,8 @@ def test_packed_micro_batches_fill_the_token_budget(workspace, monkeypatch, pack
     assert (max(rows) > micro_batch) == pack and max(rows) >= micro_batch
 
 
-def test_data_prepared_with_another_tokenizer_is_refused(workspace, capsys):
+def test_data_prepared_with_another_tokenizer_is_refused(workspace, straight_run, capsys):
     prepared = sorted((workspace / "data").glob("builtin-*"))
-    if not prepared:
-        pytest.skip("needs the built-in data of an earlier test")
     other = workspace / "data" / "other-tokenizer"
     if not other.exists():
         shutil.copytree(prepared[0], other)

@@ -1,0 +1,177 @@
+"""Faults a user runs into, each ending with a clear message, a non-zero exit and nothing lost:
+divergence, corrupted checkpoints, a second process in the same run, resume=never on an existing
+run, missing data of a later phase, unknown keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ettin.checkpoint import (CheckpointError, Checkpointer, RunLock, RunLockedError, list_checkpoints,
+                              load_weights, read_meta, safe_torch_load, write_checkpoint)
+from ettin.recipes import ConfigError, compose
+from ettin.train import dry_run_report, main
+
+SHORT = ["pair=false", "objective=clm", "phase_order=[pretrain]", "phases.pretrain.tokens=12_000",
+         "phases.pretrain.warmup_tokens=2_000",
+         "phases.pretrain.checkpoint_every_tokens=4_000", "phases.pretrain.val_every_tokens=0",
+         "trainer.num_workers=0", "trainer.log_every_steps=1", "eval_at_end=false",
+         "export_at_end=false"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults-data")
+
+
+def args(tmp_path: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [f"output_dir={tmp_path}", f"data_dir={data_dir}", "run_name=run", *SHORT, *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir) -> Path:
+    """One finished short run; tests get a copy of it."""
+    root = tmp_path_factory.mktemp("faults-trained")
+    assert main(args(root, data_dir)) == 0
+    return root / "run"
+
+
+def finished_run(tmp_path, trained) -> Path:
+    shutil.copytree(trained, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_diverging_run_stops_with_an_error_and_keeps_its_finite_checkpoints(tmp_path, data_dir, trained,
+                                                                            capsys):
+    run = finished_run(tmp_path, trained)
+    good = [p.name for p in list_checkpoints(run)]
+    # Continue into another phase with an absurd LR: the loss turns NaN within a few steps.
+    code = main(args(tmp_path, data_dir, "phase_order=[pretrain,extension]", "optim.lr=1e6",
+                     "phases.extension.tokens=40_000", "phases.extension.checkpoint_every_tokens=500"))
+    assert code == 3
+    assert "NaN/inf" in capsys.readouterr().err
+    kept = list_checkpoints(run)
+    assert [p.name for p in kept if p.name.startswith("pretrain")] == good  # nothing pruned
+    for checkpoint in kept:  # and nothing non-finite was written
+        assert all(torch.isfinite(t).all() for t in load_weights(checkpoint).values()), checkpoint
+
+
+def test_flipped_bytes_in_the_weights_are_found_by_the_hash_and_name_the_way_back(tmp_path, data_dir, trained,
+                                                                                capsys):
+    run = finished_run(tmp_path, trained)
+    *earlier, latest = list_checkpoints(run)
+    weights = latest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # inside the last tensor: safetensors alone would load it
+    weights.write_bytes(bytes(data))
+    code = main(args(tmp_path, data_dir, "phase_order=[pretrain,extension]",
+                     "phases.extension.tokens=2_000"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(weights) in err and "sha256" in err and f"resume={earlier[-1]}" in err
+
+
+def test_unreadable_files_are_diagnosed_as_such(tmp_path):
+    write_checkpoint(tmp_path, "pretrain-step0000001-tok000000000000100",
+                     lambda d: (d / "model.safetensors").write_bytes(os.urandom(256)),
+                     {"step": 1, "tokens": 100})
+    bad = list_checkpoints(tmp_path)[0]
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+        load_weights(bad)
+    (tmp_path / "optimizer.pt").write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="not a readable torch file: it is truncated or corrupted") as error:
+        safe_torch_load(tmp_path / "optimizer.pt")
+    assert "arbitrary Python objects" not in str(error.value)
+
+
+def test_a_second_process_in_the_same_run_is_refused_naming_the_holder(tmp_path, data_dir, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "LOCK").write_text(json.dumps(
+            {"pid": holder.pid, "host": os.uname().nodename, "slurm_job_id": None}))
+        assert main(args(tmp_path, data_dir)) == 2
+        assert f"process {holder.pid}" in capsys.readouterr().err
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its process is gone now: the stale lock is taken over and the run trains.
+    assert main(args(tmp_path, data_dir)) == 0
+    assert not (tmp_path / "run" / "LOCK").exists()  # released at the end
+
+
+def test_the_lock_is_exclusive_within_a_host(tmp_path):
+    with RunLock(tmp_path):
+        other = subprocess.run([sys.executable, "-c", (
+            "import sys; from ettin.checkpoint import RunLock, RunLockedError\n"
+            f"try: RunLock({str(tmp_path)!r}).acquire()\n"
+            "except RunLockedError as e: print(e); sys.exit(7)")], capture_output=True, text=True)
+        assert other.returncode == 7 and f"process {os.getpid()}" in other.stdout
+
+
+def test_temporary_folders_of_live_processes_are_left_alone(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        root = tmp_path / "checkpoints"
+        live, dead = root / f".tmp-x-{holder.pid}", root / ".tmp-y-999999999"
+        live.mkdir(parents=True)
+        dead.mkdir()
+        write_checkpoint(tmp_path, "pretrain-step0000001-tok000000000000100",
+                         lambda d: (d / "w").write_text("w"), {"step": 1, "tokens": 100})
+        assert live.exists() and not dead.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_never_refuses_an_existing_run_and_leaves_it_untouched(tmp_path, data_dir, trained, capsys):
+    run = finished_run(tmp_path, trained)
+    before = sorted(p.name for p in list_checkpoints(run))
+    metrics = (run / "logs" / "pretrain" / "metrics.csv").read_text()
+    assert main(args(tmp_path, data_dir, "resume=never")) == 2
+    assert "resume=never" in capsys.readouterr().err
+    assert sorted(p.name for p in list_checkpoints(run)) == before
+    assert (run / "logs" / "pretrain" / "metrics.csv").read_text() == metrics
+
+
+def test_missing_data_of_a_later_phase_fails_before_the_first_step(tmp_path, data_dir, capsys):
+    code = main(args(tmp_path, data_dir, "phase_order=[pretrain,extension]",
+                     f"data.extension=[{{path: {tmp_path / 'nowhere'}}}]"))
+    assert code == 2
+    assert "data of phase extension" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_dry_run_reports_missing_data(tmp_path):
+    report = dry_run_report(compose("decoder_17m", [f"data.pretrain=[{{path: {tmp_path / 'none'}}}]"]))
+    assert f"data pretrain: {tmp_path / 'none'}: MISSING" in report
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+optim.lrr=1e-3", "lrr"), ("+trainer.num_worker=0", "num_worker"),
+    ("phases.extension.tokens=${size:extenson_tokens}", "extenson_tokens"),
+])
+def test_unknown_keys_fail_also_when_added_with_plus(override, key):
+    with pytest.raises(ConfigError, match=key):
+        compose("decoder_1b", [override])
+
+
+def test_retention_keeps_interval_checkpoints_and_prunes_extra_saves(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep_interval=True, keep_last=1)
+    state = {"w": torch.zeros(2)}
+    for step, kind in enumerate(["interval", "preemption", "interval", "preemption", "phase_end"], 1):
+        checkpointer.save(phase="pretrain", phase_index=0, kind=kind,
+                          loader_state={"step": step, "samples": step, "tokens": step * 10},
+                          model_state=state, optimizer_state={}, rng_states=[], config_yaml="",
+                          meta={})
+    kinds = [read_meta(p)["kind"] for p in checkpointer.list()]
+    assert kinds == ["interval", "interval", "phase_end"]
+    assert Checkpointer(tmp_path).load(checkpointer.latest()).meta["kind"] == "phase_end"
