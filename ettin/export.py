@@ -1,13 +1,14 @@
 """Export a run or checkpoint as a Hugging Face folder that plain transformers loads, and prove it.
 
     python -m ettin.export RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype bf16|fp32] [--push-to-hub REPO]
-        [--allow-theta-mismatch]
+        [--allow-theta-mismatch] [--overwrite]
 
 Writes ``model.safetensors`` and ``config.json`` (ettin.hub), the tokenizer with the objective's
 template (encoder ``[CLS] text [SEP]``, decoder ``[CLS] text``), ``generation_config.json`` for
 decoders and a model card; then reloads the folder with transformers (ModernBertForMaskedLM or
 ModernBertDecoderForCausalLM) and fails if its logits differ from ours. The folder appears complete or
-not at all: it is written aside and renamed into place.
+not at all: it is written aside and renamed into place. An existing OUT_DIR is replaced only if it is
+empty or an earlier ettin export (or with ``--overwrite``): a folder of other files is never deleted.
 """
 
 from __future__ import annotations
@@ -66,24 +67,52 @@ def load_checkpoint_model(checkpoint: Path) -> tuple[ModernBert, dict]:
     return model.eval(), meta
 
 
+def is_ettin_export(folder: Path) -> bool:
+    """Whether ``folder`` was written by this exporter: its config.json names the ettin objective
+    (or, for exports made before that key, its model card says it was trained with ettin)."""
+    config, card = folder / "config.json", folder / "README.md"
+    try:
+        if "ettin_objective" in json.loads(config.read_text()):
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        return "\nTrained with ettin" in card.read_text()
+    except OSError:
+        return False
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a folder; give a folder path to export into")
+    if overwrite or not out.exists() or not any(out.iterdir()) or is_ettin_export(out):
+        return
+    raise ExportError(f"{out} is not empty and is not an ettin export; exporting would delete its "
+                      "files. Choose another folder, or pass --overwrite (overwrite=True) to replace it")
+
+
 def export_checkpoint(source: Path | str, out_dir: Path | str, *, dtype: str = "fp32",
-                      push_to_hub: Optional[str] = None, allow_theta_mismatch: bool = False) -> Path:
+                      push_to_hub: Optional[str] = None, allow_theta_mismatch: bool = False,
+                      overwrite: bool = False) -> Path:
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    check_replaceable(out, overwrite)
     checkpoint = resolve_checkpoint(source)
     model, meta = load_checkpoint_model(checkpoint)
     causal = model.config.causal
-    out = Path(out_dir)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    save_hf(model, partial, causal=causal, dtype=DTYPES[dtype], allow_theta_mismatch=allow_theta_mismatch)
+    save_hf(model, partial, causal=causal, dtype=DTYPES[dtype], allow_theta_mismatch=allow_theta_mismatch,
+            objective=meta["objective"])
     tokenizer = export_tokenizer(meta["tokenizer"], partial, causal=causal)
     if causal:
         from transformers import GenerationConfig
 
         c = model.config
+        # No length here: a max_new_tokens in the file overrides a caller's max_length (lm-eval).
         GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-                         pad_token_id=c.pad_token_id, max_new_tokens=64).save_pretrained(partial)
+                         pad_token_id=c.pad_token_id).save_pretrained(partial)
     (partial / "README.md").write_text(model_card(model, meta, checkpoint, dtype))
     if causal and model.config.local_rope_theta != model.config.global_rope_theta and transformers_major() < 5:
         # Only transformers >= 5 applies a decoder's local theta: 4.x cannot verify this export.
@@ -105,6 +134,9 @@ def export_tokenizer(tokenizer_path: str, out: Path, *, causal: bool):
 
     tokenizer = load_tokenizer(tokenizer_path)
     set_objective_template(tokenizer, causal=causal)
+    if causal:  # batched generation continues each row from its last token: pad on the left
+        tokenizer.padding_side = "left"
+        tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes to tokenizer_config
     tokenizer.save_pretrained(str(out))
     return tokenizer
 
@@ -117,7 +149,7 @@ def check_parity(folder: Path, model: ModernBert, tokenizer, dtype: torch.dtype)
 
     loader = AutoModelForCausalLM if model.config.causal else AutoModelForMaskedLM
     reloaded = loader.from_pretrained(str(folder), attn_implementation="eager",
-                                      torch_dtype=torch.float32).eval()
+                                      dtype=torch.float32).eval()
     ours = model
     if dtype != torch.float32:
         ours = ModernBert(model.config).eval()
@@ -139,12 +171,26 @@ def check_parity(folder: Path, model: ModernBert, tokenizer, dtype: torch.dtype)
     return float(difference.max())
 
 
+# transformers' module names (peft's target_modules) of the attention and MLP projections.
+LORA_TARGETS = {False: ["Wqkv", "Wo", "Wi"], True: ["q_proj", "k_proj", "v_proj", "Wo", "Wi"]}
+
+
 def model_card(model: ModernBert, meta: dict, checkpoint: Path, dtype: str) -> str:
     causal = model.config.causal
     kind = "decoder (causal LM)" if causal else "encoder (masked LM)"
     cls = "ModernBertDecoderForCausalLM" if causal else "ModernBertForMaskedLM"
     auto = "AutoModelForCausalLM" if causal else "AutoModelForMaskedLM"
+    lm_eval_model = "hf" if causal else "ettin-mlm"
+    lm_eval_import = "" if causal else "import ettin.evaluation  # registers the ettin-mlm model type\n"
     c = model.config
+    mntp = meta["objective"] == "mntp"
+    mntp_note = """
+**Masked next-token prediction (MNTP):** this encoder was trained to predict a masked token at
+position j from the output at position j - 1 (LLM2Vec), so `pipeline("fill-mask")`, which reads a
+`[MASK]` at j from position j, gives wrong answers. Read the logits one position to the left;
+config.json says so (`"ettin_objective": "mntp"`, `"ettin_predicts_next_token": true`), and
+`python -m ettin.eval` honours it.
+""" if mntp else ""
     return f"""---
 library_name: transformers
 tags: [ettin, modernbert]
@@ -157,13 +203,35 @@ phase `{meta['phase']}` at {meta['tokens']:,} tokens (step {meta['step']}), git 
 global attention every {c.global_attn_every_n_layers} layers, sliding window {c.window} tokens
 {'before each token' if causal else 'on each side'}, RoPE theta {c.global_rope_theta:g} (global) /
 {c.local_rope_theta:g} (local). Weights in {dtype}; exported from `{checkpoint.name}`.
-
+{mntp_note}
 ```python
 from transformers import AutoTokenizer, {auto}
 tokenizer = AutoTokenizer.from_pretrained("PATH")
 model = {auto}.from_pretrained("PATH")  # {cls}
 ```
-Also loads with `AutoModelForSequenceClassification` for fine-tuning.
+Also loads with `AutoModelForSequenceClassification` for fine-tuning{
+' (the last token is pooled; the tokenizer pads on the left)' if causal else ''}.
+
+LoRA (peft): `target_modules={LORA_TARGETS[causal]}` — every attention and MLP projection
+(`Wo` names both the attention output and the MLP output projection).
+
+Sentence embeddings (sentence-transformers, mean pooling):
+
+```python
+from sentence_transformers import SentenceTransformer, models
+body = models.Transformer("PATH")
+model = SentenceTransformer(modules=[body, models.Pooling(body.get_word_embedding_dimension(), "mean")])
+```
+
+Evaluation (lm-evaluation-harness{'' if causal else "; ettin registers a masked-LM model type that scores "
+"a continuation token by token, each with the current and the next positions masked (Samuel, 2024)"}):
+
+```python
+{lm_eval_import}import lm_eval
+lm_eval.simple_evaluate(model="{lm_eval_model}", model_args="pretrained=PATH", tasks=["hellaswag"])
+```
+or `python -m ettin.eval PATH --tasks hellaswag,arc_easy` (`python -m ettin.eval PATH` runs ettin's offline
+smoke suite).
 """
 
 
@@ -191,6 +259,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this hub repo")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR even if it is not empty and not an ettin export")
     parser.add_argument("--allow-theta-mismatch", action="store_true",
                         help="export a decoder whose local and global rope thetas differ (faithful in "
                              "transformers >= 5 only)")
@@ -200,7 +270,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         out = export_checkpoint(args.source, args.out_dir, dtype=args.dtype, push_to_hub=args.push_to_hub,
-                                allow_theta_mismatch=args.allow_theta_mismatch)
+                                allow_theta_mismatch=args.allow_theta_mismatch, overwrite=args.overwrite)
     except (ExportError, HubError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

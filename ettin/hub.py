@@ -39,6 +39,8 @@ ENCODER_TYPE = "modernbert"
 DECODER_TYPE = "modernbert-decoder"
 ARCHITECTURES = {ENCODER_TYPE: "ModernBertForMaskedLM", DECODER_TYPE: "ModernBertDecoderForCausalLM"}
 QKV = ("q_proj", "k_proj", "v_proj")
+# Whether an objective's logits at position j predict the token at j + 1 (written into exports).
+PREDICTS_NEXT_TOKEN = {"mlm": False, "clm": True, "mntp": True}
 
 
 class HubError(ValueError):
@@ -110,14 +112,39 @@ def _load_into(model: ModernBert, state: dict[str, torch.Tensor], source: str) -
             f"{source}: the weights do not fit a ModernBERT model: unexpected "
             f"{unexpected[:6] or 'none'}, missing {[k for k in missing if k not in optional][:6] or 'none'}"
         )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise HubError(f"{source}: {key} has shape {tuple(tensor.shape)}, the config implies "
-                           f"{tuple(expected[key].shape)}; config.json and the weights disagree")
+    check_shapes(expected, state, source)
     model.load_state_dict(state, strict=False)
     if optional:
         log.warning("%s has no %s (a classification or bare model): freshly initialised",
                     source, ", ".join(optional))
+
+
+def check_shapes(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a HubError naming the first tensor of ``state`` whose shape differs from the model's
+    (``expected``, our layout), both shapes, and the config value that would make them fit."""
+    for key, model_tensor in expected.items():  # in the model's order: the embeddings first
+        if key in state and state[key].shape != model_tensor.shape:
+            have, want = tuple(state[key].shape), tuple(model_tensor.shape)
+            raise HubError(
+                f"{source}: {key} has shape {have} in the weights but {want} in the model; "
+                f"{_shape_fix(key, have, want)}"
+            )
+
+
+def _shape_fix(key: str, have: tuple, want: tuple) -> str:
+    """Which ModelConfig value explains a shape mismatch, and what to do about it."""
+    if key in ("model.embeddings.tok_embeddings.weight", "decoder.weight", "decoder.bias") \
+            and have[0] != want[0]:
+        return (f"the vocabulary sizes differ ({have[0]:,} in the weights, {want[0]:,} in the model). "
+                f"Set model.vocab_size={have[0]} (vocab_size in config.json) to load these weights, "
+                "and use the tokenizer they were trained with; ettin never resizes a vocabulary "
+                "implicitly")
+    if key.endswith("mlp.Wi.weight") and have[0] != want[0]:
+        return f"set model.intermediate_size={have[0] // 2} (intermediate_size in config.json)"
+    if key.endswith("mlp.Wo.weight") and have[1] != want[1]:
+        return f"set model.intermediate_size={have[1]} (intermediate_size in config.json)"
+    return (f"set model.hidden_size={have[-1]} (hidden_size in config.json) or give the config the "
+            "weights were trained with; config.json and the weights disagree")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,8 +152,11 @@ def _load_into(model: ModernBert, state: dict[str, torch.Tensor], source: str) -
 
 
 def to_hf_config(config: ModelConfig, *, causal: bool, allow_theta_mismatch: bool = False,
-                 dtype: torch.dtype = torch.float32) -> dict:
-    """config.json for transformers: legacy (4.x) and 5.x keys together, windows and thetas explicit."""
+                 dtype: torch.dtype = torch.float32, objective: Optional[str] = None) -> dict:
+    """config.json for transformers: legacy (4.x) and 5.x keys together, windows and thetas explicit.
+    With ``objective`` (an ettin export) it also records ``ettin_objective`` and
+    ``ettin_predicts_next_token``: whether the logits at position j predict the token at j + 1 (CLM,
+    and MNTP, which transformers' fill-mask does not know: it reads a [MASK] at j from position j)."""
     model_type = DECODER_TYPE if causal else ENCODER_TYPE
     c = config
     if causal and c.local_rope_theta != c.global_rope_theta and not allow_theta_mismatch:
@@ -180,8 +210,12 @@ def to_hf_config(config: ModelConfig, *, causal: bool, allow_theta_mismatch: boo
             "full_attention": {"rope_type": "default", "rope_theta": c.global_rope_theta},
             "sliding_attention": {"rope_type": "default", "rope_theta": c.local_rope_theta},
         },
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
     }
+    if objective is not None:
+        if objective not in PREDICTS_NEXT_TOKEN:
+            raise HubError(f"objective={objective!r}: choose one of {', '.join(PREDICTS_NEXT_TOKEN)}")
+        out.update(ettin_objective=objective, ettin_predicts_next_token=PREDICTS_NEXT_TOKEN[objective])
     if causal:
         out.update(sliding_window=c.window + 1, use_cache=True)
     else:
@@ -208,8 +242,11 @@ def from_hf_config(raw: dict, **overrides) -> tuple[ModelConfig, bool]:
         warnings.simplefilter("ignore")
         hf = classes[model_type](**{k: v for k, v in raw.items() if k != "model_type"})
     layers = hf.num_hidden_layers
+    # A folder saved by transformers >= 5 has only layer_types/rope_parameters (no legacy keys); 4.x
+    # would silently run it with default thetas and layer pattern, so read what the file means.
+    new_layout = transformers_major() >= 5 or ("rope_parameters" in raw and "global_rope_theta" not in raw)
     # transformers 4.x encoders keep a layer_types key as an inert attribute and use the legacy rule.
-    if getattr(hf, "layer_types", None) and (causal or transformers_major() >= 5):
+    if getattr(hf, "layer_types", None) and (causal or new_layout):
         is_global = [t == "full_attention" for t in hf.layer_types]
     else:
         is_global = [i % hf.global_attn_every_n_layers == 0 for i in range(layers)]
@@ -218,7 +255,9 @@ def from_hf_config(raw: dict, **overrides) -> tuple[ModelConfig, bool]:
     if every is None:
         raise HubError(f"layer pattern {['G' if g else 'S' for g in is_global]} is not 'global "
                        "every n layers, starting with layer 0'; ettin's model cannot express it")
-    global_theta, local_theta = _resolved_thetas(hf, causal)
+    rope = getattr(hf, "rope_parameters", None) if transformers_major() >= 5 else (
+        raw.get("rope_parameters") if new_layout else None)
+    global_theta, local_theta = _resolved_thetas(hf, causal, rope)
     window = hf.sliding_window - 1 if causal else hf.local_attention // 2
     config = ModelConfig(
         vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
@@ -244,10 +283,12 @@ def _id(value, default: int) -> int:
     return default if value is None else int(value)
 
 
-def _resolved_thetas(hf, causal: bool) -> tuple[float, float]:
-    """The (global, local) rope theta the installed transformers applies for this config."""
-    rope = getattr(hf, "rope_parameters", None)
-    if transformers_major() >= 5 and rope:
+def _resolved_thetas(hf, causal: bool, rope: Optional[dict]) -> tuple[float, float]:
+    """The (global, local) rope theta of this config: ``rope`` (the file's 5.x ``rope_parameters``,
+    per layer type or one for all) where it applies, else what the installed transformers 4.x applies."""
+    if rope:
+        if "rope_theta" in rope:  # one set of parameters for every layer type
+            return float(rope["rope_theta"]), float(rope["rope_theta"])
         return (float(rope["full_attention"]["rope_theta"]),
                 float(rope["sliding_attention"]["rope_theta"]))
     global_theta = float(hf.global_rope_theta)
@@ -266,7 +307,8 @@ def _resolved_thetas(hf, causal: bool) -> tuple[float, float]:
 
 
 def save_hf(model: ModernBert, out_dir: Path | str, *, causal: Optional[bool] = None,
-            dtype: torch.dtype = torch.float32, allow_theta_mismatch: bool = False) -> Path:
+            dtype: torch.dtype = torch.float32, allow_theta_mismatch: bool = False,
+            objective: Optional[str] = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that plain transformers loads: an encoder as
     ModernBertForMaskedLM, a decoder (``causal``, default: the model's config) as
     ModernBertDecoderForCausalLM."""
@@ -276,7 +318,7 @@ def save_hf(model: ModernBert, out_dir: Path | str, *, causal: Optional[bool] = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = to_hf_config(model.config, causal=causal, allow_theta_mismatch=allow_theta_mismatch,
-                          dtype=dtype)
+                          dtype=dtype, objective=objective)
     state = convert_state_dict(model.state_dict(), to="decoder" if causal else "encoder")
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+import ettin.export
 import ettin.hub
 from ettin.checkpoint import save_weights, write_checkpoint
 from ettin.config import model_config
@@ -154,3 +155,61 @@ def test_decoder_with_two_thetas_needs_the_flag(tmp_path, tokenizer_dir, capsys,
         assert "verify this export with transformers >= 5" in ettin_log.text
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10_000.0
+
+
+def test_decoder_export_generates_to_the_callers_length_and_pads_on_the_left(tmp_path, tokenizer_dir):
+    from transformers import GenerationConfig
+
+    out = tmp_path / "hf"
+    assert main([str(make_run(tmp_path / "run", tokenizer_dir, objective="clm")), str(out)]) == 0
+
+    assert "max_new_tokens" not in json.loads((out / "generation_config.json").read_text())
+    assert GenerationConfig.from_pretrained(out).max_new_tokens is None  # a caller's max_length applies
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.padding_side == "left"
+    batch = tokenizer(["x", "alpha beta gamma delta"], padding=True)
+    assert batch["attention_mask"][0][-1] == 1 and batch["attention_mask"][0][0] == 0
+
+
+def test_config_and_card_name_the_objective_lora_targets_and_tools(exported):
+    _, out, objective = exported
+    config = json.loads((out / "config.json").read_text())
+    assert config["ettin_objective"] == objective
+    assert config["ettin_predicts_next_token"] is (objective == "clm")
+    assert "torch_dtype" not in config and config["dtype"] == "float32"
+    card = (out / "README.md").read_text()
+    model = (AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM).from_pretrained(out)
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and ".layers." in name}
+    targets = ettin.export.LORA_TARGETS[objective == "clm"]
+    assert set(targets) == names and str(targets) in card  # every projection, by transformers' name
+    assert "SentenceTransformer(" in card and "lm_eval.simple_evaluate" in card
+    assert "MNTP" not in card
+
+
+def test_an_mntp_export_says_it_predicts_from_the_previous_position(tmp_path, tokenizer_dir):
+    run = make_run(tmp_path / "run", tokenizer_dir, objective="mntp")
+    assert main([str(run), str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["ettin_objective"], config["ettin_predicts_next_token"]) == (
+        "modernbert", "mntp", True)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "position j - 1" in card and "fill-mask" in card
+
+
+def test_a_folder_that_is_not_an_export_is_never_deleted(tmp_path, tokenizer_dir, capsys):
+    run = make_run(tmp_path / "run", tokenizer_dir, objective="mlm")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert main([str(run), str(precious)]) == 2
+    err = capsys.readouterr().err
+    assert str(precious) in err and "--overwrite" in err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert not (tmp_path / "precious.partial").exists()
+    # an earlier export and an empty folder are replaced without the flag; anything with it
+    assert main([str(run), str(tmp_path / "hf")]) == 0 and main([str(run), str(tmp_path / "hf")]) == 0
+    (tmp_path / "empty").mkdir()
+    assert main([str(run), str(tmp_path / "empty")]) == 0
+    assert main([str(run), str(precious), "--overwrite"]) == 0
+    assert not (precious / "thesis.tex").exists() and (precious / "config.json").exists()

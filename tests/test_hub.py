@@ -116,13 +116,48 @@ def test_unknown_model_type_and_mismatched_shapes_are_named(tmp_path):
     with pytest.raises(HubError, match=r"model_type 'bert' is not a ModernBERT model.*ettin.composer"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
-    with pytest.raises(HubError, match=r"mlp.Wi.weight has shape .*config.json and the weights disagree"):
+    with pytest.raises(HubError, match=r"mlp.Wi.weight has shape \(192, 64\) in the weights but \(256, 64\) "
+                                       r"in the model; set model.intermediate_size=96"):
         load_hf(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(HubError, match="has no config.json"):
         load_hf(tmp_path)
     with pytest.raises(HubError, match="not a folder with a config.json"):
         load_hf(tmp_path / "missing")
+
+
+def test_a_resized_vocabulary_names_the_tensor_both_shapes_and_the_fix(tmp_path):
+    save_hf(loud_model(), tmp_path)
+    with pytest.raises(HubError, match=rf"tok_embeddings.weight has shape \({VOCAB}, 64\) in the weights but "
+                                       rf"\(128, 64\) in the model; the vocabulary sizes differ .*"
+                                       rf"Set model.vocab_size={VOCAB}"):
+        load_hf(tmp_path, vocab_size=128)
+
+
+@pytest.mark.parametrize("hf_class", [ModernBertForMaskedLM, ModernBertDecoderForCausalLM])
+def test_a_folder_in_the_transformers_5_layout_imports_its_thetas_and_layer_pattern(tmp_path, hf_class):
+    """transformers 5.x writes only layer_types and rope_parameters (no global_rope_theta,
+    local_rope_theta, global_attn_every_n_layers); the reference is the same weights saved in the 4.x
+    layout, as transformers 4.57 runs them. Thetas and pattern are all non-defaults."""
+    causal = hf_class is ModernBertDecoderForCausalLM
+    thetas = (1000.0, 1000.0) if causal else (1000.0, 30.0)  # 4.x decoders apply one theta
+    shape = {**SHAPE, "global_attn_every_n_layers": 2, "global_rope_theta": thetas[0]}
+    config_class = ModernBertDecoderConfig if causal else ModernBertConfig
+    extra = {} if causal else {"reference_compile": False}
+    config = config_class(local_attention=2 * (GSSG["window"] + causal), local_rope_theta=thetas[1],
+                          **shape, **SPECIALS, **extra)
+    theirs = transformers_folder(tmp_path, hf_class, config)
+    written = json.loads((tmp_path / "config.json").read_text())
+    for legacy in ("global_rope_theta", "local_rope_theta", "global_attn_every_n_layers"):
+        written.pop(legacy, None)
+    written["layer_types"] = ["full_attention" if i % 2 == 0 else "sliding_attention" for i in range(4)]
+    written["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": thetas[0]},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": thetas[1]}}
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    ours = load_hf(tmp_path)
+    c = ours.config
+    assert (c.global_rope_theta, c.local_rope_theta, c.global_attn_every_n_layers) == (*thetas, 2)
+    assert_same_on_real_tokens(ours, theirs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +229,7 @@ def test_bf16_export_stores_bf16_weights(tmp_path):
     save_hf(loud_model(), tmp_path, dtype=torch.bfloat16)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
-    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"  # not the deprecated torch_dtype
 
 
 # ------------------------------------------------------------------------------------------------
