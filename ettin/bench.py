@@ -2,6 +2,7 @@
 
     python -m ettin.bench model [--size 17m] [--batch 8] [--seq-len 512] [--objective mlm|clm] ...
     python -m ettin.bench data  [options of python -m ettin.data.bench]
+    python -m ettin.bench gpu   [--quick] [--json OUT] [--device cpu|cuda] [--budget-s S]
 
 ``model`` times one training step (forward + backward, no optimizer) of ``ettin.model.ModernBert``
 against transformers' own model with the same weights on the same padded batch:
@@ -11,6 +12,9 @@ padded batch (it unpads inside) and fed the flat unpadded stream with ``cu_seqle
 timing the three losses on the batch are compared in fp32; the run stops if they disagree.
 
 ``data`` is ``python -m ettin.data.bench``: data preparation against ``datasets.map(tokenizer)``.
+
+``gpu`` is ``ettin.bench_gpu``: whole training steps of every fast path and of transformers at
+Ettin's shapes, tokens/s, MFU and memory, in one run bounded in time (see its docstring).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ettin.model import IGNORE_INDEX, ModernBert, unpad
 SUBCOMMANDS = {
     "model": "training-step speed and memory of ettin.model.ModernBert vs transformers' ModernBERT",
     "data": "data preparation throughput of ettin.data.prepare vs datasets.map(tokenizer)",
+    "gpu": "training throughput, MFU and memory of every fast path and transformers, in one bounded run",
 }
 USAGE = "usage: python -m ettin.bench {" + ",".join(SUBCOMMANDS) + "} [options]\n\nsubcommands:\n" + "".join(
     f"  {name:<6} {text}\n" for name, text in SUBCOMMANDS.items())
@@ -366,6 +371,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from ettin.data.bench import main as data_main
 
         return data_main(argv[1:])
+    if argv[0] == "gpu":
+        from ettin.bench_gpu import main as gpu_main
+
+        return gpu_main(argv[1:])
     return model_main(argv[1:])
 
 

@@ -45,8 +45,7 @@ def test_model_bench_prints_the_ratio_and_the_loss_agreement(objective, tmp_path
         assert re.search(r"^ratio ours/transformers \(sparse_prediction=True\): \d+\.\d\dx tokens/s$", out, re.M)
     for side in result["sides"].values():
         assert len(side["all_ms"]) == 2  # trials x steps
-        assert side["tokens_per_s"] == pytest.approx(result["real_tokens"] / side["ms_per_step"] * 1e3,
-                                                     rel=1e-3)
+        assert_rounded_rate(side["tokens_per_s"], result["real_tokens"], side["ms_per_step"])
         assert "peak_step_mib" not in side  # CPU: no memory figures
     ours, peer = result["sides"]["ours"], result["sides"]["transformers"]
     assert result["ratio_tokens_per_s"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"],
@@ -55,6 +54,20 @@ def test_model_bench_prints_the_ratio_and_the_loss_agreement(objective, tmp_path
     if objective == "clm":  # every real token but each row's last is a target
         assert result["targets"] == result["real_tokens"] - result["batch"]
     assert result["versions"]["transformers"] and result["versions"]["torch"]
+
+
+def assert_rounded_rate(tokens_per_s: int, tokens: int, ms: float) -> None:
+    """tokens_per_s = round(tokens / median), ms = round(median * 1e3, 2): whatever the machine's
+    speed, tokens_per_s lies within what the rounding of ms to 0.005 ms leaves open."""
+    fastest, slowest = tokens / (max(ms - 0.005, 1e-9) / 1e3), tokens / ((ms + 0.005) / 1e3)
+    assert slowest - 0.5 <= tokens_per_s <= fastest + 0.5, (tokens_per_s, tokens, ms)
+
+
+def test_rounded_rate_check_holds_for_fast_and_slow_steps():
+    for seconds in (0.000123456, 0.0123456, 1.23456, 123.456):  # a fast machine to a slow one
+        assert_rounded_rate(round(4321 / seconds), 4321, round(seconds * 1e3, 2))
+    with pytest.raises(AssertionError):
+        assert_rounded_rate(round(4321 / 1.23456 * 1.01), 4321, round(1.23456 * 1e3, 2))
 
 
 def test_a_peer_with_different_weights_is_refused_before_timing(monkeypatch, capsys):
@@ -119,14 +132,14 @@ def test_missing_or_unknown_subcommand_lists_the_subcommands(argv, problem, caps
     assert bench.main(argv) == 2
     err = capsys.readouterr().err
     assert problem in err
-    assert "choose one of: model, data" in err
-    assert "usage: python -m ettin.bench {model,data}" in err
+    assert "choose one of: model, data, gpu" in err
+    assert "usage: python -m ettin.bench {model,data,gpu}" in err
 
 
 def test_module_entry_point_without_subcommand_exits_with_usage():
     done = subprocess.run([sys.executable, "-m", "ettin.bench"], capture_output=True, text=True)
     assert done.returncode == 2
-    assert "choose one of: model, data" in done.stderr
+    assert "choose one of: model, data, gpu" in done.stderr
 
 
 def test_data_subcommand_is_the_data_benchmark(capsys):
@@ -135,3 +148,106 @@ def test_data_subcommand_is_the_data_benchmark(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "python -m ettin.data.bench" in out and "--repeat" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m ettin.bench gpu, on CPU
+
+
+@pytest.fixture
+def small_corpus(monkeypatch):
+    """A few hundred generated documents instead of parsing the standard library (the logic is the
+    same, and the test stays in seconds); some are longer than the 512-token shape."""
+    from ettin import bench_gpu
+
+    generator = torch.Generator().manual_seed(0)
+    words = [f"w{i}" for i in range(300)]
+    lengths = torch.randint(5, 200, (400,), generator=generator).tolist() + [900, 1500]
+    documents = [(f"doc{i}", " ".join(words[j] for j in torch.randint(0, 300, (n,), generator=generator).tolist()))
+                 for i, n in enumerate(lengths)]
+    monkeypatch.setattr(bench_gpu, "builtin_documents", lambda max_chars=None: iter(documents))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # recorded in device_name only
+    return documents
+
+
+def test_gpu_bench_quick_on_cpu_measures_every_planned_case(small_corpus, tmp_path, capsys):
+    from ettin import bench_gpu
+
+    out_file = tmp_path / "gpu.json"
+    assert bench.main(["gpu", "--device", "cpu", "--quick", "--json", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out_file.read_text())
+    planned = bench_gpu.plan("cpu", True, ["sdpa"])
+    results = {r["case"]: r for r in report["results"]}
+    assert list(results) == [c.name for c in planned]  # everything ran, in priority order
+    assert not [r for r in results.values() if "error" in r]
+    assert {s["case"] for s in report["skipped"]} == {"attention flex", "attention flash"}
+    assert {r["shape"] for r in results.values()} == {"tiny@128", "17m@128", "tiny@512"}
+    assert {(r["objective"], r["packing"]) for r in results.values()} == {
+        ("mlm", "rows"), ("mlm", "packed"), ("clm", "rows"), ("clm", "packed")}
+    assert {r["loss"] for r in results.values()} == {"chunked", "plain"}
+
+    for r in results.values():
+        assert r["tokens_per_s"] == pytest.approx(r["timed_steps"] // r["micro_batches"] * r["micro_batches"]
+                                                  * r["tokens_per_micro_batch"] / r["timed_s"], rel=0.01)
+        assert r["mfu"] is None and r["ratio_vs_ettin"] is None and r["peak_memory_gib"] is None  # CPU
+        assert r["graph_breaks"] == 0
+        if r["side"] == "ours" and not r["compile"]:
+            assert r["host_syncs_per_step"] == 0, r["case"]
+        if r["compile"]:
+            assert r["warmup_s"] > 0
+    # The peers ran after an fp32 loss check on the same weights and batch.
+    peers = [r for r in results.values() if r["side"] != "ours"]
+    assert {r["side"] for r in peers} == {"transformers", "transformers_sparse"}
+    for r in peers:
+        check = r["loss_check"]
+        assert abs(check["ours"] - check["transformers"]) <= check["tolerance"] == pytest.approx(1e-4 * check["transformers"])
+    sparse = results["tiny@128 mlm rows   transformers sparse_pred"]
+    assert sparse["host_syncs_per_step"] > 0  # its boolean indexing: the counter sees syncs
+    # Ratios: to the fastest transformers side of the same shape and objective.
+    ours = results["tiny@128 mlm packed ours sdpa compiled"]
+    fastest = max(r["tokens_per_s"] for r in peers if r["objective"] == "mlm")
+    assert ours["ratio_vs_transformers"] == pytest.approx(ours["tokens_per_s"] / fastest, abs=1e-3)
+    assert results["17m@128 mlm packed ours sdpa"]["ratio_vs_transformers"] is None  # no peer measured
+    # The packed micro-batch holds up to rows x seq_len tokens.
+    assert ours["tokens_per_micro_batch"] <= 4 * 128
+
+    assert re.search(r"^case +tok/µb +tokens/s +MFU +peak GiB +vs HF +vs Ettin +warm-up +syncs +breaks$", out, re.M)
+    assert re.search(r"^tiny@128 mlm packed ours sdpa compiled +[\d,]+ +[\d,]+ +- +- +\d+\.\d\d +- +\d+\.\ds +- +0$",
+                     out, re.M), out
+    assert "loss check tiny@128 clm rows   transformers: ours " in out
+    assert "skipped: attention flex: torch FlexAttention has no backward pass on CPU" in out
+
+
+def test_gpu_bench_skips_what_does_not_fit_the_budget_and_says_so(small_corpus, tmp_path, capsys):
+    from ettin import bench_gpu
+
+    out_file = tmp_path / "gpu.json"
+    assert bench.main(["gpu", "--device", "cpu", "--quick", "--budget-s", "0", "--json", str(out_file)]) == 1
+    report = json.loads(out_file.read_text())
+    assert report["results"] == []
+    budget = [s for s in report["skipped"] if s["reason"].startswith("time budget: needs ~")]
+    assert [s["case"] for s in budget] == [c.name for c in bench_gpu.plan("cpu", True, ["sdpa"])]
+    assert "skipped: tiny@128 mlm rows   ours sdpa: time budget" in capsys.readouterr().out
+
+
+def test_packed_micro_batches_hold_whole_rows_up_to_the_budget():
+    from ettin.bench_gpu import Shape, micro_batch_rows
+
+    rows = [(i, torch.ones(n, dtype=torch.long).numpy()) for i, n in enumerate([100, 30, 128, 5, 60, 90, 128, 7] * 4)]
+    shape = Shape("tiny", 128, 2)
+    packed = micro_batch_rows(rows, shape, "packed", 3)
+    assert len(packed) == 3
+    assert all(sum(len(t) for _, t in group) <= 256 for group in packed)
+    assert [i for group in packed for i, _ in group] == list(range(sum(len(g) for g in packed)))  # in order, whole
+    assert sum(len(t) for _, t in packed[0]) + len(rows[len(packed[0])][1]) > 256  # full before the next
+    assert [len(g) for g in micro_batch_rows(rows, shape, "rows", 3)] == [2, 2, 2]
+
+
+def test_the_bench_imports_nothing_the_gpu_machine_lacks():
+    """The GPU machine has torch, transformers and their dependencies only."""
+    code = ("import sys, ettin.bench, ettin.bench_gpu; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'hydra', 'omegaconf', 'streaming', 'lightning', 'lightning_fabric', 'pytorch_lightning', 'datasets'}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,11 +1,12 @@
 """The model's fast paths against its plain path: the chunked loss, collator-provided indices (no
 host-device sync), n_correct, masks built once per layer kind.
 
-"No sync" is checked on CPU with a TorchDispatchMode that records every aten op of a forward,
-backward and optimizer step: none may be one that reads a device value back to the host
-(``_local_scalar_dense`` is what ``.item()``, ``int()``, ``bool()`` and ``float()`` of a tensor
-run; ``nonzero``, ``masked_select``, boolean indexing, ``repeat_interleave`` without output_size
-and ``unique`` need the result's size from the device)."""
+"No sync" is checked on CPU with ``ettin.bench_gpu.HostSyncs``, a TorchDispatchMode that sees every
+aten op of a forward, backward and optimizer step: none may be one that reads a device value back to
+the host (``_local_scalar_dense`` is what ``.item()``, ``int()``, ``bool()`` and ``float()`` of a
+tensor run; ``nonzero``, ``masked_select``, boolean indexing, ``repeat_interleave`` without
+output_size and ``unique`` need the result's size from the device). On CUDA the GPU bench counts
+the same with ``torch.cuda.set_sync_debug_mode``."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-
 import ettin.model
+from ettin.bench_gpu import HostSyncs
 from ettin.config import ModelConfig
 from ettin.data.collate import CLMCollator, MLMCollator
 from ettin.data.tokenizer import SpecialIds
@@ -155,30 +155,6 @@ def test_collator_indices_give_the_same_loss_and_gradients(objective, causal):
     torch.testing.assert_close(given.loss, derived.loss, rtol=0, atol=0)
     for name, expected in derived_grads.items():
         torch.testing.assert_close(given_grads[name], expected, rtol=0, atol=0)
-
-
-SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-               "unique_consecutive", "unique_dim"}
-
-
-class HostSyncs(TorchDispatchMode):
-    """Records the aten ops that need a value or a size from the device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name.split("::")[-1]
-        if name in SYNCING_OPS:
-            self.found.append(name)
-        elif name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                     for i in (args[1] if len(args) > 1 else [])):
-            self.found.append("index with a boolean mask")
-        elif name == "repeat_interleave" and kwargs.get("output_size", args[-1] if len(args) > 2 else None) is None:
-            self.found.append("repeat_interleave without output_size")
-        return func(*args, **kwargs)
 
 
 def training_step(model: ModernBert, optimizer, inputs: dict, causal: bool) -> None:
