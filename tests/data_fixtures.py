@@ -87,3 +87,48 @@ def tiny_prepared_long(data_root) -> Path:
     """Another source for mixtures: the first 600 built-in documents at 128 tokens (its mean sample
     length differs from tiny_prepared's)."""
     return build_tiny_prepared(data_root, "tiny-prepared-long", max_documents=600, max_seq_len=128)
+
+
+def write_released_layout(root: Path, rows: dict, parts: int = 2, compression: str = "zstd",
+                          hashes=None) -> Path:
+    """A folder in the layout of Ettin's released data: per split, ``parts`` sub-folders written by
+    streaming's ``MDSWriter`` (columns ``input_ids`` ndarray:uint32 and ``id`` str, ``compression``)
+    whose indexes are merged into ``<split>/index.json``, and a root index merging the splits.
+    ``rows``: split -> list of token id lists, written in order (part k takes the k-th slice)."""
+    import numpy as np
+    from streaming import MDSWriter
+    from streaming.base.util import merge_index
+
+    columns = {"input_ids": "ndarray:uint32", "id": "str"}
+    for split, split_rows in rows.items():
+        bounds = np.linspace(0, len(split_rows), parts + 1).astype(int)
+        for part in range(parts):
+            with MDSWriter(out=str(root / split / f"part_{part}"), columns=columns,
+                           compression=compression, hashes=hashes, size_limit=1 << 12) as writer:
+                for i in range(bounds[part], bounds[part + 1]):
+                    writer.write({"input_ids": np.asarray(split_rows[i], dtype=np.uint32),
+                                  "id": f"{split}-{i}"})
+        merge_index(str(root / split), keep_local=True)
+    merge_index([str(root / s / "index.json") for s in rows], str(root), keep_local=True)
+    return root
+
+
+def released_rows(tokenizer_dir: Path, documents: int = 40, seq_len: int = TINY_SEQ_LEN) -> dict:
+    """Rows as Ettin's chunker leaves them, from the built-in corpus and the tiny tokenizer:
+    [CLS] ... with [SEP] at a document's end; every 7th row lacks its [CLS] and every 11th is
+    longer than ``seq_len`` (Ettin's loader adds the one and cuts the other)."""
+    from ettin.data.corpus import builtin_documents
+    from ettin.data.tokenizer import load_tokenizer, special_ids
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids = special_ids(tokenizer)
+    texts = [t for _, t in builtin_documents()][:documents]
+    rows = []
+    for n, text in enumerate(texts):
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        width = seq_len + 9 if n % 11 == 0 else seq_len - 2
+        for start in range(0, len(tokens), width):
+            piece = tokens[start:start + width]
+            row = [ids.cls, *piece] + ([ids.sep] if start + width >= len(tokens) else [])
+            rows.append(row[1:] if len(rows) % 7 == 3 else row)
+    return {"train": rows[: len(rows) * 9 // 10], "validation": rows[len(rows) * 9 // 10:]}

@@ -250,28 +250,78 @@ def _decode_input_ids(sample: memoryview, info: dict) -> np.ndarray:
 # Mixtures
 
 
-def normalize_sources(sources) -> list[tuple[str, float]]:
-    """A folder, a list of folders, or a list of (folder, weight) / {path, weight} -> [(folder,
-    weight)]."""
+FORMATS = ("auto", "prepared", "mds", "order")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of a phase's data: a folder (or remote) and its share of tokens.
+
+    ``format``: ``prepared`` (python -m ettin.data.prepare), ``mds`` (any MDS folder of token ids,
+    local or hf:// s3:// gs:// file://; ettin/data/mds.py), ``order`` (a released data order to
+    replay; ettin/data/order.py) or ``auto`` (prepared if it has a COMPLETE marker, else mds).
+    ``column``: the token id column of ``mds`` shards. ``cache_dir`` / ``cache_limit_gb``: where
+    remote or compressed shards are kept, and how much of them (0: no limit). ``from_step``:
+    ``order`` only, the first released step to replay (default: the first in the files)."""
+
+    path: str
+    weight: float = 1.0
+    format: str = "auto"
+    column: str = "input_ids"
+    cache_dir: Optional[str] = None
+    cache_limit_gb: float = 0.0
+    from_step: Optional[int] = None
+
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        from ettin.data.mds import is_remote, looks_like_mds
+
+        if not is_remote(self.path) and is_complete(self.path):
+            return "prepared"
+        return "mds" if looks_like_mds(self.path) else "prepared"
+
+
+def normalize_sources(sources) -> list[Source]:
+    """A folder, a list of folders, or a list of (folder, weight) / {path, weight, ...} / objects
+    with those attributes -> [Source]."""
     if isinstance(sources, (str, os.PathLike)):
-        return [(str(sources), 1.0)]
+        sources = [sources]
+    fields = set(Source.__dataclass_fields__)
     out = []
     for source in sources:
-        if isinstance(source, (str, os.PathLike)):
-            out.append((str(source), 1.0))
+        if isinstance(source, Source):
+            out.append(source)
+        elif isinstance(source, (str, os.PathLike)):
+            out.append(Source(str(source)))
         elif isinstance(source, dict):
-            out.append((str(source["path"]), float(source.get("weight", 1.0))))
+            out.append(Source(**{k: v for k, v in source.items() if k in fields}))
         elif hasattr(source, "path"):
-            out.append((str(source.path), float(getattr(source, "weight", 1.0))))
+            out.append(Source(**{k: getattr(source, k) for k in fields if hasattr(source, k)}))
         else:
             path, weight = source
-            out.append((str(path), float(weight)))
+            out.append(Source(str(path), float(weight)))
     if not out:
         raise ValueError("no data sources given")
-    for path, weight in out:
-        if not weight > 0:
-            raise ValueError(f"source {path} has weight {weight}; weights must be positive")
-    return out
+    for source in out:
+        if not source.weight > 0:
+            raise ValueError(f"source {source.path} has weight {source.weight}; weights must be "
+                             "positive")
+        if source.format not in FORMATS:
+            raise ValueError(f"source {source.path} has format={source.format!r}; choose one of "
+                             f"{', '.join(FORMATS)}")
+    return [Source(**{**s.__dict__, "path": str(s.path), "weight": float(s.weight)}) for s in out]
+
+
+def fit_row(tokens: np.ndarray, seq_len: int, close_rows: bool, sep: Optional[int]) -> np.ndarray:
+    """Ettin's cut of a row longer than the sequence length: keep ``seq_len`` tokens; an encoder row
+    (closed with [SEP] by its collator) that then fills ``seq_len`` without ending in [SEP] keeps
+    ``seq_len - 1``, so the closed row has ``seq_len``. Shorter rows are returned unchanged."""
+    if len(tokens) > seq_len:
+        tokens = tokens[:seq_len]
+    if close_rows and len(tokens) >= seq_len and tokens[-1] != sep:
+        tokens = tokens[:seq_len - 1]
+    return tokens
 
 
 class Mixture:
@@ -357,11 +407,25 @@ def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
-def open_splits(sources, split: str, seq_len: int, truncate: bool = False) -> list[PreparedSplit]:
-    """The ``split`` of every source folder, checked against the sequence length."""
+def open_splits(sources, split: str, seq_len: int, truncate: bool = False,
+                ids=None) -> list:
+    """The ``split`` of every source, checked against the sequence length. Prepared folders longer
+    than ``seq_len`` are refused (unless ``truncate``); MDS folders follow Ettin's rules (rows cut
+    to ``seq_len``; [CLS] put in front of rows without it when ``ids`` is given)."""
+    from ettin.data.mds import MDSSplit
+
     splits = []
-    for path, _ in normalize_sources(sources):
-        s = PreparedSplit(path, split)
+    for source in normalize_sources(sources):
+        kind = source.resolved_format()
+        if kind == "order":
+            raise ValueError(f"{source.path} is a data order (format=order): it replays whole "
+                             "batches and cannot be mixed or read as a split")
+        if kind == "mds":
+            splits.append(MDSSplit(source.path, split, column=source.column,
+                                   cache_dir=source.cache_dir, cache_limit_gb=source.cache_limit_gb,
+                                   cls=None if ids is None else ids.cls))
+            continue
+        s = PreparedSplit(source.path, split)
         if s.max_seq_len > seq_len and not truncate:
             raise ValueError(
                 f"{s.root} holds chunks of up to {s.max_seq_len} tokens but the sequence length is "
@@ -372,10 +436,17 @@ def open_splits(sources, split: str, seq_len: int, truncate: bool = False) -> li
     return splits
 
 
-def check_prepared_tokenizer(splits: Sequence[PreparedSplit], ids, fingerprint: Optional[str] = None) -> None:
+def check_prepared_tokenizer(splits: Sequence, ids, fingerprint: Optional[str] = None,
+                             vocab_size: Optional[int] = None) -> None:
     """The folders must have been prepared with the tokenizer the run uses: the same
-    ``tokenizer_fingerprint`` when the caller knows it, else at least the same [CLS] and [SEP] ids."""
+    ``tokenizer_fingerprint`` when the caller knows it, else at least the same [CLS] and [SEP] ids.
+    MDS folders hold no tokenizer: their largest id must be below ``vocab_size`` (the tokenizer's
+    size), and rows that start with [CLS] or end with [SEP] must exist (else they were tokenized
+    with other special ids)."""
     for split in splits:
+        if not hasattr(split, "summary"):
+            _check_mds_tokenizer(split, ids, vocab_size)
+            continue
         fix = (f"prepare it again with the training tokenizer, or train with the tokenizer in "
                f"{split.root / 'tokenizer'}")
         stored = split.summary.get("settings", {}).get("tokenizer_fingerprint")
@@ -387,6 +458,43 @@ def check_prepared_tokenizer(splits: Sequence[PreparedSplit], ids, fingerprint: 
             if name in stored_ids and stored_ids[name] != getattr(ids, name):
                 raise ValueError(f"{split.root} was prepared with {name}={stored_ids[name]} but the "
                                  f"training tokenizer has {name}={getattr(ids, name)}: {fix}")
+
+
+def check_sources(sources, seq_len: int, tokenizer) -> None:
+    """Every source of a phase opens with ``tokenizer`` (what the loader will do, at start)."""
+    from ettin.data.tokenizer import special_ids, tokenizer_fingerprint
+
+    ids = special_ids(tokenizer)
+    sources = normalize_sources(sources)
+    orders = [s for s in sources if s.resolved_format() == "order"]
+    if orders:
+        from ettin.data.order import DataOrder
+
+        if len(sources) > 1:
+            raise ValueError("a data order (format=order) replays whole batches: it must be the "
+                             "phase's only source")
+        DataOrder(orders[0].path, pad=ids.pad, from_step=orders[0].from_step).check(len(tokenizer))
+        return
+    check_prepared_tokenizer(open_splits(sources, "train", seq_len, ids=ids), ids,
+                             tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer))
+
+
+def _check_mds_tokenizer(split, ids, vocab_size: Optional[int]) -> None:
+    if not len(split):
+        return
+    if vocab_size is not None and split.max_id >= vocab_size:
+        raise ValueError(
+            f"{split.where} holds token id {split.max_id} but the training tokenizer has "
+            f"{vocab_size:,} ids: the shards were tokenized with another tokenizer. Train with "
+            "that tokenizer (tokenizer=..., e.g. answerdotai/ModernBERT-base for Ettin's data)")
+    sample = np.asarray(split.first_ids[: 1 << 16])
+    if ids is not None and not (sample == ids.cls).any():
+        import logging
+
+        logging.getLogger("ettin").warning(
+            "none of the first %s rows of %s starts with the training tokenizer's [CLS] (%s): "
+            "[CLS] is put in front of every row; if the shards were tokenized with other special "
+            "ids, train with their tokenizer", f"{len(sample):,}", split.where, ids.cls)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,14 +527,15 @@ class StepBatches(IterableDataset):
             raise ValueError("pack=True needs an unpadded collator (padded rows cannot keep "
                              "documents apart)")
         self.sources = normalize_sources(sources)
-        self.splits = open_splits(self.sources, split, seq_len, truncate)
-        if getattr(collator, "ids", None) is not None:
-            check_prepared_tokenizer(self.splits, collator.ids)
-        self.mixture = Mixture(self.splits, [w for _, w in self.sources], seed=seed, phase=phase,
-                               seq_len=seq_len)
+        ids = getattr(collator, "ids", None)
+        self.splits = open_splits(self.sources, split, seq_len, truncate, ids=ids)
+        if ids is not None:
+            check_prepared_tokenizer(self.splits, ids, vocab_size=getattr(collator, "vocab_size", None))
+        self.mixture = Mixture(self.splits, [s.weight for s in self.sources], seed=seed,
+                               phase=phase, seq_len=seq_len)
         self.seq_len, self.truncate, self.pack = seq_len, truncate, pack
-        # An encoder closes a row with [SEP]: a cut row keeps room for it.
-        self.cut = seq_len - 1 if getattr(collator, "close_rows", False) else seq_len
+        self.close_rows = bool(getattr(collator, "close_rows", False))
+        self.sep = None if ids is None else ids.sep
         self.collator = collator
         self.global_batch_at = global_batch_at
         self.micro_batch_size = micro_batch_size
@@ -456,9 +565,7 @@ class StepBatches(IterableDataset):
     def rank_samples(self, state: LoaderState, batch: int) -> list[tuple[int, np.ndarray]]:
         share = batch // self.world_size
         samples = self.mixture.samples(state.samples + self.rank * share, share)
-        if self.truncate:
-            samples = [(p, t[: self.cut] if len(t) > self.seq_len else t) for p, t in samples]
-        return samples
+        return [(p, fit_row(t, self.seq_len, self.close_rows, self.sep)) for p, t in samples]
 
     def micro_batches(self, samples: list) -> list[list]:
         if not self.pack:
@@ -501,13 +608,14 @@ class ValidationBatches:
 
     def __init__(self, sources, *, seq_len: int, collator: Callable, batch_size: int,
                  max_batches: Optional[int] = None, rank: int = 0, world_size: int = 1,
-                 truncate: bool = False) -> None:
+                 truncate: bool = False, max_samples: Optional[int] = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.sources = normalize_sources(sources)
-        self.splits = open_splits(self.sources, "validation", seq_len, truncate)
-        if getattr(collator, "ids", None) is not None:
-            check_prepared_tokenizer(self.splits, collator.ids)
+        ids = getattr(collator, "ids", None)
+        self.splits = open_splits(self.sources, "validation", seq_len, truncate, ids=ids)
+        if ids is not None:
+            check_prepared_tokenizer(self.splits, ids, vocab_size=getattr(collator, "vocab_size", None))
         sizes = np.array([len(s) for s in self.splits], dtype=np.int64)
         if not sizes.sum():
             raise ValueError(
@@ -515,9 +623,12 @@ class ValidationBatches:
                 "(prepared with validation_fraction=0, or too little text); prepare with "
                 "validation_fraction > 0, or turn validation off"
             )
-        total = int(sizes.sum()) if max_batches is None else \
-            min(int(sizes.sum()), batch_size * max_batches)
-        weights = np.array([w for _, w in self.sources], dtype=np.float64)
+        total = int(sizes.sum())
+        if max_batches is not None:
+            total = min(total, batch_size * max_batches)
+        if max_samples is not None:  # a fixed set whatever the batch size
+            total = min(total, max_samples)
+        weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         counts = np.minimum(_largest_remainder(weights / weights.sum(), total), sizes)
         # What a capped source cannot give goes to the others, in order.
         for i in range(len(counts)):
@@ -526,8 +637,9 @@ class ValidationBatches:
                 break
             counts[i] += min(missing, int(sizes[i] - counts[i]))
         self.order = [(int(s), int(i)) for s, c in enumerate(counts) for i in range(int(c))]
-        self.seq_len, self.truncate = seq_len, truncate
-        self.cut = seq_len - 1 if getattr(collator, "close_rows", False) else seq_len
+        self.seq_len = seq_len
+        self.close_rows = bool(getattr(collator, "close_rows", False))
+        self.sep = None if ids is None else ids.sep
         self.collator, self.batch_size = collator, batch_size
         self.mine = self.order[rank::world_size]
         self.positions = list(range(rank, len(self.order), world_size))
@@ -540,21 +652,20 @@ class ValidationBatches:
             samples = []
             for position, (s, i) in zip(self.positions[start:start + self.batch_size],
                                         self.mine[start:start + self.batch_size]):
-                tokens = self.splits[s].tokens(i)
-                if self.truncate and len(tokens) > self.seq_len:
-                    tokens = tokens[: self.cut]
+                tokens = fit_row(self.splits[s].tokens(i), self.seq_len, self.close_rows, self.sep)
                 samples.append((position, tokens))
             yield self.collator(samples)
 
 
 def validation_batches(sources, *, seq_len: int, collator: Callable, batch_size: int,
                        max_batches: Optional[int] = None, rank: int = 0, world_size: int = 1,
-                       truncate: bool = False) -> list[dict]:
+                       truncate: bool = False, max_samples: Optional[int] = None) -> list[dict]:
     """``list(ValidationBatches(...))``."""
     return list(ValidationBatches(sources, seq_len=seq_len, collator=collator,
                                   batch_size=batch_size, max_batches=max_batches, rank=rank,
-                                  world_size=world_size, truncate=truncate))
+                                  world_size=world_size, truncate=truncate, max_samples=max_samples))
 
 
 __all__ = ["LoaderState", "StepBatches", "ValidationBatches", "validation_batches", "Mixture",
-           "PreparedSplit", "permute", "normalize_sources", "COMPLETE", "is_complete"]
+           "PreparedSplit", "Source", "fit_row", "permute", "normalize_sources", "COMPLETE",
+           "is_complete"]

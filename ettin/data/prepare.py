@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from ettin.data.files import file_lock
+from ettin.data.files import file_lock, process_context
 from ettin.data.reading import (TEXT_UNITS, Document, PrepareError, Skips,
                                 input_files, input_fingerprint, read_documents)
 from ettin.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
@@ -218,18 +218,7 @@ def _ordered_map(function: Callable, items: Iterable, processes: int, initialize
         initializer(*initargs)
         yield from map(function, items)
         return
-    import multiprocessing
-
-    # fork is cheapest but unsafe in a process that runs other threads (a trainer, CUDA, a
-    # tokenizer's thread pool); then forkserver: one clean server process, forked per worker.
-    methods = multiprocessing.get_all_start_methods()
-    if _single_threaded() and "fork" in methods:
-        context = multiprocessing.get_context("fork")
-    elif "forkserver" in methods:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["ettin.data.prepare", "tokenizers"])
-    else:
-        context = multiprocessing.get_context("spawn")
+    context = process_context(["ettin.data.prepare", "tokenizers"])
     with context.Pool(processes, initializer, initargs) as pool:
         pending: deque = deque()
         for item in items:
@@ -259,14 +248,6 @@ def worker_count(cfg: PrepareConfig) -> int:
     if size is not None:
         return max(1, min(cores or 1, -(-size // PROCESS_BYTES)))
     return max(1, cores or 1)
-
-
-def _single_threaded() -> bool:
-    """Whether this process runs a single OS thread (Linux: /proc/self/task)."""
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
 
 
 def _encoded_writer(**kwargs):

@@ -1,0 +1,193 @@
+"""MDS folders in the layout of Ettin's released data (streaming's MDSWriter, zstd, train/ and
+validation/ splits, nested indexes merged with merge_index), local and through a local "remote",
+read with Ettin's row rules; the index pass."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from data_fixtures import (TINY_SEQ_LEN, data_root, released_rows, tiny_tokenizer,  # noqa: F401
+                           write_released_layout)
+
+from ettin.data.collate import CLMCollator, MLMCollator
+from ettin.data.loader import LoaderState, StepBatches, ValidationBatches, fit_row
+from ettin.data.mds import MDSSplit
+from ettin.data.tokenizer import load_tokenizer, special_ids
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("released")
+    rows = released_rows(tiny_tokenizer)
+    write_released_layout(root / "ettin-data", rows)
+    return root / "ettin-data", rows
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_tokenizer):
+    return special_ids(load_tokenizer(tiny_tokenizer))
+
+
+def expected_row(row, ids, seq_len, close_rows):
+    """Ettin's loader (recipe.md 5.5), written out: [CLS] first, cut to seq_len; an encoder row
+    that then fills seq_len without [SEP] is cut to seq_len - 1 and closed with [SEP]."""
+    row = list(row) if row and row[0] == ids.cls else [ids.cls, *row]
+    row = row[:seq_len]
+    if close_rows and row[-1] != ids.sep:
+        row = row[:seq_len - 1] + [ids.sep]
+    return tuple(row)
+
+
+def test_rows_are_the_stored_rows_with_cls_put_in_front(released, ids, tmp_path):
+    root, rows = released
+    split = MDSSplit(str(root), "train", cache_dir=str(tmp_path), cls=ids.cls)
+    assert len(split) == len(rows["train"])
+    for i in range(len(split)):
+        stored = rows["train"][i]
+        want = stored if stored[0] == ids.cls else [ids.cls, *stored]
+        assert split.tokens(i).tolist() == want
+        assert split.lengths[i] == len(want)
+    assert any(r[0] != ids.cls for r in rows["train"])  # the rule was exercised
+    assert len(MDSSplit(str(root), "validation", cache_dir=str(tmp_path))) == len(rows["validation"])
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_an_epoch_of_batches_holds_every_row_once(released, ids, tmp_path, objective):
+    """One source of N rows: the first N positions are a permutation of its rows, so the rows the
+    model gets equal the shards' rows (plus the row rules), each once."""
+    root, rows = released
+    seq_len = TINY_SEQ_LEN
+    collator = CLMCollator(ids) if objective == "clm" else MLMCollator(ids, 512, 0.3, seed=0)
+    seen = {}
+    original = type(collator).__call__
+
+    def record(self, samples):
+        seen.update((p, tuple(self.row(t).tolist())) for p, t in samples)
+        return original(self, samples)
+
+    n = len(rows["train"])
+    source = [{"path": str(root), "format": "mds", "cache_dir": str(tmp_path)}]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(collator), "__call__", record)
+        steps = iter(StepBatches(source, seq_len=TINY_SEQ_LEN, collator=collator,
+                                 global_batch_at=lambda t: 8, micro_batch_size=4, seed=3))
+        for _ in range(-(-n // 8)):
+            last = next(steps)
+    first_epoch = Counter(row for p, row in seen.items() if p < n)
+    close = objective == "mlm"
+    assert first_epoch == Counter(expected_row(r, ids, TINY_SEQ_LEN, close) for r in rows["train"])
+    assert max(len(r) for r in first_epoch) == TINY_SEQ_LEN  # long rows were cut
+    assert last["state"].samples == -(-n // 8) * 8
+    if not close:  # the token clock counts the rows as the decoder sees them
+        assert last["step_tokens"] == sum(len(r) for _, r in sorted(seen.items())[-8:])
+
+
+def test_fit_row_matches_ettins_loader(ids):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        row = [ids.cls, *rng.integers(5, 500, int(rng.integers(1, 20))).tolist()]
+        if rng.random() < 0.5:
+            row[-1] = ids.sep
+        for close in (False, True):
+            got = fit_row(np.asarray(row), 10, close, ids.sep).tolist()
+            if close and (not got or got[-1] != ids.sep):
+                got = got + [ids.sep]
+            assert tuple(got) == expected_row(row, ids, 10, close)
+
+
+def rows_of(split) -> list:
+    return [split.tokens(i).tolist() for i in range(len(split))]
+
+
+def test_a_remote_reads_as_the_local_folder_through_a_bounded_cache(released, ids, tmp_path):
+    """file:// goes through streaming's storage layer like hf:// or s3://: the index and the shards
+    are fetched into the cache on demand (decompressed), and the cache limit holds."""
+    root, _ = released
+    local = MDSSplit(str(root), "train", cache_dir=str(tmp_path / "a"), cls=ids.cls)
+    limit_gb = 3 * 4096 / (1 << 30)  # about three shards
+    remote = MDSSplit(f"file://{root}", "train", cache_dir=str(tmp_path / "b"), cls=ids.cls,
+                      cache_limit_gb=limit_gb)
+    assert rows_of(remote) == rows_of(local)
+    cached = [p for p in (tmp_path / "b").rglob("shard.*.mds") if p.is_file()]
+    largest = max(r.raw_data.bytes for r in remote.readers)
+    assert 0 < sum(p.stat().st_size for p in cached) <= limit_gb * (1 << 30) + largest
+    assert not list((tmp_path / "b").rglob("*.zstd"))  # compressed copies are not kept
+    assert len(cached) < len(remote.readers)  # some were evicted
+
+
+def test_index_command_writes_next_to_the_data_or_into_the_cache(released, tmp_path, capsys,
+                                                                 monkeypatch):
+    import shutil
+
+    from ettin.data.index import main
+
+    root, rows = released
+    plain = tmp_path / "plain"
+    write_released_layout(plain, {"train": rows["train"][:50]}, compression=None)
+    assert main([str(plain), "--splits", "train", "--num-proc", "2"]) == 0
+    assert "50 samples" in capsys.readouterr().out
+    assert (plain / "train" / "ettin-index-input_ids.json").is_file()
+    import ettin.data.index as index
+
+    readonly = tmp_path / "readonly"  # a folder this process cannot write to (root could)
+    shutil.copytree(plain, readonly, ignore=shutil.ignore_patterns("ettin-index*"))
+    monkeypatch.setattr(index.os, "access", lambda path, mode: not str(path).startswith(str(readonly)))
+    split = MDSSplit(str(readonly), "train", cache_dir=str(tmp_path / "cache"))
+    assert [split.tokens(i).tolist() for i in range(50)] == rows["train"][:50]
+    assert list((tmp_path / "cache").rglob("ettin-index-input_ids.json"))
+    assert not list(readonly.rglob("ettin-index*"))
+
+
+def test_ids_beyond_the_tokenizer_are_refused_at_start(released, tmp_path):
+    from ettin.data.corpus import builtin_documents
+    from ettin.data.loader import check_sources
+    from ettin.data.tokenizer import train_tokenizer
+
+    root, _ = released
+    small = train_tokenizer((t for _, t in builtin_documents(max_chars=20_000)), 300, tmp_path / "tok")
+    with pytest.raises(ValueError, match=rf"holds token id 5\d\d but the training tokenizer has "
+                                         rf"{len(small)} ids"):
+        check_sources([{"path": str(root), "cache_dir": str(tmp_path)}], TINY_SEQ_LEN, small)
+
+
+def test_training_on_released_shards_sees_their_rows(released, ids, tiny_tokenizer, tmp_path,
+                                                     monkeypatch):
+    """python -m ettin.train on the released layout: the decoder's rows are the shards' rows with
+    Ettin's rules; served as a file:// remote, the same folder trains identically (same rows in
+    the same order, same losses)."""
+    import csv
+
+    from ettin.train import main
+
+    root, rows = released
+    seen: list = []
+    original = StepBatches.rank_samples
+
+    def record(self, state, batch):
+        samples = original(self, state, batch)
+        seen.extend(tuple(t.tolist()) for _, t in samples)
+        return samples
+
+    monkeypatch.setattr(StepBatches, "rank_samples", record)
+    monkeypatch.setenv("ETTIN_CACHE_DIR", str(tmp_path / "cache"))
+    runs = {}
+    for where, path in (("local", str(root)), ("remote", f"file://{root}")):
+        seen.clear()
+        args = [f"output_dir={tmp_path / 'runs'}", f"data_dir={tmp_path / 'data'}",
+                f"run_name={where}", "recipe=smoke", "pair=false", "objective=clm",
+                "phase_order=[pretrain]", f"tokenizer={tiny_tokenizer}",
+                f"phases.pretrain.seq_len={TINY_SEQ_LEN}", "phases.pretrain.tokens=4000",
+                "phases.pretrain.warmup_tokens=1000", "phases.pretrain.decay_tokens=1000",
+                "phases.pretrain.checkpoint_every_tokens=0", "phases.pretrain.val_every_tokens=2000",
+                "trainer.num_workers=0", "export_at_end=false", "eval_at_end=false",
+                f"data.pretrain=[{{path: '{path}', format: mds}}]"]
+        assert main(args) == 0
+        with (tmp_path / "runs" / where / "logs" / "pretrain" / "metrics.csv").open() as f:
+            losses = [r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")]
+        runs[where] = (list(seen), losses)
+    allowed = Counter(expected_row(r, ids, TINY_SEQ_LEN, False) for r in rows["train"])
+    assert runs["local"][0] and not Counter(runs["local"][0]) - allowed
+    assert runs["remote"] == runs["local"] and runs["local"][1]
+    assert list((tmp_path / "cache").rglob("shard.*.mds"))  # the remote's shards came through the cache
