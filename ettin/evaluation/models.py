@@ -1,0 +1,90 @@
+"""What ``python -m ettin.eval MODEL`` accepts: a Hugging Face ModernBERT / ModernBERT-Decoder folder
+or hub id (ours, exported, or saved by plain transformers), or an ettin run directory (its export
+``RUN/hf``, made from the latest checkpoint when missing)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ettin.hub import DECODER_TYPE, ENCODER_TYPE
+
+log = logging.getLogger("ettin")
+
+
+class EvalError(ValueError):
+    """A model or task that cannot be evaluated; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class EvalModel:
+    name: str
+    path: Path  # the Hugging Face folder
+    kind: str  # "encoder" | "decoder"
+    objective: Optional[str]  # "mlm" | "clm" | "mntp", None for folders not made by ettin
+    parameters: int
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.kind == "decoder"
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "checkpoints").is_dir()
+
+
+def _run_objective(run: Path) -> Optional[str]:
+    from ettin.checkpoint import latest_checkpoint, read_meta
+
+    checkpoint = latest_checkpoint(run)
+    return None if checkpoint is None else read_meta(checkpoint).get("objective")
+
+
+def _parameters(folder: Path) -> int:
+    from ettin.hub import read_weights
+
+    return sum(t.numel() for k, t in read_weights(folder).items() if not k.startswith("classifier."))
+
+
+def resolve_model(spec: str | Path) -> EvalModel:
+    from ettin.hub import resolve_folder
+
+    path = Path(spec)
+    run: Optional[Path] = None
+    if path.is_dir() and _is_run(path):
+        run, path = path, path / "hf"
+        if not (path / "config.json").exists():
+            from ettin.export import export_checkpoint
+
+            log.info("%s has no export yet: exporting its latest checkpoint to %s", run, path)
+            export_checkpoint(run, path)
+    elif path.is_dir() and path.name.startswith("hf") and _is_run(path.parent):
+        run = path.parent  # RUN/hf or RUN/hf-<phase>
+    else:
+        path = resolve_folder(str(spec))  # a local folder, or a hub id fetched when online
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise EvalError(f"{spec}: {path} has no config.json; give a Hugging Face model folder, a hub id "
+                        "or an ettin run directory")
+    config = json.loads(config_file.read_text())
+    kinds = {ENCODER_TYPE: "encoder", DECODER_TYPE: "decoder"}
+    if config.get("model_type") not in kinds:
+        raise EvalError(f"{spec}: model_type {config.get('model_type')!r} is not ModernBERT; ettin.eval "
+                        f"evaluates {ENCODER_TYPE!r} (encoders) and {DECODER_TYPE!r} (decoders)")
+    objective = config.get("ettin_objective") or (_run_objective(run) if run else None)
+    name = run.name if run else (path.name if Path(spec).is_dir() else str(spec))
+    return EvalModel(name=name, path=path, kind=kinds[config["model_type"]], objective=objective,
+                     parameters=_parameters(path))
+
+
+def resolve_models(specs: list[str | Path]) -> list[EvalModel]:
+    models = [resolve_model(spec) for spec in specs]
+    names = [m.name for m in models]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise EvalError(f"two models are both called {duplicated[0]!r} (the run or folder name names a "
+                        "model in eval.json); rename one folder, or evaluate them separately")
+    return models
