@@ -745,6 +745,39 @@ def weight_norms(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def checkpoint_losses(run: Run, *, max_samples: int = 32) -> pd.DataFrame:
+    """Each checkpoint's loss on one fixed set of validation samples (the last phase's data and
+    sequence length, the run's objective and validation mask rate), so checkpoints compare."""
+    import torch
+
+    from ettin.data.loader import validation_batches
+    from ettin.data.tokenizer import load_tokenizer
+    from ettin.export import load_checkpoint_model
+    from ettin.objectives import OBJECTIVES
+
+    if not run.checkpoints:
+        raise RunError(f"{run.path} has no complete checkpoint")
+    phase = run.phases[-1]
+    p = run.phase_config(phase)
+    sources = data_sources(run, phase)
+    tokenizer = load_tokenizer(run.checkpoints[-1].meta["tokenizer"])
+    mask_rate = float((run.config.get("trainer") or {}).get("val_mask_rate", 0.15))
+    collator = OBJECTIVES[run.objective].collator(tokenizer, mask_rate=mask_rate, seed=int(_seed(run)))
+    batches = validation_batches([(s["path"], s["weight"]) for s in sources], seq_len=p.seq_len,
+                                 collator=collator, batch_size=p.micro_batch, max_samples=max_samples)
+    rows = []
+    for checkpoint in run.checkpoints:
+        model, _ = load_checkpoint_model(checkpoint.path)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in batches:
+                total += float(model(**batch, loss_reduction="sum").loss)
+                count += int((batch["labels"] != -100).sum())
+        rows.append({"checkpoint": checkpoint.path.name, "phase": checkpoint.phase,
+                     "total_tokens": checkpoint.total_tokens, "loss": total / max(count, 1)})
+    return pd.DataFrame(rows)
+
+
 def plot_checkpoints(run: Run, losses: pd.DataFrame, norms: pd.DataFrame):
     """The run's train loss with each checkpoint's loss on the fixed validation samples, and the
     weight norms of each checkpoint, on the cumulative token axis."""
