@@ -110,7 +110,7 @@ def test_tokenizer_template_matches_the_objective_in_python_and_rust(exported):
 def test_bf16_export(tmp_path, tokenizer_dir):
     run = make_run(tmp_path / "run", tokenizer_dir, objective="mlm")
     assert main([str(run), str(tmp_path / "hf"), "--dtype", "bf16"]) == 0
-    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", torch_dtype="auto")
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", dtype="auto")
     assert reloaded.dtype == torch.bfloat16  # the folder says bf16 and stores bf16
 
 
