@@ -96,6 +96,9 @@ def test_encoder_scorer_on_a_case_where_the_answer_is_known(folders, predicts_ne
     assert right == pytest.approx(0.0, abs=1e-6) and right_greedy
     assert wrong < -1000 and not wrong_greedy
     assert empty == pytest.approx(0.0, abs=1e-6)
+    context = tokenizer("alpha beta", add_special_tokens=False)["input_ids"]
+    generated = lm.generate_until([instance("generate_until", "alpha beta", {"until": ["\n\n"], "max_gen_toks": 3})])
+    assert generated == [tokenizer.decode([context[-1] + 1, context[-1] + 2, context[-1] + 3])]
     from lm_eval.api.registry import get_model
 
     assert get_model("ettin-mlm") is MaskedLMHarness  # lm_eval.simple_evaluate(model="ettin-mlm", ...)
