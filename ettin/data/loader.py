@@ -473,7 +473,8 @@ def check_sources(sources, seq_len: int, tokenizer) -> None:
         if len(sources) > 1:
             raise ValueError("a data order (format=order) replays whole batches: it must be the "
                              "phase's only source")
-        DataOrder(orders[0].path, pad=ids.pad, from_step=orders[0].from_step).check(len(tokenizer))
+        DataOrder(orders[0].path, pad=ids.pad, from_step=orders[0].from_step,
+                  cache_dir=orders[0].cache_dir).check(len(tokenizer), seq_len)
         return
     check_prepared_tokenizer(open_splits(sources, "train", seq_len, ids=ids), ids,
                              tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer))
@@ -528,11 +529,24 @@ class StepBatches(IterableDataset):
                              "documents apart)")
         self.sources = normalize_sources(sources)
         ids = getattr(collator, "ids", None)
-        self.splits = open_splits(self.sources, split, seq_len, truncate, ids=ids)
-        if ids is not None:
-            check_prepared_tokenizer(self.splits, ids, vocab_size=getattr(collator, "vocab_size", None))
-        self.mixture = Mixture(self.splits, [s.weight for s in self.sources], seed=seed,
-                               phase=phase, seq_len=seq_len)
+        self.order = None
+        if self.sources[0].resolved_format() == "order":  # replay released batches
+            from ettin.data.order import DataOrder
+
+            if len(self.sources) > 1 or split != "train":
+                raise ValueError("a data order (format=order) replays the training batches: it "
+                                 "must be the phase's only source")
+            self.order = DataOrder(self.sources[0].path, pad=None if ids is None else ids.pad,
+                                   from_step=self.sources[0].from_step,
+                                   cache_dir=self.sources[0].cache_dir)
+            self.order.check(getattr(collator, "vocab_size", None) or self.order.max_id + 1, seq_len)
+        else:
+            self.splits = open_splits(self.sources, split, seq_len, truncate, ids=ids)
+            if ids is not None:
+                check_prepared_tokenizer(self.splits, ids,
+                                         vocab_size=getattr(collator, "vocab_size", None))
+            self.mixture = Mixture(self.splits, [s.weight for s in self.sources], seed=seed,
+                                   phase=phase, seq_len=seq_len)
         self.seq_len, self.truncate, self.pack = seq_len, truncate, pack
         self.close_rows = bool(getattr(collator, "close_rows", False))
         self.sep = None if ids is None else ids.sep
@@ -543,8 +557,9 @@ class StepBatches(IterableDataset):
         self.start = state if state is not None else LoaderState()
         self.global_batch(self.start.tokens)  # a bad batch size fails now, not in a worker
 
-    def global_batch(self, tokens: int) -> int:
-        batch = int(self.global_batch_at(tokens))
+    def global_batch(self, tokens: int, step: Optional[int] = None) -> int:
+        batch = int(self.global_batch_at(tokens)) if self.order is None else \
+            self.order.step(self.start.step if step is None else step)[0]
         if batch < 1 or batch % self.world_size:
             raise ValueError(
                 f"global batch {batch} (at {tokens:,} tokens) is not a positive multiple of the "
@@ -557,14 +572,20 @@ class StepBatches(IterableDataset):
         """(state before the step, global batch, step tokens) of every step from the start on."""
         state = self.start
         while True:
-            batch = self.global_batch(state.tokens)
-            step_tokens = int(self.mixture.lengths(state.samples, batch).sum())
+            batch = self.global_batch(state.tokens, state.step)
+            step_tokens = int(self.mixture.lengths(state.samples, batch).sum()) \
+                if self.order is None else self.order.step(state.step)[1]
             yield state, batch, step_tokens
             state = LoaderState(state.step + 1, state.samples + batch, state.tokens + step_tokens)
 
     def rank_samples(self, state: LoaderState, batch: int) -> list[tuple[int, np.ndarray]]:
         share = batch // self.world_size
-        samples = self.mixture.samples(state.samples + self.rank * share, share)
+        first = state.samples + self.rank * share
+        if self.order is not None:
+            rows = self.order.rows_of(state.step, self.rank * share, (self.rank + 1) * share)
+            samples = list(zip(range(first, first + share), rows))
+        else:
+            samples = self.mixture.samples(first, share)
         return [(p, fit_row(t, self.seq_len, self.close_rows, self.sep)) for p, t in samples]
 
     def micro_batches(self, samples: list) -> list[list]:
@@ -611,7 +632,14 @@ class ValidationBatches:
                  truncate: bool = False, max_samples: Optional[int] = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self.sources = normalize_sources(sources)
+        self.sources = [s for s in normalize_sources(sources) if s.resolved_format() != "order"]
+        self.order, self.mine, self.positions, self.batch_size = [], [], [], batch_size
+        if not self.sources:  # a replayed phase: the released order has no validation split
+            import logging
+
+            logging.getLogger("ettin").warning("a replayed data order has no validation split: "
+                                               "no validation batches")
+            return
         ids = getattr(collator, "ids", None)
         self.splits = open_splits(self.sources, "validation", seq_len, truncate, ids=ids)
         if ids is not None:
