@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +31,8 @@ from ettin.runtime import git_commit
 from ettin.step import NonFiniteLossError
 
 log = logging.getLogger("ettin")
+# Lightning's pytree helper warns on every fit with this torch: nothing a user can act on.
+PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 USAGE = """usage: python -m ettin.train [recipe=NAME] [key=value ...]
 
@@ -65,11 +68,13 @@ def environment_summary() -> dict[str, Any]:
     }
 
 
-def global_rank() -> int:
+def is_rank_zero() -> bool:
+    """Whether this process is the job's first (SLURM's or torchrun's RANK, or the process Lightning
+    started the others from: they get LOCAL_RANK / NODE_RANK)."""
     for key in ("RANK", "SLURM_PROCID"):
         if key in os.environ:
-            return int(os.environ[key])
-    return 0
+            return int(os.environ[key]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def setup_logging(run_dir: Path) -> None:
@@ -77,7 +82,7 @@ def setup_logging(run_dir: Path) -> None:
     log.setLevel(logging.INFO)
     for handler in list(log.handlers):
         log.removeHandler(handler)
-    if global_rank() == 0:
+    if is_rank_zero():
         formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
             handler.setFormatter(formatter)
@@ -95,7 +100,7 @@ def resolve_tokenizer(cfg: TrainConfig):
 
     if cfg.tokenizer == "builtin":
         directory = Path(cfg.data_dir) / "tokenizer-builtin"
-        if global_rank() != 0:  # rank 0 trains it; the others wait for the finished folder
+        if not is_rank_zero():  # rank 0 trains it; the others wait for the finished folder
             while not (directory / "tokenizer.json").exists():
                 time.sleep(1.0)
             return load_tokenizer(str(directory))
@@ -116,7 +121,7 @@ def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
             path = str(Path(cfg.data_dir) / f"builtin-{seq_len}")
             ensure_prepared(
                 input="builtin", output=path, tokenizer=tokenizer, max_seq_len=seq_len,
-                wait=global_rank() != 0,
+                wait=not is_rank_zero(),
             )
         sources.append(replace(source, path=path))
     # The loader's own checks, at start: a clear error before any process is spawned.
@@ -451,7 +456,7 @@ def check_phases_data(cfg: TrainConfig, tokenizer) -> dict[str, list[tuple[str, 
 
 def train(cfg: TrainConfig) -> Path:
     """Run the recipe's phases from wherever the run stands; returns the final checkpoint."""
-    lock = RunLock(cfg.run_dir).acquire() if global_rank() == 0 else None
+    lock = RunLock(cfg.run_dir).acquire() if is_rank_zero() else None
     setup_logging(cfg.run_dir)
     try:
         return _train(cfg)
@@ -468,10 +473,11 @@ def _train(cfg: TrainConfig) -> Path:
     check_topology(devices * cfg.trainer.num_nodes, devices_per_node=devices,
                    num_nodes=cfg.trainer.num_nodes)  # prints one line per rank
     set_cpu_threads(cfg)
+    warnings.filterwarnings("ignore", message=PYTREE_WARNING)
     log.info("environment: %s", json.dumps(environment_summary()))
     start = resolve_start(cfg)
     log.info("resolved config:\n%s", to_yaml(cfg))
-    if global_rank() == 0:
+    if is_rank_zero():
         (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
     tokenizer = resolve_tokenizer(cfg)
     phases = cfg.phases_to_run()
@@ -483,7 +489,7 @@ def _train(cfg: TrainConfig) -> Path:
         phase = phases[index]
         final = run_phase(cfg, phase, tokenizer, start)
         quiet_lightning_banners()
-        if cfg.export_at_phase_end and global_rank() == 0:
+        if cfg.export_at_phase_end and is_rank_zero():
             export_run(cfg, final, cfg.run_dir / f"hf-{phase}")
         loaded = checkpointer(cfg).load(final, rng=False)
         start = StartState(
@@ -493,7 +499,7 @@ def _train(cfg: TrainConfig) -> Path:
     if final is None:  # every phase was already finished
         final = checkpointer(cfg).latest()
         log.info("run %s already finished (%s)", cfg.run_name, final)
-    if cfg.export_at_end and global_rank() == 0:
+    if cfg.export_at_end and is_rank_zero():
         export_run(cfg, final, export_dir(cfg))
     return final
 
@@ -622,7 +628,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = None
     try:
         finals = [(run, train(run)) for run in runs]
-        if cfg.pair and cfg.eval_at_end and global_rank() == 0:
+        if cfg.pair and cfg.eval_at_end and is_rank_zero():
             report = pair_report(cfg, runs)
     except Preempted as stop:
         log.info("%s", stop)
@@ -633,7 +639,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (TopologyError, ConfigError, CheckpointError, RunLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if global_rank() == 0:
+    if is_rank_zero():
         print(summary(finals, time.perf_counter() - started, report))
     return 0
 

@@ -175,3 +175,15 @@ def test_retention_keeps_interval_checkpoints_and_prunes_extra_saves(tmp_path):
     kinds = [read_meta(p)["kind"] for p in checkpointer.list()]
     assert kinds == ["interval", "interval", "phase_end"]
     assert Checkpointer(tmp_path).load(checkpointer.latest()).meta["kind"] == "phase_end"
+
+
+def test_weights_of_another_shape_name_the_tensor_both_shapes_and_the_fix():
+    from ettin.config import model_config
+    from ettin.model import ModernBert
+    from ettin.train import load_model_state
+
+    model = ModernBert(model_config("tiny", vocab_size=512))
+    other = ModernBert(model_config("tiny", vocab_size=640)).state_dict()
+    with pytest.raises(ConfigError, match=r"tok_embeddings.weight has shape \(640, 64\) there but "
+                                          r"\(512, 64\) here; set model.vocab_size=640"):
+        load_model_state(model, other)
