@@ -149,6 +149,9 @@ def _text_file(file: Path, source: str, unit: str, emit) -> Iterator[Document]:
 def _table_file(file: Path, source: str, column: str, emit) -> Iterator[Document]:
     import datasets
 
+    if file.suffix.lower() == ".jsonl":
+        yield from _json_lines(file, source, column, emit)
+        return
     kind = TEXT_SUFFIXES[file.suffix.lower()]
     # streaming=True reads the file in place: no Arrow copy in the datasets cache.
     table = datasets.load_dataset(kind, data_files=str(file), split="train", streaming=True)
@@ -162,6 +165,23 @@ def _table_file(file: Path, source: str, column: str, emit) -> Iterator[Document
     for batch in table.select_columns([column]).iter(batch_size=1024):
         for text in batch[column]:
             yield from emit(source, text)
+
+
+def _json_lines(file: Path, source: str, column: str, emit) -> Iterator[Document]:
+    """A .jsonl file line by line (Arrow's reader gives up on a whole file when one row's value
+    has another type: such a row is a counted skip here)."""
+    import json
+
+    with file.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if number == 0 and (not isinstance(row, dict) or column not in row):
+                names = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                raise PrepareError(f"{file} has no column {column!r} (columns: {names}); set "
+                                   "text_column=NAME")
+            yield from emit(source, row.get(column) if isinstance(row, dict) else None)
 
 
 def _looks_like_hub_id(spec: str) -> bool:
