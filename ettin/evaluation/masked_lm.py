@@ -8,7 +8,8 @@ Samuel (2024), "BERTs are Generative In-Context Learners": a masked LM reads onl
   continuation's log-likelihood (greedy: every token is the argmax at its [MASK]).
 * ``generate_until``: the same input; the first [MASK] is filled with its argmax, appended, repeated.
 * ``loglikelihood_rolling`` is the pseudo-log-likelihood (Salazar et al., 2020): each token masked
-  alone with the whole window around it visible; exp(-PLL / words) is the pseudo-perplexity.
+  alone with the whole window around it visible (disjoint windows of ``pll_window`` tokens, 512 by
+  default: a window costs one forward pass per token); exp(-PLL / words) is the pseudo-perplexity.
 
 An MNTP encoder (config ``ettin_predicts_next_token: true``) predicts the token at j from position
 j - 1: its logits are read one position to the left.
@@ -26,6 +27,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 DEFAULT_EXTRA_MASKS = 2
+DEFAULT_PLL_WINDOW = 512
 
 
 @register_model("ettin-mlm")
@@ -37,7 +39,8 @@ class MaskedLMHarness(TemplateLM):
 
     def __init__(self, pretrained, tokenizer=None, batch_size: int | str = 32, device: Optional[str] = None,
                  extra_masks: int | str = DEFAULT_EXTRA_MASKS, max_length: Optional[int | str] = None,
-                 dtype: str = "float32", max_batch_size: Optional[int] = None, **unused) -> None:
+                 pll_window: int | str = DEFAULT_PLL_WINDOW, dtype: str = "float32",
+                 max_batch_size: Optional[int] = None) -> None:  # lm-eval passes it; one fixed batch size here
         super().__init__()
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -53,6 +56,7 @@ class MaskedLMHarness(TemplateLM):
         self.extra_masks = int(extra_masks)
         self.shift = int(bool(getattr(self.model.config, "ettin_predicts_next_token", False)))
         self._max_length = int(max_length or min(self.model.config.max_position_embeddings, 8192))
+        self.pll_window = min(int(pll_window), self._max_length)
         self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
         self.mask, self.pad = tokenizer.mask_token_id, tokenizer.pad_token_id
 
@@ -122,7 +126,7 @@ class MaskedLMHarness(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        window = self._max_length - 2
+        window = self.pll_window - 2  # room for [CLS] and [SEP]
         rows, owners, targets = [], [], []
         for n, request in enumerate(requests):
             tokens = self.tok_encode(request.args[0])
