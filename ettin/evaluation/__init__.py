@@ -71,7 +71,8 @@ def task_list(tasks: str | list[str]) -> list[str]:
 
 def _check_online(tasks: list[str]) -> None:
     online = [t for t in tasks if t not in OFFLINE]
-    if online and any(os.environ.get(v) == "1" for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if online and any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")  # huggingface_hub's rule
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         raise EvalError(f"task(s) {', '.join(online)} download data from the Hugging Face hub, but "
                         "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; unset it, or use --tasks offline")
 
