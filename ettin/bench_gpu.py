@@ -20,7 +20,7 @@ per-layer ``torch.compile``; the chunked loss by default and once the plain one;
 the same batch.
 
 Per case: tokens/s/device (real tokens; the time of whole rounds over 3 different micro-batches,
-synchronised at the ends), MFU (``ettin.flops`` window-aware FLOPs on real tokens over the peak
+2 on CPU, synchronised at the ends), MFU (``ettin.flops`` window-aware FLOPs on real tokens over the peak
 table there; ETTIN_PEAK_TFLOPS overrides), peak memory, the ratio to the fastest transformers side
 of the same shape and objective, the ratio to Ettin's own tokens/s/GPU for the size (recipe.md
 8.1: 150m 296k on H100), warm-up seconds (compilation; excluded from the timing), host syncs in
@@ -383,7 +383,7 @@ def run_case(case: Case, corpus: Corpus, rows: list, device: str, quick: bool) -
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     result.update(
         micro_batches=len(batches), tokens_per_micro_batch=round(sum(b.tokens for b in batches) / len(batches)),
-        timed_steps=rounds * len(batches), timed_s=round(seconds, 3), warmup_s=round(warmup, 2),
+        timed_steps=rounds * len(batches), timed_tokens=tokens, timed_s=round(seconds, 6), warmup_s=round(warmup, 2),
         tokens_per_s=round(tokens / seconds), tflops_per_s=round(flops / seconds / 1e12, 3),
         peak_memory_gib=None if peak is None else round(peak / 2**30, 2),
         host_syncs_per_step=None if case.compile and device != "cuda" else count_host_syncs(
