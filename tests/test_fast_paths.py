@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import ettin.model
 from ettin.bench_gpu import HostSyncs
 from ettin.config import ModelConfig
@@ -34,10 +36,10 @@ def tiny_model(seed: int = 0, **overrides) -> ModernBert:
     """Global and sliding layers, biases on the vocabulary projection; weights loud enough that the
     softmax is far from uniform (loss and argmax depend on every detail)."""
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                         num_attention_heads=2, window=3, global_rope_theta=500.0, local_rope_theta=20.0,
-                         pad_token_id=IDS.pad, bos_token_id=IDS.cls, eos_token_id=IDS.sep,
-                         mask_token_id=IDS.mask, **overrides)
+    config = ModelConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                   num_attention_heads=2, window=3, global_rope_theta=500.0,
+                                   local_rope_theta=20.0, pad_token_id=IDS.pad, bos_token_id=IDS.cls,
+                                   eos_token_id=IDS.sep, mask_token_id=IDS.mask), **overrides})
     model = ModernBert(config)
     with torch.no_grad():
         for param in model.parameters():
@@ -102,6 +104,36 @@ def test_chunked_loss_under_bf16_autocast_matches_plain():
         assert chunked_grads[name].dtype == torch.float32
         scale = float(expected.abs().max())
         assert float((chunked_grads[name] - expected).abs().max()) <= 0.02 * scale, name
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_chunked_loss_never_holds_the_targets_by_vocab_logits():
+    """With a 4096-token vocabulary the [targets, vocab] logits (46 x 4096) are the largest tensor of
+    the plain step; the chunked step's largest is the [vocab, hidden] weight gradient (4096 x 32)."""
+    inputs = batch("clm")
+    model = tiny_model(vocab_size=4096)
+    n_logits = len(inputs["target_index"]) * 4096
+    assert n_logits > 4096 * 32
+    for implementation, holds_logits in (("plain", True), ("chunked", False)):
+        model.loss_implementation, model.loss_chunk_tokens = implementation, 8
+        with LargestTensor() as largest:
+            model(**inputs, causal=True).loss.backward()
+        assert (largest.numel >= n_logits) == holds_logits, (implementation, largest.numel)
+        assert largest.numel >= 4096 * 32
 
 
 def test_linear_cross_entropy_against_torch():
