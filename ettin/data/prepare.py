@@ -50,6 +50,7 @@ from ettin.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerpr
 COMPLETE = "COMPLETE"
 FORMAT = "ettin-prepared-v1"
 SPLITS = ("train", "validation")
+CHUNKINGS = ("balanced", "ettin")
 UNIT_CHARS = 1 << 18  # documents are tokenized in units of about 256k characters
 UNIT_DOCS = 2048
 MAX_LISTED = 50  # longest lists (files, sources) kept whole in the summary
@@ -63,6 +64,10 @@ class PrepareConfig:
     max_seq_len: int = 1024  # the phase's sequence length: chunks hold at most this many tokens
     validation_fraction: float = 0.01  # share of documents held out (whole documents)
     min_tail: int = 512  # a last chunk shorter than min(min_tail, (max_seq_len-2)//2) is rebalanced
+    chunking: str = "balanced"  # balanced (no token dropped or repeated) | ettin (Ettin's scripts)
+    min_chunk_size: int = 512  # ettin: a shorter last chunk is back-filled from the one before it
+    always_skip_size: int = 128  # ettin: a shorter chunk is dropped (a document's first is kept)
+    add_prefix_space: bool = False  # byte-level tokenizers: tokenize " " + text (Ettin: true)
     text_column: str = "text"  # of .jsonl/.json/.parquet/.csv files and hub datasets
     text_unit: str = "document"  # .txt/.md: a document is a whole file, a paragraph, or a line
     hub_config: Optional[str] = None  # the configuration of a hub dataset
@@ -108,6 +113,34 @@ def chunk_document(ids: np.ndarray, max_seq_len: int, cls: int, sep: int,
     return chunks
 
 
+def ettin_chunks(tokens: np.ndarray, max_seq_len: int, cls: int, min_chunk_size: int,
+                 always_skip_size: int, rng: np.random.Generator) -> tuple[list[np.ndarray], int]:
+    """Ettin's chunker (``split_dataset_into_chunks_individual.py -c max_seq_len -m min_chunk_size
+    -a always_skip_size --backfill --backfill_no_duplicates``) on a document's ``tokens``, which
+    hold its [CLS] and [SEP]: pieces of ``max_seq_len - 2`` tokens; a piece shorter than
+    ``always_skip_size`` is dropped unless it is the first; a later piece shorter than
+    ``min_chunk_size`` takes a random number r in [0, max_seq_len - 2 - len) of tokens from the end
+    of the chunk before it; every chunk gets [CLS] in front if it lacks it. Returns the chunks and
+    the number of tokens dropped. (Not reproduced: Ettin's decode / re-encode of chunks whose text
+    does not start with a space.)"""
+    capacity = max_seq_len - 2
+    pieces = np.array_split(tokens, np.arange(capacity, len(tokens), capacity))
+    chunks: list[np.ndarray] = []
+    dropped = 0
+    for i, piece in enumerate(pieces):
+        if i and len(piece) < always_skip_size:
+            dropped += len(piece)
+            continue
+        if i and len(piece) < min_chunk_size:
+            moved = int(rng.integers(0, capacity - len(piece)))
+            if moved:
+                piece = np.concatenate((chunks[-1][-moved:], piece))
+                chunks[-1] = chunks[-1][:-moved]
+        chunks.append(piece)
+    with_cls = [c if c[0] == cls else np.concatenate(([cls], c)).astype(tokens.dtype) for c in chunks]
+    return with_cls, dropped
+
+
 # ------------------------------------------------------------------------------------------------
 # Tokenizing (in worker processes)
 
@@ -136,6 +169,8 @@ def _init_worker(tokenizer_file: str, settings: dict) -> None:
     tokenizer.no_padding()
     # Special-token strings inside the text are plain text; specials come from the chunker only.
     tokenizer.encode_special_tokens = True
+    if settings.get("add_prefix_space"):
+        tokenizer.pre_tokenizer.add_prefix_space = True  # checked to be ByteLevel before
     _worker.update(settings, tokenizer=tokenizer)
 
 
@@ -168,17 +203,25 @@ def _tokenize_unit(unit: list[Document]) -> UnitResult:
     for document, encoding in zip(unit, encodings):
         ids = np.asarray(encoding.ids, dtype=dtype)
         if len(ids) == 0:  # e.g. text that the normalizer removes entirely
-            documents.append((document.index, document.source, None, 0, 0, False))
+            documents.append((document.index, document.source, None, 0, 0, False, 0))
             continue
         split = "validation" if is_validation(document.index, w["fraction"], w["seed"]) else "train"
-        bounds = chunk_bounds(len(ids), max_seq_len, min_tail)
-        for i, (a, b) in enumerate(bounds):
-            chunk = np.concatenate((cls, ids[a:b], sep) if i == len(bounds) - 1 else (cls, ids[a:b]))
+        if w["chunking"] == "ettin":
+            rng = np.random.default_rng([w["seed"], document.index])
+            chunks, _ = ettin_chunks(np.concatenate((cls, ids, sep)), max_seq_len, w["cls"],
+                                     w["min_chunk_size"], w["always_skip_size"], rng)
+            rebalanced = len(chunks) > 1 and len(chunks[-2]) < max_seq_len - 1
+        else:
+            bounds = chunk_bounds(len(ids), max_seq_len, min_tail)
+            chunks = [np.concatenate((cls, ids[a:b], sep) if i == len(bounds) - 1 else (cls, ids[a:b]))
+                      for i, (a, b) in enumerate(bounds)]
+            rebalanced = len(bounds) > 1 and bounds[-2][1] - bounds[-2][0] < max_seq_len - 2
+        for chunk in chunks:
             samples[split].append(encode_sample(chunk, document.index))
             lengths[split].append(len(chunk))
             doc_ids[split].append(document.index)
-        rebalanced = len(bounds) > 1 and bounds[-2][1] - bounds[-2][0] < max_seq_len - 2
-        documents.append((document.index, document.source, split, len(ids), len(bounds), rebalanced))
+        documents.append((document.index, document.source, split, len(ids), len(chunks),
+                          rebalanced, sum(len(c) for c in chunks)))
     return UnitResult(
         samples=samples,
         lengths={s: np.asarray(lengths[s], dtype=np.int32) for s in SPLITS},
@@ -278,6 +321,10 @@ def settings_of(cfg: PrepareConfig, tokenizer) -> dict:
         "text_column": cfg.text_column, "text_unit": cfg.text_unit, "hub_config": cfg.hub_config,
         "split": cfg.split, "max_documents": cfg.max_documents,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        # Only when not the defaults, so folders prepared before these settings existed still match.
+        **({"chunking": cfg.chunking, "min_chunk_size": cfg.min_chunk_size,
+            "always_skip_size": cfg.always_skip_size} if cfg.chunking != "balanced" else {}),
+        **({"add_prefix_space": True} if cfg.add_prefix_space else {}),
     }
 
 
@@ -300,6 +347,12 @@ def prepare(cfg: Optional[PrepareConfig] = None, tokenizer=None, **fields) -> Pa
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(cfg.tokenizer if tokenizer is None else tokenizer)
     _check_config(cfg)
+    if cfg.add_prefix_space:
+        from tokenizers import pre_tokenizers
+
+        if not isinstance(tokenizer.backend_tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel):
+            raise PrepareError(f"add_prefix_space=true needs a byte-level BPE tokenizer; "
+                               f"{cfg.tokenizer!r} is not one: set add_prefix_space=false")
     output = Path(cfg.output).expanduser()
     settings = settings_of(cfg, tokenizer)
     if _finished_with(output, settings, cfg.overwrite):
@@ -330,6 +383,12 @@ def _check_config(cfg: PrepareConfig) -> None:
         raise PrepareError(f"validation_fraction={cfg.validation_fraction} must be in [0, 1)")
     if cfg.text_unit not in TEXT_UNITS:
         raise PrepareError(f"text_unit={cfg.text_unit!r}; choose one of {', '.join(TEXT_UNITS)}")
+    if cfg.chunking not in CHUNKINGS:
+        raise PrepareError(f"chunking={cfg.chunking!r}; choose one of {', '.join(CHUNKINGS)}")
+    if cfg.chunking == "ettin" and not 0 <= cfg.always_skip_size <= cfg.min_chunk_size <= cfg.max_seq_len - 2:
+        raise PrepareError("chunking=ettin needs 0 <= always_skip_size <= min_chunk_size <= "
+                           f"max_seq_len - 2 (got {cfg.always_skip_size}, {cfg.min_chunk_size}, "
+                           f"{cfg.max_seq_len - 2})")
 
 
 def _finished_with(output: Path, settings: dict, overwrite: bool) -> bool:
@@ -392,7 +451,10 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path) -> None:
     processes = worker_count(cfg)
     worker_settings = {"dtype": dtype, "cls": ids.cls, "sep": ids.sep,
                        "max_seq_len": cfg.max_seq_len, "min_tail": cfg.min_tail,
-                       "fraction": cfg.validation_fraction, "seed": cfg.seed}
+                       "fraction": cfg.validation_fraction, "seed": cfg.seed,
+                       "chunking": cfg.chunking, "min_chunk_size": cfg.min_chunk_size,
+                       "always_skip_size": cfg.always_skip_size,
+                       "add_prefix_space": cfg.add_prefix_space}
     columns = columns_for(dtype)
     size_limit = cfg.shard_size_mb << 20
     total = None
@@ -420,7 +482,7 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path) -> None:
                 s = stats[split]
                 s["chunks"] += len(sizes)
                 s["tokens"] += int(sizes.sum())
-            for index, source, split, n_tokens, n_chunks, was_rebalanced in result.documents:
+            for index, source, split, n_tokens, n_chunks, was_rebalanced, row_tokens in result.documents:
                 if split is None:
                     skips.document("no tokens after tokenization")
                     continue
@@ -429,7 +491,7 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path) -> None:
                 s["document_tokens"] += n_tokens
                 per_source = s["sources"].setdefault(source, {"documents": 0, "tokens": 0})
                 per_source["documents"] += 1
-                per_source["tokens"] += n_tokens + n_chunks + 1
+                per_source["tokens"] += row_tokens
                 long_documents += n_chunks > 1
                 rebalanced += bool(was_rebalanced)
             progress.update(len(result.documents))
