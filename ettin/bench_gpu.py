@@ -1,7 +1,7 @@
 """python -m ettin.bench gpu: training throughput on one device, every fast path and the peer, in one
 bounded run.
 
-    python -m ettin.bench gpu [--quick] [--json OUT] [--device cpu|cuda] [--budget-s S]
+    python -m ettin.bench gpu [--quick] [--json OUT] [--device cpu|cuda] [--budget-s S] [--only REGEX]
 
 What is timed: whole training steps (forward + backward + ``ettin.optim.StableAdamW`` step), bf16
 autocast over fp32 weights on CUDA (fp32 on CPU), on micro-batches built from the built-in corpus
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import sys
 import tempfile
 import time
@@ -425,16 +426,20 @@ def add_ratios(results: list[dict], peak: Optional[float], device: str) -> None:
         r["ratio_vs_ettin"] = round(r["tokens_per_s"] / anchor, 3) if anchor else None
 
 
-def run(device: str, quick: bool, budget_s: float,
+def run(device: str, quick: bool, budget_s: float, only: Optional[str] = None,
         progress: Callable[[dict], None] = lambda report: None) -> dict:
-    """Every case of the plan that fits the budget; ``progress`` gets the report so far after each."""
+    """Every case of the plan (whose name matches the regular expression ``only``) that fits the
+    budget; ``progress`` gets the report so far after each."""
     import transformers
 
     from ettin.bench import device_name
 
     started = time.perf_counter()
     attns, skipped_backends = backends(device)
-    cases = plan(device, quick, attns)
+    cases = [c for c in plan(device, quick, attns) if only is None or re.search(only, c.name)]
+    if not cases:
+        raise ValueError(f"--only {only!r} matches no case; the names look like "
+                         f"{plan(device, quick, attns)[0].name!r}")
     corpus = load_corpus(quick)
     peak = peak_flops_per_device() if device == "cuda" else None
     rows_by_len: dict[int, list] = {}
@@ -532,6 +537,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the base shape and one case of the others")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting cases after this many seconds of the run (default cuda 420, cpu 120)")
+    parser.add_argument("--only", default=None, metavar="REGEX",
+                        help="only the cases whose name matches, e.g. '150m@1024 clm packed'")
     parser.add_argument("--json", default=None, help="also write everything to this file")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -545,7 +552,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 json.dump(report, f, indent=2)
                 f.write("\n")
 
-    report = run(device, args.quick, budget, progress=write_json)
+    try:
+        report = run(device, args.quick, budget, args.only, progress=write_json)
+    except ValueError as error:
+        parser.error(str(error))
     write_json(report)
     print_report(report)
     return 0 if any("tokens_per_s" in r for r in report["results"]) else 1
