@@ -215,12 +215,12 @@ Also loads with `AutoModelForSequenceClassification` for fine-tuning{
 LoRA (peft): `target_modules={LORA_TARGETS[causal]}` — every attention and MLP projection
 (`Wo` names both the attention output and the MLP output projection).
 
-Sentence embeddings (sentence-transformers, mean pooling):
+Sentence embeddings (sentence-transformers builds mean pooling over the last hidden states for a
+folder without modules.json):
 
 ```python
-from sentence_transformers import SentenceTransformer, models
-body = models.Transformer("PATH")
-model = SentenceTransformer(modules=[body, models.Pooling(body.get_word_embedding_dimension(), "mean")])
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("PATH")
 ```
 
 Evaluation (lm-evaluation-harness{'' if causal else "; ettin registers a masked-LM model type that scores "

@@ -20,8 +20,8 @@ from ettin.eval import format_table, main
 from ettin.evaluation import CATEGORIES, FORMAT, EvalError, FinetuneSettings, evaluate, suite
 from ettin.evaluation.masked_lm import MaskedLMHarness
 from ettin.evaluation.models import resolve_model
-from ettin.evaluation.runners import (EvalModel, RetrievalSettings, finetune_classification, harness_model,
-                                      retrieval_ndcg_at_10)
+from ettin.evaluation.runners import (EvalModel, RetrievalSettings, _pairs_text, finetune_classification,
+                                      harness_model, retrieval_ndcg_at_10)
 
 WORDS = "alpha beta gamma delta module function class return value import print list".split()
 TEXTS = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) + "." for i in range(200)]
@@ -194,6 +194,19 @@ def test_retrieval_ndcg_on_hand_made_rankings(folders, tmp_path):
     shifted = retrieval_ndcg_at_10(model, [], {"q0": passages[0]}, corpus, {"q0": ["d1"]},
                                    settings=settings, seed=0, work_dir=tmp_path)
     assert shifted in [pytest.approx(1 / torch.log2(torch.tensor(r + 1.0)).item()) for r in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_sentence_pairs_are_separated_by_sep_for_both_kinds(folders, kind):
+    """A decoder's pair template has no separator; the pair must not run together."""
+    tokenizer = AutoTokenizer.from_pretrained(folders[kind])
+    first, second = _pairs_text(EvalModel(kind, folders[kind], kind, None, 0), tokenizer, ["alpha beta"], ["gamma"])
+    ids = tokenizer(first, second)["input_ids"][0]
+    alpha = tokenizer("alpha beta", add_special_tokens=False)["input_ids"]
+    sep = tokenizer.sep_token_id
+    assert ids[:len(alpha) + 2] == [tokenizer.cls_token_id, *alpha, sep]
+    assert tokenizer.decode(ids[len(alpha) + 2:], skip_special_tokens=True).strip() == "gamma"
+    assert ids.count(sep) == (2 if kind == "encoder" else 1)
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])

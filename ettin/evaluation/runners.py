@@ -85,7 +85,7 @@ def _pairs_text(model: EvalModel, tokenizer, first: list[str], second: Optional[
     (``[CLS] a [SEP] b [SEP]``); a decoder's template has no separator, so [SEP] is written between."""
     if second is None or not model.is_decoder:
         return first, second
-    return [f"{a} {tokenizer.sep_token} {b}" for a, b in zip(first, second)], None
+    return [f"{a}{tokenizer.sep_token} {b}" for a, b in zip(first, second)], None
 
 
 def finetune_classification(model: EvalModel, train: list[dict], test: list[dict], *, num_labels: int,
