@@ -170,7 +170,17 @@ def evaluate(models: list[str | Path], tasks: str | list[str] = "offline", out: 
     names = task_list(tasks)
     _check_online(names)
     evaluated = resolve_models(list(models))
-    work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="ettin-eval-"))
+    if out is None:  # the generated tasks and fine-tuning scratch live only as long as the call
+        with tempfile.TemporaryDirectory(prefix="ettin-eval-") as scratch:
+            return _evaluate(evaluated, names, tasks, Path(scratch), limit, seed, finetune, retrieval)
+    report = _evaluate(evaluated, names, tasks, Path(out), limit, seed, finetune, retrieval)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _evaluate(evaluated: list[EvalModel], names: list[str], tasks: str | list[str], work: Path,
+              limit: Optional[int], seed: int, finetune: FinetuneSettings, retrieval: RetrievalSettings) -> dict:
     suite_dir = None
     if set(names) & set(OFFLINE):
         size = suite.SuiteSize.limited(limit) if limit else suite.SuiteSize()
@@ -193,9 +203,6 @@ def evaluate(models: list[str | Path], tasks: str | list[str] = "offline", out: 
         report["models"][model.name] = {
             "path": str(model.path), "kind": model.kind, "objective": model.objective,
             "parameters": model.parameters, "tasks": {t: asdict(results[t]) for t in names}}
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
