@@ -278,3 +278,28 @@ def test_a_path_that_is_not_a_run_is_refused_by_name(tmp_path, tiny_prepared, ca
     (tmp_path / "bad.json").write_text("{}")
     assert main([str(a), str(a), "--out", str(tmp_path / "o"), "--eval", str(tmp_path / "bad.json")]) == 2
     assert "ettin-eval/1" in capsys.readouterr().err
+
+
+def test_weight_norms_split_every_weight_into_one_group(tmp_path, tiny_prepared):
+    import torch
+
+    from ettin.checkpoint import save_weights
+    from ettin.config import model_config
+    from ettin.model import ModernBert
+
+    run_dir = make_run(tmp_path, "a", tiny_prepared)
+    model = ModernBert(model_config("tiny"))
+    with torch.no_grad():  # no zero-initialised tensor (biases) may hide from the count
+        for parameter in model.parameters():
+            parameter.normal_()
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        save_weights(model.state_dict(), checkpoint)
+    norms = analysis.weight_norms(analysis.load_run(run_dir))
+    assert len(norms) == len(STEPS)
+    row = norms.iloc[0]
+    groups = list(analysis.WEIGHT_GROUPS)
+    # Every parameter once (the tied projection is the embedding matrix): the groups' norms add up
+    # in squares to the norm of all parameters.
+    total = torch.sqrt(sum(p.double().pow(2).sum() for p in model.parameters()))
+    assert float(np.sqrt(sum(row[g] ** 2 for g in groups))) == pytest.approx(float(total), rel=1e-9)
+    assert all(row[g] > 0 for g in groups)
