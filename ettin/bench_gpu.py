@@ -358,9 +358,16 @@ def run_case(case: Case, corpus: Corpus, rows: list, device: str, quick: bool) -
 
     if case.compile:
         torch._dynamo.reset()
+        # Layers share one code object: layer kinds (first, global, sliding) x layouts x static /
+        # dynamic shapes are separate graphs, and past the default limit of 8 Dynamo would silently
+        # run the remaining variants uncompiled.
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, 64)
         for layer in model.model.layers:  # regional, as ettin.runtime.apply_speedups
             layer.compile(backend="inductor" if device == "cuda" else "eager")
-    breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
+    counters = torch._dynamo.utils.counters
+    breaks_before = sum(counters["graph_break"].values())
+    graphs_before = counters["stats"]["unique_graphs"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = timing(device, quick)
@@ -389,7 +396,8 @@ def run_case(case: Case, corpus: Corpus, rows: list, device: str, quick: bool) -
         peak_memory_gib=None if peak is None else round(peak / 2**30, 2),
         host_syncs_per_step=None if case.compile and device != "cuda" else count_host_syncs(
             lambda: step(batches[0]), device),
-        graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks_before,
+        graph_breaks=sum(counters["graph_break"].values()) - breaks_before,
+        compiled_graphs=counters["stats"]["unique_graphs"] - graphs_before,
     )
     return result
 
