@@ -51,6 +51,7 @@ COMPLETE = "COMPLETE"
 FORMAT = "ettin-prepared-v1"
 SPLITS = ("train", "validation")
 CHUNKINGS = ("balanced", "ettin")
+EXECUTORS = ("none", "local", "slurm")
 UNIT_CHARS = 1 << 18  # documents are tokenized in units of about 256k characters
 UNIT_DOCS = 2048
 MAX_LISTED = 50  # longest lists (files, sources) kept whole in the summary
@@ -79,6 +80,13 @@ class PrepareConfig:
     strict: bool = False  # an unreadable file is an error instead of a counted skip
     overwrite: bool = False  # replace a finished folder prepared with other settings
     progress: bool = True
+    executor: str = "none"  # none (num_proc processes here) | local | slurm (datatrove; ettin/data/executor.py)
+    tasks: int = 1  # executor: tasks, each tokenizing every tasks-th unit of the input
+    workers: int = -1  # executor=local: tasks run at once (-1: all)
+    partition: Optional[str] = None  # executor=slurm
+    time: str = "24:00:00"  # executor=slurm: per task
+    cpus_per_task: int = 1  # executor=slurm
+    sbatch_args: Optional[str] = None  # executor=slurm: extra "key=value,key=value" sbatch options
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,13 +371,24 @@ def prepare(cfg: Optional[PrepareConfig] = None, tokenizer=None, **fields) -> Pa
             return output
         for stale in output.parent.glob(f"{output.name}.tmp-*"):  # crashed earlier attempts
             shutil.rmtree(stale, ignore_errors=True)
-        temp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
-        try:
-            _write(cfg, tokenizer, settings, temp)
-            _publish(temp, output)
-        finally:
-            shutil.rmtree(temp, ignore_errors=True)
+        if cfg.executor != "none":
+            from ettin.data.executor import run_executor
+
+            run_executor(cfg, tokenizer, settings, output)  # slurm: the merge job finishes it
+            return output
+        write_folder(cfg, tokenizer, settings, output)
     return output
+
+
+def write_folder(cfg: PrepareConfig, tokenizer, settings: dict, output: Path,
+                 unit_results: Optional[Callable[[Skips], Iterator[UnitResult]]] = None) -> None:
+    """Write ``output`` aside and rename it into place (held under the output's lock)."""
+    temp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    try:
+        _write(cfg, tokenizer, settings, temp, unit_results)
+        _publish(temp, output)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _check_config(cfg: PrepareConfig) -> None:
@@ -383,6 +402,10 @@ def _check_config(cfg: PrepareConfig) -> None:
         raise PrepareError(f"validation_fraction={cfg.validation_fraction} must be in [0, 1)")
     if cfg.text_unit not in TEXT_UNITS:
         raise PrepareError(f"text_unit={cfg.text_unit!r}; choose one of {', '.join(TEXT_UNITS)}")
+    if cfg.executor not in EXECUTORS:
+        raise PrepareError(f"executor={cfg.executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if cfg.tasks < 1:
+        raise PrepareError(f"tasks={cfg.tasks} must be at least 1")
     if cfg.chunking not in CHUNKINGS:
         raise PrepareError(f"chunking={cfg.chunking!r}; choose one of {', '.join(CHUNKINGS)}")
     if cfg.chunking == "ettin" and not 0 <= cfg.always_skip_size <= cfg.min_chunk_size <= cfg.max_seq_len - 2:
@@ -428,7 +451,34 @@ def _publish(temp: Path, output: Path) -> None:
         os.replace(temp, output)
 
 
-def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path) -> None:
+def sample_dtype(tokenizer) -> str:
+    return "uint16" if len(tokenizer) <= 1 << 16 else "uint32"
+
+
+def worker_settings(cfg: PrepareConfig, tokenizer) -> dict:
+    """What the tokenizing processes need (``_init_worker``)."""
+    ids = special_ids(tokenizer)
+    return {"dtype": sample_dtype(tokenizer), "cls": ids.cls, "sep": ids.sep,
+            "max_seq_len": cfg.max_seq_len, "min_tail": cfg.min_tail,
+            "fraction": cfg.validation_fraction, "seed": cfg.seed, "chunking": cfg.chunking,
+            "min_chunk_size": cfg.min_chunk_size, "always_skip_size": cfg.always_skip_size,
+            "add_prefix_space": cfg.add_prefix_space}
+
+
+def document_units(cfg: PrepareConfig, skips: Skips) -> Iterator[list[Document]]:
+    """The input's documents in their fixed order, in tokenizing units."""
+    documents: Iterable[Document] = read_documents(
+        cfg.input, cfg.text_column, text_unit=cfg.text_unit, split=cfg.split,
+        hub_config=cfg.hub_config, skips=skips, strict=cfg.strict)
+    if cfg.max_documents is not None:
+        documents = _take(documents, cfg.max_documents)
+    return _units(documents)
+
+
+def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path,
+           unit_results: Optional[Callable[[Skips], Iterator[UnitResult]]] = None) -> None:
+    """Tokenize, chunk and write ``temp``; ``unit_results`` (the executor's merge step) gives the
+    tokenized units instead of the local processes."""
     from streaming import MDSWriter
     from tqdm import tqdm
 
@@ -436,25 +486,14 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path) -> None:
     ids = special_ids(tokenizer)
     temp.mkdir(parents=True)
     tokenizer.save_pretrained(str(temp / "tokenizer"))
-    dtype = "uint16" if len(tokenizer) <= 1 << 16 else "uint32"
+    dtype = sample_dtype(tokenizer)
     skips = Skips()
-    documents: Iterable[Document] = read_documents(
-        cfg.input, cfg.text_column, text_unit=cfg.text_unit, split=cfg.split,
-        hub_config=cfg.hub_config, skips=skips, strict=cfg.strict)
-    if cfg.max_documents is not None:
-        documents = _take(documents, cfg.max_documents)
     stats = {s: {"documents": 0, "chunks": 0, "tokens": 0, "document_tokens": 0, "sources": {}}
              for s in SPLITS}
     lengths: dict = {s: [] for s in SPLITS}
     rebalanced = long_documents = 0
     timings = {"read": 0.0, "tokenize": 0.0, "write": 0.0}
-    processes = worker_count(cfg)
-    worker_settings = {"dtype": dtype, "cls": ids.cls, "sep": ids.sep,
-                       "max_seq_len": cfg.max_seq_len, "min_tail": cfg.min_tail,
-                       "fraction": cfg.validation_fraction, "seed": cfg.seed,
-                       "chunking": cfg.chunking, "min_chunk_size": cfg.min_chunk_size,
-                       "always_skip_size": cfg.always_skip_size,
-                       "add_prefix_space": cfg.add_prefix_space}
+    processes = worker_count(cfg) if unit_results is None else cfg.tasks
     columns = columns_for(dtype)
     size_limit = cfg.shard_size_mb << 20
     total = None
@@ -468,9 +507,13 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path) -> None:
             _encoded_writer(columns=columns, out=str(temp / "validation"),
                             size_limit=size_limit) as val:
         writers = {"train": train, "validation": val}
-        results = _ordered_map(_tokenize_unit, _timed(_units(documents), timings, "read"),
-                               processes, _init_worker,
-                               (str(temp / "tokenizer" / "tokenizer.json"), worker_settings))
+        if unit_results is None:
+            results = _ordered_map(_tokenize_unit, _timed(document_units(cfg, skips), timings, "read"),
+                                   processes, _init_worker,
+                                   (str(temp / "tokenizer" / "tokenizer.json"),
+                                    worker_settings(cfg, tokenizer)))
+        else:
+            results = unit_results(skips)
         for result in _timed(results, timings, "tokenize"):
             started_writing = time.perf_counter()
             for split in SPLITS:

@@ -1,0 +1,72 @@
+"""executor=local (datatrove): several tasks and a merge step give the very folder a single-process
+preparation gives; a task that dies is run again on relaunch, without duplicates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from data_fixtures import data_root, tiny_tokenizer  # noqa: F401
+
+from ettin.data.prepare import main
+
+RUN_METADATA = {"seconds", "seconds_in_main_process", "tokens_per_second", "num_proc", "created"}
+
+
+def prepared(tmp_path, tokenizer, name, *extra):
+    out = tmp_path / name
+    assert main(["input=builtin", f"output={out}", f"tokenizer={tokenizer}", "max_seq_len=64",
+                 "max_documents=300", "progress=false", *extra]) == 0
+    return out
+
+
+def assert_same_folder(a, b):
+    for split in ("train", "validation"):
+        names = sorted(p.name for p in (a / split).iterdir())
+        assert names == sorted(p.name for p in (b / split).iterdir())
+        for name in names:
+            assert (a / split / name).read_bytes() == (b / split / name).read_bytes(), name
+    summaries = [json.loads((f / "summary.json").read_text()) for f in (a, b)]
+    assert {k: v for k, v in summaries[0].items() if k not in RUN_METADATA} == \
+        {k: v for k, v in summaries[1].items() if k not in RUN_METADATA}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_tokenizer):
+    return prepared(tmp_path_factory.mktemp("single"), tiny_tokenizer, "single", "num_proc=1")
+
+
+def test_local_executor_with_four_tasks_equals_one_process(single, tmp_path, tiny_tokenizer):
+    out = prepared(tmp_path, tiny_tokenizer, "tasks", "executor=local", "tasks=4", "workers=2")
+    assert_same_folder(single, out)
+    assert not (tmp_path / "tasks.parts").exists()
+
+
+def test_a_failed_task_is_run_again_on_relaunch(single, tmp_path, tiny_tokenizer, monkeypatch):
+    import ettin.data.executor as executor
+
+    original = executor._tokenize_unit
+    calls = {"n": 0}
+
+    def dies_midway(unit):
+        calls["n"] += 1
+        if calls["n"] == 2:  # in the second task (task 0 tokenized unit 0, task 1 unit 1)
+            raise RuntimeError("killed")
+        return original(unit)
+
+    monkeypatch.setattr(executor, "_tokenize_unit", dies_midway)
+    args = ["executor=local", "tasks=3", "workers=1"]
+    with pytest.raises(RuntimeError, match="killed"):
+        prepared(tmp_path, tiny_tokenizer, "relaunched", *args)
+    parts = tmp_path / "relaunched.parts"
+    assert (parts / "task-00000").is_dir() and not (parts / "task-00001").is_dir()
+    monkeypatch.setattr(executor, "_tokenize_unit", original)
+    ran = []
+    monkeypatch.setattr(executor.TokenizeTask, "__call__", lambda self, data=None, rank=0, world_size=1:
+                        ran.append(rank) or original_call(self, data, rank, world_size))
+    out = prepared(tmp_path, tiny_tokenizer, "relaunched", *args)
+    assert ran == [1, 2]  # the finished task was skipped
+    assert_same_folder(single, out)
+
+
+original_call = __import__("ettin.data.executor", fromlist=["TokenizeTask"]).TokenizeTask.__call__
