@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ettin.checkpoint import retie
+from ettin.objectives import OBJECTIVES
 from ettin.config import ModelConfig
 from ettin.model import ModernBert
 
@@ -39,8 +40,6 @@ ENCODER_TYPE = "modernbert"
 DECODER_TYPE = "modernbert-decoder"
 ARCHITECTURES = {ENCODER_TYPE: "ModernBertForMaskedLM", DECODER_TYPE: "ModernBertDecoderForCausalLM"}
 QKV = ("q_proj", "k_proj", "v_proj")
-# Whether an objective's logits at position j predict the token at j + 1 (written into exports).
-PREDICTS_NEXT_TOKEN = {"mlm": False, "clm": True, "mntp": True}
 
 
 class HubError(ValueError):
@@ -213,9 +212,10 @@ def to_hf_config(config: ModelConfig, *, causal: bool, allow_theta_mismatch: boo
         "dtype": str(dtype).removeprefix("torch."),
     }
     if objective is not None:
-        if objective not in PREDICTS_NEXT_TOKEN:
-            raise HubError(f"objective={objective!r}: choose one of {', '.join(PREDICTS_NEXT_TOKEN)}")
-        out.update(ettin_objective=objective, ettin_predicts_next_token=PREDICTS_NEXT_TOKEN[objective])
+        if objective not in OBJECTIVES:
+            raise HubError(f"objective={objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        out.update(ettin_objective=objective,
+                   ettin_predicts_next_token=OBJECTIVES[objective].predicts_next_token)
     if causal:
         out.update(sliding_window=c.window + 1, use_cache=True)
     else:

@@ -12,6 +12,9 @@ class Objective:
     name: str
     causal: bool  # attention direction of the model
     masked: bool  # the collator masks tokens at a rate (MLM, MNTP); CLM predicts every next token
+    # The output at position i predicts token i+1 (CLM; MNTP reads a masked token one position to
+    # the left) rather than token i (MLM): recorded in exports so users read the outputs right.
+    predicts_next_token: bool
     description: str
 
     def collator(self, tokenizer, *, mask_rate: float, seed: int, unpadded: bool = True):
@@ -46,11 +49,11 @@ class Objective:
 
 
 OBJECTIVES = {
-    "mlm": Objective("mlm", causal=False, masked=True,
+    "mlm": Objective("mlm", causal=False, masked=True, predicts_next_token=False,
                      description="masked language modelling: predict masked tokens in place"),
-    "clm": Objective("clm", causal=True, masked=False,
+    "clm": Objective("clm", causal=True, masked=False, predicts_next_token=True,
                      description="causal language modelling: predict the next token"),
-    "mntp": Objective("mntp", causal=False, masked=True,
+    "mntp": Objective("mntp", causal=False, masked=True, predicts_next_token=True,
                       description="masked next-token prediction (LLM2Vec): a masked token is "
                                   "predicted from the position before it"),
 }

@@ -354,7 +354,7 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed alone
     model = ModernBert(model_config)
     if start.model_state is not None:
-        load_model_state(model, start.model_state)
+        load_model_state(model, start.model_state, start.description)
     apply_speedups(model, compile=cfg.trainer.compile,
                    activation_checkpointing=cfg.trainer.activation_checkpointing)
     sources = resolve_sources(cfg, phase, tokenizer)
@@ -431,16 +431,14 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
     return checkpoints.save(module, kind="phase_end")
 
 
-def load_model_state(model: torch.nn.Module, state: dict) -> None:
+def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
     """``model.load_state_dict`` with an error that names the tensor, both shapes and the fix."""
-    own = model.state_dict()
-    for name, tensor in state.items():
-        if name in own and own[name].shape != tensor.shape:
-            fix = (f"set model.vocab_size={tensor.shape[0]} (the starting weights' vocabulary) or "
-                   "use a tokenizer of that size") if "tok_embeddings" in name or name.startswith(
-                "decoder") else "use a size whose shapes match the starting weights (size=...)"
-            raise ConfigError(f"the starting weights do not fit the model: {name} has shape "
-                              f"{tuple(tensor.shape)} there but {tuple(own[name].shape)} here; {fix}")
+    from ettin.hub import HubError, check_shapes
+
+    try:
+        check_shapes(model.state_dict(), state, f"the starting weights ({source})")
+    except HubError as error:
+        raise ConfigError(str(error)) from None
     model.load_state_dict(state)
 
 
