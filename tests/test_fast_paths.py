@@ -285,3 +285,29 @@ def test_bad_fast_path_arguments_are_clear_errors():
     inputs = batch("mlm")
     with pytest.raises(ValueError, match="target_index indexes the labels of the flat stream"):
         model(inputs["input_ids"][None], labels=inputs["labels"][None], target_index=inputs["target_index"])
+
+
+def test_compiled_layers_trace_every_backend_without_graph_breaks():
+    """Per-layer compilation (Dynamo's capture; its eager backend runs the captured graphs, so this
+    takes seconds on CPU) gives the uncompiled logits for sdpa and flex, with no graph break: the
+    layout's masks and BlockMasks reach the compiled layers as inputs."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    breaks = sum(counters["graph_break"].values())
+    reference = tiny_model()
+    long = CLMCollator(IDS, vocab_size=VOCAB)([(0, np.arange(5, 85)), (1, np.arange(5, 45))])
+    for attn in ("sdpa", "flex"):
+        model = tiny_model(attn_implementation=attn)
+        for layer in model.model.layers:
+            layer.compile(backend="eager")
+        for inputs in (batch("clm"), long):
+            flat = dict(input_ids=inputs["input_ids"], cu_seqlens=inputs["cu_seqlens"],
+                        max_seqlen=inputs["max_seqlen"], causal=True)
+            with torch.no_grad():
+                expected = reference(**flat).logits
+                torch.testing.assert_close(model(**flat).logits, expected, rtol=1e-5,
+                                           atol=1e-5 * float(expected.abs().max()))
+    assert sum(counters["graph_break"].values()) == breaks
+    torch._dynamo.reset()
