@@ -7,6 +7,7 @@ import json
 
 import pytest
 from data_fixtures import data_root, tiny_tokenizer  # noqa: F401
+from slurm_cluster import cluster  # noqa: F401  (fixture)
 
 from ettin.data.prepare import main
 
@@ -70,3 +71,27 @@ def test_a_failed_task_is_run_again_on_relaunch(single, tmp_path, tiny_tokenizer
 
 
 original_call = __import__("ettin.data.executor", fromlist=["TokenizeTask"]).TokenizeTask.__call__
+
+
+def test_slurm_executor_on_the_local_cluster(cluster, single, tmp_path, tiny_tokenizer,  # noqa: F811
+                                             monkeypatch):
+    """executor=slurm submits the tokenize tasks and the dependent merge job to the real local Slurm
+    the suite starts; the folder that appears equals the single-process one."""
+    import time
+
+    from datatrove.executor import SlurmPipelineExecutor
+
+    # The local node declares no memory (1 MB): ask for 1M, and skip datatrove's stats job, which
+    # always asks for 1G.
+    monkeypatch.setattr(SlurmPipelineExecutor, "launch_merge_stats", lambda self: None)
+    out = tmp_path / "slurm"
+    assert main(["input=builtin", f"output={out}", f"tokenizer={tiny_tokenizer}", "max_seq_len=64",
+                 "max_documents=300", "progress=false", "executor=slurm", "partition=debug",
+                 "tasks=2", "time=00:15:00", "sbatch_args='mem-per-cpu=1M'"]) == 0
+    deadline = time.monotonic() + 400
+    while not (out / "COMPLETE").exists() and time.monotonic() < deadline:
+        time.sleep(2)
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in
+                     (tmp_path / "slurm.parts" / "logs").rglob("*.out")) if not out.exists() else ""
+    assert (out / "COMPLETE").exists(), logs
+    assert_same_folder(single, out)

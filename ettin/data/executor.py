@@ -154,6 +154,7 @@ def run_executor(cfg: PrepareConfig, tokenizer, settings: dict, output: Path) ->
         raise PrepareError("executor=slurm needs partition=NAME")
     extra = dict(item.split("=", 1) for item in cfg.sbatch_args.split(",")) if cfg.sbatch_args else {}
     common = dict(partition=cfg.partition, time=cfg.time, cpus_per_task=cfg.cpus_per_task,
+                  mem_per_cpu_gb=cfg.mem_per_cpu_gb,
                   skip_completed=True, sbatch_args=extra or None,
                   job_name=f"ettin-prepare-{output.name}")
     tokenize = SlurmPipelineExecutor([TokenizeTask(cfg, output)], tasks=cfg.tasks,

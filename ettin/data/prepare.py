@@ -86,6 +86,7 @@ class PrepareConfig:
     partition: Optional[str] = None  # executor=slurm
     time: str = "24:00:00"  # executor=slurm: per task
     cpus_per_task: int = 1  # executor=slurm
+    mem_per_cpu_gb: int = 2  # executor=slurm
     sbatch_args: Optional[str] = None  # executor=slurm: extra "key=value,key=value" sbatch options
 
 
@@ -691,6 +692,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "tokenizer=PATH_OR_ID max_seq_len=N [key=value ...] (--help lists the keys)",
               file=sys.stderr)
         return 2
+    if not is_complete(output):  # executor=slurm: submitted, the merge job finishes it
+        return 0
     summary = json.loads((output / "summary.json").read_text())
     train, val = summary["splits"]["train"], summary["splits"]["validation"]
     skipped = summary["skipped"]
