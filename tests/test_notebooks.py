@@ -16,10 +16,10 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 # The smoke recipe in short phases, with a validation point inside each phase and checkpoints
 # inside the first (about 20 s of training per model on 2 CPUs).
 SHORT = [
-    "phases.pretrain.tokens=30_000", "phases.pretrain.checkpoint_every_tokens=15_000",
-    "phases.extension.tokens=10_000", "phases.decay.tokens=6_000",
-    "phases.pretrain.val_every_tokens=10_000", "phases.extension.val_every_tokens=5_000",
-    "phases.decay.val_every_tokens=3_000",
+    "phases.pretrain.tokens=20_000", "phases.pretrain.checkpoint_every_tokens=10_000",
+    "phases.extension.tokens=6_000", "phases.decay.tokens=4_000",
+    "phases.pretrain.val_every_tokens=10_000", "phases.extension.val_every_tokens=3_000",
+    "phases.decay.val_every_tokens=2_000",
     "trainer.log_every_steps=1", "trainer.num_workers=0", "eval_at_end=false",
 ]
 
