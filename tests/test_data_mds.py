@@ -191,3 +191,22 @@ def test_training_on_released_shards_sees_their_rows(released, ids, tiny_tokeniz
     assert runs["local"][0] and not Counter(runs["local"][0]) - allowed
     assert runs["remote"] == runs["local"] and runs["local"][1]
     assert list((tmp_path / "cache").rglob("shard.*.mds"))  # the remote's shards came through the cache
+
+
+def test_dataloader_workers_share_a_small_cache(released, ids, tmp_path):
+    """Two DataLoader workers read a remote through one cache that holds about two shards: they
+    evict each other's shards and fetch them again, and get the batches of a single process."""
+    from torch.utils.data import DataLoader
+
+    root, _ = released
+
+    def batches(workers):
+        source = [{"path": f"file://{root}", "cache_dir": str(tmp_path), "cache_limit_gb": 1e-5}]
+        steps = StepBatches(source, seq_len=TINY_SEQ_LEN, collator=CLMCollator(ids),
+                            global_batch_at=lambda t: 8, micro_batch_size=4, seed=1)
+        out = []
+        for step, batch in zip(range(12), DataLoader(steps, batch_size=None, num_workers=workers)):
+            out.append([mb["input_ids"].tolist() for mb in batch["micro_batches"]])
+        return out
+
+    assert batches(2) == batches(0)

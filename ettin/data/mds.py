@@ -41,6 +41,7 @@ from ettin.data.files import file_lock
 REMOTE_SCHEMES = ("hf", "s3", "gs", "file")
 INDEX = "index.json"
 DOWNLOAD_TIMEOUT_S = 600  # per shard (streaming's default is 60)
+FETCH_ATTEMPTS = 5  # a shard evicted by another process between fetch and read is fetched again
 
 
 def default_cache_dir() -> Path:
@@ -194,31 +195,37 @@ class MDSSplit:
         path = self.shard_file(shard)
         if self.stream.remote is None:
             return path
-        if not path.is_file():
-            reader = self.readers[shard]
-            with file_lock(Path(self.stream.local) / ".locks" / reader.split /
-                           (reader.raw_data.basename + ".lock")):
-                if not path.is_file():  # another process of this node may have fetched it
-                    try:
-                        self.stream.prepare_shard(reader)
-                    except Exception as error:
-                        raise OSError(f"cannot fetch shard {reader.raw_data.basename} of "
-                                      f"{self.where}: {type(error).__name__}: {error}") from None
-                    if path.stat().st_size != reader.raw_data.bytes:
-                        path.unlink()
-                        raise OSError(f"shard {path} has {path.stat().st_size} bytes instead of "
-                                      f"{reader.raw_data.bytes}: fetch it again")
-                    self._fit_cache(keep=shard)
-        os.utime(path)  # recently used: evicted last
+        reader = self.readers[shard]
+        with file_lock(Path(self.stream.local) / ".locks" / reader.split /
+                       (reader.raw_data.basename + ".lock")):
+            fetched = not path.is_file()  # another process of this node may have fetched it
+            if fetched:
+                try:
+                    self.stream.prepare_shard(reader)
+                except Exception as error:
+                    raise OSError(f"cannot fetch shard {reader.raw_data.basename} of {self.where}: "
+                                  f"{type(error).__name__}: {error}") from None
+                if path.stat().st_size != reader.raw_data.bytes:
+                    path.unlink()
+                    raise OSError(f"shard {path} has {path.stat().st_size} bytes instead of "
+                                  f"{reader.raw_data.bytes}: fetch it again")
+            os.utime(path)  # recently used: evicted last
+        if fetched:
+            self._fit_cache(keep=shard)
         return path
 
     def _fit_cache(self, keep: int) -> None:
         """Remove the least recently used shards of this split (not ``keep``) until the cache is
-        within ``cache_limit`` bytes."""
+        within ``cache_limit`` bytes (a reader whose shard goes fetches it again)."""
         if not self.cache_limit:
             return
-        present = [(p.stat().st_mtime, i, p.stat().st_size) for i in range(len(self.readers))
-                   if (p := self.shard_file(i)).is_file()]
+        present = []
+        for i in range(len(self.readers)):
+            try:
+                stat = self.shard_file(i).stat()
+            except FileNotFoundError:
+                continue
+            present.append((stat.st_mtime, i, stat.st_size))
         used = sum(size for _, _, size in present)
         for _, i, size in sorted(present):
             if used <= self.cache_limit:
@@ -229,14 +236,16 @@ class MDSSplit:
 
     def raw_tokens(self, shard: int, local: int) -> np.ndarray:
         """The token ids of sample ``local`` of ``shard`` as stored (MDSReader decodes them)."""
-        for attempt in range(2):
+        for attempt in range(FETCH_ATTEMPTS):
             self.ensure_shard(shard)
             try:
                 sample = self.readers[shard].get_item(local)
                 break
             except FileNotFoundError:  # evicted by another process just now: fetch it again
-                if attempt:
-                    raise
+                if attempt == FETCH_ATTEMPTS - 1:
+                    raise OSError(f"shard {self.shard_file(shard)} of {self.where} was evicted "
+                                  f"{FETCH_ATTEMPTS} times before it could be read: raise "
+                                  "cache_limit_gb") from None
         return np.asarray(sample[self.column]).reshape(-1)
 
     def tokens(self, index: int) -> np.ndarray:
