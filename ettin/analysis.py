@@ -29,6 +29,7 @@ RUN_LAYOUT = ("config.yaml, logs/<phase>/metrics.csv and checkpoints/<phase>-ste
 EVAL_FORMAT = "ettin-eval/1"
 # Replay bounds of the sample-order check: every step of a small run, a sample of a big one.
 MAX_REPLAY_STEPS = 2000
+MAX_REPLAY_SAMPLES = 100_000  # samples whose tokens are hashed per phase (reading them is the cost)
 SPREAD_POSITIONS = 2000
 # What the Ettin paper found, per task category, for an encoder/decoder pair of one size.
 PAPER_DIRECTION = {"classification": "encoder", "retrieval": "encoder", "generation": "decoder"}
@@ -555,11 +556,12 @@ class Replay:
 
 
 def replay(run: Run, phase: str, *, max_steps: int = MAX_REPLAY_STEPS,
-           spread_positions: int = SPREAD_POSITIONS) -> Replay:
+           spread_positions: int = SPREAD_POSITIONS, max_samples: int = MAX_REPLAY_SAMPLES) -> Replay:
     """Replay the loader's order (a function of seed, phase and global sample index) for the first
-    ``max_steps`` steps of ``phase``: each step's global batch (the batch schedule on the replayed
-    token clock), its tokens and a digest of every token id it fed. A phase with more steps also
-    gets ``spread_positions`` positions spread over all the samples it consumed."""
+    ``max_steps`` steps of ``phase`` (fewer if they hold more than ``max_samples`` samples): each
+    step's global batch (the batch schedule on the replayed token clock), its tokens and a digest of
+    every token id it fed. A phase with more steps also gets ``spread_positions`` positions spread
+    over all the samples it consumed."""
     from types import SimpleNamespace
 
     from ettin.data.loader import StepBatches
@@ -594,7 +596,7 @@ def replay(run: Run, phase: str, *, max_steps: int = MAX_REPLAY_STEPS,
 
     steps, boundaries, after = [], set(), {"steps": 0, "samples": 0, "tokens": 0}
     plan = batches.plan()
-    while len(steps) < wanted:
+    while len(steps) < wanted and after["samples"] < max_samples:
         state, batch, step_tokens = next(plan)
         steps.append((batch, step_tokens, digest(np.arange(state.samples, state.samples + batch))))
         after = {"steps": state.step + 1, "samples": state.samples + batch,
@@ -602,7 +604,7 @@ def replay(run: Run, phase: str, *, max_steps: int = MAX_REPLAY_STEPS,
         boundaries.add(after["tokens"])
     spread = []
     samples = counters.get("samples") if counters else None
-    if total is not None and wanted < total and samples:
+    if total is not None and len(steps) < total and samples:
         for position in np.unique(np.linspace(0, samples - 1, spread_positions).astype(np.int64)):
             spread.append((int(position), digest(np.array([position]))))
     return Replay(steps, total, after, boundaries, spread, samples)

@@ -166,6 +166,9 @@ def test_a_bounded_replay_says_how_much_it_compared(tmp_path, tiny_prepared):
     assert checks[0].status == "identical"
     assert "2 of 6 steps compared" in checks[0].how and "5 sample positions" in checks[0].how
     assert "first 2 of 6 steps replayed" in checks[1].a
+    # A sample budget bounds the replay too: steps are replayed until it is reached.
+    bounded = analysis.replay(a, "pretrain", max_samples=BATCH + 1, spread_positions=3)
+    assert len(bounded.steps) == 2 and len(bounded.spread) == 3
 
 
 def test_missing_data_is_not_recorded_rather_than_identical(tmp_path, tiny_prepared):
