@@ -30,13 +30,15 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from dataclasses import fields as dataclass_fields
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ettin.data.prepare import COMPLETE, is_complete, prepare_command, require_prepared
+from ettin.recipes import DataSource
 
 MIX_BLOCK = 1 << 20  # positions per mixture block: proportions are exact to 1 / MIX_BLOCK per block
 MAX_OPEN_SHARDS = 256  # memory maps kept open per process
@@ -253,54 +255,39 @@ def _decode_input_ids(sample: memoryview, info: dict) -> np.ndarray:
 FORMATS = ("auto", "prepared", "mds", "order")
 
 
-@dataclass(frozen=True)
-class Source:
-    """One entry of a phase's data: a folder (or remote) and its share of tokens.
+def source_format(source: DataSource) -> str:
+    """A source's ``format`` (``DataSource`` in ettin/recipes.py): ``prepared`` (python -m
+    ettin.data.prepare), ``mds`` (any MDS folder of token ids, local or hf:// s3:// gs:// file://;
+    ettin/data/mds.py), ``order`` (a released data order to replay; ettin/data/order.py); ``auto``:
+    prepared if the folder has a COMPLETE marker, else mds if it has an MDS index or is remote."""
+    if source.format != "auto":
+        return source.format
+    from ettin.data.mds import is_remote, looks_like_mds
 
-    ``format``: ``prepared`` (python -m ettin.data.prepare), ``mds`` (any MDS folder of token ids,
-    local or hf:// s3:// gs:// file://; ettin/data/mds.py), ``order`` (a released data order to
-    replay; ettin/data/order.py) or ``auto`` (prepared if it has a COMPLETE marker, else mds).
-    ``column``: the token id column of ``mds`` shards. ``cache_dir`` / ``cache_limit_gb``: where
-    remote or compressed shards are kept, and how much of them (0: no limit). ``from_step``:
-    ``order`` only, the first released step to replay (default: the first in the files)."""
-
-    path: str
-    weight: float = 1.0
-    format: str = "auto"
-    column: str = "input_ids"
-    cache_dir: Optional[str] = None
-    cache_limit_gb: float = 0.0
-    from_step: Optional[int] = None
-
-    def resolved_format(self) -> str:
-        if self.format != "auto":
-            return self.format
-        from ettin.data.mds import is_remote, looks_like_mds
-
-        if not is_remote(self.path) and is_complete(self.path):
-            return "prepared"
-        return "mds" if looks_like_mds(self.path) else "prepared"
+    if not is_remote(source.path) and is_complete(source.path):
+        return "prepared"
+    return "mds" if looks_like_mds(source.path) else "prepared"
 
 
-def normalize_sources(sources) -> list[Source]:
+def normalize_sources(sources) -> list[DataSource]:
     """A folder, a list of folders, or a list of (folder, weight) / {path, weight, ...} / objects
-    with those attributes -> [Source]."""
+    with those attributes -> [DataSource]."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    fields = set(Source.__dataclass_fields__)
+    fields = {f.name for f in dataclass_fields(DataSource)}
     out = []
     for source in sources:
-        if isinstance(source, Source):
+        if isinstance(source, DataSource):
             out.append(source)
         elif isinstance(source, (str, os.PathLike)):
-            out.append(Source(str(source)))
+            out.append(DataSource(str(source)))
         elif isinstance(source, dict):
-            out.append(Source(**{k: v for k, v in source.items() if k in fields}))
+            out.append(DataSource(**{k: v for k, v in source.items() if k in fields}))
         elif hasattr(source, "path"):
-            out.append(Source(**{k: getattr(source, k) for k in fields if hasattr(source, k)}))
+            out.append(DataSource(**{k: getattr(source, k) for k in fields if hasattr(source, k)}))
         else:
             path, weight = source
-            out.append(Source(str(path), float(weight)))
+            out.append(DataSource(str(path), float(weight)))
     if not out:
         raise ValueError("no data sources given")
     for source in out:
@@ -310,7 +297,7 @@ def normalize_sources(sources) -> list[Source]:
         if source.format not in FORMATS:
             raise ValueError(f"source {source.path} has format={source.format!r}; choose one of "
                              f"{', '.join(FORMATS)}")
-    return [Source(**{**s.__dict__, "path": str(s.path), "weight": float(s.weight)}) for s in out]
+    return [replace(s, path=str(s.path), weight=float(s.weight)) for s in out]
 
 
 def fit_row(tokens: np.ndarray, seq_len: int, close_rows: bool, sep: Optional[int]) -> np.ndarray:
@@ -416,7 +403,7 @@ def open_splits(sources, split: str, seq_len: int, truncate: bool = False,
 
     splits = []
     for source in normalize_sources(sources):
-        kind = source.resolved_format()
+        kind = source_format(source)
         if kind == "order":
             raise ValueError(f"{source.path} is a data order (format=order): it replays whole "
                              "batches and cannot be mixed or read as a split")
@@ -466,7 +453,7 @@ def check_sources(sources, seq_len: int, tokenizer) -> None:
 
     ids = special_ids(tokenizer)
     sources = normalize_sources(sources)
-    orders = [s for s in sources if s.resolved_format() == "order"]
+    orders = [s for s in sources if source_format(s) == "order"]
     if orders:
         from ettin.data.order import DataOrder
 
@@ -530,7 +517,7 @@ class StepBatches(IterableDataset):
         self.sources = normalize_sources(sources)
         ids = getattr(collator, "ids", None)
         self.order = None
-        if self.sources[0].resolved_format() == "order":  # replay released batches
+        if source_format(self.sources[0]) == "order":  # replay released batches
             from ettin.data.order import DataOrder
 
             if len(self.sources) > 1 or split != "train":
@@ -632,7 +619,7 @@ class ValidationBatches:
                  truncate: bool = False, max_samples: Optional[int] = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self.sources = [s for s in normalize_sources(sources) if s.resolved_format() != "order"]
+        self.sources = [s for s in normalize_sources(sources) if source_format(s) != "order"]
         self.order, self.mine, self.positions, self.batch_size = [], [], [], batch_size
         if not self.sources:  # a replayed phase: the released order has no validation split
             import logging
@@ -695,5 +682,5 @@ def validation_batches(sources, *, seq_len: int, collator: Callable, batch_size:
 
 
 __all__ = ["LoaderState", "StepBatches", "ValidationBatches", "validation_batches", "Mixture",
-           "PreparedSplit", "Source", "fit_row", "permute", "normalize_sources", "COMPLETE",
+           "PreparedSplit", "source_format", "fit_row", "permute", "normalize_sources", "COMPLETE",
            "is_complete"]
