@@ -439,7 +439,11 @@ def data_sources(run: Run, phase: str) -> Optional[list[dict]]:
     recorded = _recorded_data(run, phase)
     if recorded and recorded.get("sources") is not None:
         return [{"path": str(s.get("path")), "weight": float(s.get("weight", 1.0)),
-                 "fingerprint": s.get("fingerprint"), "recorded": True} for s in recorded["sources"]]
+                 "format": s.get("format", "prepared"), "fingerprint": s.get("fingerprint"),
+                 "recorded": True} for s in recorded["sources"]]
+    from ettin.data.corpus import builtin_data_path
+    from ettin.data.loader import prepared_fingerprint
+
     sources = (run.config.get("data") or {}).get(phase)
     phase_cfg = _phase_config(run, phase)
     if not sources or phase_cfg is None:
@@ -448,17 +452,10 @@ def data_sources(run: Run, phase: str) -> Optional[list[dict]]:
     for source in sources:
         path = str(source.get("path"))
         if path == "builtin":
-            path = str(Path(run.config.get("data_dir", "data")) / f"builtin-{phase_cfg['seq_len']}")
+            path = str(builtin_data_path(run.config.get("data_dir", "data"), phase_cfg["seq_len"]))
         out.append({"path": str(Path(path).expanduser().resolve()), "weight": float(source.get("weight", 1.0)),
                     "fingerprint": prepared_fingerprint(path), "recorded": False})
     return out
-
-
-def prepared_fingerprint(folder: Path | str) -> Optional[str]:
-    """The fingerprint ettin.train records for a prepared folder (sha256 of its summary.json, which
-    holds the settings that decide its content and its split sizes); None when it is not there."""
-    summary = Path(folder) / "summary.json"
-    return hashlib.sha256(summary.read_bytes()).hexdigest() if summary.is_file() else None
 
 
 def _phase_values(run: Run, phase: str, keys: Sequence[str]) -> Optional[dict]:
@@ -562,24 +559,23 @@ def replay(run: Run, phase: str, *, max_steps: int = MAX_REPLAY_STEPS,
     step's global batch (the batch schedule on the replayed token clock), its tokens and a digest of
     every token id it fed. A phase with more steps also gets ``spread_positions`` positions spread
     over all the samples it consumed."""
-    from types import SimpleNamespace
-
     from ettin.data.loader import StepBatches
-    from ettin.train import batch_schedule
+    from ettin.schedule import phase_batch_schedule
 
     sources = data_sources(run, phase)
     if sources is None:
         raise RunError(f"{run.path}: no data recorded for phase {phase}")
+    if any(s.get("format") == "order" for s in sources):  # its order is the released files' own
+        raise RunError(f"{run.name} phase {phase} replays a released data order: compared by its "
+                       "files (data sources), not replayed here")
     values = _phase_values(run, phase, ["seq_len", "global_batch", "batch_warmup_tokens",
                                         "batch_warmup_min"])
     p = replace(run.phase_config(phase), seq_len=int(values["seq_len"]),
                 batch_warmup_tokens=int(values["batch_warmup_tokens"]),
                 batch_warmup_min=int(values["batch_warmup_min"]))
-    # The batch schedule reads the phase and the global batch only.
-    cfg = SimpleNamespace(phases={phase: p}, global_batch=int(values["global_batch"]))
     try:
         batches = StepBatches([(s["path"], s["weight"]) for s in sources], split="train",
-                              seq_len=p.seq_len, collator=None, global_batch_at=batch_schedule(cfg, phase),
+                              seq_len=p.seq_len, collator=None, global_batch_at=phase_batch_schedule(p, int(values["global_batch"])),
                               micro_batch_size=p.micro_batch, seed=_seed(run), phase=phase)
     except (FileNotFoundError, ValueError) as error:
         raise RunError(f"cannot replay {run.name} phase {phase}: {error}") from None

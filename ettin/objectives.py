@@ -24,7 +24,7 @@ class Objective:
 
         ids = special_ids(tokenizer)
         if not self.masked:
-            return CLMCollator(ids, unpadded=unpadded)
+            return CLMCollator(ids, unpadded=unpadded, vocab_size=len(tokenizer))
         collator = MNTPCollator if self.name == "mntp" else MLMCollator
         return collator(ids, vocab_size=len(tokenizer), mask_rate=mask_rate, seed=seed,
                         unpadded=unpadded)

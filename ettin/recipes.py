@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 class DataSource:
     path: str = "???"  # a prepared folder (python -m ettin.data.prepare), "builtin", an MDS folder or remote
     weight: float = 1.0
-    format: str = "auto"  # auto | prepared | mds | order (docs/data.md, ettin/data/loader.py Source)
+    format: str = "auto"  # auto | prepared | mds | order (docs/data.md; ettin/data/loader.py source_format)
     column: str = "input_ids"  # mds: the token id column
     cache_dir: Optional[str] = None  # mds: cache of remote / compressed shards ($ETTIN_CACHE_DIR)
     cache_limit_gb: float = 0.0  # mds: cache size limit (0: none)
@@ -90,6 +90,9 @@ class TrainerConfig:
     strategy: str = "ddp"  # ddp, or fsdp (FSDP2: weights, gradients and moments sharded; 400m, 1b)
     compile: bool = False
     activation_checkpointing: bool = False
+    # plain: the vocabulary logits of all targets at once; chunked: a few thousand at a time, never
+    # [targets x vocab] in memory (CLM at 8K). auto: chunked on GPU, plain on CPU.
+    loss_implementation: str = "auto"
     num_workers: int = 2
     log_every_steps: int = 10
     # Validation samples in all, not per device: the same samples whatever the micro-batch size or
@@ -239,6 +242,9 @@ def check(cfg: TrainConfig) -> None:
     if cfg.optim.loss_normalization not in LOSS_NORMALIZATIONS:
         raise ConfigError(f"optim.loss_normalization={cfg.optim.loss_normalization!r}; choose one of "
                           f"{', '.join(LOSS_NORMALIZATIONS)}")
+    if cfg.trainer.loss_implementation not in ("auto", "plain", "chunked"):
+        raise ConfigError(f"trainer.loss_implementation={cfg.trainer.loss_implementation!r}; choose one "
+                          "of auto, plain, chunked")
     if cfg.trainer.val_samples < 1:
         raise ConfigError("trainer.val_samples must be >= 1")
     if cfg.trainer.strategy not in STRATEGIES:

@@ -34,6 +34,11 @@ def apply_speedups(model: torch.nn.Module, *, compile: bool, activation_checkpoi
 
     Both keep the state-dict keys unchanged (no wrapper modules).
     """
+    if compile:  # every layer compiles its own graphs; past Dynamo's default limit of 8 the rest
+        import torch._dynamo  # would silently run uncompiled
+
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
     for layer in model.model.layers:
         if activation_checkpointing:
             layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
@@ -171,7 +176,10 @@ class ValidationCallback(L.Callback):
         self.last_tokens = tokens
 
     def validate(self, module: "EttinModule") -> dict[str, float]:
-        metrics = module.evaluate(self.make_batches(module))
+        batches = self.make_batches(module)
+        if not batches:  # e.g. a replayed released data order, which has no validation split
+            return {}
+        metrics = module.evaluate(batches)
         module.log_metrics({**metrics, "val/tokens": float(module.loader_state.tokens)})
         log.info("validation at %s tokens: %s", f"{module.loader_state.tokens:,}",
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -255,3 +255,21 @@ def schedule_table(phases: list[PhaseSchedule]) -> str:
                 f"{per_size:.3g} steps per size at {p.seq_len} tokens/row (more with shorter rows)"
             )
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def phase_lr_multiplier(phase, *, fresh_optimizer: bool = False):
+    """The LR multiplier of a phase config (``PhaseConfig`` or anything with its fields). A phase
+    without a warmup of its own that starts with zero Adam moments warms up over
+    ``fresh_optimizer_warmup_tokens``: full-LR first steps of a fresh Adam are sign-like and large."""
+    warmup = phase.warmup_tokens or (phase.fresh_optimizer_warmup_tokens if fresh_optimizer else 0)
+    if phase.lr_schedule == "wsd":
+        return WarmupStableDecay(warmup, phase.decay_tokens, phase.tokens, phase.final_lr_ratio)
+    return OneMinusSqrt(phase.tokens, phase.final_lr_ratio, warmup_tokens=warmup)
+
+
+def phase_batch_schedule(phase, global_batch: int) -> "BatchSizeWarmup":
+    """The global batch of a phase on its token clock: a ramp from ``batch_warmup_min`` in steps of
+    it over ``batch_warmup_tokens``, or ``global_batch`` throughout."""
+    first = phase.batch_warmup_min or global_batch
+    return BatchSizeWarmup(global_batch, first, phase.batch_warmup_tokens, first)
+

@@ -28,6 +28,7 @@ from ettin.objectives import OBJECTIVES
 from ettin.preemption import Preempted
 from ettin.recipes import ConfigError, TrainConfig, available_recipes, compose, parse_argv, to_yaml
 from ettin.runtime import git_commit
+from ettin.schedule import phase_batch_schedule, phase_lr_multiplier
 from ettin.step import NonFiniteLossError
 
 log = logging.getLogger("ettin")
@@ -110,6 +111,7 @@ def resolve_tokenizer(cfg: TrainConfig):
 
 def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
     """The phase's sources; ``builtin`` prepares the built-in corpus if needed."""
+    from ettin.data.corpus import builtin_data_path
     from ettin.data.loader import check_sources
     from ettin.data.prepare import ensure_prepared
 
@@ -118,7 +120,7 @@ def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
     for source in cfg.data[phase]:
         path = source.path
         if path == "builtin":
-            path = str(Path(cfg.data_dir) / f"builtin-{seq_len}")
+            path = str(builtin_data_path(cfg.data_dir, seq_len))
             ensure_prepared(
                 input="builtin", output=path, tokenizer=tokenizer, max_seq_len=seq_len,
                 wait=not is_rank_zero(),
@@ -221,27 +223,6 @@ def init_state(cfg: TrainConfig) -> StartState:
 # One phase
 
 
-def lr_multiplier(cfg: TrainConfig, phase: str, *, fresh_optimizer: bool = False):
-    """The phase's LR multiplier of the tokens seen. A phase without a warmup of its own that starts
-    with zero Adam moments warms up over ``fresh_optimizer_warmup_tokens`` (full-LR first steps of a
-    fresh Adam are sign-like and large)."""
-    from ettin.schedule import OneMinusSqrt, WarmupStableDecay
-
-    p = cfg.phases[phase]
-    warmup = p.warmup_tokens or (p.fresh_optimizer_warmup_tokens if fresh_optimizer else 0)
-    if p.lr_schedule == "wsd":
-        return WarmupStableDecay(warmup, p.decay_tokens, p.tokens, p.final_lr_ratio)
-    return OneMinusSqrt(p.tokens, p.final_lr_ratio, warmup_tokens=warmup)
-
-
-def batch_schedule(cfg: TrainConfig, phase: str):
-    from ettin.schedule import BatchSizeWarmup
-
-    p = cfg.phases[phase]
-    first = p.batch_warmup_min or cfg.global_batch
-    return BatchSizeWarmup(cfg.global_batch, first, p.batch_warmup_tokens, first)
-
-
 def trainer_devices(cfg: TrainConfig) -> tuple[str, int]:
     accelerator = cfg.trainer.accelerator
     if accelerator == "auto":
@@ -318,11 +299,7 @@ def build_loggers(cfg: TrainConfig, phase: str, resume_step: int) -> list:
 def data_identity(cfg: TrainConfig, phase: str, sources: list) -> dict:
     """What decides the tokens a phase sees, in order: recorded in every checkpoint so two runs can be
     proven to have seen the same data (ettin.compare)."""
-    import hashlib
-
-    def fingerprint(path: str) -> Optional[str]:
-        summary = Path(path) / "summary.json"
-        return hashlib.sha256(summary.read_bytes()).hexdigest() if summary.is_file() else None
+    from ettin.data.loader import prepared_fingerprint
 
     p = cfg.phases[phase]
     return {
@@ -330,7 +307,7 @@ def data_identity(cfg: TrainConfig, phase: str, sources: list) -> dict:
         "batch_warmup_tokens": p.batch_warmup_tokens, "batch_warmup_min": p.batch_warmup_min,
         "pack_micro_batches": cfg.pack_micro_batches,
         "sources": [{"path": s.path if "://" in s.path else str(Path(s.path).resolve()),
-                     "weight": s.weight, "format": s.format, "fingerprint": fingerprint(s.path)}
+                     "weight": s.weight, "format": s.format, "fingerprint": prepared_fingerprint(s.path)}
                     for s in sources],
     }
 
@@ -352,7 +329,10 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
     objective = OBJECTIVES[cfg.objective]
     model_config = run_model_config(cfg, phase, tokenizer)
     torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed alone
-    model = ModernBert(model_config)
+    accelerator, _ = trainer_devices(cfg)
+    loss = cfg.trainer.loss_implementation
+    model = ModernBert(model_config, loss_implementation=loss if loss != "auto" else
+                       ("chunked" if accelerator == "gpu" else "plain"))
     if start.model_state is not None:
         load_model_state(model, start.model_state, start.description)
     apply_speedups(model, compile=cfg.trainer.compile,
@@ -360,7 +340,6 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
     sources = resolve_sources(cfg, phase, tokenizer)
     loader_state = LoaderState(**start.loader_state) if start.loader_state else \
         LoaderState(step=0, samples=0, tokens=0)
-    accelerator, _ = trainer_devices(cfg)
 
     def start_rng(module: EttinModule) -> None:
         rank, world = module.global_rank, module.trainer.world_size
@@ -371,7 +350,7 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
 
     module = EttinModule(
         model, objective=objective, lr=cfg.optim.lr * p.lr_scale, peak_lr=cfg.optim.lr,
-        lr_multiplier=lr_multiplier(cfg, phase, fresh_optimizer=start.fresh_optimizer),
+        lr_multiplier=phase_lr_multiplier(p, fresh_optimizer=start.fresh_optimizer),
         phase_tokens=p.tokens, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps, loss_normalization=cfg.optim.loss_normalization,
         peak_flops=peak_flops_per_device() if accelerator == "gpu" else None,
@@ -384,7 +363,8 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
             steps = StepBatches(
                 sources, split="train", seq_len=p.seq_len,
                 collator=objective.collator(tokenizer, mask_rate=p.mask_rate, seed=cfg.seed),
-                global_batch_at=batch_schedule(cfg, phase), micro_batch_size=p.micro_batch,
+                global_batch_at=phase_batch_schedule(p, cfg.global_batch),
+                micro_batch_size=p.micro_batch,
                 rank=self.trainer.global_rank, world_size=self.trainer.world_size, seed=cfg.seed,
                 phase=phase, state=loader_state, pack=cfg.pack_micro_batches,
             )
@@ -528,8 +508,8 @@ def schedule_rows(cfg: TrainConfig) -> list:
             name=name, tokens=cfg.phases[name].tokens, seq_len=cfg.phases[name].seq_len,
             global_rope_theta=cfg.phases[name].global_rope_theta,
             local_rope_theta=cfg.phases[name].local_rope_theta,
-            lr=cfg.optim.lr * cfg.phases[name].lr_scale, lr_multiplier=lr_multiplier(cfg, name),
-            global_batch=batch_schedule(cfg, name),
+            lr=cfg.optim.lr * cfg.phases[name].lr_scale, lr_multiplier=phase_lr_multiplier(cfg.phases[name]),
+            global_batch=phase_batch_schedule(cfg.phases[name], cfg.global_batch),
         )
         for name in cfg.phases_to_run()
     ]
@@ -569,7 +549,7 @@ def dry_run_report(cfg: TrainConfig) -> str:
             model = ModernBert(config)
         n_targets = objective.targets_per_row(p.seq_len, p.mask_rate)
         flops = training_flops(config, [p.seq_len], n_targets, config.causal) / p.seq_len
-        steps = steps_for(p.tokens, p.seq_len, batch_schedule(cfg, name))
+        steps = steps_for(p.tokens, p.seq_len, phase_batch_schedule(p, cfg.global_batch))
         lines.append(
             f"phase {name}: {model.num_parameters():,} parameters, {flops / 1e9:.3f} GFLOP per "
             f"token (training, full {p.seq_len}-token rows), {p.tokens:,} tokens, >= {steps:,} "
@@ -581,7 +561,8 @@ def dry_run_report(cfg: TrainConfig) -> str:
 
 def readiness(cfg: TrainConfig) -> list[str]:
     """What a real run would need that is not there yet: the tokenizer and every phase's data."""
-    from ettin.data.loader import open_splits
+    from ettin.data.loader import open_splits, source_format
+    from ettin.data.mds import looks_like_mds
 
     lines = ["ready to run?"]
     if cfg.tokenizer == "builtin":
@@ -599,9 +580,13 @@ def readiness(cfg: TrainConfig) -> list[str]:
             if source.path == "builtin":
                 lines.append(f"  data {phase}: built-in corpus (prepared at start if missing)")
                 continue
+            kind = source_format(source)
             try:
-                open_splits([(source.path, source.weight)], "train", cfg.phases[phase].seq_len)
-                lines.append(f"  data {phase}: {source.path}: ok")
+                if kind == "prepared":
+                    open_splits([source], "train", cfg.phases[phase].seq_len)
+                elif kind == "mds" and not looks_like_mds(source.path):  # cheap: no index pass
+                    raise FileNotFoundError(f"no MDS index in {source.path}")
+                lines.append(f"  data {phase}: {source.path} ({kind}): ok")
             except (ValueError, FileNotFoundError, OSError) as error:
                 lines.append(f"  data {phase}: {source.path}: MISSING - {str(error).splitlines()[0]}")
     return lines

@@ -125,3 +125,27 @@ def test_validation_is_a_curve_in_metrics_csv(recorded):
     assert all(not r["train/loss"] for r in val)  # a validation row repeats no train values
     last = pretrain[-1]
     assert last["val/loss"] and float(last["val/tokens"]) >= PHASES["pretrain"]
+
+
+def test_the_chunked_loss_trains_like_the_plain_one(tmp_path):
+    """trainer.loss_implementation=chunked (never [targets x vocab] logits in memory) reaches the
+    model and gives the plain loss's training run, to float rounding."""
+    def run(loss: str) -> list[float]:
+        cfg = compose("smoke", [
+            f"output_dir={tmp_path / 'runs'}", f"data_dir={tmp_path / 'data'}", f"run_name={loss}",
+            "pair=false", "objective=clm", "phase_order=[pretrain]", "phases.pretrain.tokens=8_000",
+            "phases.pretrain.warmup_tokens=2_000", "trainer.num_workers=0", "trainer.log_every_steps=1",
+            "eval_at_end=false", "export_at_end=false", f"trainer.loss_implementation={loss}",
+            "model.attention_output_dropout=0.0",
+        ])
+        built = []
+        with pytest.MonkeyPatch.context() as patch:
+            init = ModernBert.__init__
+            patch.setattr(ModernBert, "__init__",
+                          lambda self, *a, **k: (init(self, *a, **k), built.append(self.loss_implementation)))
+            train(cfg)
+        assert built == [loss]
+        return [float(r["train/loss"]) for r in rows(cfg, "pretrain") if r["train/loss"]]
+
+    plain, chunked = run("plain"), run("chunked")
+    assert len(plain) >= 4 and chunked == pytest.approx(plain, rel=1e-4)

@@ -92,3 +92,8 @@ def describe() -> str:
     chars = sum(len(t) for _, t in documents)
     return (f"built-in corpus: {len(documents):,} documents, {chars / 1e6:.2f} M characters "
             f"(Python {sys.version.split()[0]} documentation topics and standard-library docstrings)")
+
+
+def builtin_data_path(data_dir, seq_len: int) -> Path:
+    """Where a run prepares the built-in corpus for a sequence length (``data: [{path: builtin}]``)."""
+    return Path(data_dir) / f"builtin-{seq_len}"

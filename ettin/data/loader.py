@@ -32,6 +32,7 @@ import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -681,6 +682,14 @@ def validation_batches(sources, *, seq_len: int, collator: Callable, batch_size:
                                   world_size=world_size, truncate=truncate, max_samples=max_samples))
 
 
-__all__ = ["LoaderState", "StepBatches", "ValidationBatches", "validation_batches", "Mixture",
-           "PreparedSplit", "source_format", "fit_row", "permute", "normalize_sources", "COMPLETE",
+def prepared_fingerprint(folder) -> Optional[str]:
+    """What a run records of a prepared folder to prove later which data it saw: the sha256 of its
+    summary.json (the settings that decide its content and its split sizes); None when absent."""
+    summary = Path(folder) / "summary.json"
+    return hashlib.sha256(summary.read_bytes()).hexdigest() if summary.is_file() else None
+
+
+__all__ = ["prepared_fingerprint", "LoaderState", "StepBatches", "ValidationBatches",
+           "validation_batches", "Mixture", "PreparedSplit", "source_format", "fit_row", "permute", "normalize_sources", "COMPLETE",
            "is_complete"]
+
