@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ettin.config import SIZES, ModelConfig, model_config, size_value
+from ettin.data.source import DataSource
 from ettin.objectives import OBJECTIVES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,17 +36,6 @@ if not OmegaConf.has_resolver("size"):
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the problem and the fix."""
-
-
-@dataclass
-class DataSource:
-    path: str = "???"  # a prepared folder (python -m ettin.data.prepare), "builtin", an MDS folder or remote
-    weight: float = 1.0
-    format: str = "auto"  # auto | prepared | mds | order (docs/data.md; ettin/data/loader.py source_format)
-    column: str = "input_ids"  # mds: the token id column
-    cache_dir: Optional[str] = None  # mds: cache of remote / compressed shards ($ETTIN_CACHE_DIR)
-    cache_limit_gb: float = 0.0  # mds: cache size limit (0: none)
-    from_step: Optional[int] = None  # order: the first released step to replay
 
 
 @dataclass

@@ -39,7 +39,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ettin.data.prepare import COMPLETE, is_complete, prepare_command, require_prepared
-from ettin.recipes import DataSource
+from ettin.data.source import DataSource
 
 MIX_BLOCK = 1 << 20  # positions per mixture block: proportions are exact to 1 / MIX_BLOCK per block
 MAX_OPEN_SHARDS = 256  # memory maps kept open per process
