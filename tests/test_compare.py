@@ -188,8 +188,8 @@ def test_recorded_data_in_the_checkpoint_meta_is_preferred(tmp_path, tiny_prepar
         checkpoint.meta["data"] = {"seed": 99, "seq_len": 64, "global_batch": BATCH, "sources": [
             {"path": str(tiny_prepared), "weight": 1.0, "fingerprint": "recorded-fp"}]}
     sources = analysis.data_sources(a, "pretrain")
-    assert sources == [{"path": str(tiny_prepared), "weight": 1.0, "fingerprint": "recorded-fp",
-                        "recorded": True}]
+    assert sources == [{"path": str(tiny_prepared), "weight": 1.0, "format": "prepared",
+                        "fingerprint": "recorded-fp", "recorded": True}]
     assert analysis._seed(a) == 99
 
 

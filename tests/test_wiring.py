@@ -35,8 +35,8 @@ def recorded(tmp_path_factory):
     lrs: list[float] = []
     init, forward, step = ModernBert.__init__, ModernBert.forward, StableAdamW.step
 
-    def spy_init(self, config):
-        init(self, config)
+    def spy_init(self, config, **kwargs):
+        init(self, config, **kwargs)
         models.append((self, config))
 
     def spy_forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
@@ -139,10 +139,14 @@ def test_the_chunked_loss_trains_like_the_plain_one(tmp_path):
             "model.attention_output_dropout=0.0",
         ])
         built = []
+        init = ModernBert.__init__
+
+        def spy_init(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            built.append(self.loss_implementation)
+
         with pytest.MonkeyPatch.context() as patch:
-            init = ModernBert.__init__
-            patch.setattr(ModernBert, "__init__",
-                          lambda self, *a, **k: (init(self, *a, **k), built.append(self.loss_implementation)))
+            patch.setattr(ModernBert, "__init__", spy_init)
             train(cfg)
         assert built == [loss]
         return [float(r["train/loss"]) for r in rows(cfg, "pretrain") if r["train/loss"]]
