@@ -451,6 +451,7 @@ class RunLock:
     def __init__(self, run_dir: Path | str) -> None:
         self.path = Path(run_dir) / "LOCK"
         self.held = False
+        self.taken_over: Optional[dict] = None  # the stale holder this lock replaced, if any
 
     def _me(self) -> dict:
         import socket
@@ -468,7 +469,8 @@ class RunLock:
             except FileExistsError:
                 holder = self._holder()
                 if holder is None or self._stale(holder, me):
-                    log.warning("taking over %s, left by %s", self.path, holder or "an unreadable lock")
+                    if not (holder and holder.get("pid") == me["pid"]):
+                        self.taken_over = holder or {"lock": "unreadable"}
                     self.path.unlink(missing_ok=True)
                     continue
                 raise RunLockedError(

@@ -185,6 +185,9 @@ def compose(recipe: str, overrides: list[str] = ()) -> TrainConfig:
     choices = available_recipes()
     if recipe not in choices:
         raise ConfigError(f"unknown recipe {recipe!r}; available recipes: {', '.join(choices)}")
+    # `model` holds ModelConfig fields over the size row (any field, checked by model_config): set
+    # them as plain overrides, which Hydra only accepts for keys the recipe already has.
+    overrides = [f"++{o}" if o.startswith("model.") else o for o in overrides]
     try:
         with initialize_config_dir(str(RECIPES_DIR), version_base=None):
             raw = hydra_compose(

@@ -436,6 +436,8 @@ def train(cfg: TrainConfig) -> Path:
     """Run the recipe's phases from wherever the run stands; returns the final checkpoint."""
     lock = RunLock(cfg.run_dir).acquire() if is_rank_zero() else None
     setup_logging(cfg.run_dir)
+    if lock is not None and lock.taken_over:
+        log.warning("took over %s from a process that is gone: %s", lock.path, lock.taken_over)
     try:
         return _train(cfg)
     finally:
@@ -457,7 +459,10 @@ def _train(cfg: TrainConfig) -> Path:
     log.info("resolved config:\n%s", to_yaml(cfg))
     if is_rank_zero():
         (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
-    tokenizer = resolve_tokenizer(cfg)
+    try:
+        tokenizer = resolve_tokenizer(cfg)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise ConfigError(f"tokenizer={cfg.tokenizer}: {error}") from None
     phases = cfg.phases_to_run()
     check_phases_data(cfg, tokenizer)
     log.info("schedule:\n%s", schedule_table(schedule_rows(cfg)))

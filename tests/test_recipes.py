@@ -103,3 +103,9 @@ def test_dry_run_prints_counts_flops_and_schedule(capsys):
 def test_dry_run_report_needs_no_data_or_tokenizer():
     report = dry_run_report(compose("encoder_1b"))
     assert "1,031,314,112 parameters" in report
+
+
+def test_any_model_field_is_set_the_plain_way_and_a_misspelt_one_fails():
+    assert compose("smoke", ["model.vocab_size=4096"]).model["vocab_size"] == 4096
+    with pytest.raises(ConfigError, match="unknown ModelConfig field.*vocab_sise"):
+        compose("smoke", ["model.vocab_sise=4096"])
