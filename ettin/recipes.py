@@ -1,7 +1,7 @@
 """Typed training configuration and recipe composition.
 
-A recipe (``recipes/<name>.yaml``) is a few lines composing config groups from ``conf/``:
-a size (``conf/size``), an objective (``conf/objective``), a phase list (``conf/phases``) and
+A recipe (``recipes/<name>.yaml``) is a few lines: a size (a row of ``ettin.config.SIZES``, whose
+values the configs read with ``${size:FIELD}``), an objective, a phase list (``conf/phases``) and
 optionally an init. Composition is Hydra's; the result is merged into the ``TrainConfig`` schema
 below, so an unknown key or a wrongly typed value fails at start.
 """
