@@ -312,8 +312,8 @@ def data_identity(cfg: TrainConfig, phase: str, sources: list) -> dict:
     }
 
 
-def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Path:
-    """Train one phase from ``start``; returns the phase-end checkpoint."""
+def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, sources: list) -> Path:
+    """Train one phase from ``start`` on its checked ``sources``; returns the phase-end checkpoint."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -337,7 +337,6 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState) -> Pat
         load_model_state(model, start.model_state, start.description)
     apply_speedups(model, compile=cfg.trainer.compile,
                    activation_checkpointing=cfg.trainer.activation_checkpointing)
-    sources = resolve_sources(cfg, phase, tokenizer)
     loader_state = LoaderState(**start.loader_state) if start.loader_state else \
         LoaderState(step=0, samples=0, tokens=0)
 
@@ -464,13 +463,13 @@ def _train(cfg: TrainConfig) -> Path:
     except (FileNotFoundError, OSError, ValueError) as error:
         raise ConfigError(f"tokenizer={cfg.tokenizer}: {error}") from None
     phases = cfg.phases_to_run()
-    check_phases_data(cfg, tokenizer)
+    sources = check_phases_data(cfg, tokenizer)
     log.info("schedule:\n%s", schedule_table(schedule_rows(cfg)))
     log.info("start: %s", start.description)
     final: Optional[Path] = None
     for index in range(start.phase_index, len(phases)):
         phase = phases[index]
-        final = run_phase(cfg, phase, tokenizer, start)
+        final = run_phase(cfg, phase, tokenizer, start, sources[phase])
         quiet_lightning_banners()
         if cfg.export_at_phase_end and is_rank_zero():
             export_run(cfg, final, cfg.run_dir / f"hf-{phase}")
