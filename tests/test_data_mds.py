@@ -129,11 +129,11 @@ def test_index_command_writes_next_to_the_data_or_into_the_cache(released, tmp_p
     assert main([str(plain), "--splits", "train", "--num-proc", "2"]) == 0
     assert "50 samples" in capsys.readouterr().out
     assert (plain / "train" / "ettin-index-input_ids.json").is_file()
-    import ettin.data.index as index
+    import ettin.data.mds as mds
 
     readonly = tmp_path / "readonly"  # a folder this process cannot write to (root could)
     shutil.copytree(plain, readonly, ignore=shutil.ignore_patterns("ettin-index*"))
-    monkeypatch.setattr(index.os, "access", lambda path, mode: not str(path).startswith(str(readonly)))
+    monkeypatch.setattr(mds.os, "access", lambda path, mode: not str(path).startswith(str(readonly)))
     split = MDSSplit(str(readonly), "train", cache_dir=str(tmp_path / "cache"))
     assert [split.tokens(i).tolist() for i in range(50)] == rows["train"][:50]
     assert list((tmp_path / "cache").rglob("ettin-index-input_ids.json"))
