@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ettin.config import SIZES, ModelConfig, model_config
-from ettin.hub import convert_state_dict, to_hf_config
+from ettin.bench_peer import check_losses, device_name, loss_of, peer_model
 from ettin.model import IGNORE_INDEX, ModernBert, unpad
 
 SUBCOMMANDS = {
@@ -50,7 +50,6 @@ DEVICE_DEFAULTS = {
     "cpu": dict(size="17m", batch=8, seq_len=512, steps=3, warmup=1, trials=3, dtype="fp32"),
     "cuda": dict(size="150m", batch=16, seq_len=1024, steps=10, warmup=3, trials=5, dtype="bf16"),
 }
-LOSS_TOLERANCE = 1e-4  # relative, fp32
 OUR_SIDES = ("ours", "ours_unpadded")
 SIDE_NAMES = {"ours": "ours (padded batch)", "ours_unpadded": "ours (unpadded, cu_seqlens)"}
 
@@ -124,31 +123,6 @@ def make_batch(config: ModelConfig, objective: str, batch: int, seq_len: int, pa
 # The peer: transformers' model with our weights
 
 
-def peer_model(ours: ModernBert, objective: str, attn: str, sparse_prediction: bool = False) -> nn.Module:
-    """transformers' ModernBERT with the same architecture and weights as ``ours``: the config and
-    weights our export writes (ettin.hub). Its attention is eager when ours is, else sdpa (its
-    encoder has no flex path). ``sparse_prediction`` (encoder only): its head runs on labelled rows
-    only, as ours; off by default in transformers."""
-    import transformers
-
-    causal = objective == "clm"
-    raw = to_hf_config(ours.config, causal=causal)  # refuses a decoder transformers 4.x cannot run
-    del raw["model_type"]
-    attn_implementation = "eager" if attn == "eager" else "sdpa"
-    if causal:
-        config = transformers.ModernBertDecoderConfig(**raw)
-        peer = transformers.ModernBertDecoderForCausalLM._from_config(
-            config, attn_implementation=attn_implementation)
-    else:
-        config = transformers.ModernBertConfig(**{**raw, "sparse_prediction": sparse_prediction})
-        peer = transformers.ModernBertForMaskedLM._from_config(config, attn_implementation=attn_implementation)
-    state = convert_state_dict(ours.state_dict(), to="decoder" if causal else "encoder")
-    missing, unexpected = peer.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"decoder.weight"}:  # decoder.weight: tied to the embeddings
-        raise RuntimeError(f"the peer does not fit our weights: missing {missing}, unexpected {unexpected}")
-    return peer.float()
-
-
 # ------------------------------------------------------------------------------------------------
 # Measuring
 
@@ -160,22 +134,6 @@ def side_inputs(batch: Batch, objective: str) -> dict[str, dict]:
         peer["use_cache"] = False  # training: no KV cache
     return {"ours": dict(padded, labels=batch.labels), "ours_unpadded": batch.flat(),
             "transformers": peer, "transformers_sparse": peer}
-
-
-def loss_of(model: nn.Module, inputs: dict) -> float:
-    with torch.no_grad():
-        return float(model(**inputs).loss)
-
-
-def check_losses(losses: dict[str, float]) -> tuple[float, float]:
-    """Largest difference from the peer's loss, and the tolerance; raises when they disagree."""
-    reference = losses["transformers"]
-    difference = max(abs(value - reference) for value in losses.values())
-    tolerance = LOSS_TOLERANCE * max(1.0, abs(reference))
-    if not difference <= tolerance:
-        raise RuntimeError(f"losses disagree (max difference {difference:.3g} > {tolerance:.3g}): "
-                           f"{losses}; the timings would compare different computations")
-    return difference, tolerance
 
 
 def sync(device: str) -> None:
@@ -278,12 +236,6 @@ def bench_model(size: str, batch: int, seq_len: int, padding: float, label_rate:
                                                / sides["transformers_sparse"]["tokens_per_s"], 3)
                                          if "transformers_sparse" in sides else None),
     }
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def print_model_result(r: dict) -> None:

@@ -295,7 +295,7 @@ def build_config(case: Case, corpus: Corpus, device: str):
 
 
 def build_model(case: Case, corpus: Corpus, device: str) -> torch.nn.Module:
-    from ettin.bench import peer_model
+    from ettin.bench_peer import peer_model
 
     torch.manual_seed(0)  # every case of a size starts from the same weights
     with torch.device(device):
@@ -307,7 +307,7 @@ def build_model(case: Case, corpus: Corpus, device: str) -> torch.nn.Module:
 
 def check_peer_loss(case: Case, peer: torch.nn.Module, corpus: Corpus, group: list, device: str) -> dict:
     """fp32 losses of ours and the peer on the same micro-batch; raises when they disagree."""
-    from ettin.bench import check_losses, loss_of
+    from ettin.bench_peer import check_losses, loss_of
 
     ours_case = replace(case, side="ours", attn="sdpa", loss="plain")
     ours = build_model(ours_case, corpus, device)
@@ -440,7 +440,7 @@ def run(device: str, quick: bool, budget_s: float, only: Optional[str] = None,
     budget; ``progress`` gets the report so far after each."""
     import transformers
 
-    from ettin.bench import device_name
+    from ettin.bench_peer import device_name
 
     started = time.perf_counter()
     attns, skipped_backends = backends(device)
