@@ -357,14 +357,11 @@ def run_case(case: Case, corpus: Corpus, rows: list, device: str, quick: bool) -
     import torch._dynamo
 
     if case.compile:
+        from ettin.speedups import apply_speedups
+
         torch._dynamo.reset()
-        # Layers share one code object: layer kinds (first, global, sliding) x layouts x static /
-        # dynamic shapes are separate graphs, and past the default limit of 8 Dynamo would silently
-        # run the remaining variants uncompiled.
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, 64)
-        for layer in model.model.layers:  # regional, as ettin.runtime.apply_speedups
-            layer.compile(backend="inductor" if device == "cuda" else "eager")
+        apply_speedups(model, compile=True, activation_checkpointing=False,
+                       backend="inductor" if device == "cuda" else "eager")
     counters = torch._dynamo.utils.counters
     breaks_before = sum(counters["graph_break"].values())
     graphs_before = counters["stats"]["unique_graphs"]

@@ -1,12 +1,11 @@
 """What a training process does around the steps, as Lightning callbacks and a logger: checkpoints and
 validation at token intervals, one continuous metrics.csv per phase, a progress bar in tokens, RNG
-states and speed switches."""
+states."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import logging
 import subprocess
 from pathlib import Path
@@ -18,7 +17,6 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.checkpoint import checkpoint
 
 from ettin.checkpoint import Checkpointer
 from ettin.recipes import TrainConfig, to_yaml
@@ -27,23 +25,6 @@ if TYPE_CHECKING:
     from ettin.module import EttinModule
 
 log = logging.getLogger("ettin")
-
-
-def apply_speedups(model: torch.nn.Module, *, compile: bool, activation_checkpointing: bool) -> None:
-    """Per-layer activation checkpointing and compilation, applied from outside the model.
-
-    Both keep the state-dict keys unchanged (no wrapper modules).
-    """
-    if compile:  # every layer compiles its own graphs; past Dynamo's default limit of 8 the rest
-        import torch._dynamo  # would silently run uncompiled
-
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
-    for layer in model.model.layers:
-        if activation_checkpointing:
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
-        if compile:
-            layer.compile()
 
 
 def capture_rng() -> dict[str, torch.Tensor]:

@@ -322,8 +322,8 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
     from ettin.model import ModernBert
     from ettin.module import EttinModule, count_on_host
     from ettin.preemption import PreemptionHandler
-    from ettin.runtime import (CheckpointCallback, TokenProgressBar, ValidationCallback,
-                               apply_speedups, restore_rng)
+    from ettin.runtime import CheckpointCallback, TokenProgressBar, ValidationCallback, restore_rng
+    from ettin.speedups import apply_speedups
 
     p = cfg.phases[phase]
     objective = OBJECTIVES[cfg.objective]

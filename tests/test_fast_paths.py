@@ -23,6 +23,7 @@ from ettin.data.collate import CLMCollator, MLMCollator
 from ettin.data.tokenizer import SpecialIds
 from ettin.model import IGNORE_INDEX, ModernBert, linear_cross_entropy
 from ettin.optim import StableAdamW
+from ettin.speedups import apply_speedups
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
 
@@ -300,8 +301,9 @@ def test_compiled_layers_trace_every_backend_without_graph_breaks():
     long = CLMCollator(IDS, vocab_size=VOCAB)([(0, np.arange(5, 85)), (1, np.arange(5, 45))])
     for attn in ("sdpa", "flex"):
         model = tiny_model(attn_implementation=attn)
-        for layer in model.model.layers:
-            layer.compile(backend="eager")
+        apply_speedups(model, compile=True, activation_checkpointing=False, backend="eager")
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        assert getattr(torch._dynamo.config, limit) >= 64  # else layers past 8 variants run uncompiled
         for inputs in (batch("clm"), long):
             flat = dict(input_ids=inputs["input_ids"], cu_seqlens=inputs["cu_seqlens"],
                         max_seqlen=inputs["max_seqlen"], causal=True)
@@ -311,3 +313,20 @@ def test_compiled_layers_trace_every_backend_without_graph_breaks():
                                            atol=1e-5 * float(expected.abs().max()))
     assert sum(counters["graph_break"].values()) == breaks
     torch._dynamo.reset()
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """...and really recomputes each layer in the backward pass (its MLP runs twice)."""
+    inputs = batch("mlm")
+    grads = []
+    for checkpointed in (False, True):
+        model = tiny_model()
+        apply_speedups(model, compile=False, activation_checkpointing=checkpointed)
+        calls = []
+        model.model.layers[1].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        model(**inputs).loss.backward()
+        assert len(calls) == (2 if checkpointed else 1)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        assert set(model.state_dict()) == set(tiny_model().state_dict())  # no wrapper modules
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name])
