@@ -291,12 +291,12 @@ def safe_torch_load(path: Path | str, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", str(error))
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
         if found is None:  # not a refused object: the bytes are not a pickle at all
             raise _unreadable(path, error) from None
         raise ValueError(
             f"refusing to load {path}: it needs unpickling arbitrary Python objects"
-            f" ({found.group(1) or found.group(2)}), which can run code, and ettin "
+            f" ({found.group(1)}), which can run code, and ettin "
             f"only loads tensors, containers and plain values (torch.load(weights_only=True)). "
             f"Use a safetensors file or a state dict of plain tensors instead; if you trust the file, "
             f"convert it once yourself (torch.load(..., weights_only=False) in a separate script, then "

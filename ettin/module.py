@@ -88,13 +88,11 @@ class EttinModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.on_train_start_fn is not None:
             self.on_train_start_fn(self)
-        strategy = self.trainer.strategy
         world = self.trainer.world_size
         self.train_step = TrainStep(
             self.parallel.network, self.optimizers(use_pl_optimizer=False), lr=self.lr,
             lr_multiplier=self.lr_multiplier, loss_normalization=self.loss_normalization,
-            world_size=world,
-            sum_over_ranks=(lambda t: strategy.reduce(t, reduce_op="sum")) if world > 1 else (lambda t: t),
+            world_size=world, sum_over_ranks=self._sum_over_ranks,
             gradient_sync=self.parallel.gradient_sync, backward=self.manual_backward,
         )
         self._window_start, self._window_tokens, self._window_flops = time.perf_counter(), 0, 0.0

@@ -140,52 +140,65 @@ class TokenProgressBar(TQDMProgressBar):
         return metrics
 
 
-class ValidationCallback(L.Callback):
-    """Validation every ``every_tokens`` tokens of the phase (and, called by the phase's end, once
-    more), logged to metrics.csv with the tokens it was measured at."""
+class EveryTokens(L.Callback):
+    """Calls ``fire(module)`` after each step that crosses a multiple of ``every_tokens`` of the
+    phase's token clock (0: never), except the phase's last step (the phase end does its own)."""
 
-    def __init__(self, make_batches: Callable[["EttinModule"], Any], *, every_tokens: int,
-                 start_tokens: int) -> None:
-        self.make_batches = make_batches
+    def __init__(self, *, every_tokens: int, start_tokens: int) -> None:
         self.every_tokens = every_tokens
         self.last_tokens = start_tokens
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
         tokens = module.loader_state.tokens
         if _crossed(self.last_tokens, tokens, self.every_tokens) and tokens < module.phase_tokens:
-            self.validate(module)
+            self.fire(module)
         self.last_tokens = tokens
 
+    def fire(self, module: "EttinModule") -> None:
+        raise NotImplementedError
+
+
+class ValidationCallback(EveryTokens):
+    """Validation every ``every_tokens`` tokens of the phase (and, called by the phase's end, once
+    more), logged to metrics.csv with the tokens it was measured at. The batches are made once: the
+    same samples and masks at every evaluation."""
+
+    def __init__(self, make_batches: Callable[["EttinModule"], Any], *, every_tokens: int,
+                 start_tokens: int) -> None:
+        super().__init__(every_tokens=every_tokens, start_tokens=start_tokens)
+        self.make_batches = make_batches
+        self.batches: Optional[list] = None
+
+    def fire(self, module: "EttinModule") -> None:
+        self.validate(module)
+
     def validate(self, module: "EttinModule") -> dict[str, float]:
-        batches = self.make_batches(module)
-        if not batches:  # e.g. a replayed released data order, which has no validation split
+        if self.batches is None:
+            self.batches = self.make_batches(module)
+        if not self.batches:  # e.g. a replayed released data order, which has no validation split
             return {}
-        metrics = module.evaluate(batches)
+        metrics = module.evaluate(self.batches)
         module.log_metrics({**metrics, "val/tokens": float(module.loader_state.tokens)})
         log.info("validation at %s tokens: %s", f"{module.loader_state.tokens:,}",
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
 
-class CheckpointCallback(L.Callback):
+class CheckpointCallback(EveryTokens):
     """Checkpoints every ``every_tokens`` tokens of the phase; ``save`` also serves the phase end and
     preemption. Nothing is written from a state whose loss was not finite."""
 
     def __init__(self, cfg: TrainConfig, phase: str, tokenizer, checkpointer: Checkpointer, *,
                  every_tokens: int, start_tokens: int, fresh_optimizer: bool,
                  data_identity: dict) -> None:
+        super().__init__(every_tokens=every_tokens, start_tokens=start_tokens)
         self.cfg, self.phase, self.tokenizer = cfg, phase, tokenizer
         self.checkpointer = checkpointer
-        self.every_tokens = every_tokens
-        self.last_tokens = start_tokens
         self.fresh_optimizer = fresh_optimizer
         self.data_identity = data_identity
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx: int) -> None:
-        tokens = module.loader_state.tokens
-        if _crossed(self.last_tokens, tokens, self.every_tokens) and tokens < module.phase_tokens:
-            self.save(module, kind="interval")
-        self.last_tokens = tokens
+    def fire(self, module: "EttinModule") -> None:
+        self.save(module, kind="interval")
 
     def save(self, module: "EttinModule", *, kind: str) -> Path:
         """Every rank calls this; rank 0 writes the checkpoint atomically."""
