@@ -454,16 +454,17 @@ def _train(cfg: TrainConfig) -> Path:
     set_cpu_threads(cfg)
     warnings.filterwarnings("ignore", message=PYTREE_WARNING)
     log.info("environment: %s", json.dumps(environment_summary()))
-    start = resolve_start(cfg)
     log.info("resolved config:\n%s", to_yaml(cfg))
-    if is_rank_zero():
-        (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
     try:
         tokenizer = resolve_tokenizer(cfg)
     except (FileNotFoundError, OSError, ValueError) as error:
         raise ConfigError(f"tokenizer={cfg.tokenizer}: {error}") from None
     phases = cfg.phases_to_run()
     sources = check_phases_data(cfg, tokenizer)
+    # Last, as it loads weights and optimizer state: every cheaper check has passed by then.
+    start = resolve_start(cfg)
+    if is_rank_zero():
+        (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
     log.info("schedule:\n%s", schedule_table(schedule_rows(cfg)))
     log.info("start: %s", start.description)
     final: Optional[Path] = None
