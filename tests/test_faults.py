@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ettin.checkpoint import (CheckpointError, Checkpointer, RunLock, RunLockedError, list_checkpoints,
+from ettin.checkpoint import (CheckpointError, Checkpointer, RunLock, list_checkpoints,
                               load_weights, read_meta, safe_torch_load, write_checkpoint)
 from ettin.recipes import ConfigError, compose
 from ettin.train import dry_run_report, main

@@ -7,14 +7,10 @@ import contextlib
 import csv
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ettin.checkpoint import latest_checkpoint, list_checkpoints, read_meta
 from ettin.module import EttinModule
