@@ -227,3 +227,20 @@ def test_schedule_table_cuts_at_every_boundary():
 def test_schedule_table_accepts_any_callables():
     table = schedule_table([PhaseSchedule("x", 1_000, 128, 10_000, 10_000, 1e-3, lambda t: 1.0, lambda t: 8)])
     assert "x" in table and "0.001" in table
+
+
+def test_a_fresh_optimizer_warms_up_only_where_the_phase_has_no_warmup_of_its_own():
+    from ettin.recipes import compose
+    from ettin.schedule import phase_lr_multiplier
+
+    cfg = compose("decoder_150m")
+    decay, pretrain = cfg.phases["decay"], cfg.phases["pretrain"]
+    warm = decay.fresh_optimizer_warmup_tokens
+    assert warm == 1_000_000_000 and decay.warmup_tokens == 0
+    fresh, continued = phase_lr_multiplier(decay, fresh_optimizer=True), phase_lr_multiplier(decay)
+    assert fresh(0) < 1e-9 and fresh(warm // 2) == pytest.approx(0.5, rel=1e-6)
+    assert continued(0) == 1.0  # moments carried over from the previous phase: no warmup
+    assert fresh(decay.tokens) == pytest.approx(continued(decay.tokens)) == pytest.approx(0.04)
+    # A phase with its own warmup keeps it, fresh optimizer or not.
+    assert phase_lr_multiplier(pretrain, fresh_optimizer=True)(pretrain.warmup_tokens // 2) == \
+        pytest.approx(0.5, rel=1e-6)
