@@ -10,7 +10,7 @@ autocast over fp32 weights on CUDA (fp32 on CPU), on micro-batches built from th
 
 * ``rows``: ``micro_batch`` rows per micro-batch (Ettin's per-GPU micro-batch of the size and
   phase), the real row lengths, unpadded; the peer gets the same rows padded;
-* ``packed``: whole rows filling ``micro_batch * seq_len`` tokens (``StepBatches(pack=True)``).
+* ``packed``: whole rows filling ``micro_batch * seq_len`` tokens (``ettin.data.loader.pack_rows``, as training packs).
 
 Shapes (CUDA): 150m at 1024 (both objectives, both layouts), 1b at 1024, 150m at 8000. Sides: ours
 for each attention backend available (sdpa, flex, flash when installed), with and without
@@ -42,7 +42,6 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
@@ -52,7 +51,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ettin.config import model_config, size_value
 from ettin.data.collate import IGNORE_INDEX, CLMCollator, MLMCollator
 from ettin.data.corpus import builtin_documents
-from ettin.data.loader import StepBatches
+from ettin.data.loader import pack_rows
 from ettin.data.prepare import chunk_document
 from ettin.data.tokenizer import SpecialIds, special_ids, train_tokenizer
 from ettin.flops import peak_flops_per_device, training_flops
@@ -196,8 +195,8 @@ def load_corpus(quick: bool) -> Corpus:
 def micro_batch_rows(rows: list, shape: Shape, packing: str, count: int) -> list[list]:
     """The first ``count`` micro-batches: ``shape.rows`` rows each, or packed as the loader packs."""
     if packing == "packed":
-        packer = SimpleNamespace(pack=True, micro_batch_size=shape.rows, seq_len=shape.seq_len)
-        groups = StepBatches.micro_batches(packer, rows)  # the loader's own packing
+        bounds = np.cumsum([0, *pack_rows([len(t) for _, t in rows], shape.rows * shape.seq_len)])
+        groups = [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]  # the loader's own packing
         return groups[:count] if len(groups) == 1 else groups[:min(count, len(groups) - 1)]  # the last is a remainder
     return [rows[i:i + shape.rows] for i in range(0, min(len(rows), shape.rows * count), shape.rows)]
 

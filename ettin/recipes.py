@@ -114,9 +114,10 @@ class TrainConfig:
     phases: dict[str, PhaseConfig] = field(default_factory=dict)
     # Sources per phase name: the same data for the encoder and the decoder of a pair.
     data: dict[str, list[DataSource]] = field(default_factory=dict)
-    # Ettin: one chunk per row, micro_batch rows per micro-batch. True: each micro-batch takes whole
-    # chunks up to micro_batch x seq_len tokens (short documents fill it; attention stays within each).
-    pack_micro_batches: bool = False
+    # false (Ettin): micro_batch rows (one chunk each) per micro-batch. true: each micro-batch takes
+    # whole chunks up to micro_batch x seq_len tokens (short documents fill it; attention stays within
+    # each chunk; the step's samples are the same). auto: see TrainConfig.packs_micro_batches.
+    pack_micro_batches: Any = "auto"
     pair: bool = False  # train the encoder AND the decoder (run names <run_name>-encoder/-decoder)
     phase_order: list[str] = field(default_factory=list)
     phase: Optional[str] = None  # run only this phase
@@ -145,6 +146,16 @@ class TrainConfig:
 
     def phases_to_run(self) -> list[str]:
         return [self.phase] if self.phase else list(self.phase_order)
+
+    def packs_micro_batches(self) -> bool:
+        """``pack_micro_batches=auto`` packs where packing is free: under ``tokens`` loss
+        normalisation (the step's gradient then does not depend on how its samples are grouped)
+        with a varlen attention backend (flex, flash: a micro-batch costs its tokens, whereas sdpa's
+        [rows, max_seqlen] grid, and its memory, would grow with the rows a packed micro-batch holds)."""
+        if self.pack_micro_batches != "auto":
+            return bool(self.pack_micro_batches)
+        attn = self.model.get("attn_implementation", ModelConfig.attn_implementation)
+        return self.optim.loss_normalization == "tokens" and attn in ("flex", "flash")
 
     def model_config(self, phase: str) -> ModelConfig:
         p = self.phases[phase]
@@ -235,6 +246,13 @@ def check(cfg: TrainConfig) -> None:
     if cfg.optim.loss_normalization not in LOSS_NORMALIZATIONS:
         raise ConfigError(f"optim.loss_normalization={cfg.optim.loss_normalization!r}; choose one of "
                           f"{', '.join(LOSS_NORMALIZATIONS)}")
+    if cfg.pack_micro_batches not in ("auto", True, False):
+        raise ConfigError(f"pack_micro_batches={cfg.pack_micro_batches!r}; choose auto, true or false")
+    if cfg.pack_micro_batches is True and cfg.optim.loss_normalization == "micro_batch":
+        raise ConfigError("pack_micro_batches=true with optim.loss_normalization=micro_batch: each "
+                          "micro-batch's mean would weigh differently from Composer's, so the run "
+                          "would reproduce neither; use loss_normalization=tokens to pack, or "
+                          "pack_micro_batches=false to reproduce Ettin")
     if cfg.trainer.loss_implementation not in ("auto", "plain", "chunked"):
         raise ConfigError(f"trainer.loss_implementation={cfg.trainer.loss_implementation!r}; choose one "
                           "of auto, plain, chunked")

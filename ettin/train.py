@@ -305,7 +305,6 @@ def data_identity(cfg: TrainConfig, phase: str, sources: list) -> dict:
     return {
         "seed": cfg.seed, "phase": phase, "seq_len": p.seq_len, "global_batch": cfg.global_batch,
         "batch_warmup_tokens": p.batch_warmup_tokens, "batch_warmup_min": p.batch_warmup_min,
-        "pack_micro_batches": cfg.pack_micro_batches,
         "sources": [{"path": s.path if "://" in s.path else str(Path(s.path).resolve()),
                      "weight": s.weight, "format": s.format, "fingerprint": prepared_fingerprint(s.path)}
                     for s in sources],
@@ -365,7 +364,7 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
                 global_batch_at=phase_batch_schedule(p, cfg.global_batch),
                 micro_batch_size=p.micro_batch,
                 rank=self.trainer.global_rank, world_size=self.trainer.world_size, seed=cfg.seed,
-                phase=phase, state=loader_state, pack=cfg.pack_micro_batches,
+                phase=phase, state=loader_state, pack=cfg.packs_micro_batches(),
             )
             # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG,
             # which would shift the dropout stream restored from a checkpoint.
@@ -395,9 +394,11 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
     trainer = build_trainer(cfg, phase, callbacks=[validation, checkpoints, preemption, progress],
                             loggers=build_loggers(cfg, phase, resume_step=loader_state.step))
     log.info("phase %s: %s", phase, start.description)
-    log.info("model: %s, %s parameters, attention backend %s, %s",
+    log.info("model: %s, %s parameters, attention backend %s, %s; %s",
              cfg.size, f"{model.num_parameters():,}", model_config.attn_implementation,
-             "causal" if model_config.causal else "bidirectional")
+             "causal" if model_config.causal else "bidirectional",
+             f"packed micro-batches of up to {p.micro_batch * p.seq_len:,} tokens"
+             if cfg.packs_micro_batches() else f"micro-batches of {p.micro_batch} rows")
     trainer.fit(module, datamodule=PhaseData())
     if preemption.preempted:
         raise Preempted(f"preempted in phase {phase}; the checkpoint is saved and the job requeued")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from ettin.data.collate import CLMCollator, MLMCollator
 from ettin.data.loader import (LoaderState, Mixture, PreparedSplit, StepBatches, ValidationBatches,
-                               permute, validation_batches)
+                               pack_rows, permute, validation_batches)
 from ettin.data.tokenizer import load_tokenizer, special_ids
 
 
@@ -192,6 +192,47 @@ def test_packed_micro_batches_fill_a_token_budget(tiny_prepared, tiny_tokenizer)
     with pytest.raises(ValueError, match="unpadded"):
         StepBatches(tiny_prepared, seq_len=TINY_SEQ_LEN, collator=mlm(tiny_tokenizer, unpadded=False),
                     global_batch_at=lambda t: 4, micro_batch_size=2, pack=True)
+
+
+def test_pack_rows_fills_the_budget_in_order_then_splits_the_largest():
+    lengths = [5, 4, 3, 9, 1, 1, 1, 12, 2]
+    assert pack_rows(lengths, 10) == [2, 1, 2, 2, 1, 1]  # 5+4 | 3 | 9+1 (exactly 10) | 1+1 | 12 alone | 2
+    assert pack_rows(lengths, 10, groups=8) == [1, 1, 1, 1, 1, 2, 1, 1]  # the largest halved, first first
+    assert pack_rows(lengths, 10, groups=20) == [1] * 9  # never an empty micro-batch
+    assert pack_rows([3], 10, groups=3) == [1]
+    for groups in range(1, 10):
+        sizes = pack_rows(lengths, 10, groups=groups)
+        assert sum(sizes) == len(lengths) and min(sizes) >= 1 and len(sizes) == max(groups, 6)
+        bounds = np.cumsum([0, *sizes])
+        assert all(sum(lengths[a:b]) <= 10 or b - a == 1 for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def test_packed_ranks_get_the_same_number_of_micro_batches(tiny_prepared_long, tiny_tokenizer):
+    """A sharded model's forwards are collective: a rank with fewer micro-batches would hang the
+    others. The ranks' samples stay those of the unpacked loader."""
+    world, batch, steps, budget = 3, 30, 20, 4 * 256
+
+    def loader(pack, rank):  # rows of at most 128 tokens; packed micro-batches of 4 x 256 tokens
+        return StepBatches(tiny_prepared_long, seq_len=256, collator=mlm(tiny_tokenizer),
+                           global_batch_at=lambda t: batch, micro_batch_size=4, rank=rank,
+                           world_size=world, seed=11, phase="pretrain", pack=pack)
+
+    packed = [take(loader(True, r), steps) for r in range(world)]
+    plain = [take(loader(False, r), steps) for r in range(world)]
+    mixture, share = loader(True, 0).mixture, batch // world
+    balanced = 0
+    for step in range(steps):
+        counts = [len(packed[r][step]["micro_batches"]) for r in range(world)]
+        assert len(set(counts)) == 1, (step, counts)
+        assert counts[0] < len(plain[0][step]["micro_batches"])  # packing packs
+        for r in range(world):
+            assert flat(packed[r][step]) == flat(plain[r][step])  # the same samples, masks, order
+            for m in packed[r][step]["micro_batches"]:  # stored tokens (before closing [SEP]s)
+                assert int(m["cu_seqlens"][-1]) - (len(m["cu_seqlens"]) - 1) <= budget
+        lengths = mixture.lengths(step * batch, batch)
+        alone = {len(pack_rows(lengths[r * share:(r + 1) * share], budget)) for r in range(world)}
+        balanced += len(alone) > 1
+    assert balanced > 0  # on some steps the ranks alone would have packed unequally
 
 
 def test_truncation_is_refused_unless_asked_for(tiny_prepared, tiny_tokenizer):

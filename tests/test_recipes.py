@@ -77,11 +77,28 @@ def test_cross_objective_recipes():
         (["init_revision=step599525"], "without init"),
         (["trainer.strategy=zero3"], "choose one of ddp, fsdp"),
         (["init_mode=optimizer"], "choose one of"),
+        (["pack_micro_batches=yes"], "choose auto, true or false"),
+        (["pack_micro_batches=true", "optim.loss_normalization=micro_batch"],
+         "use loss_normalization=tokens to pack, or pack_micro_batches=false"),
     ],
 )
 def test_bad_configuration_fails_with_a_clear_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose("decoder_150m", overrides)
+
+
+@pytest.mark.parametrize("overrides, packs", [
+    ([], False),  # sdpa: a packed micro-batch's [rows, max_seqlen] grid would grow with its rows
+    (["model.attn_implementation=flex"], True),
+    (["model.attn_implementation=flash"], True),
+    (["model.attn_implementation=flex", "optim.loss_normalization=micro_batch"], False),
+    (["pack_micro_batches=true"], True),
+    (["model.attn_implementation=flex", "pack_micro_batches=false"], False),
+])
+def test_micro_batches_pack_by_default_where_it_changes_no_gradient_and_costs_no_memory(overrides, packs):
+    cfg = compose("decoder_150m", overrides)
+    assert cfg.pack_micro_batches in ("auto", True, False)
+    assert cfg.packs_micro_batches() is packs
 
 
 def test_unknown_recipe_lists_the_choices(capsys):

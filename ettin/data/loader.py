@@ -490,6 +490,24 @@ def _check_mds_tokenizer(split, ids, vocab_size: Optional[int]) -> None:
 # Training batches
 
 
+def pack_rows(lengths: Sequence[int], budget: int, groups: int = 1) -> list[int]:
+    """Rows per micro-batch when consecutive rows of ``lengths`` tokens fill micro-batches of at most
+    ``budget`` tokens (a row is never split); then the largest micro-batches are halved until there
+    are ``groups`` of them (or every one holds a single row)."""
+    sizes, used = [], 0
+    for n in lengths:
+        if sizes and used + n <= budget:
+            sizes[-1] += 1
+            used += n
+        else:
+            sizes.append(1)
+            used = n
+    while len(sizes) < groups and max(sizes) > 1:
+        i = sizes.index(max(sizes))
+        sizes[i:i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
+    return sizes
+
+
 class StepBatches(IterableDataset):
     """This rank's part of each optimizer step, from ``state`` on, forever:
     ``{"micro_batches": [collated dict, ...], "state": LoaderState after the step,
@@ -500,8 +518,9 @@ class StepBatches(IterableDataset):
     the global batch in sequences after ``tokens`` tokens (batch-size warmup); it must be divisible
     by ``world_size``. ``truncate``: cut samples longer than ``seq_len`` instead of refusing the
     folder. ``pack``: micro-batches hold up to ``micro_batch_size * seq_len`` tokens of whole
-    samples instead of ``micro_batch_size`` samples (unpadded collators only; the number of
-    micro-batches then varies per step and rank)."""
+    samples instead of ``micro_batch_size`` samples (unpadded collators only): fewer, fuller
+    micro-batches when documents are short. Every rank of a step gets the same number of
+    micro-batches (``pack_rows``), because a sharded model's forwards are collective."""
 
     def __init__(self, sources, *, split: str = "train", seq_len: int, collator: Callable,
                  global_batch_at: Callable[[int], int], micro_batch_size: int, rank: int = 0,
@@ -576,20 +595,20 @@ class StepBatches(IterableDataset):
             samples = self.mixture.samples(first, share)
         return [(p, fit_row(t, self.seq_len, self.close_rows, self.sep)) for p, t in samples]
 
-    def micro_batches(self, samples: list) -> list[list]:
+    def micro_batches(self, state: LoaderState, batch: int, samples: list) -> list[list]:
         if not self.pack:
             m = self.micro_batch_size
             return [samples[i:i + m] for i in range(0, len(samples), m)]
-        budget, groups, current, used = self.micro_batch_size * self.seq_len, [], [], 0
-        for sample in samples:
-            if current and used + len(sample[1]) > budget:
-                groups.append(current)
-                current, used = [], 0
-            current.append(sample)
-            used += len(sample[1])
-        if current:
-            groups.append(current)
-        return groups
+        # Every rank packs every rank's share from the lengths alone (no communication) and splits
+        # its own into as many micro-batches as the rank that needs the most.
+        lengths = self.mixture.lengths(state.samples, batch) if self.order is None else \
+            [len(row) for row in self.order.rows_of(state.step)]
+        budget, share = self.micro_batch_size * self.seq_len, batch // self.world_size
+        most = max(len(pack_rows(lengths[r * share:(r + 1) * share], budget))
+                   for r in range(self.world_size))
+        sizes = pack_rows(lengths[self.rank * share:(self.rank + 1) * share], budget, groups=most)
+        bounds = np.cumsum([0, *sizes])
+        return [samples[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -598,7 +617,7 @@ class StepBatches(IterableDataset):
             if (state.step - self.start.step) % workers != worker:
                 continue
             samples = self.rank_samples(state, batch)
-            micro = [self.collator(group) for group in self.micro_batches(samples)]
+            micro = [self.collator(group) for group in self.micro_batches(state, batch, samples)]
             after = LoaderState(state.step + 1, state.samples + batch, state.tokens + step_tokens)
             yield {"micro_batches": micro, "state": after, "global_batch": batch,
                    "step_tokens": step_tokens}
@@ -689,7 +708,7 @@ def prepared_fingerprint(folder) -> Optional[str]:
     return hashlib.sha256(summary.read_bytes()).hexdigest() if summary.is_file() else None
 
 
-__all__ = ["prepared_fingerprint", "LoaderState", "StepBatches", "ValidationBatches",
+__all__ = ["prepared_fingerprint", "LoaderState", "StepBatches", "pack_rows", "ValidationBatches",
            "validation_batches", "Mixture", "PreparedSplit", "source_format", "fit_row", "permute", "normalize_sources", "COMPLETE",
            "is_complete"]
 
