@@ -3,7 +3,8 @@ bounded run.
 
     python -m ettin.bench gpu [--quick] [--json OUT] [--device cpu|cuda] [--budget-s S] [--only REGEX]
 
-What is timed: whole training steps (forward + backward + ``ettin.optim.StableAdamW`` step), bf16
+What is timed: whole training steps (forward + backward + ``ettin.optim.StableAdamW`` step; ours
+through training's own ``ettin.step.TrainStep``), bf16
 autocast over fp32 weights on CUDA (fp32 on CPU), on micro-batches built from the built-in corpus
 (ettin.data.corpus, tokenized by a BPE trained on it at start, cut into rows by
 ``ettin.data.prepare.chunk_document`` and collated by the training collators: MLM 30 %, CLM):
@@ -57,6 +58,7 @@ from ettin.data.tokenizer import SpecialIds, special_ids, train_tokenizer
 from ettin.flops import peak_flops_per_device, training_flops
 from ettin.model import ModernBert
 from ettin.optim import StableAdamW, param_groups
+from ettin.step import TrainStep
 
 # Ettin's average training tokens/s per H100 (recipe.md 8.1: 2T tokens over the README's wall-clock
 # hours on 4 GPUs).
@@ -206,6 +208,8 @@ class MicroBatch:
     inputs: dict  # model keyword arguments, on the device
     tokens: int  # real tokens
     flops: float  # training FLOPs of ours (window-aware, real tokens)
+    targets: int  # labelled positions
+    rows: int
 
 
 def collate(corpus: Corpus, case: Case, groups: list[list], device: str, config) -> list[MicroBatch]:
@@ -231,7 +235,8 @@ def collate(corpus: Corpus, case: Case, groups: list[list], device: str, config)
             n_targets = len(inputs["target_index"])
             inputs["causal"] = causal
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        batches.append(MicroBatch(inputs, sum(lengths), training_flops(config, lengths, n_targets, causal)))
+        batches.append(MicroBatch(inputs, sum(lengths), training_flops(config, lengths, n_targets, causal),
+                                  n_targets, len(lengths)))
     return batches
 
 
@@ -243,10 +248,11 @@ class HostSyncs(TorchDispatchMode):
     """Counts the aten ops that need a value or a size from the device (CPU stand-in for CUDA's
     sync debug mode): ``_local_scalar_dense`` (``.item()``, ``int()``, ``bool()`` of a tensor),
     ``nonzero``, ``masked_select``, ``unique``, boolean-mask indexing, ``repeat_interleave``
-    without ``output_size``."""
+    without ``output_size``; and ``lift_fresh``, a tensor made from host data (``torch.tensor(x)``):
+    on a GPU its copy from pageable memory waits for the device's queue to drain."""
 
     OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
-           "unique_consecutive", "unique_dim"}
+           "unique_consecutive", "unique_dim", "lift_fresh"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -344,14 +350,23 @@ def run_case(case: Case, corpus: Corpus, rows: list, device: str, quick: bool) -
         result["loss_check"] = check_peer_loss(case, model, corpus, groups[0], device)
     batches = collate(corpus, case, groups, device, config)
     optimizer = StableAdamW(param_groups(model, 0.01), lr=1e-4, weight_decay=0.01)
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else nullcontext()
 
-    def step(batch: MicroBatch) -> None:
-        with autocast:
-            loss = model(**batch.inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+    if case.side == "ours":  # training's own step: the token-normalised loss, counters on the device
+        train_step = TrainStep(model, optimizer, lr=1e-4, lr_multiplier=lambda tokens: 1.0,
+                               forward_context=autocast)
+
+        def step(batch: MicroBatch) -> None:
+            train_step([batch.inputs], tokens_before=0, targets=[batch.targets], rows=[batch.rows])
+    else:
+        def step(batch: MicroBatch) -> None:
+            with autocast():
+                loss = model(**batch.inputs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     import torch._dynamo
 

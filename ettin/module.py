@@ -162,7 +162,7 @@ class EttinModule(L.LightningModule):
         batches = list(batches)
         if self.parallel.sharded:  # every forward is collective: ranks with fewer batches repeat one
             most = int(self.trainer.strategy.reduce(
-                torch.tensor(float(len(batches)), device=self.device), reduce_op="max"))
+                torch.full((), float(len(batches)), device=self.device), reduce_op="max"))
             if len(batches) < most:
                 if not batches:
                     raise RuntimeError("fewer validation samples than devices: raise trainer.val_samples")
@@ -175,7 +175,7 @@ class EttinModule(L.LightningModule):
             with self.trainer.precision_plugin.forward_context():
                 out = self.model(**batch, loss_reduction="sum")
             totals += torch.stack([out.loss.float(),
-                                   torch.tensor(float(out.targets.numel()), device=self.device),
+                                   torch.full((), float(out.targets.numel()), device=self.device),
                                    out.n_correct.float()])
         self.model.train(was_training)
         totals = self._sum_over_ranks(totals)

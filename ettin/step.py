@@ -85,7 +85,9 @@ class TrainStep:
         host (so nothing here waits on the device to know them)."""
         device = next(iter(micro_batches[0].values())).device
         local_targets = sum(targets)
-        global_targets = self.sum_over_ranks(torch.tensor(float(local_targets), device=device))
+        # torch.full fills on the device; torch.tensor(x, device=...) would copy from host memory,
+        # which waits for the device's queue to drain.
+        global_targets = self.sum_over_ranks(torch.full((), float(local_targets), device=device))
         lr = self.lr_at(tokens_before)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

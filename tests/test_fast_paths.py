@@ -330,3 +330,24 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         assert set(model.state_dict()) == set(tiny_model().state_dict())  # no wrapper modules
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name])
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("objective, causal", OBJECTIVES)
+def test_compiled_layers_give_the_same_loss_and_gradients(objective, causal, checkpointed):
+    """The backward pass too, through AOTAutograd (``aot_eager``: the joint graph inductor would
+    compile, run without code generation), for the short and the long (band) layouts, alone and
+    with activation checkpointing (both switches on, as a large run sets them)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    long = CLMCollator(IDS, vocab_size=VOCAB)([(0, np.arange(5, 85)), (1, np.arange(5, 45))])
+    compiled = tiny_model()
+    apply_speedups(compiled, compile=True, activation_checkpointing=checkpointed, backend="aot_eager")
+    for inputs in (batch(objective), long):
+        plain, plain_grads = loss_and_grads(tiny_model(), inputs, causal)
+        out, grads = loss_and_grads(compiled, inputs, causal)
+        torch.testing.assert_close(out.loss, plain.loss, rtol=1e-6, atol=0)
+        for name, expected in plain_grads.items():
+            torch.testing.assert_close(grads[name], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    torch._dynamo.reset()

@@ -141,18 +141,25 @@ def test_a_restored_optimizer_takes_this_phases_hyperparameters_and_the_recipes_
     assert torch.equal(restored.state[decay["params"][0]]["exp_avg"], torch.ones(1))
 
 
-def test_a_step_never_waits_on_the_device(monkeypatch):
-    """No host sync inside a step (without the grad norm of log steps): every way a tensor's value
-    reaches Python is counted while it runs."""
+@pytest.mark.parametrize("normalization", ["tokens", "micro_batch"])
+def test_a_step_never_waits_on_the_device(monkeypatch, normalization):
+    """No host sync inside a step (without the grad norm of log steps), with the real optimizer:
+    every way a tensor's value reaches Python is counted while it runs, and every aten op that
+    needs a device value or makes a tensor from host data (``ettin.bench_gpu.HostSyncs``)."""
+    from ettin.bench_gpu import HostSyncs
+    from ettin.optim import StableAdamW
+
     model = tiny_model()
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), lr=0.1,
-                     lr_multiplier=lambda tokens: 1.0)
+    step = TrainStep(model, StableAdamW(model.parameters(), lr=0.1, weight_decay=0.1), lr=0.1,
+                     lr_multiplier=lambda tokens: 1.0, loss_normalization=normalization)
     targets, rows = counts(BATCHES)
+    step(BATCHES, tokens_before=0, targets=targets, rows=rows)  # the first step moves the flag
     syncs = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "__index__"):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name,
                             lambda self, *a, _o=original, _n=name, **k: syncs.append(_n) or _o(self, *a, **k))
-    step(BATCHES, tokens_before=0, targets=targets, rows=rows)
+    with HostSyncs() as ops:
+        step(BATCHES, tokens_before=0, targets=targets, rows=rows)
     monkeypatch.undo()
-    assert syncs == []
+    assert syncs == [] and ops.found == []
