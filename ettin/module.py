@@ -68,6 +68,7 @@ class EttinModule(L.LightningModule):
         self.loader_state: Any = loader_state  # the loader's counters after the last finished step
         self.on_train_start_fn = on_train_start_fn
         self._window_start, self._window_tokens, self._window_flops = 0.0, 0, 0.0
+        self.progress_metrics: dict[str, float] = {}  # shown by ettin.runtime.TokenProgressBar
 
     # -- optimizer ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -120,12 +121,14 @@ class EttinModule(L.LightningModule):
 
     def _log_step(self, step_batch: dict, result: StepResult) -> None:
         totals = self._sum_over_ranks(torch.stack([result.loss_sum, result.correct]))
-        targets = float(result.global_targets)
-        loss = float(totals[0]) / max(targets, 1.0)
-        metrics = self.objective.metrics("train", loss, float(totals[1]), targets)
+        # One read from the device for all of them.
+        loss_sum, correct, targets, norm = torch.stack([
+            totals[0], totals[1], result.global_targets.float(), result.grad_norm.float()]).tolist()
+        loss = loss_sum / max(targets, 1.0)
+        metrics = self.objective.metrics("train", loss, correct, targets)
         metrics.update({
             "train/lr": result.lr,
-            "train/grad_norm": float(result.grad_norm),
+            "train/grad_norm": norm,
             "train/tokens": float(step_batch["state"].tokens),
             "train/global_batch": float(step_batch["global_batch"]),
         })
@@ -138,8 +141,9 @@ class EttinModule(L.LightningModule):
             metrics["perf/mfu"] = self._window_flops / seconds / self.peak_flops
         self._window_start, self._window_tokens, self._window_flops = now, 0, 0.0
         self.log_metrics(metrics)
-        self.log_dict({"loss": loss, "tok/s": metrics["perf/tokens_per_s_per_device"]},
-                      prog_bar=True, logger=False, on_step=True)
+        # Host floats for the progress bar: values given to self.log would stay device tensors that
+        # Lightning reads back (a host sync) at every later step.
+        self.progress_metrics = {"loss": round(loss, 3), "tok/s": metrics["perf/tokens_per_s_per_device"]}
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         """To every logger, at the run's step (continuous across resumes; loggers are rank-0 only)."""

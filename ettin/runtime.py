@@ -113,7 +113,7 @@ class MetricsCSV(Logger):
 
 
 class TokenProgressBar(TQDMProgressBar):
-    """The phase's progress in tokens, with its total; no Lightning version number."""
+    """The phase's progress in tokens, with its total, the loss and tok/s; no Lightning version number."""
 
     def __init__(self, phase: str, total_tokens: int, start_tokens: int) -> None:
         super().__init__()
@@ -135,9 +135,8 @@ class TokenProgressBar(TQDMProgressBar):
         bar.refresh()
 
     def get_metrics(self, trainer, pl_module) -> dict:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
+        """The module's last logged loss and tok/s (host floats; nothing is read from the device)."""
+        return dict(getattr(pl_module, "progress_metrics", {}))
 
 
 class EveryTokens(L.Callback):

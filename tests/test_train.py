@@ -222,6 +222,60 @@ def test_packed_micro_batches_train_as_rows_do(workspace, monkeypatch):
     assert max(abs(a - b) for (_, a), (_, b) in zip(runs[True], runs[False])) <= 1e-4
 
 
+def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch):
+    """The whole loop as Lightning runs it, from one step's start to the next one's: the training step,
+    the callbacks, the progress bar and Lightning's own bookkeeping. Between log steps nothing reads a
+    value back from the device (``ettin.bench_gpu.HostSyncs``; on CPU the stand-in for CUDA's sync
+    debug mode). The loader collates in a worker process; ``count_on_host`` counts on the batch
+    before it is copied to the device, so its reads are of host memory."""
+    import traceback
+
+    import lightning as L
+
+    import ettin.train as ettin_train
+    from ettin.bench_gpu import HostSyncs
+
+    class HostSyncsOnDevice(HostSyncs):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(f.name == "count_on_host" for f in traceback.extract_stack()):
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    found: dict[int, list] = {}
+
+    class Record(L.Callback):
+        mode = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.stop()
+            self.step = module.loader_state.step + 1
+            self.mode = HostSyncsOnDevice().__enter__()
+
+        def on_train_end(self, trainer, module):  # the last step: the phase end follows
+            self.stop()
+
+        def stop(self):
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
+                found[self.step] = self.mode.found
+                self.mode = None
+
+    build_trainer = ettin_train.build_trainer
+    monkeypatch.setattr(ettin_train, "build_trainer", lambda cfg, phase, callbacks, loggers: build_trainer(
+        cfg, phase, callbacks=[Record(), *callbacks], loggers=loggers))
+    cfg = compose("smoke", run_args(workspace, "host-syncs", "pair=false", "phase_order=[pretrain]",
+                                    "phases.pretrain.tokens=30_000", "trainer.log_every_steps=4",
+                                    "trainer.num_workers=1", "phases.pretrain.val_every_tokens=0",
+                                    "phases.pretrain.checkpoint_every_tokens=0"))
+    train(cfg)
+    assert len(found) >= 16
+    for step, syncs in found.items():
+        if step % 4:
+            assert syncs == [], (step, syncs)
+        else:  # the detector sees the log steps' reads
+            assert "_local_scalar_dense" in syncs, step
+
+
 def test_data_prepared_with_another_tokenizer_is_refused(workspace, straight_run, capsys):
     prepared = sorted((workspace / "data").glob("builtin-*"))
     other = workspace / "data" / "other-tokenizer"
