@@ -396,9 +396,7 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
     log.info("phase %s: %s", phase, start.description)
     log.info("model: %s, %s parameters, attention backend %s, %s; %s",
              cfg.size, f"{model.num_parameters():,}", model_config.attn_implementation,
-             "causal" if model_config.causal else "bidirectional",
-             f"packed micro-batches of up to {p.micro_batch * p.seq_len:,} tokens"
-             if cfg.packs_micro_batches() else f"micro-batches of {p.micro_batch} rows")
+             "causal" if model_config.causal else "bidirectional", micro_batches_described(cfg, phase))
     trainer.fit(module, datamodule=PhaseData())
     if preemption.preempted:
         raise Preempted(f"preempted in phase {phase}; the checkpoint is saved and the job requeued")
@@ -541,6 +539,13 @@ def pair_report(cfg: TrainConfig, runs: list[TrainConfig]) -> Path:
     return write_report(runs[0].run_dir, runs[1].run_dir, out, evaluation=results)
 
 
+def micro_batches_described(cfg: TrainConfig, phase: str) -> str:
+    p = cfg.phases[phase]
+    if cfg.packs_micro_batches():
+        return f"packed micro-batches of up to {p.micro_batch * p.seq_len:,} tokens"
+    return f"micro-batches of {p.micro_batch} rows"
+
+
 def dry_run_report(cfg: TrainConfig) -> str:
     from ettin.flops import training_flops
     from ettin.model import ModernBert
@@ -559,7 +564,8 @@ def dry_run_report(cfg: TrainConfig) -> str:
         lines.append(
             f"phase {name}: {model.num_parameters():,} parameters, {flops / 1e9:.3f} GFLOP per "
             f"token (training, full {p.seq_len}-token rows), {p.tokens:,} tokens, >= {steps:,} "
-            f"optimizer steps (rows at full length; shorter documents mean more steps)"
+            f"optimizer steps (rows at full length; shorter documents mean more steps); "
+            + micro_batches_described(cfg, name)
         )
     lines += ["", schedule_table(schedule_rows(cfg)), "", *readiness(cfg)]
     return "\n".join(lines)

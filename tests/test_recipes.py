@@ -112,6 +112,7 @@ def test_dry_run_prints_counts_flops_and_schedule(capsys):
     out = capsys.readouterr().out
     assert "149,655,232 parameters" in out
     assert "GFLOP per token" in out
+    assert "micro-batches of 72 rows" in out  # sdpa: not packed (pack_micro_batches=auto)
     assert "1,700,000,000,000 tokens" in out
     assert "extension" in out and "decay" in out
     assert "160000" in out.replace(",", "").replace("_", "")
