@@ -117,13 +117,18 @@ class EttinModule(L.LightningModule):
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size == 1:
             return value
-        return self.trainer.strategy.reduce(value, reduce_op="sum")
+        # Not strategy.reduce: Lightning puts a barrier before its all-reduce, and an NCCL barrier
+        # blocks the host until the device has caught up (a sync at every step).
+        total = value.clone()
+        torch.distributed.all_reduce(total)
+        return total
 
     def _log_step(self, step_batch: dict, result: StepResult) -> None:
         totals = self._sum_over_ranks(torch.stack([result.loss_sum, result.correct]))
         # One read from the device for all of them.
         loss_sum, correct, targets, norm = torch.stack([
-            totals[0], totals[1], result.global_targets.float(), result.grad_norm.float()]).tolist()
+            totals[0], totals[1], result.global_targets.float(),
+            result.grad_norm.float().to(totals.device)]).tolist()
         loss = loss_sum / max(targets, 1.0)
         metrics = self.objective.metrics("train", loss, correct, targets)
         metrics.update({

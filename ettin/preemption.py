@@ -30,6 +30,7 @@ import signal as _signal
 import subprocess
 import threading
 import time
+from datetime import timedelta
 from typing import Callable, Optional
 
 import lightning as L
@@ -102,27 +103,42 @@ class PreemptionHandler(L.Callback):
     rank, and (``requeue=True``, inside a SLURM job) rank 0 requeues the job once fit has returned.
 
     ``preempted`` tells the caller afterwards that training stopped for this reason (raise
-    :class:`Preempted`, exit 0). ``check_every_n_steps`` > 1 saves the per-step all-reduce of one
-    integer, at the price of reacting up to that many steps later.
+    :class:`Preempted`, exit 0). The ranks agree on the signal after every step (``check_every_n_steps``
+    > 1: less often, reacting up to that many steps later) with an all-reduce of one integer over a
+    CPU (gloo) process group, so the check never waits for a GPU; ``timeout`` is that group's
+    collective timeout (a rank that stops answering fails the others after it).
     """
 
     def __init__(self, save_fn: Callable[[L.Trainer], object], signal: int = _signal.SIGUSR1,
-                 requeue: bool = True, check_every_n_steps: int = 1) -> None:
+                 requeue: bool = True, check_every_n_steps: int = 1,
+                 timeout: Optional[timedelta] = None) -> None:
         self.save_fn = save_fn
         self.signal = signal
         self.requeue = requeue
         self.check_every_n_steps = max(1, int(check_every_n_steps))
+        self.timeout = timeout
         self.preempted = False
         self.requeued = False
         self._pending_requeue = False
+        self._flag_group = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         install(self.signal)
+        import torch.distributed as dist
+
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            # Every rank runs setup, in the same order: the group is created collectively.
+            self._flag_group = dist.new_group(backend="gloo", timeout=self.timeout)
 
     def _any_rank_signalled(self, trainer: L.Trainer) -> bool:
         signalled = received(self.signal) is not None
-        if trainer.world_size > 1:
-            signalled = bool(trainer.strategy.reduce_boolean_decision(signalled, all=False))
+        if self._flag_group is not None:
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(signalled)])
+            dist.all_reduce(flag, group=self._flag_group)
+            signalled = bool(flag.item())
         return signalled
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
@@ -143,6 +159,11 @@ class PreemptionHandler(L.Callback):
         self._pending_requeue = self.requeue
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._flag_group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group(self._flag_group)
+            self._flag_group = None
         # Runs after Lightning restored its own signal handlers, so nothing re-installs its SIGTERM
         # handler (which would run a collective inside the handler) behind our back.
         if not self._pending_requeue:

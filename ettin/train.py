@@ -389,7 +389,8 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
     validation = ValidationCallback(val_batches, every_tokens=p.val_every_tokens,
                                     start_tokens=loader_state.tokens)
     preemption = PreemptionHandler(
-        save_fn=lambda trainer: checkpoints.save(trainer.lightning_module, kind="preemption"))
+        save_fn=lambda trainer: checkpoints.save(trainer.lightning_module, kind="preemption"),
+        timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s))
     progress = TokenProgressBar(phase, p.tokens, loader_state.tokens)
     trainer = build_trainer(cfg, phase, callbacks=[validation, checkpoints, preemption, progress],
                             loggers=build_loggers(cfg, phase, resume_step=loader_state.step))

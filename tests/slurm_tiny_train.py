@@ -144,7 +144,7 @@ def main() -> int:
             print(f"checkpoint at step {module.step}", flush=True)
         trainer.strategy.barrier()
 
-    handler = preemption.PreemptionHandler(save_fn=save)
+    handler = preemption.PreemptionHandler(save_fn=save, timeout=timedelta(seconds=args.timeout_s))
     plugins = [SLURMEnvironment(auto_requeue=False)] if "SLURM_NTASKS" in os.environ else []
     trainer = L.Trainer(
         accelerator="cpu", devices=world // nodes, num_nodes=nodes,

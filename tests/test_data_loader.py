@@ -200,6 +200,7 @@ def test_pack_rows_fills_the_budget_in_order_then_splits_the_largest():
     assert pack_rows(lengths, 10, groups=8) == [1, 1, 1, 1, 1, 2, 1, 1]  # the largest halved, first first
     assert pack_rows(lengths, 10, groups=20) == [1] * 9  # never an empty micro-batch
     assert pack_rows([3], 10, groups=3) == [1]
+    assert pack_rows([], 10, groups=2) == []
     for groups in range(1, 10):
         sizes = pack_rows(lengths, 10, groups=groups)
         assert sum(sizes) == len(lengths) and min(sizes) >= 1 and len(sizes) == max(groups, 6)

@@ -163,3 +163,24 @@ def test_a_step_never_waits_on_the_device(monkeypatch, normalization):
         step(BATCHES, tokens_before=0, targets=targets, rows=rows)
     monkeypatch.undo()
     assert syncs == [] and ops.found == []
+
+
+def test_ranks_are_summed_without_a_barrier(monkeypatch):
+    """The step's sums over ranks are bare all-reduces: Lightning's strategy.reduce puts a barrier
+    first, and an NCCL barrier blocks the host until the GPU has caught up, at every step."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from ettin.module import EttinModule
+    from ettin.objectives import OBJECTIVES
+
+    module = EttinModule(tiny_model(), objective=OBJECTIVES["mlm"], lr=1e-3, lr_multiplier=lambda t: 1.0,
+                         phase_tokens=100, weight_decay=0.0, betas=(0.9, 0.98), eps=1e-6)
+    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(
+        reduce=lambda *a, **k: pytest.fail("strategy.reduce: a barrier at every step")))
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: pytest.fail("a barrier at every step"))
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: tensor.mul_(2))  # two equal ranks
+    value = torch.tensor([3.0, 4.0])
+    assert torch.equal(module._sum_over_ranks(value), torch.tensor([6.0, 8.0]))
+    assert torch.equal(value, torch.tensor([3.0, 4.0]))  # the caller's tensor is left as it was

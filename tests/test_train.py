@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ettin.checkpoint import latest_checkpoint, list_checkpoints, read_meta
 from ettin.module import EttinModule
@@ -235,13 +236,27 @@ def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch)
     import ettin.train as ettin_train
     from ettin.bench_gpu import HostSyncs
 
+    def on_host():
+        return any(f.name == "count_on_host" for f in traceback.extract_stack())
+
     class HostSyncsOnDevice(HostSyncs):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if any(f.name == "count_on_host" for f in traceback.extract_stack()):
+            if on_host():
                 return func(*args, **(kwargs or {}))
             return super().__torch_dispatch__(func, types, args, kwargs)
 
     found: dict[int, list] = {}
+    # Reads that dispatch no aten op on CPU (tolist, numpy) or that are no-ops there (cpu), counted
+    # as they are called.
+    for name in ("tolist", "numpy", "cpu", "item", "__float__", "__int__", "__bool__"):
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _method=method, _name=name, **kwargs):
+            if Record.mode is not None and not on_host():
+                Record.mode.found.append(_name)
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
 
     class Record(L.Callback):
         mode = None
@@ -249,16 +264,16 @@ def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch)
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             self.stop()
             self.step = module.loader_state.step + 1
-            self.mode = HostSyncsOnDevice().__enter__()
+            Record.mode = HostSyncsOnDevice().__enter__()
 
         def on_train_end(self, trainer, module):  # the last step: the phase end follows
             self.stop()
 
         def stop(self):
-            if self.mode is not None:
-                self.mode.__exit__(None, None, None)
-                found[self.step] = self.mode.found
-                self.mode = None
+            if Record.mode is not None:
+                Record.mode.__exit__(None, None, None)
+                found[self.step] = Record.mode.found
+                Record.mode = None
 
     build_trainer = ettin_train.build_trainer
     monkeypatch.setattr(ettin_train, "build_trainer", lambda cfg, phase, callbacks, loggers: build_trainer(
@@ -268,6 +283,7 @@ def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch)
                                     "trainer.num_workers=1", "phases.pretrain.val_every_tokens=0",
                                     "phases.pretrain.checkpoint_every_tokens=0"))
     train(cfg)
+    monkeypatch.undo()
     assert len(found) >= 16
     for step, syncs in found.items():
         if step % 4:

@@ -502,7 +502,7 @@ def pack_rows(lengths: Sequence[int], budget: int, groups: int = 1) -> list[int]
         else:
             sizes.append(1)
             used = n
-    while len(sizes) < groups and max(sizes) > 1:
+    while sizes and len(sizes) < groups and max(sizes) > 1:
         i = sizes.index(max(sizes))
         sizes[i:i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
     return sizes
