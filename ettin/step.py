@@ -72,8 +72,9 @@ class TrainStep:
         self.gradient_sync = gradient_sync
         self.backward = backward
         self.forward_context = forward_context
-        # Set on the device when a step's loss is not finite; read (a host sync) only by check_finite.
-        self.nonfinite = torch.zeros((), dtype=torch.bool)
+        # On the device: whether any step's loss or gradient was not finite; read (a host sync) only
+        # by check_finite. None before the first step.
+        self.nonfinite: Optional[torch.Tensor] = None
 
     def lr_at(self, tokens_before: int) -> float:
         """The LR of the step that starts after ``tokens_before`` tokens of the phase."""
@@ -106,9 +107,10 @@ class TrainStep:
 
         norm = grad_norm(p for g in self.optimizer.param_groups for p in g["params"]) \
             if with_grad_norm else None
-        self.nonfinite = self.nonfinite.to(device) | ~torch.isfinite(loss_sum)
+        bad = ~torch.isfinite(loss_sum)
         if norm is not None:
-            self.nonfinite |= ~torch.isfinite(norm)
+            bad |= ~torch.isfinite(norm)
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_sum, correct, local_targets, global_targets, lr, norm)
@@ -123,6 +125,8 @@ class TrainStep:
     def check_finite(self, where: str) -> None:
         """Raise :class:`NonFiniteLossError` if any step since the start was not finite (a host sync:
         called at log steps and before every checkpoint)."""
+        if self.nonfinite is None:  # no step yet, on every rank alike
+            return
         flag = self.nonfinite.float()
         if self.world_size > 1:  # every rank stops at the same step
             flag = self.sum_over_ranks(flag)
