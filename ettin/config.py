@@ -148,11 +148,15 @@ SIZES: dict[str, Size] = {
 }
 
 
-def size_value(size: str, field: str):
-    """A training value of the size table, e.g. ``size_value("1b", "micro_batch.extension")``."""
+def size_row(size: str) -> Size:
     if size not in SIZES:
         raise KeyError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
-    value = SIZES[size]
+    return SIZES[size]
+
+
+def size_value(size: str, field: str):
+    """A training value of the size table, e.g. ``size_value("1b", "micro_batch.extension")``."""
+    value = size_row(size)
     for part in field.split("."):
         if not hasattr(value, part) or callable(getattr(value, part)):
             names = ", ".join(f.name for f in fields(value))
@@ -164,9 +168,8 @@ def size_value(size: str, field: str):
 
 def model_config(size: str, **overrides) -> ModelConfig:
     """The ModelConfig of a named size, with any field overridden."""
-    if size not in SIZES:
-        raise KeyError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    row = size_row(size)
     unknown = set(overrides) - {f.name for f in fields(ModelConfig)}
     if unknown:
         raise TypeError(f"unknown ModelConfig field(s): {', '.join(sorted(unknown))}")
-    return replace(ModelConfig(**SIZES[size].shape()), **overrides)
+    return replace(ModelConfig(**row.shape()), **overrides)

@@ -62,20 +62,21 @@ def pair_run(workspace) -> str:
     return out.getvalue()
 
 
-@pytest.fixture(scope="session")
-def phases_run(workspace):
-    cfg = compose("smoke", run_args(workspace, "phases", "pair=false", "objective=clm",
-                                    "export_at_phase_end=true"))
+def trained(workspace: Path, name: str, *extra: str):
+    """The config of a smoke run (one model) with the SHORT settings and ``extra``, after training it."""
+    cfg = compose("smoke", run_args(workspace, name, "pair=false", *extra))
     train(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def phases_run(workspace):
+    return trained(workspace, "phases", "objective=clm", "export_at_phase_end=true")
 
 
 @pytest.fixture(scope="session")
 def straight_run(workspace):
-    cfg = compose("smoke", run_args(workspace, "straight", "phase_order=[pretrain]", "objective=mlm",
-                                    "pair=false"))
-    train(cfg)
-    return cfg
+    return trained(workspace, "straight", "phase_order=[pretrain]", "objective=mlm")
 
 
 def test_default_run_trains_and_exports_a_pair(workspace, pair_run):
@@ -149,10 +150,8 @@ def test_phase_transition_keeps_weights_and_resets_the_clock(phases_run):
 
 def test_single_phase_from_another_runs_checkpoint(workspace, phases_run):
     source = phases_run.run_dir
-    cfg = compose("smoke", run_args(workspace, "ext-only", "pair=false", "objective=clm",
-                                    "phase=extension", f"init={source}"))
-    final = train(cfg)
-    assert read_meta(final)["phase"] == "extension"
+    cfg = trained(workspace, "ext-only", "objective=clm", "phase=extension", f"init={source}")
+    assert read_meta(latest_checkpoint(cfg.run_dir))["phase"] == "extension"
 
 
 @pytest.mark.parametrize("recipe, init_run, objective", [
@@ -180,10 +179,8 @@ def test_training_starts_from_a_hugging_face_folder(workspace, pair_run):
     with a fresh optimizer that warms up (the phase has no warmup of its own) and decays weights
     relative to the recipe's peak LR."""
     exported = workspace / "runs" / "pair-decoder" / "hf"
-    cfg = compose("smoke", run_args(workspace, "from-hf", "pair=false", "objective=clm", "phase=decay",
-                                    f"init={exported}"))
-    final = train(cfg)
-    assert read_meta(final)["phase_end"]
+    cfg = trained(workspace, "from-hf", "objective=clm", "phase=decay", f"init={exported}")
+    assert read_meta(latest_checkpoint(cfg.run_dir))["phase_end"]
     assert "initialised from Hugging Face model" in (cfg.run_dir / "train.log").read_text()
     scratch = losses(workspace / "runs" / "pair-decoder", "pretrain")[0][1]
     assert losses(cfg.run_dir, "decay")[0][1] < scratch - 1.0  # it starts from the trained weights
@@ -200,10 +197,6 @@ def test_packed_micro_batches_train_as_rows_do(workspace, monkeypatch):
     off; only the order of floating-point sums differs)."""
     runs = {}
     for pack in (False, True):
-        cfg = compose("smoke", run_args(workspace, f"pack-{pack}", "pair=false", "objective=clm",
-                                        "phase_order=[pretrain]", "phases.pretrain.tokens=20_000",
-                                        "trainer.log_every_steps=1", "model.attention_output_dropout=0.0",
-                                        "phases.pretrain.micro_batch=2", f"pack_micro_batches={pack}"))
         rows = []
         original = EttinModule.training_step
 
@@ -212,10 +205,13 @@ def test_packed_micro_batches_train_as_rows_do(workspace, monkeypatch):
             return original(self, batch, batch_idx)
 
         monkeypatch.setattr(EttinModule, "training_step", record)
-        final = train(cfg)
+        cfg = trained(workspace, f"pack-{pack}", "objective=clm", "phase_order=[pretrain]",
+                      "phases.pretrain.tokens=20_000", "trainer.log_every_steps=1",
+                      "model.attention_output_dropout=0.0", "phases.pretrain.micro_batch=2",
+                      f"pack_micro_batches={pack}")
         monkeypatch.undo()
         micro_batch = cfg.phases["pretrain"].micro_batch
-        assert read_meta(final)["tokens"] >= 20_000
+        assert read_meta(latest_checkpoint(cfg.run_dir))["tokens"] >= 20_000
         assert (max(rows) > micro_batch) == pack and max(rows) >= micro_batch
         runs[pack] = losses(cfg.run_dir, "pretrain")
         assert ("packed micro-batches of up to" in (cfg.run_dir / "train.log").read_text()) == pack
@@ -278,11 +274,9 @@ def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch)
     build_trainer = ettin_train.build_trainer
     monkeypatch.setattr(ettin_train, "build_trainer", lambda cfg, phase, callbacks, loggers: build_trainer(
         cfg, phase, callbacks=[Record(), *callbacks], loggers=loggers))
-    cfg = compose("smoke", run_args(workspace, "host-syncs", "pair=false", "phase_order=[pretrain]",
-                                    "phases.pretrain.tokens=30_000", "trainer.log_every_steps=4",
-                                    "trainer.num_workers=1", "phases.pretrain.val_every_tokens=0",
-                                    "phases.pretrain.checkpoint_every_tokens=0"))
-    train(cfg)
+    trained(workspace, "host-syncs", "phase_order=[pretrain]", "phases.pretrain.tokens=30_000",
+            "trainer.log_every_steps=4", "trainer.num_workers=1", "phases.pretrain.val_every_tokens=0",
+            "phases.pretrain.checkpoint_every_tokens=0")
     monkeypatch.undo()
     assert len(found) >= 16
     for step, syncs in found.items():
