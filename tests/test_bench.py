@@ -235,12 +235,25 @@ def test_gpu_bench_skips_what_does_not_fit_the_budget_and_says_so(small_corpus, 
     assert "skipped: tiny@128 mlm rows   ours sdpa: time budget" in capsys.readouterr().out
 
 
-def test_gpu_bench_only_runs_the_matching_cases(small_corpus, tmp_path, capsys):
+def test_gpu_bench_only_runs_the_matching_cases(small_corpus, tmp_path, capsys, monkeypatch):
+    """...and times our side through training's own TrainStep."""
+    from ettin import bench_gpu
+    from ettin.step import TrainStep
+
+    steps = []
+
+    class CountedStep(TrainStep):
+        def __call__(self, *args, **kwargs):
+            steps.append(1)
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(bench_gpu, "TrainStep", CountedStep)
     out_file = tmp_path / "gpu.json"
     assert bench.main(["gpu", "--device", "cpu", "--quick", "--only", r"tiny@128 clm (rows|packed) +ours sdpa$",
                        "--json", str(out_file)]) == 0
     report = json.loads(out_file.read_text())
     assert [r["case"] for r in report["results"]] == ["tiny@128 clm rows   ours sdpa", "tiny@128 clm packed ours sdpa"]
+    assert len(steps) > sum(r["timed_steps"] for r in report["results"])  # timed, plus warm-up and sync count
     with pytest.raises(SystemExit):
         bench.main(["gpu", "--device", "cpu", "--only", "no such case"])
     assert "--only 'no such case' matches no case" in capsys.readouterr().err

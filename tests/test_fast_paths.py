@@ -222,6 +222,16 @@ def test_a_training_step_on_collated_input_never_syncs(objective, causal, attn, 
     assert "nonzero" in syncs.found and "_local_scalar_dense" in syncs.found
 
 
+def test_host_syncs_sees_tensors_made_from_host_data():
+    """On a GPU torch.tensor(x, device=...) copies from pageable memory and waits for the queue."""
+    with HostSyncs() as syncs:
+        torch.full((), 3.0)
+    assert syncs.found == []
+    with HostSyncs() as syncs:
+        torch.tensor(3.0)
+    assert syncs.found == ["lift_fresh"]
+
+
 def test_sdpa_band_path_is_taken_by_the_long_batch():
     model = tiny_model()
     long = CLMCollator(IDS, vocab_size=VOCAB)([(0, np.arange(5, 85)), (1, np.arange(5, 45))])

@@ -103,6 +103,31 @@ def test_check_topology_compares_the_world_with_the_config(monkeypatch, capsys):
         check_topology(8, devices_per_node=8)
 
 
+def test_ranks_agree_on_a_preemption_signal_over_a_cpu_group(monkeypatch):
+    """After every step: an all-reduce of one CPU integer over a gloo group made at setup with the run's
+    timeout; not Lightning's reduce_boolean_decision, whose barrier and read wait for the GPU."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    made, reduced = [], []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.append(kwargs) or "cpu-group")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group: made.remove(made[0]))
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, group: reduced.append((tensor.device.type, group))
+                        or tensor.add_(1))  # the other rank was signalled
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(
+        reduce_boolean_decision=lambda *a, **k: pytest.fail("a barrier and a GPU read at every step")))
+    handler = preemption.PreemptionHandler(save_fn=lambda trainer: None, timeout=timedelta(seconds=7))
+    handler.setup(trainer, None, "fit")
+    assert made == [{"backend": "gloo", "timeout": timedelta(seconds=7)}]
+    assert handler._any_rank_signalled(trainer) is True
+    assert reduced == [("cpu", "cpu-group")]
+    handler.teardown(trainer, None, "fit")
+    assert made == []
+
+
 def test_preemption_without_slurm_saves_at_a_step_boundary_and_stops(tmp_path, monkeypatch):
     """In one process: the signal arrives inside step 3; the save happens after that step."""
     import lightning as L
