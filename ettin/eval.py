@@ -58,9 +58,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="fine-tuning learning rate(s) for classification; several = a sweep")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ettin.evaluation import EvalError, FinetuneSettings, evaluate
-    from ettin.export import ExportError
-    from ettin.hub import HubError
+    from ettin.evaluation.models import EvalError
+    from ettin.evaluation.runners import FinetuneSettings
+    from ettin.evaluation import evaluate
+    from ettin.model.export import ExportError
+    from ettin.model.hub import HubError
 
     finetune = FinetuneSettings()
     if args.learning_rates:

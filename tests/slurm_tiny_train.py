@@ -1,9 +1,9 @@
-"""A tiny Lightning training for tests/test_slurm.py, independent of ettin.train.
+"""A tiny Lightning training for tests/test_slurm.py, independent of ettin.train.run.
 
     python tests/slurm_tiny_train.py RUN_DIR --steps N [--step-sleep S] [--die-rank R --die-at-step K]
         [--hang-rank R --hang-at-step K] [--timeout-s T]
 
-It uses the same pieces as ettin.train under SLURM: ``check_topology``, SLURMEnvironment without
+It uses the same pieces as ettin.train.run under SLURM: ``check_topology``, SLURMEnvironment without
 Lightning's auto-requeue, DDP over gloo with a collective timeout, and ``PreemptionHandler`` with a
 checkpoint save of its own. Step k trains a linear model on a batch that is a function of k only, so
 an interrupted-and-resumed run must end with exactly the weights of a straight one
@@ -64,8 +64,8 @@ def main() -> int:
     p.add_argument("--timeout-s", type=float, default=60.0)
     args = p.parse_args()
 
-    from ettin import preemption
-    from ettin.launch import check_topology
+    from ettin.train import preemption
+    from ettin.train.topology import check_topology
 
     preemption.install()  # first thing: a SIGUSR1 during start-up must not kill the process
 

@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
-from ettin import bench
-from ettin.config import model_config
-from ettin.model import IGNORE_INDEX
+from ettin.bench import __main__ as bench_cli
+from ettin.bench import model as bench
+from ettin.model.config import model_config
+from ettin.model.modernbert import IGNORE_INDEX
 
 # 160 tokens > 2 * 64 + 1: the sliding-window layers mask something, so the loss check covers them.
 TINY = ["--device", "cpu", "--size", "tiny", "--batch", "3", "--seq-len", "160", "--steps", "1",
@@ -24,7 +25,7 @@ PEERS = {"mlm": "ModernBertForMaskedLM", "clm": "ModernBertDecoderForCausalLM"}
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_model_bench_prints_the_ratio_and_the_loss_agreement(objective, tmp_path, capsys):
     out_file = tmp_path / "result.json"
-    assert bench.main(["model", *TINY, "--objective", objective, "--json", str(out_file)]) == 0
+    assert bench_cli.main(["model", *TINY, "--objective", objective, "--json", str(out_file)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^ratio ours/transformers: \d+\.\d\dx tokens/s$", out, re.M), out
     assert re.search(r"^loss check \(fp32, same weights, same batch\): .* -> agree ", out, re.M), out
@@ -80,7 +81,7 @@ def test_a_peer_with_different_weights_is_refused_before_timing(monkeypatch, cap
         return peer
 
     monkeypatch.setattr(bench, "peer_model", perturbed_peer)
-    assert bench.main(["model", *TINY]) == 1
+    assert bench_cli.main(["model", *TINY]) == 1
     captured = capsys.readouterr()
     assert "losses disagree" in captured.err
     assert "ratio ours/transformers" not in captured.out
@@ -122,14 +123,14 @@ def test_clm_batch_labels_are_the_next_real_token():
 
 
 def test_flex_on_cpu_is_a_clear_error(capsys):
-    assert bench.main(["model", *TINY, "--attn", "flex"]) == 1
+    assert bench_cli.main(["model", *TINY, "--attn", "flex"]) == 1
     assert "no backward pass on CPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, problem", [([], "a subcommand is required"),
                                            (["train"], "unknown subcommand 'train'")])
 def test_missing_or_unknown_subcommand_lists_the_subcommands(argv, problem, capsys):
-    assert bench.main(argv) == 2
+    assert bench_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert problem in err
     assert "choose one of: model, data, gpu" in err
@@ -144,10 +145,10 @@ def test_module_entry_point_without_subcommand_exits_with_usage():
 
 def test_data_subcommand_is_the_data_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["data", "--help"])
+        bench_cli.main(["data", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "python -m ettin.data.bench" in out and "--repeat" in out
+    assert "python -m ettin.bench data" in out and "--repeat" in out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def test_data_subcommand_is_the_data_benchmark(capsys):
 def small_corpus(monkeypatch):
     """A few hundred generated documents instead of parsing the standard library (the logic is the
     same, and the test stays in seconds); some are longer than the 512-token shape."""
-    from ettin import bench_gpu
+    from ettin.bench import gpu as bench_gpu
 
     generator = torch.Generator().manual_seed(0)
     words = [f"w{i}" for i in range(300)]
@@ -171,10 +172,10 @@ def small_corpus(monkeypatch):
 
 
 def test_gpu_bench_quick_on_cpu_measures_every_planned_case(small_corpus, tmp_path, capsys):
-    from ettin import bench_gpu
+    from ettin.bench import gpu as bench_gpu
 
     out_file = tmp_path / "gpu.json"
-    assert bench.main(["gpu", "--device", "cpu", "--quick", "--json", str(out_file)]) == 0
+    assert bench_cli.main(["gpu", "--device", "cpu", "--quick", "--json", str(out_file)]) == 0
     out = capsys.readouterr().out
     report = json.loads(out_file.read_text())
     planned = bench_gpu.plan("cpu", True, ["sdpa"])
@@ -224,10 +225,10 @@ def test_gpu_bench_quick_on_cpu_measures_every_planned_case(small_corpus, tmp_pa
 
 
 def test_gpu_bench_skips_what_does_not_fit_the_budget_and_says_so(small_corpus, tmp_path, capsys):
-    from ettin import bench_gpu
+    from ettin.bench import gpu as bench_gpu
 
     out_file = tmp_path / "gpu.json"
-    assert bench.main(["gpu", "--device", "cpu", "--quick", "--budget-s", "0", "--json", str(out_file)]) == 1
+    assert bench_cli.main(["gpu", "--device", "cpu", "--quick", "--budget-s", "0", "--json", str(out_file)]) == 1
     report = json.loads(out_file.read_text())
     assert report["results"] == []
     budget = [s for s in report["skipped"] if s["reason"].startswith("time budget: needs ~")]
@@ -237,8 +238,8 @@ def test_gpu_bench_skips_what_does_not_fit_the_budget_and_says_so(small_corpus, 
 
 def test_gpu_bench_only_runs_the_matching_cases(small_corpus, tmp_path, capsys, monkeypatch):
     """...and times our side through training's own TrainStep."""
-    from ettin import bench_gpu
-    from ettin.step import TrainStep
+    from ettin.bench import gpu as bench_gpu
+    from ettin.train.step import TrainStep
 
     steps = []
 
@@ -249,18 +250,18 @@ def test_gpu_bench_only_runs_the_matching_cases(small_corpus, tmp_path, capsys, 
 
     monkeypatch.setattr(bench_gpu, "TrainStep", CountedStep)
     out_file = tmp_path / "gpu.json"
-    assert bench.main(["gpu", "--device", "cpu", "--quick", "--only", r"tiny@128 clm (rows|packed) +ours sdpa$",
+    assert bench_cli.main(["gpu", "--device", "cpu", "--quick", "--only", r"tiny@128 clm (rows|packed) +ours sdpa$",
                        "--json", str(out_file)]) == 0
     report = json.loads(out_file.read_text())
     assert [r["case"] for r in report["results"]] == ["tiny@128 clm rows   ours sdpa", "tiny@128 clm packed ours sdpa"]
     assert len(steps) > sum(r["timed_steps"] for r in report["results"])  # timed, plus warm-up and sync count
     with pytest.raises(SystemExit):
-        bench.main(["gpu", "--device", "cpu", "--only", "no such case"])
+        bench_cli.main(["gpu", "--device", "cpu", "--only", "no such case"])
     assert "--only 'no such case' matches no case" in capsys.readouterr().err
 
 
 def test_packed_micro_batches_hold_whole_rows_up_to_the_budget():
-    from ettin.bench_gpu import Shape, micro_batch_rows
+    from ettin.bench.gpu import Shape, micro_batch_rows
 
     rows = [(i, torch.ones(n, dtype=torch.long).numpy()) for i, n in enumerate([100, 30, 128, 5, 60, 90, 128, 7] * 4)]
     shape = Shape("tiny", 128, 2)
@@ -274,7 +275,7 @@ def test_packed_micro_batches_hold_whole_rows_up_to_the_budget():
 
 def test_the_bench_imports_nothing_the_gpu_machine_lacks():
     """The GPU machine has torch, transformers and their dependencies only."""
-    code = ("import sys, ettin.bench, ettin.bench_gpu; "
+    code = ("import sys, ettin.bench.model, ettin.bench.gpu; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'hydra', 'omegaconf', 'streaming', 'lightning', 'lightning_fabric', 'pytorch_lightning', 'datasets'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

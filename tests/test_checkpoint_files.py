@@ -12,18 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ettin.checkpoint import (
-    COMPLETE,
-    Checkpointer,
-    checkpoints_dir,
-    latest_checkpoint,
-    list_checkpoints,
-    load_weights,
-    prune_checkpoints,
-    read_meta,
-    safe_torch_load,
-    write_checkpoint,
-)
+from ettin.store.checkpoints import COMPLETE, checkpoint_name
+from ettin.train.checkpoint import Checkpointer
+from ettin.store.checkpoints import checkpoints_dir, latest_checkpoint, list_checkpoints, load_weights, prune_checkpoints, read_meta, safe_torch_load, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +30,7 @@ def _write_files(payload: str = "x"):
 
 
 def _save(run_dir, step, tokens, **meta):
-    return write_checkpoint(run_dir, Checkpointer.name("pretrain", step, tokens), _write_files(f"{step}"),
+    return write_checkpoint(run_dir, checkpoint_name("pretrain", step, tokens), _write_files(f"{step}"),
                             {"step": step, "tokens": tokens, **meta})
 
 
@@ -63,11 +54,11 @@ def test_latest_is_highest_phase_then_tokens_then_step(tmp_path):
     c = _save(tmp_path, 15, 7_000)  # written last but not the latest
     assert list_checkpoints(tmp_path) == [a, c, b] and latest_checkpoint(tmp_path) == b
     # The token clock restarts with each phase: a later phase is later whatever its tokens.
-    d = write_checkpoint(tmp_path, Checkpointer.name("extension", 1, 100), _write_files(),
+    d = write_checkpoint(tmp_path, checkpoint_name("extension", 1, 100), _write_files(),
                          {"step": 1, "tokens": 100, "phase_index": 1})
     assert latest_checkpoint(tmp_path) == d
     # Same tokens, higher step wins.
-    e = write_checkpoint(tmp_path, Checkpointer.name("extension", 2, 100), _write_files(),
+    e = write_checkpoint(tmp_path, checkpoint_name("extension", 2, 100), _write_files(),
                          {"step": 2, "tokens": 100, "phase_index": 1})
     assert latest_checkpoint(tmp_path) == e
 
@@ -75,11 +66,11 @@ def test_latest_is_highest_phase_then_tokens_then_step(tmp_path):
 def test_temp_and_incomplete_directories_are_ignored(tmp_path):
     good = _save(tmp_path, 1, 100)
     root = checkpoints_dir(tmp_path)
-    (root / ".tmp-step-0000009-tok-000000009000-123").mkdir()
-    incomplete = root / Checkpointer.name("pretrain", 5, 5_000)
+    (root / ".step-0000009-tok-000000009000.tmp-123").mkdir()
+    incomplete = root / checkpoint_name("pretrain", 5, 5_000)
     incomplete.mkdir()
     (incomplete / "meta.json").write_text(json.dumps({"step": 5, "tokens": 5_000}))
-    broken = root / Checkpointer.name("pretrain", 6, 6_000)
+    broken = root / checkpoint_name("pretrain", 6, 6_000)
     broken.mkdir()
     (broken / "meta.json").write_text("{not json")
     (broken / COMPLETE).write_text("")
@@ -94,7 +85,7 @@ def test_exception_in_write_fn_keeps_the_previous_checkpoint(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        write_checkpoint(tmp_path, Checkpointer.name("pretrain", 2, 200), failing, {"step": 2, "tokens": 200})
+        write_checkpoint(tmp_path, checkpoint_name("pretrain", 2, 200), failing, {"step": 2, "tokens": 200})
     assert latest_checkpoint(tmp_path) == previous
     assert sorted(p.name for p in checkpoints_dir(tmp_path).iterdir()) == [previous.name]
 
@@ -105,7 +96,7 @@ def _run_child(run_dir: Path, body: str) -> int:
         import os, sys
         from pathlib import Path
         sys.path.insert(0, {str(REPO)!r})
-        import ettin.checkpoint as ck
+        import ettin.store.checkpoints as ck
         run_dir = Path({str(run_dir)!r})
         """
     ) + textwrap.dedent(body)
@@ -118,18 +109,18 @@ def test_a_process_killed_inside_write_fn_leaves_the_previous_checkpoint(tmp_pat
         def write(directory):
             (directory / "model.safetensors").write_bytes(b"half of it")
             os._exit(9)  # killed mid-write: no cleanup, no exception handlers
-        ck.write_checkpoint(run_dir, ck.Checkpointer.name("pretrain", 2, 200), write, {"step": 2, "tokens": 200})
+        ck.write_checkpoint(run_dir, ck.checkpoint_name("pretrain", 2, 200), write, {"step": 2, "tokens": 200})
     """)
     assert code == 9
     root = checkpoints_dir(tmp_path)
-    leftovers = [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith(".")]
     assert len(leftovers) == 1  # the half-written temp directory ...
     assert latest_checkpoint(tmp_path) == previous  # ... is never taken for a checkpoint
     assert list_checkpoints(tmp_path) == [previous]
     # The next write cleans it up.
     nxt = _save(tmp_path, 3, 300)
     assert latest_checkpoint(tmp_path) == nxt
-    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
 
 
 def test_a_process_killed_after_complete_but_before_the_rename(tmp_path):
@@ -138,12 +129,12 @@ def test_a_process_killed_after_complete_but_before_the_rename(tmp_path):
         real = os.replace
         def dying_replace(src, dst):
             os._exit(9)
-        ck.os.replace = dying_replace
-        ck.write_checkpoint(run_dir, ck.Checkpointer.name("pretrain", 2, 200), lambda d: (d / "w").write_text("w"),
+        os.replace = dying_replace
+        ck.write_checkpoint(run_dir, ck.checkpoint_name("pretrain", 2, 200), lambda d: (d / "w").write_text("w"),
                             {"step": 2, "tokens": 200})
     """)
     assert code == 9
-    temps = [p for p in checkpoints_dir(tmp_path).iterdir() if p.name.startswith(".tmp-")]
+    temps = [p for p in checkpoints_dir(tmp_path).iterdir() if p.name.startswith(".")]
     assert len(temps) == 1 and (temps[0] / COMPLETE).exists()  # whole, but never renamed
     assert latest_checkpoint(tmp_path) == previous
 
@@ -158,20 +149,20 @@ def test_a_process_killed_while_replacing_a_same_named_checkpoint(tmp_path):
             if len(calls) == 2:  # the old one has been moved aside; the new one not yet in place
                 os._exit(9)
             real(src, dst)
-        ck.os.replace = dying_replace
-        ck.write_checkpoint(run_dir, ck.Checkpointer.name("pretrain", 2, 200), lambda d: (d / "w").write_text("new"),
+        os.replace = dying_replace
+        ck.write_checkpoint(run_dir, ck.checkpoint_name("pretrain", 2, 200), lambda d: (d / "w").write_text("new"),
                             {"step": 2, "tokens": 200, "phase_end": True})
     """)
     assert code == 9
     # The next write puts the moved-aside checkpoint back before cleaning up.
     _save(tmp_path, 3, 300)
     assert first.is_dir() and (first / "data.txt").read_text() == "2"
-    assert [p.name for p in list_checkpoints(tmp_path)] == [first.name, Checkpointer.name("pretrain", 3, 300)]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [first.name, checkpoint_name("pretrain", 3, 300)]
 
 
 def test_saving_the_same_name_again_replaces_it(tmp_path):
     _save(tmp_path, 2, 200)
-    path = write_checkpoint(tmp_path, Checkpointer.name("pretrain", 2, 200), _write_files("again"),
+    path = write_checkpoint(tmp_path, checkpoint_name("pretrain", 2, 200), _write_files("again"),
                             {"step": 2, "tokens": 200, "phase_end": True})
     assert (path / "data.txt").read_text() == "again" and read_meta(path)["phase_end"] is True
     assert [p.name for p in checkpoints_dir(tmp_path).iterdir()] == [path.name]
@@ -206,7 +197,7 @@ def test_prune_keeps_the_last_n_and_phase_ends(tmp_path):
 def test_prune_leaves_temp_and_incomplete_directories_alone(tmp_path):
     for s in range(1, 4):
         _save(tmp_path, s, s * 100)
-    temp = checkpoints_dir(tmp_path) / ".tmp-writing-1"
+    temp = checkpoints_dir(tmp_path) / ".writing.tmp-1"
     temp.mkdir()
     prune_checkpoints(tmp_path, keep_last=1, keep=lambda meta: False)
     assert temp.is_dir() and [read_meta(p)["step"] for p in list_checkpoints(tmp_path)] == [3]
@@ -232,10 +223,10 @@ def test_load_weights_through_safetensors_fills_in_the_tied_weight(tmp_path):
 
 
 def test_load_weights_of_a_modernbert_saved_with_save_model(tmp_path):
-    model_module = pytest.importorskip("ettin.model")
+    model_module = pytest.importorskip("ettin.model.modernbert")
     from safetensors.torch import save_model
 
-    from ettin.config import model_config
+    from ettin.model.config import model_config
 
     model = model_module.ModernBert(model_config("tiny", vocab_size=128))
     save_model(model, str(tmp_path / "model.safetensors"))

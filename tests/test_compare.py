@@ -1,4 +1,4 @@
-"""python -m ettin.compare and ettin.analysis on run directories written by hand (no training).
+"""python -m ettin.compare and ettin.report.runs on run directories written by hand (no training).
 
 The reference for the sample order is the training loader itself (``StepBatches`` iterated the way
 training iterates it, its micro-batches read back): the report's replay (``plan()`` and the keyed
@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from data_fixtures import build_tiny_prepared, data_root, tiny_prepared, tiny_tokenizer  # noqa: F401
-from ettin import analysis
-from ettin.compare import default_out_dir, main, write_report
+from ettin.report import identity, runs, scores
+from ettin.report.cli import default_out_dir, main, write_report
 from ettin.data.loader import StepBatches
 
 BATCH = 4
@@ -37,7 +37,7 @@ def loader_steps(prepared: Path, *, seed: int, phase: str, steps: int) -> list[d
 def make_run(root: Path, name: str, prepared: Path, *, objective: str = "mlm", seed: int = 21,
              loader_seed: int | None = None, val_tokens: bool = False, bad_samples: bool = False,
              steps: dict = STEPS) -> Path:
-    """A run directory as ettin.train writes it: config.yaml, metrics.csv per phase (a train row per
+    """A run directory as ettin.train.run writes it: config.yaml, metrics.csv per phase (a train row per
     step and a validation row at the end) and a phase-end checkpoint meta per phase."""
     run = root / name
     phases = list(steps)
@@ -64,10 +64,10 @@ def make_run(root: Path, name: str, prepared: Path, *, objective: str = "mlm", s
             writer.writeheader()
             for step, batch in enumerate(batches):
                 writer.writerow({"step": step, "train/loss": 5.0 - step / 10, "train/lr": 1e-3,
-                                 "train/tokens": batch["state"].tokens,
-                                 "train/global_batch": batch["global_batch"],
+                                 "train/tokens": batch.state.tokens,
+                                 "train/global_batch": batch.global_batch,
                                  "perf/tokens_per_s_per_device": 1000.0})
-            last = batches[-1]["state"]
+            last = batches[-1].state
             writer.writerow({"step": len(batches) - 1, "val/loss": 4.5,
                              **({"val/tokens": last.tokens} if val_tokens else {})})
         samples = last.samples + (1 if bad_samples else 0)
@@ -101,10 +101,10 @@ def evaluation(names_kinds: dict, scores: dict) -> dict:
 
 
 def test_a_pair_on_the_same_data_is_identical_everywhere(tmp_path, tiny_prepared):
-    a = analysis.load_run(make_run(tmp_path, "p-encoder", tiny_prepared))
-    b = analysis.load_run(make_run(tmp_path, "p-decoder", tiny_prepared, objective="clm"))
-    checks = analysis.identity_checks(a, b)
-    assert {c.status for c in checks} == {"identical"}, analysis.checks_table(checks).to_string()
+    a = runs.load_run(make_run(tmp_path, "p-encoder", tiny_prepared))
+    b = runs.load_run(make_run(tmp_path, "p-decoder", tiny_prepared, objective="clm"))
+    checks = identity.identity_checks(a, b)
+    assert {c.status for c in checks} == {"identical"}, identity.checks_table(checks).to_string()
     assert {c.name for c in checks} >= {"seed", "sequence length", "global batch", "token budget",
                                         "data sources (path, weight)", "prepared data fingerprint",
                                         "tokens seen", "sample order", "replay vs the run's own records"}
@@ -113,36 +113,36 @@ def test_a_pair_on_the_same_data_is_identical_everywhere(tmp_path, tiny_prepared
 
 
 def test_the_replay_digests_exactly_the_token_ids_training_reads(tmp_path, tiny_prepared):
-    run = analysis.load_run(make_run(tmp_path, "r", tiny_prepared))
-    replayed = analysis.replay(run, "pretrain")
+    run = runs.load_run(make_run(tmp_path, "r", tiny_prepared))
+    replayed = identity.replay(run, "pretrain")
     for (batch, step_tokens, digest), step in zip(replayed.steps, loader_steps(
             tiny_prepared, seed=21, phase="pretrain", steps=6)):
         h = hashlib.blake2b(digest_size=12)
-        rows = [tokens for micro in step["micro_batches"] for _, tokens in micro]
+        rows = [tokens for micro in step.micro_batches for _, tokens in micro]
         for tokens in rows:
             h.update(np.asarray(tokens, dtype=np.int64).tobytes())
-        assert (batch, step_tokens, digest) == (step["global_batch"], step["step_tokens"], h.hexdigest())
+        assert (batch, step_tokens, digest) == (step.global_batch, step.step_tokens, h.hexdigest())
     assert len(replayed.steps) == 6
 
 
 def test_another_seed_shows_as_a_different_seed_and_sample_order(tmp_path, tiny_prepared):
-    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
-    b = analysis.load_run(make_run(tmp_path, "b", tiny_prepared, seed=22))
-    checks = analysis.identity_checks(a, b)
+    a = runs.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = runs.load_run(make_run(tmp_path, "b", tiny_prepared, seed=22))
+    checks = identity.identity_checks(a, b)
     assert statuses(checks, "seed") == {"": "differs"}
     assert statuses(checks, "sample order") == {"pretrain": "differs", "decay": "differs"}
     # Each run's replay still reproduces what that run recorded.
     assert statuses(checks, "replay vs the run's own records") == {"pretrain": "identical",
                                                                    "decay": "identical"}
-    row = analysis.checks_table(checks).query("check == 'seed'").iloc[0]
+    row = identity.checks_table(checks).query("check == 'seed'").iloc[0]
     assert (row["A"], row["B"]) == ("21", "22")
 
 
 def test_other_data_shows_as_a_different_fingerprint_and_order(tmp_path, data_root, tiny_prepared):
     other = build_tiny_prepared(data_root, "tiny-prepared-other-split", seed=5)
-    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
-    b = analysis.load_run(make_run(tmp_path, "b", other))
-    checks = analysis.identity_checks(a, b)
+    a = runs.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = runs.load_run(make_run(tmp_path, "b", other))
+    checks = identity.identity_checks(a, b)
     assert statuses(checks, "data sources (path, weight)")["pretrain"] == "differs"
     assert statuses(checks, "prepared data fingerprint")["pretrain"] == "differs"
     assert statuses(checks, "sample order")["pretrain"] == "differs"
@@ -150,60 +150,60 @@ def test_other_data_shows_as_a_different_fingerprint_and_order(tmp_path, data_ro
 
 def test_a_run_whose_records_disagree_with_the_replay_is_caught(tmp_path, tiny_prepared):
     # Trained on seed 7 but config.yaml says 21: the replay (seed 21) misses its logged token clock.
-    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
-    b = analysis.load_run(make_run(tmp_path, "b", tiny_prepared, loader_seed=7))
-    assert statuses(analysis.identity_checks(a, b), "replay vs the run's own records")["pretrain"] == "differs"
-    c = analysis.load_run(make_run(tmp_path, "c", tiny_prepared, bad_samples=True))
-    checks = analysis.identity_checks(a, c)
+    a = runs.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = runs.load_run(make_run(tmp_path, "b", tiny_prepared, loader_seed=7))
+    assert statuses(identity.identity_checks(a, b), "replay vs the run's own records")["pretrain"] == "differs"
+    c = runs.load_run(make_run(tmp_path, "c", tiny_prepared, bad_samples=True))
+    checks = identity.identity_checks(a, c)
     assert statuses(checks, "replay vs the run's own records")["pretrain"] == "differs"
     assert statuses(checks, "tokens seen")["pretrain"] == "differs"
 
 
 def test_a_bounded_replay_says_how_much_it_compared(tmp_path, tiny_prepared):
-    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
-    b = analysis.load_run(make_run(tmp_path, "b", tiny_prepared))
-    checks = analysis.order_checks(a, b, "pretrain", max_steps=2, spread_positions=5)
+    a = runs.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = runs.load_run(make_run(tmp_path, "b", tiny_prepared))
+    checks = identity.order_checks(a, b, "pretrain", max_steps=2, spread_positions=5)
     assert checks[0].status == "identical"
     assert "2 of 6 steps compared" in checks[0].how and "5 sample positions" in checks[0].how
     assert "first 2 of 6 steps replayed" in checks[1].a
     # A sample budget bounds the replay too: steps are replayed until it is reached.
-    bounded = analysis.replay(a, "pretrain", max_samples=BATCH + 1, spread_positions=3)
+    bounded = identity.replay(a, "pretrain", max_samples=BATCH + 1, spread_positions=3)
     assert len(bounded.steps) == 2 and len(bounded.spread) == 3
 
 
 def test_missing_data_is_not_recorded_rather_than_identical(tmp_path, tiny_prepared):
-    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
-    b = analysis.load_run(make_run(tmp_path, "b", tiny_prepared))
+    a = runs.load_run(make_run(tmp_path, "a", tiny_prepared))
+    b = runs.load_run(make_run(tmp_path, "b", tiny_prepared))
     config = yaml.safe_load((b.path / "config.yaml").read_text())
     config["data"]["decay"] = [{"path": str(tmp_path / "gone"), "weight": 1.0}]
     (b.path / "config.yaml").write_text(yaml.safe_dump(config))
-    checks = analysis.identity_checks(a, analysis.load_run(b.path))
+    checks = identity.identity_checks(a, runs.load_run(b.path))
     assert statuses(checks, "prepared data fingerprint")["decay"] == "not recorded"
     assert statuses(checks, "sample order")["decay"] == "not recorded"
 
 
 def test_recorded_data_in_the_checkpoint_meta_is_preferred(tmp_path, tiny_prepared):
-    a = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
+    a = runs.load_run(make_run(tmp_path, "a", tiny_prepared))
     for checkpoint in a.checkpoints:
         checkpoint.meta["data"] = {"seed": 99, "seq_len": 64, "global_batch": BATCH, "sources": [
             {"path": str(tiny_prepared), "weight": 1.0, "fingerprint": "recorded-fp"}]}
-    sources = analysis.data_sources(a, "pretrain")
+    sources = runs.data_sources(a, "pretrain")
     assert sources == [{"path": str(tiny_prepared), "weight": 1.0, "format": "prepared",
                         "fingerprint": "recorded-fp", "recorded": True}]
-    assert analysis._seed(a) == 99
+    assert runs.recorded_seed(a) == 99
 
 
 def test_metrics_lie_on_one_cumulative_token_axis(tmp_path, tiny_prepared):
-    run = analysis.load_run(make_run(tmp_path, "a", tiny_prepared))
+    run = runs.load_run(make_run(tmp_path, "a", tiny_prepared))
     first = loader_steps(tiny_prepared, seed=21, phase="pretrain", steps=6)
     second = loader_steps(tiny_prepared, seed=21, phase="decay", steps=3)
-    end_of_first = first[-1]["state"].tokens
+    end_of_first = first[-1].state.tokens
     assert run.offsets == {"pretrain": 0, "decay": end_of_first}
     decay = run.curve("train/loss")[lambda d: d["phase"] == "decay"]
-    assert list(decay["total_tokens"]) == [end_of_first + s["state"].tokens for s in second]
+    assert list(decay["total_tokens"]) == [end_of_first + s.state.tokens for s in second]
     # The validation row has no val/tokens: its step's train row gives them.
     val = run.curve("val/loss")
-    assert list(val["total_tokens"]) == [end_of_first, end_of_first + second[-1]["state"].tokens]
+    assert list(val["total_tokens"]) == [end_of_first, end_of_first + second[-1].state.tokens]
 
 
 def test_validation_tokens_are_read_when_logged_and_stale_rows_are_dropped(tmp_path, tiny_prepared):
@@ -213,7 +213,7 @@ def test_validation_tokens_are_read_when_logged_and_stale_rows_are_dropped(tmp_p
     stale = {**rows[-2], "step": "9"}  # the last train values again at a later step
     with csv_file.open("a", newline="") as f:
         csv.DictWriter(f, rows[0].keys()).writerow(stale)
-    run = analysis.load_run(path)
+    run = runs.load_run(path)
     decay = run.curve("train/loss")[lambda d: d["phase"] == "decay"]
     assert len(decay) == 3
     assert run.curve("val/loss")["total_tokens"].iloc[-1] == run.offsets["decay"] + int(rows[-1]["val/tokens"])
@@ -228,18 +228,18 @@ def test_scores_name_the_winner_by_the_metric_direction_and_the_paper(tmp_path):
         "ppl": ("language_modeling", "pseudo_perplexity", False, {"enc": 9.0}),
     })
     ev["models"]["dec"]["tasks"]["ppl"] = {**ev["models"]["enc"]["tasks"]["ppl"], "metric": "perplexity"}
-    table = analysis.score_table(ev, "enc", "dec").set_index("task")
+    table = scores.score_table(ev, "enc", "dec").set_index("task")
     assert dict(table["winner"]) == {"nli": "enc", "ret": "dec", "lm": "dec", "same": "tie",
                                      "ppl": "not comparable (pseudo_perplexity vs perplexity)"}
     assert dict(table["agrees"]) == {"nli": "yes", "ret": "no", "lm": "yes", "same": "-", "ppl": "-"}
-    assert analysis.is_smoke(ev)
+    assert scores.is_smoke(ev)
     # Two encoders: an A/B comparison, the paper's direction is not tested.
     ab = evaluation({"x": "encoder", "y": "encoder"},
                     {"nli": ("classification", "accuracy", True, {"x": 0.1, "y": 0.2})})
-    row = analysis.score_table(ab, "x", "y").iloc[0]
+    row = scores.score_table(ab, "x", "y").iloc[0]
     assert (row["winner"], row["agrees"]) == ("y", "-") and "not tested" in row["paper"]
-    with pytest.raises(analysis.RunError, match="no results for z"):
-        analysis.score_table(ab, "x", "z")
+    with pytest.raises(runs.RunError, match="no results for z"):
+        scores.score_table(ab, "x", "z")
 
 
 def test_write_report_writes_markdown_html_and_plots(tmp_path, tiny_prepared):
@@ -286,9 +286,9 @@ def test_a_path_that_is_not_a_run_is_refused_by_name(tmp_path, tiny_prepared, ca
 def test_weight_norms_split_every_weight_into_one_group(tmp_path, tiny_prepared):
     import torch
 
-    from ettin.checkpoint import save_weights
-    from ettin.config import model_config
-    from ettin.model import ModernBert
+    from ettin.store.checkpoints import save_weights
+    from ettin.model.config import model_config
+    from ettin.model.modernbert import ModernBert
 
     run_dir = make_run(tmp_path, "a", tiny_prepared)
     model = ModernBert(model_config("tiny"))
@@ -297,10 +297,10 @@ def test_weight_norms_split_every_weight_into_one_group(tmp_path, tiny_prepared)
             parameter.normal_()
     for checkpoint in (run_dir / "checkpoints").iterdir():
         save_weights(model.state_dict(), checkpoint)
-    norms = analysis.weight_norms(analysis.load_run(run_dir))
+    norms = runs.weight_norms(runs.load_run(run_dir))
     assert len(norms) == len(STEPS)
     row = norms.iloc[0]
-    groups = list(analysis.WEIGHT_GROUPS)
+    groups = list(runs.WEIGHT_GROUPS)
     # Every parameter once (the tied projection is the embedding matrix): the groups' norms add up
     # in squares to the norm of all parameters.
     total = torch.sqrt(sum(p.double().pow(2).sum() for p in model.parameters()))

@@ -1,4 +1,4 @@
-"""Import of Composer / FlexBERT training checkpoints (ettin.composer).
+"""Import of Composer / FlexBERT training checkpoints (ettin.model.composer).
 
 The fake checkpoints are written here from an ettin model through the key table of the spec
 (architecture.md §6.1-6.2), independently of the code under test: FlexBERT names, Composer's
@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_train import SHORT
 
-from ettin.composer import CONVERSION, ComposerLoadError, load_composer
-from ettin.config import ModelConfig, model_config
-from ettin.model import ModernBert
-from ettin.optim import StableAdamW, param_group_names, param_groups
+from ettin.model.composer import CONVERSION, ComposerLoadError, load_composer
+from ettin.model.config import ModelConfig, model_config
+from ettin.model.modernbert import ModernBert
+from ettin.optim.stable_adamw import StableAdamW, param_group_names, param_groups
 
 # Non-default window, layer pattern, thetas and eps, so a wrong config mapping changes logits.
 CONFIG = model_config("tiny", vocab_size=512, window=8, global_attn_every_n_layers=2,
@@ -293,8 +293,8 @@ def test_optimizer_groups_that_differ_are_not_imported(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """Arguments of a one-phase smoke encoder run and the model config it builds."""
-    from ettin.recipes import compose
-    from ettin.train import resolve_tokenizer, run_model_config
+    from ettin.train.config import compose
+    from ettin.train.phase import resolve_tokenizer, run_model_config
 
     root = tmp_path_factory.mktemp("composer-init")
     args = [f"output_dir={root / 'runs'}", f"data_dir={root / 'data'}", *SHORT,
@@ -306,8 +306,8 @@ def smoke_run(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["weights", "weights+optimizer"])
 def test_training_starts_from_a_composer_checkpoint(smoke_run, mode):
-    from ettin.checkpoint import latest_checkpoint, load_weights, read_meta, safe_torch_load
-    from ettin.train import main
+    from ettin.store.checkpoints import latest_checkpoint, load_weights, read_meta, safe_torch_load
+    from ettin.train.cli import main
 
     root, args, config = smoke_run
     model = loud_model(config)

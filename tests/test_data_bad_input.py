@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from data_fixtures import TINY_SEQ_LEN, data_root, tiny_prepared, tiny_tokenizer  # noqa: F401
 
-from ettin.data.collate import MLMCollator
+from ettin.objectives.collate import MLMCollator
 from ettin.data.loader import PreparedSplit, StepBatches
-from ettin.data.prepare import PrepareError, prepare, require_prepared
+from ettin.data.reading import PrepareError
+from ettin.data.prepare import prepare, require_prepared
 from ettin.data.tokenizer import SpecialIds, check_vocab, load_tokenizer, special_ids
 
 
@@ -66,7 +67,7 @@ def test_nothing_to_train_on_is_an_error(tmp_path, tiny_tokenizer):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": ""}) + "\n")
     with pytest.raises(PrepareError, match="no documents to train on.*empty document"):
         run(tmp_path, tiny_tokenizer, tmp_path / "d.jsonl")
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
 def test_malformed_and_unusable_tables(tmp_path, tiny_tokenizer):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ettin.data.collate import CLMCollator, MLMCollator, MNTPCollator
+from ettin.objectives.collate import CLMCollator, MLMCollator, MNTPCollator
 from ettin.data.tokenizer import SpecialIds
 
 # A hand-made vocabulary: 0-4 specials, 5-9 unused padding tokens, 10-99 ordinary tokens.

@@ -14,7 +14,7 @@ from data_fixtures import (TINY_SEQ_LEN, data_root, tiny_prepared, tiny_prepared
                            tiny_tokenizer)
 from torch.utils.data import DataLoader
 
-from ettin.data.collate import CLMCollator, MLMCollator
+from ettin.objectives.collate import CLMCollator, MLMCollator
 from ettin.data.loader import (LoaderState, Mixture, PreparedSplit, StepBatches, ValidationBatches,
                                pack_rows, permute, validation_batches)
 from ettin.data.tokenizer import load_tokenizer, special_ids
@@ -51,8 +51,8 @@ def take(data_loader, n):
 
 def flat(item) -> tuple[list, list]:
     """A step's tokens and labels (all micro-batches, unpadded, in order)."""
-    ids = torch.cat([m["input_ids"] for m in item["micro_batches"]]).tolist()
-    labels = torch.cat([m["labels"] for m in item["micro_batches"]]).tolist()
+    ids = torch.cat([m["input_ids"] for m in item.micro_batches]).tolist()
+    labels = torch.cat([m["labels"] for m in item.micro_batches]).tolist()
     return ids, labels
 
 
@@ -70,22 +70,22 @@ def test_permutations_are_bijections_keyed_by_seed():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_repeats_exactly_the_uninterrupted_batches(tiny_prepared, tiny_tokenizer, workers):
     straight = take(loader(tiny_prepared, tiny_tokenizer, workers=workers), 12)
-    saved = straight[6]["state"]  # the counters a checkpoint after step 7 stores
-    assert saved == LoaderState(step=7, samples=sum(s["global_batch"] for s in straight[:7]),
-                                tokens=sum(s["step_tokens"] for s in straight[:7]))
+    saved = straight[6].state  # the counters a checkpoint after step 7 stores
+    assert saved == LoaderState(step=7, samples=sum(s.global_batch for s in straight[:7]),
+                                tokens=sum(s.step_tokens for s in straight[:7]))
     resumed = take(loader(tiny_prepared, tiny_tokenizer, state=saved, workers=workers), 5)
     for a, b in zip(straight[7:], resumed):
-        assert a["state"] == b["state"] and a["global_batch"] == b["global_batch"]
+        assert a.state == b.state and a.global_batch == b.global_batch
         assert flat(a) == flat(b)
-    assert [s["global_batch"] for s in straight][:3] == [4, 4, 4]  # the ramp follows the tokens
-    assert straight[-1]["global_batch"] == 16
+    assert [s.global_batch for s in straight][:3] == [4, 4, 4]  # the ramp follows the tokens
+    assert straight[-1].global_batch == 16
 
 
 def test_workers_do_not_change_the_order(tiny_prepared, tiny_tokenizer):
     zero = take(loader(tiny_prepared, tiny_tokenizer, workers=0), 9)
     two = take(loader(tiny_prepared, tiny_tokenizer, workers=2), 9)
     assert [flat(a) for a in zero] == [flat(b) for b in two]
-    assert [a["state"] for a in zero] == [b["state"] for b in two]
+    assert [a["state"] for a in zero] == [b.state for b in two]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -95,12 +95,12 @@ def test_two_ranks_split_the_same_global_batches_and_resume(tiny_prepared, tiny_
              for r in range(2)]
     for step, one in enumerate(single):
         r0, r1 = ranks[0][step], ranks[1][step]
-        assert r0["state"] == r1["state"] == one["state"]
+        assert r0.state == r1["state"] == one.state
         ids0, lab0 = flat(r0)
         ids1, lab1 = flat(r1)
         assert (ids0 + ids1, lab0 + lab1) == flat(one)  # disjoint halves of the same global batch
-        assert len(r0["micro_batches"]) == one["global_batch"] // 2 // 2
-    saved = ranks[0][4]["state"]
+        assert len(r0.micro_batches) == one.global_batch // 2 // 2
+    saved = ranks[0][4].state
     for r in range(2):
         resumed = take(loader(tiny_prepared, tiny_tokenizer, state=saved, rank=r, world_size=2,
                               workers=workers), 5)
@@ -127,11 +127,11 @@ def test_token_counter_counts_the_consumed_samples(tiny_prepared, tiny_tokenizer
     lengths = np.load(tiny_prepared / "train" / "lengths.npy")
     mixture = Mixture([PreparedSplit(tiny_prepared, "train")], [1.0], seed=11, phase="pretrain",
                       seq_len=TINY_SEQ_LEN)
-    _, index = mixture.locate(np.arange(steps[-1]["state"].samples))
-    assert steps[-1]["state"].tokens == int(lengths[index].sum())
+    _, index = mixture.locate(np.arange(steps[-1].state.samples))
+    assert steps[-1].state.tokens == int(lengths[index].sum())
     for step in steps:  # step_tokens are the stored tokens (an encoder's closing [SEP] not counted)
-        rows = sum(len(torch.diff(m["cu_seqlens"])) for m in step["micro_batches"])
-        assert rows == step["global_batch"]
+        rows = sum(len(torch.diff(m["cu_seqlens"])) for m in step.micro_batches)
+        assert rows == step.global_batch
 
 
 def test_mixture_proportions_follow_the_token_weights(tiny_prepared, tiny_prepared_long):
@@ -166,9 +166,9 @@ def test_mixture_steps_resume_and_read_both_sources(tiny_prepared, tiny_prepared
                            global_batch_at=Ramp(), micro_batch_size=4, seed=2, phase=1, state=state)
 
     straight = take(run(), 8)
-    resumed = take(run(straight[3]["state"]), 4)
+    resumed = take(run(straight[3].state), 4)
     assert [flat(x) for x in resumed] == [flat(x) for x in straight[4:8]]
-    assert max(max(torch.diff(m["cu_seqlens"]).tolist()) for s in straight for m in s["micro_batches"]) > 64
+    assert max(max(torch.diff(m["cu_seqlens"]).tolist()) for s in straight for m in s.micro_batches) > 64
 
 
 def test_global_batch_must_divide_by_the_world_size(tiny_prepared, tiny_tokenizer):
@@ -186,9 +186,9 @@ def test_packed_micro_batches_fill_a_token_budget(tiny_prepared, tiny_tokenizer)
     for packed, unpacked in zip(take(steps, 4), take(plain, 4)):
         assert flat(packed) == flat(unpacked)  # the same samples, in the same order
         budget = 2 * TINY_SEQ_LEN
-        sizes = [int(m["cu_seqlens"][-1]) - len(m["cu_seqlens"]) + 1 for m in packed["micro_batches"]]
+        sizes = [int(m["cu_seqlens"][-1]) - len(m["cu_seqlens"]) + 1 for m in packed.micro_batches]
         assert all(s <= budget for s in sizes)  # stored tokens per micro-batch (before [SEP]s)
-        assert len(packed["micro_batches"]) <= len(unpacked["micro_batches"])
+        assert len(packed.micro_batches) <= len(unpacked.micro_batches)
     with pytest.raises(ValueError, match="unpadded"):
         StepBatches(tiny_prepared, seq_len=TINY_SEQ_LEN, collator=mlm(tiny_tokenizer, unpadded=False),
                     global_batch_at=lambda t: 4, micro_batch_size=2, pack=True)
@@ -223,12 +223,12 @@ def test_packed_ranks_get_the_same_number_of_micro_batches(tiny_prepared_long, t
     mixture, share = loader(True, 0).mixture, batch // world
     balanced = 0
     for step in range(steps):
-        counts = [len(packed[r][step]["micro_batches"]) for r in range(world)]
+        counts = [len(packed[r][step].micro_batches) for r in range(world)]
         assert len(set(counts)) == 1, (step, counts)
-        assert counts[0] < len(plain[0][step]["micro_batches"])  # packing packs
+        assert counts[0] < len(plain[0][step].micro_batches)  # packing packs
         for r in range(world):
             assert flat(packed[r][step]) == flat(plain[r][step])  # the same samples, masks, order
-            for m in packed[r][step]["micro_batches"]:  # stored tokens (before closing [SEP]s)
+            for m in packed[r][step].micro_batches:  # stored tokens (before closing [SEP]s)
                 assert int(m["cu_seqlens"][-1]) - (len(m["cu_seqlens"]) - 1) <= budget
         lengths = mixture.lengths(step * batch, batch)
         alone = {len(pack_rows(lengths[r * share:(r + 1) * share], budget)) for r in range(world)}
@@ -243,9 +243,9 @@ def test_truncation_is_refused_unless_asked_for(tiny_prepared, tiny_tokenizer):
     steps = StepBatches(tiny_prepared, seq_len=32, collator=mlm(tiny_tokenizer),
                         global_batch_at=lambda t: 8, micro_batch_size=8, truncate=True)
     for step in take(steps, 5):
-        batch = step["micro_batches"][0]
+        batch = step.micro_batches[0]
         assert batch["max_seqlen"] <= 32  # cut to 31, then closed with [SEP]
-        assert step["step_tokens"] <= 8 * 32
+        assert step.step_tokens <= 8 * 32
 
 
 def test_validation_batches_are_fixed_and_split_across_ranks(tiny_prepared, tiny_tokenizer):

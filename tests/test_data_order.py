@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from data_fixtures import data_root, tiny_tokenizer  # noqa: F401
 
-from ettin.data.collate import CLMCollator
+from ettin.objectives.collate import CLMCollator
 from ettin.data.loader import LoaderState, StepBatches
 from ettin.data.tokenizer import load_tokenizer, special_ids
 
@@ -59,7 +59,7 @@ def batches(root, ids, tmp_path, *, state=None, rank=0, world_size=1, from_step=
     for _ in range(count):
         step = next(iterator)
         rows = []
-        for micro in step["micro_batches"]:
+        for micro in step.micro_batches:
             cut = micro["cu_seqlens"].tolist()
             flat = micro["input_ids"].tolist()
             rows += [flat[a:b] for a, b in zip(cut, cut[1:])]
@@ -72,17 +72,17 @@ def test_each_step_is_the_released_batch(released_order, ids, tmp_path):
     got = batches(root, ids, tmp_path, count=len(BATCHES))
     for s, (rows, step) in enumerate(got):
         assert rows == steps[s + 1]
-        assert step["global_batch"] == BATCHES[s]
-        assert step["step_tokens"] == sum(len(r) for r in steps[s + 1])
-    assert got[-1][1]["state"] == LoaderState(len(BATCHES), sum(BATCHES),
+        assert step.global_batch == BATCHES[s]
+        assert step.step_tokens == sum(len(r) for r in steps[s + 1])
+    assert got[-1][1].state == LoaderState(len(BATCHES), sum(BATCHES),
                                               sum(len(r) for v in steps.values() for r in v))
 
 
 def test_resume_and_ranks_and_continuing_a_released_step(released_order, ids, tmp_path):
     root, steps = released_order
-    after_two = batches(root, ids, tmp_path, count=2)[-1][1]["state"]
+    after_two = batches(root, ids, tmp_path, count=2)[-1][1].state
     resumed = batches(root, ids, tmp_path, state=after_two, count=1)[0]
-    assert resumed[0] == steps[3] and resumed[1]["state"].step == 3
+    assert resumed[0] == steps[3] and resumed[1].state.step == 3
     halves = [batches(root, ids, tmp_path, rank=r, world_size=2, count=3)[2][0] for r in (0, 1)]
     assert halves[0] + halves[1] == steps[3]
     continued = batches(root, ids, tmp_path, from_step=4, count=1)[0]
@@ -100,7 +100,7 @@ def test_an_order_that_ends_too_early_says_so(released_order, ids, tmp_path):
 def test_training_replays_the_order(released_order, ids, tiny_tokenizer, tmp_path, monkeypatch):
     """python -m ettin.train with data.pretrain=[{path: ..., format: order}]: every step trains on
     the released batch of that step."""
-    from ettin.train import main
+    from ettin.train.cli import main
 
     root, steps = released_order
     seen = []

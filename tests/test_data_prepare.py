@@ -13,9 +13,8 @@ from data_fixtures import (TINY_SEQ_LEN, build_tiny_prepared, data_root, tiny_pr
                            tiny_tokenizer, write_mixed_corpus)
 
 from ettin.data.loader import PreparedSplit
-from ettin.data.prepare import (COMPLETE, chunk_bounds, chunk_document, columns_for,
-                                encode_sample, ensure_prepared, is_complete, main, prepare,
-                                read_documents, require_prepared)
+from ettin.data.prepare import COMPLETE, chunk_bounds, chunk_document, columns_for, encode_sample, ensure_prepared, is_complete, main, prepare, require_prepared
+from ettin.data.reading import read_documents
 from ettin.data.tokenizer import load_tokenizer, special_ids
 
 
@@ -115,7 +114,7 @@ def test_rerun_is_idempotent_and_other_settings_are_refused(tmp_path, tiny_token
         prepare(**{**args, "max_seq_len": 128})
     prepare(**{**args, "max_seq_len": 128, "overwrite": True})
     assert json.loads((out / "summary.json").read_text())["settings"]["max_seq_len"] == 128
-    assert not list(tmp_path.glob("p.tmp-*")) and not list(tmp_path.glob("p.old-*"))
+    assert not list(tmp_path.glob(".p.tmp-*")) and not list(tmp_path.glob(".p.old-*"))
 
 
 def test_half_written_output_is_never_taken_as_finished(tmp_path, tiny_tokenizer):
@@ -125,13 +124,13 @@ def test_half_written_output_is_never_taken_as_finished(tmp_path, tiny_tokenizer
     prepare(**args)
     reference = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     (out / COMPLETE).unlink()  # as if killed before the end
-    (tmp_path / "p.tmp-999999").mkdir()  # a crashed attempt's leftovers
+    (tmp_path / ".p.tmp-999999").mkdir()  # a crashed attempt's leftovers
     with pytest.raises(FileNotFoundError, match="unfinished.*python -m ettin.data.prepare"):
         require_prepared(out)
     with pytest.raises(FileNotFoundError, match="unfinished"):
         PreparedSplit(out, "train")
     prepare(**args)
-    assert is_complete(out) and not (tmp_path / "p.tmp-999999").exists()
+    assert is_complete(out) and not (tmp_path / ".p.tmp-999999").exists()
     again = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert again.keys() == reference.keys()
     for name in reference:  # deterministic output (the summary carries times)

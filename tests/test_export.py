@@ -15,13 +15,13 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-import ettin.export
-import ettin.hub
-from ettin.checkpoint import save_weights, write_checkpoint
-from ettin.config import model_config
+import ettin.model.export
+import ettin.model.hub
+from ettin.store.checkpoints import save_weights, write_checkpoint
+from ettin.model.config import model_config
 from ettin.data.tokenizer import special_ids, train_tokenizer
-from ettin.export import load_checkpoint_model, main
-from ettin.model import ModernBert
+from ettin.model.export import load_checkpoint_model, main
+from ettin.model.modernbert import ModernBert
 
 from test_model import MODERATE_STD, assert_logits_close, make_loud
 
@@ -38,7 +38,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def make_run(root, tokenizer_dir, *, objective: str, **config_overrides):
-    """A run folder holding one checkpoint of a loud tiny model, as ettin.train writes it."""
+    """A run folder holding one checkpoint of a loud tiny model, as ettin.train.run writes it."""
     from ettin.data.tokenizer import load_tokenizer
 
     ids = special_ids(load_tokenizer(tokenizer_dir))
@@ -120,7 +120,7 @@ def test_an_export_transformers_would_not_reproduce_never_replaces_a_good_one(tm
     out = tmp_path / "hf"
     assert main([str(run), str(out)]) == 0
     good = (out / "config.json").read_text()
-    real_config = ettin.hub.to_hf_config
+    real_config = ettin.model.hub.to_hf_config
 
     def one_token_short(*args, **kwargs):  # the classic decoder window mistake
         config = real_config(*args, **kwargs)
@@ -128,7 +128,7 @@ def test_an_export_transformers_would_not_reproduce_never_replaces_a_good_one(tm
         config["local_attention"] -= 2
         return config
 
-    monkeypatch.setattr(ettin.hub, "to_hf_config", one_token_short)
+    monkeypatch.setattr(ettin.model.hub, "to_hf_config", one_token_short)
     assert main([str(run), str(out)]) == 2
     err = capsys.readouterr().err
     assert "transformers does not reproduce the exported model" in err and "hf.partial" in err
@@ -151,7 +151,7 @@ def test_decoder_with_two_thetas_needs_the_flag(tmp_path, tokenizer_dir, capsys,
     assert main([str(run), str(tmp_path / "hf")]) == 2
     assert "--allow-theta-mismatch" in capsys.readouterr().err
     assert main([str(run), str(tmp_path / "hf"), "--allow-theta-mismatch"]) == 0
-    if ettin.hub.transformers_major() < 5:
+    if ettin.model.hub.transformers_major() < 5:
         assert "verify this export with transformers >= 5" in ettin_log.text
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rope_parameters"]["sliding_attention"]["rope_theta"] == 10_000.0
@@ -181,7 +181,7 @@ def test_config_and_card_name_the_objective_lora_targets_and_tools(exported):
     model = (AutoModelForCausalLM if objective == "clm" else AutoModelForMaskedLM).from_pretrained(out)
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and ".layers." in name}
-    targets = ettin.export.LORA_TARGETS[objective == "clm"]
+    targets = ettin.model.export.LORA_TARGETS[objective == "clm"]
     assert set(targets) == names and str(targets) in card  # every projection, by transformers' name
     assert "SentenceTransformer(" in card and "lm_eval.simple_evaluate" in card
     assert "MNTP" not in card

@@ -1,7 +1,7 @@
 """The model's fast paths against its plain path: the chunked loss, collator-provided indices (no
 host-device sync), n_correct, masks built once per layer kind.
 
-"No sync" is checked on CPU with ``ettin.bench_gpu.HostSyncs``, a TorchDispatchMode that sees every
+"No sync" is checked on CPU with ``ettin.bench.gpu.HostSyncs``, a TorchDispatchMode that sees every
 aten op of a forward, backward and optimizer step: none may be one that reads a device value back to
 the host (``_local_scalar_dense`` is what ``.item()``, ``int()``, ``bool()`` and ``float()`` of a
 tensor run; ``nonzero``, ``masked_select``, boolean indexing, ``repeat_interleave`` without
@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import ettin.model
-from ettin.bench_gpu import HostSyncs
-from ettin.config import ModelConfig
-from ettin.data.collate import CLMCollator, MLMCollator
+import ettin.model.modernbert
+from ettin.bench.gpu import HostSyncs
+from ettin.model.config import ModelConfig
+from ettin.objectives.collate import CLMCollator, MLMCollator
 from ettin.data.tokenizer import SpecialIds
-from ettin.model import IGNORE_INDEX, ModernBert, linear_cross_entropy
-from ettin.optim import StableAdamW
-from ettin.speedups import apply_speedups
+from ettin.model.modernbert import IGNORE_INDEX, ModernBert, linear_cross_entropy
+from ettin.optim.stable_adamw import StableAdamW
+from ettin.parallel.speedups import apply_speedups
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
 
@@ -235,7 +235,7 @@ def test_host_syncs_sees_tensors_made_from_host_data():
 def test_sdpa_band_path_is_taken_by_the_long_batch():
     model = tiny_model()
     long = CLMCollator(IDS, vocab_size=VOCAB)([(0, np.arange(5, 85)), (1, np.arange(5, 45))])
-    layout = ettin.model.Layout(long["cu_seqlens"], long["max_seqlen"], True, model.config.window,
+    layout = ettin.model.modernbert.Layout(long["cu_seqlens"], long["max_seqlen"], True, model.config.window,
                                 n_tokens=len(long["input_ids"]))
     assert layout.use_band() and not layout.uniform
 
@@ -243,7 +243,7 @@ def test_sdpa_band_path_is_taken_by_the_long_batch():
 @pytest.mark.parametrize("lengths", [[5, 5, 5], [5, 3, 5], [4], [3, 0, 2]])
 def test_layout_uniform_from_shapes_equals_all_rows_full(lengths):
     cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
-    layout = ettin.model.Layout(cu_seqlens, max(lengths), False, 2, n_tokens=sum(lengths))
+    layout = ettin.model.modernbert.Layout(cu_seqlens, max(lengths), False, 2, n_tokens=sum(lengths))
     assert layout.uniform == all(n == max(lengths) for n in lengths)
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ettin.checkpoint import (CheckpointError, Checkpointer, RunLock, list_checkpoints,
-                              load_weights, read_meta, safe_torch_load, write_checkpoint)
-from ettin.recipes import ConfigError, compose
-from ettin.train import dry_run_report, main
+from ettin.store.checkpoints import CheckpointError, list_checkpoints, load_weights, read_meta, safe_torch_load, write_checkpoint
+from ettin.train.checkpoint import Checkpointer
+from ettin.store.rundir import RunLock
+from ettin.train.config import ConfigError, compose
+from ettin.train.cli import dry_run_report
+from ettin.train.cli import main
 
 SHORT = ["pair=false", "objective=clm", "phase_order=[pretrain]", "phases.pretrain.tokens=12_000",
          "phases.pretrain.warmup_tokens=2_000",
@@ -111,7 +113,7 @@ def test_a_second_process_in_the_same_run_is_refused_naming_the_holder(tmp_path,
 def test_the_lock_is_exclusive_within_a_host(tmp_path):
     with RunLock(tmp_path):
         other = subprocess.run([sys.executable, "-c", (
-            "import sys; from ettin.checkpoint import RunLock, RunLockedError\n"
+            "import sys; from ettin.store.rundir import RunLock, RunLockedError\n"
             f"try: RunLock({str(tmp_path)!r}).acquire()\n"
             "except RunLockedError as e: print(e); sys.exit(7)")], capture_output=True, text=True)
         assert other.returncode == 7 and f"process {os.getpid()}" in other.stdout
@@ -121,7 +123,7 @@ def test_temporary_folders_of_live_processes_are_left_alone(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         root = tmp_path / "checkpoints"
-        live, dead = root / f".tmp-x-{holder.pid}", root / ".tmp-y-999999999"
+        live, dead = root / f".x.tmp-{holder.pid}", root / ".y.tmp-999999999"
         live.mkdir(parents=True)
         dead.mkdir()
         write_checkpoint(tmp_path, "pretrain-step0000001-tok000000000000100",
@@ -178,9 +180,9 @@ def test_retention_keeps_interval_checkpoints_and_prunes_extra_saves(tmp_path):
 
 
 def test_weights_of_another_shape_name_the_tensor_both_shapes_and_the_fix():
-    from ettin.config import model_config
-    from ettin.model import ModernBert
-    from ettin.train import load_model_state
+    from ettin.model.config import model_config
+    from ettin.model.modernbert import ModernBert
+    from ettin.train.start import load_model_state
 
     model = ModernBert(model_config("tiny", vocab_size=512))
     other = ModernBert(model_config("tiny", vocab_size=640)).state_dict()

@@ -1,4 +1,4 @@
-"""ettin.hub: folders written by transformers import with identical logits, our exports reload in
+"""ettin.model.hub: folders written by transformers import with identical logits, our exports reload in
 transformers with identical logits, and what cannot be converted fails with a clear message.
 
 The reference is always transformers reading the folder back with ``from_pretrained`` (not the
@@ -16,8 +16,8 @@ from transformers import (AutoModelForSequenceClassification, ModernBertConfig, 
                           ModernBertDecoderForCausalLM, ModernBertForMaskedLM,
                           ModernBertForSequenceClassification)
 
-from ettin.hub import HubError, convert_state_dict, load_hf, save_hf, to_hf_config
-from ettin.model import ModernBert
+from ettin.model.hub import HubError, convert_state_dict, load_hf, save_hf, to_hf_config
+from ettin.model.modernbert import ModernBert
 
 from test_model import (GLOBAL_SLIDING_SLIDING_GLOBAL as GSSG, PAD, RAGGED, SHORT, VOCAB,
                         assert_logits_close, loud_model, make_loud, padded_batch)
@@ -113,7 +113,7 @@ def test_unknown_model_type_and_mismatched_shapes_are_named(tmp_path):
     save_hf(loud_model(), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-    with pytest.raises(HubError, match=r"model_type 'bert' is not a ModernBERT model.*ettin.composer"):
+    with pytest.raises(HubError, match=r"model_type 'bert' is not a ModernBERT model.*ettin.model.composer"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     with pytest.raises(HubError, match=r"mlp.Wi.weight has shape \(192, 64\) in the weights but \(256, 64\) "

@@ -1,4 +1,4 @@
-"""Exactness of ettin.model.ModernBert: sizes, transformers parity, masks, packing, labels, dtypes, init.
+"""Exactness of ettin.model.modernbert.ModernBert: sizes, transformers parity, masks, packing, labels, dtypes, init.
 
 Everything runs on CPU in fp32 with tiny models. Weights are "loud" (architecture.md section 10): with
 the default 0.02 init a wrong window moves logits by ~1e-4, with these by O(1), so every comparison
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from transformers import (ModernBertConfig, ModernBertDecoderConfig, ModernBertDecoderForCausalLM,
                           ModernBertForMaskedLM)
 
-import ettin.model
-from ettin.config import SIZES, ModelConfig, model_config
-from ettin.hub import convert_state_dict
-from ettin.model import IGNORE_INDEX, Layout, ModernBert, attend, rope_cos_sin
+import ettin.model.modernbert
+from ettin.model.config import SIZES, ModelConfig, model_config
+from ettin.model.hub import convert_state_dict
+from ettin.model.modernbert import IGNORE_INDEX, Layout, ModernBert, attend, rope_cos_sin
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
 
@@ -301,13 +301,13 @@ def test_positions_restart_per_document():
 def test_rope_is_applied_at_positions_within_the_document(monkeypatch):
     """RoPE is relative, so outputs cannot show the position offset: check the angles used."""
     used = []
-    original = ettin.model.rope_cos_sin
+    original = ettin.model.modernbert.rope_cos_sin
 
     def spy(positions, dim, theta):
         used.append(positions.tolist())
         return original(positions, dim, theta)
 
-    monkeypatch.setattr(ettin.model, "rope_cos_sin", spy)
+    monkeypatch.setattr(ettin.model.modernbert, "rope_cos_sin", spy)
     ids, cu_seqlens = flat_documents([3, 5])
     ModernBert(tiny_config())(ids, cu_seqlens=cu_seqlens)
     assert used and all(positions == [0, 1, 2, 0, 1, 2, 3, 4] for positions in used)
@@ -523,13 +523,13 @@ def test_bf16_model_keeps_rope_in_fp32(monkeypatch):
     with torch.no_grad():
         expected = fp32(ids, mask).logits
     rope_dtypes = []
-    original = ettin.model.apply_rope
+    original = ettin.model.modernbert.apply_rope
 
     def spy(x, cos, sin):
         rope_dtypes.append((x.dtype, cos.dtype, sin.dtype))
         return original(x, cos, sin)
 
-    monkeypatch.setattr(ettin.model, "apply_rope", spy)
+    monkeypatch.setattr(ettin.model.modernbert, "apply_rope", spy)
     with torch.no_grad():
         logits = bf16(ids, mask).logits
     assert logits.dtype == torch.bfloat16

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ettin.optim import StableAdamW, debias_beta, grad_norm, param_group_names, param_groups
+from ettin.optim.stable_adamw import StableAdamW, debias_beta, grad_norm, param_group_names, param_groups
 
 BETAS = (0.9, 0.98)
 EPS = 1e-6
@@ -141,9 +141,9 @@ def test_toy_regression_problem_matches_reference_and_learns():
 
 
 def test_chunked_foreach_path_matches_reference(monkeypatch):
-    import ettin.optim
+    import ettin.optim.stable_adamw
 
-    monkeypatch.setattr(ettin.optim, "_CHUNK_ELEMENTS", 40)  # several chunks per group
+    monkeypatch.setattr(ettin.optim.stable_adamw, "_CHUNK_ELEMENTS", 40)  # several chunks per group
     _run(0.1, steps=6, spike_at=3)
 
 
@@ -255,8 +255,8 @@ def test_param_groups_on_a_small_module_with_a_tied_embedding():
 
 
 def test_param_groups_on_modernbert():
-    model_module = pytest.importorskip("ettin.model")
-    from ettin.config import model_config
+    model_module = pytest.importorskip("ettin.model.modernbert")
+    from ettin.model.config import model_config
 
     model = model_module.ModernBert(model_config("tiny", vocab_size=128))
     no_decay, decay = param_group_names(model)

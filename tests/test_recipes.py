@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from ettin.model import ModernBert
-from ettin.recipes import ConfigError, available_recipes, compose
-from ettin.train import dry_run_report, main
+from ettin.model.modernbert import ModernBert
+from ettin.train.config import ConfigError, available_recipes, compose
+from ettin.train.cli import dry_run_report
+from ettin.train.cli import main
 
 SIZES = ["17m", "32m", "68m", "150m", "400m", "1b"]
 PARAMETERS = {  # tied embeddings counted once, vocabulary 50368

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ettin.checkpoint import list_checkpoints, read_meta
-from ettin.recipes import compose
-from ettin.train import train
+from ettin.store.checkpoints import list_checkpoints, read_meta
+from ettin.train.config import compose
+from ettin.train.run import train
 
 from test_train import losses
 

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from ettin.schedule import (
+from ettin.optim.schedule import (
     BatchSizeWarmup,
     OneMinusSqrt,
     PhaseSchedule,
@@ -230,8 +230,8 @@ def test_schedule_table_accepts_any_callables():
 
 
 def test_a_fresh_optimizer_warms_up_only_where_the_phase_has_no_warmup_of_its_own():
-    from ettin.recipes import compose
-    from ettin.schedule import phase_lr_multiplier
+    from ettin.train.config import compose
+    from ettin.optim.schedule import phase_lr_multiplier
 
     cfg = compose("decoder_150m")
     decay, pretrain = cfg.phases["decay"], cfg.phases["pretrain"]

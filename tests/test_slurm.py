@@ -1,4 +1,4 @@
-"""SLURM: the sbatch template and ettin.launch, preemption and requeue, on a real local Slurm cluster.
+"""SLURM: the sbatch template and ettin.cluster.launch, preemption and requeue, on a real local Slurm cluster.
 
 The cluster (one node, CPU tasks, gloo) comes from .ci/slurm-setup.sh through the ``cluster``
 fixture; without Slurm these tests skip with the reason, except in CI where they fail.
@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ettin import launch, preemption
-from ettin.launch import JobSpec, TopologyError, check_topology, render, submit
+from ettin.cluster import launch
+from ettin.train import preemption, topology
+from ettin.cluster.launch import JobSpec, render, submit
+from ettin.train.topology import TopologyError, check_topology
 from slurm_cluster import cluster  # noqa: F401  (fixture)
 
 TESTS = Path(__file__).resolve().parent
@@ -231,7 +233,7 @@ def tiny_jobs(cluster, tmp_path_factory):
     return jobs
 
 
-# -- ettin.train itself, submitted with python -m ettin.launch ----------------------------------------
+# -- ettin.train.run itself, submitted with python -m ettin.launch ----------------------------------------
 
 ETTIN_RUN = [
     "recipe=smoke", "phase_order=[pretrain]", "pair=false", "objective=mlm", "export_at_end=false",
@@ -251,8 +253,8 @@ def ettin_losses(run_dir: Path) -> list[tuple[float, float]]:
 def ettin_runs(cluster, tiny_jobs, tmp_path_factory):
     """The same short run three ways: one process here (2 micro-batches of 8 per step), 2 tasks
     uninterrupted and 2 tasks preempted mid-run (1 micro-batch of 8 per rank): global batch 16."""
-    from ettin.recipes import compose
-    from ettin.train import train
+    from ettin.train.config import compose
+    from ettin.train.run import train
 
     workspace = tmp_path_factory.mktemp("ettin")
     common = [*ETTIN_RUN[1:], f"output_dir={workspace / 'runs'}", f"data_dir={workspace / 'data'}"]
@@ -280,7 +282,7 @@ def test_two_tasks_train_to_the_losses_of_one_process(ettin_runs):
     state, run_dir = ettin_runs["two-tasks"]
     log = _log(run_dir)
     assert state["JobState"] == "COMPLETED", (state, log[-4000:])
-    assert "topology: job" in log and "world size 2" in log, "ettin.train must call check_topology"
+    assert "topology: job" in log and "world size 2" in log, "ettin.train.run must call check_topology"
     two, one = ettin_losses(run_dir), ettin_losses(ettin_runs["one"])
     assert len(two) == len(one) >= 30
     assert [t for t, _ in two] == [t for t, _ in one]  # same tokens per step
@@ -289,7 +291,7 @@ def test_two_tasks_train_to_the_losses_of_one_process(ettin_runs):
 
 
 def test_requeue_mid_run_resumes_and_ends_with_the_uninterrupted_loss(ettin_runs):
-    from ettin.checkpoint import list_checkpoints, read_meta
+    from ettin.store.checkpoints import list_checkpoints, read_meta
 
     state, run_dir = ettin_runs["requeued"]
     log = _log(run_dir)
@@ -308,7 +310,7 @@ def test_requeue_mid_run_resumes_and_ends_with_the_uninterrupted_loss(ettin_runs
     assert abs(resumed[-1][1] - uninterrupted[-1][1]) <= LOSS_ATOL, (resumed[-1], uninterrupted[-1])
 
 
-# -- the tiny Lightning jobs: the same machinery without ettin.train ----------------------------------
+# -- the tiny Lightning jobs: the same machinery without ettin.train.run ----------------------------------
 
 
 def test_preempted_tiny_lightning_job_checkpoints_requeues_and_resumes(cluster, tiny_jobs):

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ettin.checkpoint import latest_checkpoint, list_checkpoints, read_meta
-from ettin.module import EttinModule
-from ettin.recipes import compose
-from ettin.train import main, train
+from ettin.store.checkpoints import latest_checkpoint, list_checkpoints, read_meta
+from ettin.train.module import EttinModule
+from ettin.train.config import compose
+from ettin.train.cli import main
+from ettin.train.run import train
 
 # Short settings shared by the tests: the smoke recipe with smaller phases.
 SHORT = [
@@ -201,7 +202,7 @@ def test_packed_micro_batches_train_as_rows_do(workspace, monkeypatch):
         original = EttinModule.training_step
 
         def record(self, batch, batch_idx, original=original, rows=rows):
-            rows.extend(len(mb["cu_seqlens"]) - 1 for mb in batch["micro_batches"])
+            rows.extend(len(mb["cu_seqlens"]) - 1 for mb in batch.micro_batches)
             return original(self, batch, batch_idx)
 
         monkeypatch.setattr(EttinModule, "training_step", record)
@@ -222,15 +223,15 @@ def test_packed_micro_batches_train_as_rows_do(workspace, monkeypatch):
 def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch):
     """The whole loop as Lightning runs it, from one step's start to the next one's: the training step,
     the callbacks, the progress bar and Lightning's own bookkeeping. Between log steps nothing reads a
-    value back from the device (``ettin.bench_gpu.HostSyncs``; on CPU the stand-in for CUDA's sync
+    value back from the device (``ettin.bench.gpu.HostSyncs``; on CPU the stand-in for CUDA's sync
     debug mode). The loader collates in a worker process; ``count_on_host`` counts on the batch
     before it is copied to the device, so its reads are of host memory."""
     import traceback
 
     import lightning as L
 
-    import ettin.train as ettin_train
-    from ettin.bench_gpu import HostSyncs
+    import ettin.train.run as ettin_train
+    from ettin.bench.gpu import HostSyncs
 
     def on_host():
         return any(f.name == "count_on_host" for f in traceback.extract_stack())

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ettin.data.tokenizer import load_tokenizer, special_ids
-from ettin.model import ModernBert
-from ettin.optim import StableAdamW
-from ettin.recipes import compose
-from ettin.train import train
+from ettin.model.modernbert import ModernBert
+from ettin.optim.stable_adamw import StableAdamW
+from ettin.train.config import compose
+from ettin.train.run import train
 
 PHASES = {"pretrain": 30_000, "extension": 15_000, "decay": 10_000}
 
@@ -63,7 +63,7 @@ def rows(cfg, phase):
 
 
 def expected_lr(phase: str, tokens_before: float) -> float:
-    """The Ettin schedule of the smoke phases, written out independently of ettin.schedule."""
+    """The Ettin schedule of the smoke phases, written out independently of ettin.optim.schedule."""
     peak = 3e-3
     if phase == "pretrain":  # linear warmup over 20k tokens from 1e-10, then flat
         return peak * (1e-10 + (1 - 1e-10) * min(1.0, tokens_before / 20_000))

@@ -29,9 +29,9 @@ from typing import Iterator
 import numpy as np
 
 from ettin.data.files import file_lock
-from ettin.data.prepare import (SPLITS, PrepareConfig, Skips, UnitResult, _encoded_writer,
-                                _init_worker, _tokenize_unit, columns_for, document_units,
-                                sample_dtype, worker_settings, write_folder)
+from ettin.store.fs import publish, temp_path
+from ettin.data.prepare import SPLITS, PrepareConfig, UnitResult, _encoded_writer, _init_worker, _tokenize_unit, columns_for, document_units, sample_dtype, worker_settings, write_folder
+from ettin.data.reading import Skips
 
 MANIFEST = "manifest.json"
 
@@ -51,9 +51,10 @@ class TokenizeTask:
 
         work = parts_dir(self.output)
         tokenizer = load_tokenizer(work / "tokenizer")
-        final, temp = work / f"task-{rank:05d}", work / f"task-{rank:05d}.tmp"
-        for stale in (final, temp):  # a relaunched task starts over: nothing twice
-            shutil.rmtree(stale, ignore_errors=True)
+        final = work / f"task-{rank:05d}"
+        shutil.rmtree(final, ignore_errors=True)  # a relaunched task starts over: nothing twice
+        temp = temp_path(final)
+        shutil.rmtree(temp, ignore_errors=True)
         _init_worker(str(work / "tokenizer" / "tokenizer.json"), worker_settings(self.cfg, tokenizer))
         skips, units, number = Skips(), [], -1
         columns = columns_for(sample_dtype(tokenizer))
@@ -75,7 +76,7 @@ class TokenizeTask:
             writer.finish()
         manifest = {"units": units, "unit_count": number + 1, "skips": asdict(skips)}
         (temp / MANIFEST).write_text(json.dumps(manifest))
-        temp.rename(final)
+        publish(temp, final)
 
 
 def merged_units(work: Path, tasks: int):

@@ -30,15 +30,16 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ettin.data.prepare import COMPLETE, is_complete, prepare_command, require_prepared
+from ettin.data.prepare import is_complete, prepare_command, require_prepared
 from ettin.data.source import DataSource
 
 MIX_BLOCK = 1 << 20  # positions per mixture block: proportions are exact to 1 / MIX_BLOCK per block
@@ -52,13 +53,6 @@ class LoaderState:
     step: int = 0
     samples: int = 0  # global positions consumed
     tokens: int = 0  # tokens of those samples (sum of min(length, seq_len)), all ranks together
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LoaderState":
-        return cls(**{k: int(data[k]) for k in ("step", "samples", "tokens")})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,11 +502,46 @@ def pack_rows(lengths: Sequence[int], budget: int, groups: int = 1) -> list[int]
     return sizes
 
 
+@dataclass
+class StepBatch:
+    """This rank's part of one optimizer step, and what the step needs to know about it without
+    asking the device (``count_on_host``, before the batch is copied to the device)."""
+
+    micro_batches: list  # collated: the model's keyword arguments, one dict per micro-batch
+    state: LoaderState  # the global counters after the step
+    global_batch: int  # sequences in the step, all ranks
+    step_tokens: int  # tokens in the step, all ranks
+    targets: list[int] = field(default_factory=list)  # labelled positions per micro-batch
+    row_lengths: list[list[int]] = field(default_factory=list)  # real tokens of each row
+    rows: list[int] = field(default_factory=list)  # rows per micro-batch
+
+    def count_on_host(self) -> "StepBatch":
+        self.targets = [int((mb["labels"] != -100).sum()) for mb in self.micro_batches]
+        self.row_lengths = [_row_lengths(mb) for mb in self.micro_batches]
+        self.rows = [len(lengths) for lengths in self.row_lengths]
+        return self
+
+    @property
+    def tokens_before(self) -> int:
+        """The phase's token clock when the step starts (what its LR is read at)."""
+        return self.state.tokens - self.step_tokens
+
+    def pin_memory(self) -> "StepBatch":  # the DataLoader pins what has this method
+        return replace(self, micro_batches=[{k: v.pin_memory() for k, v in mb.items()}
+                                            for mb in self.micro_batches])
+
+
+def _row_lengths(micro_batch: dict) -> list[int]:
+    if "cu_seqlens" in micro_batch:
+        return torch.diff(micro_batch["cu_seqlens"]).tolist()
+    mask = micro_batch.get("attention_mask")
+    if mask is None:
+        return [micro_batch["input_ids"].shape[1]] * micro_batch["input_ids"].shape[0]
+    return mask.sum(dim=1).tolist()
+
+
 class StepBatches(IterableDataset):
-    """This rank's part of each optimizer step, from ``state`` on, forever:
-    ``{"micro_batches": [collated dict, ...], "state": LoaderState after the step,
-    "global_batch": sequences in the step (all ranks), "step_tokens": tokens in the step (all
-    ranks)}``.
+    """This rank's part of each optimizer step, from ``state`` on, forever, as ``StepBatch``es.
 
     ``sources``: a prepared folder or a list of (folder, weight). ``global_batch_at(tokens)`` gives
     the global batch in sequences after ``tokens`` tokens (batch-size warmup); it must be divisible
@@ -619,8 +648,7 @@ class StepBatches(IterableDataset):
             samples = self.rank_samples(state, batch)
             micro = [self.collator(group) for group in self.micro_batches(state, batch, samples)]
             after = LoaderState(state.step + 1, state.samples + batch, state.tokens + step_tokens)
-            yield {"micro_batches": micro, "state": after, "global_batch": batch,
-                   "step_tokens": step_tokens}
+            yield StepBatch(micro, after, batch, step_tokens)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -706,9 +734,3 @@ def prepared_fingerprint(folder) -> Optional[str]:
     summary.json (the settings that decide its content and its split sizes); None when absent."""
     summary = Path(folder) / "summary.json"
     return hashlib.sha256(summary.read_bytes()).hexdigest() if summary.is_file() else None
-
-
-__all__ = ["prepared_fingerprint", "LoaderState", "StepBatches", "pack_rows", "ValidationBatches",
-           "validation_batches", "Mixture", "PreparedSplit", "source_format", "fit_row", "permute", "normalize_sources", "COMPLETE",
-           "is_complete"]
-

@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from ettin.data.files import file_lock, process_context
+from ettin.store.fs import clean_stale, publishing
 from ettin.data.reading import (TEXT_UNITS, Document, PrepareError, Skips,
                                 input_files, input_fingerprint, read_documents)
 from ettin.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
@@ -370,8 +371,7 @@ def prepare(cfg: Optional[PrepareConfig] = None, tokenizer=None, **fields) -> Pa
     with file_lock(output.with_name(output.name + ".lock")):
         if _finished_with(output, settings, cfg.overwrite):  # another process just finished it
             return output
-        for stale in output.parent.glob(f"{output.name}.tmp-*"):  # crashed earlier attempts
-            shutil.rmtree(stale, ignore_errors=True)
+        clean_stale(output.parent)  # what crashed earlier attempts left
         if cfg.executor != "none":
             from ettin.data.executor import run_executor
 
@@ -383,13 +383,10 @@ def prepare(cfg: Optional[PrepareConfig] = None, tokenizer=None, **fields) -> Pa
 
 def write_folder(cfg: PrepareConfig, tokenizer, settings: dict, output: Path,
                  unit_results: Optional[Callable[[Skips], Iterator[UnitResult]]] = None) -> None:
-    """Write ``output`` aside and rename it into place (held under the output's lock)."""
-    temp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
-    try:
+    """Write ``output`` aside and publish it atomically (held under the output's lock)."""
+    check_replaceable(output)
+    with publishing(output) as temp:
         _write(cfg, tokenizer, settings, temp, unit_results)
-        _publish(temp, output)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _check_config(cfg: PrepareConfig) -> None:
@@ -434,8 +431,8 @@ def _finished_with(output: Path, settings: dict, overwrite: bool) -> bool:
     )
 
 
-def _publish(temp: Path, output: Path) -> None:
-    """Put the finished ``temp`` at ``output`` (a rename; an older folder is moved aside first)."""
+def check_replaceable(output: Path) -> None:
+    """A folder at ``output`` is replaced only if it holds nothing but a prepared folder's files."""
     if output.exists():
         ours = {"train", "validation", "tokenizer", "summary.json", COMPLETE}
         foreign = [p.name for p in output.iterdir() if p.name not in ours]
@@ -444,12 +441,6 @@ def _publish(temp: Path, output: Path) -> None:
                 f"{output} exists and holds files that are not a prepared folder's "
                 f"({', '.join(sorted(foreign)[:5])}); choose another output folder"
             )
-        old = output.with_name(f"{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(temp, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, output)
 
 
 def sample_dtype(tokenizer) -> str:
@@ -667,7 +658,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from ettin.recipes import CONF_DIR
+    from ettin import CONF_DIR
 
     overrides = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in overrides):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,16 +209,14 @@ def ensure_builtin_tokenizer(out_dir: Path | str, vocab_size: int = 2048):
     The folder appears complete or not at all (written aside, then renamed)."""
     from ettin.data.corpus import builtin_documents
     from ettin.data.files import file_lock
+    from ettin.store.fs import publishing
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out_dir.with_name(out_dir.name + ".lock")):
         if not (out_dir / "tokenizer.json").exists():
-            temp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-            shutil.rmtree(temp, ignore_errors=True)
-            train_tokenizer((text for _, text in builtin_documents()), vocab_size, temp)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(temp, out_dir)
+            with publishing(out_dir) as temp:
+                train_tokenizer((text for _, text in builtin_documents()), vocab_size, temp)
     return load_tokenizer(out_dir)
 
 

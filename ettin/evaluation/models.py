@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ettin.hub import DECODER_TYPE, ENCODER_TYPE
+from ettin.model.hub import DECODER_TYPE, ENCODER_TYPE
 
 log = logging.getLogger("ettin")
 
@@ -37,27 +37,27 @@ def _is_run(path: Path) -> bool:
 
 
 def _run_objective(run: Path) -> Optional[str]:
-    from ettin.checkpoint import latest_checkpoint, read_meta
+    from ettin.store.checkpoints import latest_checkpoint, read_meta
 
     checkpoint = latest_checkpoint(run)
     return None if checkpoint is None else read_meta(checkpoint).get("objective")
 
 
 def _parameters(folder: Path) -> int:
-    from ettin.hub import read_weights
+    from ettin.model.hub import read_weights
 
     return sum(t.numel() for k, t in read_weights(folder).items() if not k.startswith("classifier."))
 
 
 def resolve_model(spec: str | Path) -> EvalModel:
-    from ettin.hub import resolve_folder
+    from ettin.model.hub import resolve_folder
 
     path = Path(spec)
     run: Optional[Path] = None
     if path.is_dir() and _is_run(path):
         run, path = path, path / "hf"
         if not (path / "config.json").exists():
-            from ettin.export import export_checkpoint
+            from ettin.model.export import export_checkpoint
 
             log.info("%s has no export yet: exporting its latest checkpoint to %s", run, path)
             export_checkpoint(run, path)

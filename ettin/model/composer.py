@@ -28,9 +28,9 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from ettin.config import SIZES, ModelConfig
-from ettin.model import ModernBert
-from ettin.optim import param_group_names
+from ettin.model.config import SIZES, ModelConfig
+from ettin.model.modernbert import ModernBert
+from ettin.optim.stable_adamw import param_group_names
 
 log = logging.getLogger("ettin")
 

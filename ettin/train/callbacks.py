@@ -1,13 +1,14 @@
-"""What a training process does around the steps, as Lightning callbacks and a logger: checkpoints and
-validation at token intervals, one continuous metrics.csv per phase, a progress bar in tokens, RNG
-states."""
+"""What a training process does around the steps, as Lightning callbacks: checkpoints and validation
+at token intervals, a progress bar in tokens, RNG states.
+
+Callbacks use the module only through its narrow interface: ``loader_state``, ``phase_tokens``,
+``evaluate``, ``log_metrics``, ``check_finite``, ``full_state``, ``progress_metrics`` and ``model.config``.
+"""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -15,14 +16,14 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
 
-from ettin.checkpoint import Checkpointer
-from ettin.recipes import TrainConfig, to_yaml
+from ettin.store.fs import publishing
+from ettin.train.checkpoint import Checkpointer
+from ettin.train.config import TrainConfig, to_yaml
+from ettin.train.environment import git_commit
 
 if TYPE_CHECKING:
-    from ettin.module import EttinModule
+    from ettin.train.module import EttinModule
 
 log = logging.getLogger("ettin")
 
@@ -60,56 +61,6 @@ def _barrier() -> None:
 
 def _crossed(before: int, after: int, every: int) -> bool:
     return bool(every) and after // every > before // every
-
-
-class MetricsCSV(Logger):
-    """``logs/<phase>/metrics.csv``: one row per logged step (train) and one per validation, at the
-    run's step, with a fixed set of columns. A resumed phase keeps the rows up to the checkpoint's
-    step and appends after them, so a phase has one continuous file whatever happened."""
-
-    def __init__(self, path: Path, columns: list[str], *, resume_step: int = 0) -> None:
-        super().__init__()
-        self.path = Path(path)
-        self.columns = ["step", *columns]
-        self._resume_step = resume_step
-        self._started = False
-
-    @property
-    def name(self) -> str:
-        return "csv"
-
-    @property
-    def version(self) -> str:
-        return self.path.parent.name
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        if not self._started:
-            self._start()
-        unknown = set(metrics) - set(self.columns)
-        if unknown:
-            raise KeyError(f"metrics.csv has no column for {sorted(unknown)}")
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.columns).writerow({"step": step, **metrics})
-
-    def _start(self) -> None:
-        """Keep the rows logged up to the resume step (the rest is about to be redone)."""
-        kept: list[dict] = []
-        if self._resume_step and self.path.exists():
-            with self.path.open(newline="") as f:
-                kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= self._resume_step]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_suffix(".tmp")
-        with temp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
-        temp.replace(self.path)
-        self._started = True
 
 
 class TokenProgressBar(TQDMProgressBar):
@@ -193,6 +144,7 @@ class CheckpointCallback(EveryTokens):
         super().__init__(every_tokens=every_tokens, start_tokens=start_tokens)
         self.cfg, self.phase, self.tokenizer = cfg, phase, tokenizer
         self.checkpointer = checkpointer
+        self.run_dir = checkpointer.run_dir
         self.fresh_optimizer = fresh_optimizer
         self.data_identity = data_identity
 
@@ -201,20 +153,16 @@ class CheckpointCallback(EveryTokens):
 
     def save(self, module: "EttinModule", *, kind: str) -> Path:
         """Every rank calls this; rank 0 writes the checkpoint atomically."""
-        module.train_step.check_finite(f"the {kind} checkpoint at step {module.loader_state.step}")
-        rng = _all_gather(capture_rng())
         state = module.loader_state
-        # Collective when the model is sharded: every rank takes part, rank 0 receives it whole.
-        weights = module.parallel.full_model_state()
-        optimizer_state = module.parallel.full_optimizer_state(module.optimizers(use_pl_optimizer=False))
-        path = self.checkpointer.run_dir / "checkpoints" / self.checkpointer.name(
-            self.phase, state.step, state.tokens)
+        module.check_finite(f"the {kind} checkpoint at step {state.step}")
+        rng = _all_gather(capture_rng())
+        weights, optimizer_state = module.full_state()  # collective when the model is sharded
+        path = self.run_dir.checkpoint(self.phase, state.step, state.tokens)
         if module.global_rank == 0:
             path = self.checkpointer.save(
                 phase=self.phase, phase_index=self.cfg.phase_order.index(self.phase), kind=kind,
-                loader_state={"step": state.step, "samples": state.samples, "tokens": state.tokens},
-                model_state=weights, optimizer_state=optimizer_state, rng_states=rng,
-                config_yaml=to_yaml(self.cfg),
+                loader_state=dataclasses.asdict(state), model_state=weights,
+                optimizer_state=optimizer_state, rng_states=rng, config_yaml=to_yaml(self.cfg),
                 meta={
                     "run_name": self.cfg.run_name, "recipe": self.cfg.recipe,
                     "objective": self.cfg.objective, "world_size": module.trainer.world_size,
@@ -229,17 +177,8 @@ class CheckpointCallback(EveryTokens):
 
     def tokenizer_dir(self) -> Path:
         """The run keeps its own copy of the tokenizer, so checkpoints are self-contained."""
-        directory = self.cfg.run_dir / "tokenizer"
+        directory = self.run_dir.tokenizer
         if not (directory / "tokenizer_config.json").exists():
-            self.tokenizer.save_pretrained(directory)
+            with publishing(directory) as temp:
+                self.tokenizer.save_pretrained(temp)
         return directory.resolve()
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=5, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

@@ -7,15 +7,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ettin.hub import convert_state_dict, to_hf_config
-from ettin.model import ModernBert
+from ettin.model.hub import convert_state_dict, to_hf_config
+from ettin.model.modernbert import ModernBert
 
 LOSS_TOLERANCE = 1e-4  # relative, fp32
 
 
 def peer_model(ours: ModernBert, objective: str, attn: str, sparse_prediction: bool = False) -> nn.Module:
     """transformers' ModernBERT with the same architecture and weights as ``ours``: the config and
-    weights our export writes (ettin.hub). Its attention is eager when ours is, else sdpa (its
+    weights our export writes (ettin.model.hub). Its attention is eager when ours is, else sdpa (its
     encoder has no flex path). ``sparse_prediction`` (encoder only): its head runs on labelled rows
     only, as ours; off by default in transformers."""
     import transformers

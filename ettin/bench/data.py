@@ -1,8 +1,7 @@
 """Data preparation throughput: ``ettin.data.prepare`` against a plain ``datasets.map(tokenizer)``
 over the same corpus, in one run, as a ratio.
 
-    python -m ettin.data.bench [--repeat 8] [--tokenizer DIR] [--num-proc 0] [--json OUT]
-    python -m ettin.bench data          (the same, through the project's benchmark entry point)
+    python -m ettin.bench data [--repeat 8] [--tokenizer DIR] [--num-proc 0] [--json OUT]
 
 The corpus is the built-in one (ettin/data/corpus.py) repeated ``--repeat`` times, written once as
 a .jsonl file that both sides read:
@@ -84,7 +83,7 @@ def _side(side: str, corpus: Path, tokenizer: str, work: Path, num_proc: int,
     """One measurement in a fresh interpreter (imports done before the clock starts)."""
     import subprocess
 
-    command = [sys.executable, "-m", "ettin.data.bench", "--side", side, "--corpus", str(corpus),
+    command = [sys.executable, "-m", "ettin.bench.data", "--side", side, "--corpus", str(corpus),
                "--tokenizer", tokenizer, "--work", str(work), "--num-proc", str(num_proc),
                "--max-seq-len", str(max_seq_len)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -159,7 +158,7 @@ def run(repeat: int = 8, tokenizer: Optional[str] = None, num_proc: int = 0, tri
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ettin.data.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ettin.bench data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=8, help="copies of the built-in corpus")
     parser.add_argument("--tokenizer", default=None,

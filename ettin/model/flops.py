@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from ettin.config import ModelConfig
+from ettin.model.config import ModelConfig
 
 # Dense bf16 peak per device (FLOP/s), without sparsity. Override with ETTIN_PEAK_TFLOPS.
 PEAK_BF16_FLOPS = {

@@ -1,20 +1,9 @@
-"""Benchmarks, each against a peer measured in the same run and reported as a ratio.
-
-    python -m ettin.bench model [--size 17m] [--batch 8] [--seq-len 512] [--objective mlm|clm] ...
-    python -m ettin.bench data  [options of python -m ettin.data.bench]
-    python -m ettin.bench gpu   [--quick] [--json OUT] [--device cpu|cuda] [--budget-s S]
-
-``model`` times one training step (forward + backward, no optimizer) of ``ettin.model.ModernBert``
-against transformers' own model with the same weights on the same padded batch:
-``ModernBertForMaskedLM`` (mlm, ``sparse_prediction=True`` so its head also runs on labelled rows
-only) or ``ModernBertDecoderForCausalLM`` (clm, Wqkv split into q/k/v). Ours is timed twice: fed the
-padded batch (it unpads inside) and fed the flat unpadded stream with ``cu_seqlens``. Before any
-timing the three losses on the batch are compared in fp32; the run stops if they disagree.
-
-``data`` is ``python -m ettin.data.bench``: data preparation against ``datasets.map(tokenizer)``.
-
-``gpu`` is ``ettin.bench_gpu``: whole training steps of every fast path and of transformers at
-Ettin's shapes, tokens/s, MFU and memory, in one run bounded in time (see its docstring).
+"""python -m ettin.bench model: one training step (forward + backward, no optimizer) of
+``ettin.model.modernbert.ModernBert`` against transformers' own model with the same weights on the
+same padded batch: ``ModernBertForMaskedLM`` (mlm, ``sparse_prediction=True`` so its head also runs on
+labelled rows only) or ``ModernBertDecoderForCausalLM`` (clm, Wqkv split into q/k/v). Ours is timed
+twice: fed the padded batch (it unpads inside) and fed the flat unpadded stream with ``cu_seqlens``.
+Before any timing the three losses on the batch are compared in fp32; the run stops if they disagree.
 """
 
 from __future__ import annotations
@@ -33,17 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ettin.config import SIZES, ModelConfig, model_config
-from ettin.bench_peer import check_losses, device_name, loss_of, peer_model
-from ettin.model import IGNORE_INDEX, ModernBert, unpad
-
-SUBCOMMANDS = {
-    "model": "training-step speed and memory of ettin.model.ModernBert vs transformers' ModernBERT",
-    "data": "data preparation throughput of ettin.data.prepare vs datasets.map(tokenizer)",
-    "gpu": "training throughput, MFU and memory of every fast path and transformers, in one bounded run",
-}
-USAGE = "usage: python -m ettin.bench {" + ",".join(SUBCOMMANDS) + "} [options]\n\nsubcommands:\n" + "".join(
-    f"  {name:<6} {text}\n" for name, text in SUBCOMMANDS.items())
+from ettin.model.config import SIZES, ModelConfig, model_config
+from ettin.bench.peer import check_losses, device_name, loss_of, peer_model
+from ettin.model.modernbert import IGNORE_INDEX, ModernBert, unpad
 
 # Defaults per device: CPU small enough for a laptop, GPU a realistic pretraining micro-batch.
 DEVICE_DEFAULTS = {
@@ -267,7 +248,7 @@ def print_model_result(r: dict) -> None:
 def model_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ettin.bench model",
-        description="One training step of ettin.model.ModernBert vs transformers' ModernBERT (same "
+        description="One training step of ettin.model.modernbert.ModernBert vs transformers' ModernBERT (same "
                     "weights, same batch). Defaults depend on the device: "
                     + "; ".join(f"{d}: " + ", ".join(f"{k}={v}" for k, v in values.items())
                                 for d, values in DEVICE_DEFAULTS.items()))
@@ -306,28 +287,8 @@ def model_main(argv: list[str]) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE, end="")
-        return 0
-    if not argv or argv[0] not in SUBCOMMANDS:
-        problem = "a subcommand is required" if not argv else f"unknown subcommand {argv[0]!r}"
-        print(f"{USAGE}\npython -m ettin.bench: error: {problem}; choose one of: "
-              f"{', '.join(SUBCOMMANDS)}", file=sys.stderr)
-        return 2
-    if argv[0] == "data":
-        from ettin.data.bench import main as data_main
-
-        return data_main(argv[1:])
-    if argv[0] == "gpu":
-        from ettin.bench_gpu import main as gpu_main
-
-        return gpu_main(argv[1:])
-    return model_main(argv[1:])
+    return model_main(sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

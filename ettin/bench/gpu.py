@@ -3,8 +3,8 @@ bounded run.
 
     python -m ettin.bench gpu [--quick] [--json OUT] [--device cpu|cuda] [--budget-s S] [--only REGEX]
 
-What is timed: whole training steps (forward + backward + ``ettin.optim.StableAdamW`` step; ours
-through training's own ``ettin.step.TrainStep``), bf16
+What is timed: whole training steps (forward + backward + ``ettin.optim.stable_adamw.StableAdamW`` step; ours
+through training's own ``ettin.train.step.TrainStep``), bf16
 autocast over fp32 weights on CUDA (fp32 on CPU), on micro-batches built from the built-in corpus
 (ettin.data.corpus, tokenized by a BPE trained on it at start, cut into rows by
 ``ettin.data.prepare.chunk_document`` and collated by the training collators: MLM 30 %, CLM):
@@ -17,11 +17,11 @@ Shapes (CUDA): 150m at 1024 (both objectives, both layouts), 1b at 1024, 150m at
 for each attention backend available (sdpa, flex, flash when installed), with and without
 per-layer ``torch.compile``; the chunked loss by default and once the plain one; transformers'
 ``ModernBertForMaskedLM`` (as shipped and with ``sparse_prediction``) / ``ModernBertDecoderForCausalLM``
-(sdpa, uncompiled) on the same weights (``ettin.hub.convert_state_dict``), after a fp32 loss check on
+(sdpa, uncompiled) on the same weights (``ettin.model.hub.convert_state_dict``), after a fp32 loss check on
 the same batch.
 
 Per case: tokens/s/device (real tokens; the time of whole rounds over 3 different micro-batches,
-2 on CPU, synchronised at the ends), MFU (``ettin.flops`` window-aware FLOPs on real tokens over the peak
+2 on CPU, synchronised at the ends), MFU (``ettin.model.flops`` window-aware FLOPs on real tokens over the peak
 table there; ETTIN_PEAK_TFLOPS overrides), peak memory, the ratio to the fastest transformers side
 of the same shape and objective, the ratio to Ettin's own tokens/s/GPU for the size (recipe.md
 8.1: 150m 296k on H100), warm-up seconds (compilation; excluded from the timing), host syncs in
@@ -49,16 +49,16 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ettin.config import model_config, size_value
-from ettin.data.collate import IGNORE_INDEX, CLMCollator, MLMCollator
+from ettin.model.config import model_config, size_value
+from ettin.objectives.collate import IGNORE_INDEX, CLMCollator, MLMCollator
 from ettin.data.corpus import builtin_documents
 from ettin.data.loader import pack_rows
 from ettin.data.prepare import chunk_document
 from ettin.data.tokenizer import SpecialIds, special_ids, train_tokenizer
-from ettin.flops import peak_flops_per_device, training_flops
-from ettin.model import ModernBert
-from ettin.optim import StableAdamW, param_groups
-from ettin.step import TrainStep
+from ettin.model.flops import peak_flops_per_device, training_flops
+from ettin.model.modernbert import ModernBert
+from ettin.optim.stable_adamw import StableAdamW, param_groups
+from ettin.train.step import StepSettings, TrainStep
 
 # Ettin's average training tokens/s per H100 (recipe.md 8.1: 2T tokens over the README's wall-clock
 # hours on 4 GPUs).
@@ -300,7 +300,7 @@ def build_config(case: Case, corpus: Corpus, device: str):
 
 
 def build_model(case: Case, corpus: Corpus, device: str) -> torch.nn.Module:
-    from ettin.bench_peer import peer_model
+    from ettin.bench.peer import peer_model
 
     torch.manual_seed(0)  # every case of a size starts from the same weights
     with torch.device(device):
@@ -312,7 +312,7 @@ def build_model(case: Case, corpus: Corpus, device: str) -> torch.nn.Module:
 
 def check_peer_loss(case: Case, peer: torch.nn.Module, corpus: Corpus, group: list, device: str) -> dict:
     """fp32 losses of ours and the peer on the same micro-batch; raises when they disagree."""
-    from ettin.bench_peer import check_losses, loss_of
+    from ettin.bench.peer import check_losses, loss_of
 
     ours_case = replace(case, side="ours", attn="sdpa", loss="plain")
     ours = build_model(ours_case, corpus, device)
@@ -355,8 +355,7 @@ def run_case(case: Case, corpus: Corpus, rows: list, device: str, quick: bool) -
         return torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else nullcontext()
 
     if case.side == "ours":  # training's own step: the token-normalised loss, counters on the device
-        train_step = TrainStep(model, optimizer, lr=1e-4, lr_multiplier=lambda tokens: 1.0,
-                               forward_context=autocast)
+        train_step = TrainStep(model, optimizer, StepSettings(lr=1e-4, lr_multiplier=lambda tokens: 1.0, peak_lr=1e-4), forward_context=autocast)
 
         def step(batch: MicroBatch) -> None:
             train_step([batch.inputs], tokens_before=0, targets=[batch.targets], rows=[batch.rows])
@@ -371,7 +370,7 @@ def run_case(case: Case, corpus: Corpus, rows: list, device: str, quick: bool) -
     import torch._dynamo
 
     if case.compile:
-        from ettin.speedups import apply_speedups
+        from ettin.parallel.speedups import apply_speedups
 
         torch._dynamo.reset()
         apply_speedups(model, compile=True, activation_checkpointing=False,
@@ -451,7 +450,7 @@ def run(device: str, quick: bool, budget_s: float, only: Optional[str] = None,
     budget; ``progress`` gets the report so far after each."""
     import transformers
 
-    from ettin.bench_peer import device_name
+    from ettin.bench.peer import device_name
 
     started = time.perf_counter()
     attns, skipped_backends = backends(device)

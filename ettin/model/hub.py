@@ -29,10 +29,10 @@ from typing import Optional
 
 import torch
 
-from ettin.checkpoint import retie
+from ettin.store.checkpoints import retie
 from ettin.objectives import OBJECTIVES
-from ettin.config import ModelConfig
-from ettin.model import ModernBert
+from ettin.model.config import ModelConfig
+from ettin.model.modernbert import ModernBert
 
 log = logging.getLogger("ettin")
 
@@ -235,7 +235,7 @@ def from_hf_config(raw: dict, **overrides) -> tuple[ModelConfig, bool]:
             f"model_type {model_type!r} is not a ModernBERT model; ettin reads {ENCODER_TYPE!r} "
             f"(ModernBertForMaskedLM and its task variants) and {DECODER_TYPE!r} "
             "(ModernBertDecoderForCausalLM). A Composer/FlexBERT export (model_type 'bert') loads "
-            "with init=<file.pt> through ettin.composer."
+            "with init=<file.pt> through ettin.model.composer."
         )
     causal = model_type == DECODER_TYPE
     with warnings.catch_warnings():
@@ -363,7 +363,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").exists():
         return load_file(str(folder / "model.safetensors"))
     if (folder / "pytorch_model.bin").exists():
-        from ettin.checkpoint import safe_torch_load
+        from ettin.store.checkpoints import safe_torch_load
 
         return safe_torch_load(folder / "pytorch_model.bin")
     raise HubError(f"{folder} holds no model.safetensors, sharded safetensors or pytorch_model.bin")

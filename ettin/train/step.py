@@ -2,7 +2,7 @@
 -> gradient sync -> optimizer step. No Lightning in here, so it is tested directly (tests/test_step.py).
 
 Loss normalisation (``optim.loss_normalization``):
-- ``tokens`` (default, decision 5): the mean over every target token of the step, across micro-batches
+- ``tokens`` (default; docs/recipes.md, loss normalisation): the mean over every target token of the step, across micro-batches
   and ranks. Each micro-batch's summed loss is divided by the step's global target count, so a token
   weighs the same whichever micro-batch or rank it fell into.
 - ``micro_batch``: Composer's way, how the released Ettin models were trained: each micro-batch's own
@@ -21,14 +21,39 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
-from ettin.optim import grad_norm
+from ettin.optim.stable_adamw import grad_norm
+
+
+LOSS_NORMALIZATIONS = ("tokens", "micro_batch")
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """A phase's optimizer step: its LR on the token clock, the optimizer's hyperparameters and how
+    the loss is normalised. Built once per phase (ettin.train.phase) for the module and the step."""
+
+    lr: float  # the phase's start LR (the recipe's peak LR x the phase's lr_scale)
+    lr_multiplier: Callable[[int], float]  # of the phase's tokens before the step
+    peak_lr: float  # the recipe's peak LR: StableAdamW scales weight decay by lr_t / peak_lr
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    loss_normalization: str = "tokens"
+
+    def __post_init__(self) -> None:
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization={self.loss_normalization!r}: one of "
+                             f"{', '.join(LOSS_NORMALIZATIONS)}")
+
+    def lr_at(self, tokens_before: int) -> float:
+        """The LR of the step that starts after ``tokens_before`` tokens of the phase."""
+        return self.lr * self.lr_multiplier(tokens_before)
 
 
 @dataclass
 class StepResult:
     loss_sum: torch.Tensor  # summed cross-entropy of this rank's targets (0-dim, on the device)
     correct: torch.Tensor  # this rank's targets predicted right (argmax)
-    local_targets: int
     global_targets: torch.Tensor  # summed over ranks, 0-dim on the device
     lr: float
     grad_norm: Optional[torch.Tensor]  # only when asked for (it costs a pass over the gradients)
@@ -50,23 +75,17 @@ class TrainStep:
         self,
         network: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
+        settings: StepSettings,
         *,
-        lr: float,
-        lr_multiplier: Callable[[int], float],
-        loss_normalization: str = "tokens",
         world_size: int = 1,
         sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
         gradient_sync: Callable[[bool], ContextManager] = lambda enabled: nullcontext(),
         backward: Callable[[torch.Tensor], None] = lambda loss: loss.backward(),
         forward_context: Callable[[], ContextManager] = nullcontext,
     ) -> None:
-        if loss_normalization not in ("tokens", "micro_batch"):
-            raise ValueError(f"loss_normalization={loss_normalization!r}: tokens or micro_batch")
         self.network = network
         self.optimizer = optimizer
-        self.lr = lr
-        self.lr_multiplier = lr_multiplier
-        self.loss_normalization = loss_normalization
+        self.settings = settings
         self.world_size = world_size
         self.sum_over_ranks = sum_over_ranks
         self.gradient_sync = gradient_sync
@@ -75,10 +94,6 @@ class TrainStep:
         # On the device: whether any step's loss or gradient was not finite; read (a host sync) only
         # by check_finite. None before the first step.
         self.nonfinite: Optional[torch.Tensor] = None
-
-    def lr_at(self, tokens_before: int) -> float:
-        """The LR of the step that starts after ``tokens_before`` tokens of the phase."""
-        return self.lr * self.lr_multiplier(tokens_before)
 
     def __call__(self, micro_batches: list[dict], *, tokens_before: int, targets: list[int],
                  rows: list[int], with_grad_norm: bool = False) -> StepResult:
@@ -89,7 +104,7 @@ class TrainStep:
         # torch.full fills on the device; torch.tensor(x, device=...) would copy from host memory,
         # which waits for the device's queue to drain.
         global_targets = self.sum_over_ranks(torch.full((), float(local_targets), device=device))
-        lr = self.lr_at(tokens_before)
+        lr = self.settings.lr_at(tokens_before)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -113,10 +128,10 @@ class TrainStep:
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_sum, correct, local_targets, global_targets, lr, norm)
+        return StepResult(loss_sum, correct, global_targets, lr, norm)
 
     def _scale(self, mb_targets: int, mb_rows: int, global_targets: torch.Tensor, local_rows: int):
-        if self.loss_normalization == "tokens":
+        if self.settings.loss_normalization == "tokens":
             return self.world_size / global_targets.clamp(min=1.0)
         # Composer: mean over the micro-batch's targets, weighted by its share of the rank's rows;
         # gradient averaging over ranks then averages the ranks.

@@ -1,6 +1,6 @@
 """Typed training configuration and recipe composition.
 
-A recipe (``recipes/<name>.yaml``) is a few lines: a size (a row of ``ettin.config.SIZES``, whose
+A recipe (``recipes/<name>.yaml``) is a few lines: a size (a row of ``ettin.model.config.SIZES``, whose
 values the configs read with ``${size:FIELD}``), an objective, a phase list (``conf/phases``) and
 optionally an init. Composition is Hydra's; the result is merged into the ``TrainConfig`` schema
 below, so an unknown key or a wrongly typed value fails at start.
@@ -8,7 +8,6 @@ below, so an unknown key or a wrongly typed value fails at start.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,13 +15,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ettin.config import SIZES, ModelConfig, model_config, size_value
+from ettin import CONF_DIR, RECIPES_DIR
+from ettin.model.config import SIZES, ModelConfig, model_config, size_value
 from ettin.data.source import DataSource
 from ettin.objectives import OBJECTIVES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = Path(os.environ.get("ETTIN_CONF_DIR", REPO_ROOT / "conf"))
-RECIPES_DIR = Path(os.environ.get("ETTIN_RECIPES_DIR", REPO_ROOT / "recipes"))
 
 LR_SCHEDULES = ("wsd", "one_minus_sqrt")
 INIT_MODES = ("weights", "weights+optimizer")
@@ -156,6 +153,12 @@ class TrainConfig:
             return bool(self.pack_micro_batches)
         attn = self.model.get("attn_implementation", ModelConfig.attn_implementation)
         return self.optim.loss_normalization == "tokens" and attn in ("flex", "flash")
+
+    def micro_batches_described(self, phase: str) -> str:
+        p = self.phases[phase]
+        if self.packs_micro_batches():
+            return f"packed micro-batches of up to {p.micro_batch * p.seq_len:,} tokens"
+        return f"micro-batches of {p.micro_batch} rows"
 
     def model_config(self, phase: str) -> ModelConfig:
         p = self.phases[phase]

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ettin.config import ModelConfig
+from ettin.model.config import ModelConfig
 
 log = logging.getLogger("ettin")
 

@@ -1,10 +1,10 @@
 """The LightningModule: one for every objective.
 
 The objective (ettin.objectives) has chosen the attention direction (the model's ``causal``), the
-collator (the labels) and the metrics; the step itself is ettin.step.TrainStep, a plain object.
-Lightning runs the loop, the processes, precision and the callbacks (checkpoints, validation,
-preemption: ettin.runtime); distribution is applied from outside (ettin.distributed sets
-``parallel``).
+collator (the labels) and the metrics; the step itself is ettin.train.step.TrainStep, a plain object.
+Lightning runs the loop, the processes, precision and the callbacks (checkpoints, validation:
+ettin.train.callbacks; preemption: ettin.train.preemption); distribution is applied from outside
+(ettin.parallel.distributed sets ``parallel``).
 
 Each training batch is one whole optimizer step for this rank (a list of micro-batches), so the
 global batch can change during batch-size warmup without Lightning's fixed accumulation.
@@ -13,76 +13,69 @@ global batch can change during batch-size warmup without Lightning's fixed accum
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import lightning as L
 import torch
 
-from ettin.distributed import Parallel
-from ettin.flops import training_flops
-from ettin.model import ModernBert
+from ettin.parallel.distributed import Parallel
+from ettin.model.flops import training_flops
+from ettin.model.modernbert import ModernBert
 from ettin.objectives import Objective
-from ettin.optim import StableAdamW, param_groups
-from ettin.step import StepResult, TrainStep
+from ettin.optim.stable_adamw import StableAdamW, param_groups
+from ettin.data.loader import LoaderState, StepBatch
+from ettin.train.step import StepResult, StepSettings, TrainStep
 
 
 class EttinModule(L.LightningModule):
+    """``settings``: the phase's step (LR on the token clock, optimizer hyperparameters, loss
+    normalisation); ``phase_tokens``: where the phase ends; ``loader_state``: the loader's counters
+    after the last finished step; ``on_train_start_fn``: restores or seeds the RNGs once the
+    processes exist."""
+
     def __init__(
         self,
         model: ModernBert,
         *,
         objective: Objective,
-        lr: float,
-        lr_multiplier: Callable[[int], float],
+        settings: StepSettings,
         phase_tokens: int,
-        weight_decay: float,
-        betas: tuple[float, float],
-        eps: float,
-        peak_lr: Optional[float] = None,
-        loss_normalization: str = "tokens",
-        peak_flops: Optional[float] = None,
+        loader_state: LoaderState,
         optimizer_state: Optional[dict] = None,
+        peak_flops: Optional[float] = None,
         log_every_steps: int = 10,
-        loader_state: Any = None,
         on_train_start_fn: Optional[Callable[["EttinModule"], None]] = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.automatic_optimization = False
         self.objective = objective
-        self.lr = lr
-        self.lr_multiplier = lr_multiplier
+        self.settings = settings
         self.phase_tokens = phase_tokens
-        self.weight_decay = weight_decay
-        self.betas = tuple(betas)
-        self.eps = eps
-        # StableAdamW scales weight decay by lr_t / max_lr: max_lr is the recipe's peak LR in every
-        # phase, so a phase that starts at half the peak decays like the continuous recipe.
-        self.peak_lr = peak_lr if peak_lr is not None else lr
-        self.loss_normalization = loss_normalization
         self.peak_flops = peak_flops
         self.log_every_steps = log_every_steps
         self._optimizer_state = optimizer_state
-        self.parallel = Parallel(model)  # replaced by ettin.distributed.parallelize under DDP/FSDP
+        self.parallel = Parallel(model)  # replaced by ettin.parallel.distributed.parallelize under DDP/FSDP
         self.train_step: Optional[TrainStep] = None
-        self.loader_state: Any = loader_state  # the loader's counters after the last finished step
+        self.loader_state = loader_state
         self.on_train_start_fn = on_train_start_fn
         self._window_start, self._window_tokens, self._window_flops = 0.0, 0, 0.0
-        self.progress_metrics: dict[str, float] = {}  # shown by ettin.runtime.TokenProgressBar
+        self.progress_metrics: dict[str, float] = {}  # shown by ettin.train.callbacks.TokenProgressBar
 
     # -- optimizer ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = param_groups(self.model, self.weight_decay)
-        optimizer = StableAdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps,
-                                weight_decay=self.weight_decay, max_lr=self.peak_lr)
+        s = self.settings
+        groups = param_groups(self.model, s.weight_decay)
+        optimizer = StableAdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps,
+                                weight_decay=s.weight_decay, max_lr=s.peak_lr)
         if self._optimizer_state is not None:
             self.parallel.load_optimizer_state(optimizer, self._optimizer_state)
             self._optimizer_state = None
             # The moments carry over; the hyperparameters are this phase's (a restored state would
             # otherwise bring back the previous phase's weight decay, betas and eps).
             for group, fresh in zip(optimizer.param_groups, groups):
-                group.update(weight_decay=fresh["weight_decay"], betas=self.betas, eps=self.eps,
-                             max_lr=self.peak_lr)
+                group.update(weight_decay=fresh["weight_decay"], betas=s.betas, eps=s.eps,
+                             max_lr=s.peak_lr)
         return optimizer
 
     # -- training -----------------------------------------------------------------------------------
@@ -91,28 +84,35 @@ class EttinModule(L.LightningModule):
             self.on_train_start_fn(self)
         world = self.trainer.world_size
         self.train_step = TrainStep(
-            self.parallel.network, self.optimizers(use_pl_optimizer=False), lr=self.lr,
-            lr_multiplier=self.lr_multiplier, loss_normalization=self.loss_normalization,
+            self.parallel.network, self.optimizers(use_pl_optimizer=False), self.settings,
             world_size=world, sum_over_ranks=self._sum_over_ranks,
             gradient_sync=self.parallel.gradient_sync, backward=self.manual_backward,
         )
         self._window_start, self._window_tokens, self._window_flops = time.perf_counter(), 0, 0.0
 
-    def training_step(self, step_batch: dict, batch_idx: int) -> None:
-        state_after = step_batch["state"]
+    def training_step(self, batch: StepBatch, batch_idx: int) -> None:
         # On the run's step counter (not Lightning's, which restarts at 0 on resume).
-        log_now = state_after.step % self.log_every_steps == 0
-        result = self.train_step(step_batch["micro_batches"],
-                           tokens_before=state_after.tokens - step_batch["step_tokens"],
-                           targets=step_batch["targets"], rows=step_batch["rows"],
-                           with_grad_norm=log_now)
-        self.loader_state = state_after
-        self._count_work(step_batch)
+        log_now = batch.state.step % self.log_every_steps == 0
+        result = self.train_step(batch.micro_batches, tokens_before=batch.tokens_before,
+                                 targets=batch.targets, rows=batch.rows, with_grad_norm=log_now)
+        self.loader_state = batch.state
+        self._count_work(batch)
         if log_now:
-            self.train_step.check_finite(f"step {state_after.step}")
-            self._log_step(step_batch, result)
-        if state_after.tokens >= self.phase_tokens:
+            self.check_finite(f"step {batch.state.step}")
+            self._log_step(batch, result)
+        if batch.state.tokens >= self.phase_tokens:
             self.trainer.should_stop = True
+
+    def check_finite(self, where: str) -> None:
+        """Raise NonFiniteLossError if any step so far had a non-finite loss or gradient norm."""
+        if self.train_step is not None:
+            self.train_step.check_finite(where)
+
+    def full_state(self) -> tuple[dict, dict]:
+        """Whole weights and optimizer state, for a checkpoint (collective when the model is
+        sharded: every rank calls it, rank 0 receives them whole)."""
+        weights = self.parallel.full_model_state()
+        return weights, self.parallel.full_optimizer_state(self.optimizers(use_pl_optimizer=False))
 
     def _sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size == 1:
@@ -123,7 +123,7 @@ class EttinModule(L.LightningModule):
         torch.distributed.all_reduce(total)
         return total
 
-    def _log_step(self, step_batch: dict, result: StepResult) -> None:
+    def _log_step(self, batch: StepBatch, result: StepResult) -> None:
         totals = self._sum_over_ranks(torch.stack([result.loss_sum, result.correct]))
         # One read from the device for all of them.
         loss_sum, correct, targets, norm = torch.stack([
@@ -134,8 +134,8 @@ class EttinModule(L.LightningModule):
         metrics.update({
             "train/lr": result.lr,
             "train/grad_norm": norm,
-            "train/tokens": float(step_batch["state"].tokens),
-            "train/global_batch": float(step_batch["global_batch"]),
+            "train/tokens": float(batch.state.tokens),
+            "train/global_batch": float(batch.global_batch),
         })
         # Throughput over the steps since the last log line, on this device's real tokens.
         now = time.perf_counter()
@@ -155,9 +155,9 @@ class EttinModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.loader_state.step)
 
-    def _count_work(self, step_batch: dict) -> None:
+    def _count_work(self, batch: StepBatch) -> None:
         causal = self.model.config.causal
-        for lengths, n_targets in zip(step_batch["row_lengths"], step_batch["targets"]):
+        for lengths, n_targets in zip(batch.row_lengths, batch.targets):
             self._window_tokens += sum(lengths)
             self._window_flops += training_flops(self.model.config, lengths, n_targets, causal)
 
@@ -190,21 +190,3 @@ class EttinModule(L.LightningModule):
         totals = self._sum_over_ranks(totals)
         loss_sum, targets, correct = (float(t) for t in totals)
         return self.objective.metrics("val", loss_sum / max(targets, 1.0), correct, targets)
-
-
-def count_on_host(batch: dict) -> dict:
-    """Targets, row lengths and rows of each micro-batch, counted on the host before the copy to the
-    device, so no step waits on a device sync to know them."""
-    batch["targets"] = [int((mb["labels"] != -100).sum()) for mb in batch["micro_batches"]]
-    batch["row_lengths"] = [_row_lengths(mb) for mb in batch["micro_batches"]]
-    batch["rows"] = [len(lengths) for lengths in batch["row_lengths"]]
-    return batch
-
-
-def _row_lengths(micro_batch: dict) -> list[int]:
-    if "cu_seqlens" in micro_batch:
-        return torch.diff(micro_batch["cu_seqlens"]).tolist()
-    mask = micro_batch.get("attention_mask")
-    if mask is None:
-        return [micro_batch["input_ids"].shape[1]] * micro_batch["input_ids"].shape[0]
-    return mask.sum(dim=1).tolist()

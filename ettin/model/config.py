@@ -2,7 +2,7 @@
 
 Every size is a row of ``SIZES``; everything else (encoder or decoder, phase, dropout used in
 training) is composed on top by the recipes. Field names follow transformers' ModernBertConfig where
-one exists, so the Hugging Face mapping in ``ettin.hub`` reads at a glance.
+one exists, so the Hugging Face mapping in ``ettin.model.hub`` reads at a glance.
 """
 
 from __future__ import annotations

@@ -1,0 +1,250 @@
+"""python -m ettin.compare RUN_A RUN_B [--out DIR] [--eval EVAL_JSON]
+
+The report of two runs: an encoder and a decoder trained as a pair, or any two runs (then an A/B
+comparison, labelled by run name). Writes ``report.md``, a self-contained ``report.html`` and the PNG
+plots into DIR (default: a folder next to RUN_A named after the pair, ``<name>-report`` for the
+``<name>-encoder`` / ``<name>-decoder`` pair of ``python -m ettin.train``): the data and schedule
+identity of the two runs, proven from their metadata and a replay of the loader's order; evaluation
+scores side by side (from ``--eval``, else ``RUN/eval.json`` or ``DIR/eval.json`` when present);
+loss, learning rate, global batch and throughput on one cumulative token axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pandas as pd
+
+from ettin.report import identity, plots, runs, scores
+from ettin.report.runs import RunError
+
+SMOKE_WARNING = ("These are smoke tasks: small generated offline tasks that check the pipeline end to "
+                 "end. Their scores say nothing about how encoders and decoders compare; evaluate on "
+                 "the standard suites for that.")
+
+
+def default_out_dir(run_a: Path, run_b: Path) -> Path:
+    """``<name>-report`` for the ``<name>-encoder`` / ``<name>-decoder`` pair, else ``A-vs-B``."""
+    a, b = run_a.name, run_b.name
+    for left, right in ((a, b), (b, a)):
+        if left.endswith("-encoder") and right == left[: -len("encoder")] + "decoder":
+            return run_a.parent / f"{left[: -len('-encoder')]}-report"
+    return run_a.parent / f"{a}-vs-{b}"
+
+
+def find_evaluation(run_a: Path, run_b: Path, out_dir: Path) -> list[Path]:
+    """The eval.json files that may hold the pair's scores, in the order they are merged."""
+    return [p for p in (run_a / "eval.json", run_b / "eval.json", out_dir / "eval.json") if p.is_file()]
+
+
+def write_report(run_a: Path | str, run_b: Path | str, out_dir: Path | str,
+                 evaluation: dict | Path | str | None = None, *,
+                 max_steps: int = identity.MAX_REPLAY_STEPS) -> Path:
+    """Write report.md, report.html and the plots of two runs into ``out_dir``; returns report.md."""
+    a, b = runs.load_run(run_a), runs.load_run(run_b)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if evaluation is None:
+        found = find_evaluation(a.path, b.path, out)
+        evaluation_sources = [str(p) for p in found]
+        evaluation = scores.load_evaluation(*found) if found else None
+    else:
+        evaluation_sources = [str(evaluation)] if isinstance(evaluation, (str, Path)) else ["given"]
+        evaluation = scores.load_evaluation(evaluation)
+    blocks = report_blocks(a, b, out, evaluation, evaluation_sources, max_steps=max_steps)
+    markdown = render_markdown(blocks)
+    (out / "report.md").write_text(markdown)
+    (out / "report.html").write_text(render_html(blocks, out, title=_title(a, b)))
+    return out / "report.md"
+
+
+# ------------------------------------------------------------------------------------------------
+# What the report says: a list of blocks, rendered to Markdown and to HTML
+
+
+def _title(a: runs.Run, b: runs.Run) -> str:
+    return f"ettin report: {a.name} vs {b.name}"
+
+
+def report_blocks(a: runs.Run, b: runs.Run, out: Path, evaluation: Optional[dict],
+                  evaluation_sources: Sequence[str], *, max_steps: int) -> list[tuple]:
+    paired = a.kind != b.kind
+    blocks: list[tuple] = [("h1", _title(a, b))]
+    kind = ("an encoder/decoder pair" if paired else
+            f"an A/B comparison of two {a.kind}s (labelled by run name)")
+    blocks.append(("p", f"A = {a.label} at {a.path.resolve()}; B = {b.label} at {b.path.resolve()}. "
+                        f"This is {kind}. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."))
+    blocks.append(("table", runs_table(a, b)))
+
+    checks = identity.identity_checks(a, b, max_steps=max_steps)
+    blocks.append(("h2", "Data and schedule identity"))
+    blocks.append(("p", identity_verdict(checks)))
+    blocks.append(("table", identity.checks_table(checks)))
+
+    blocks.append(("h2", "Evaluation"))
+    if evaluation is None:
+        blocks.append(("p", "No evaluation found (looked for eval.json in both run folders and in "
+                            f"{out}). Evaluate both with: python -m ettin.eval {a.path} {b.path}, "
+                            "then pass the file with --eval."))
+    else:
+        if scores.is_smoke(evaluation):
+            blocks.append(("p", f"WARNING: {SMOKE_WARNING}"))
+        table = scores.score_table(evaluation, a.name, b.name)
+        blocks.append(("p", f"Suite {evaluation.get('suite')!r}, created {evaluation.get('created')}, "
+                            f"from {', '.join(evaluation_sources)}. The winner follows each metric's "
+                            "direction; the Ettin paper found encoders ahead on classification and "
+                            "retrieval and decoders ahead on generation."
+                            + ("" if paired else " Both runs are the same kind, so the paper's "
+                               "direction is not tested here.")))
+        blocks.append(("table", _scores_for_display(table, a.name, b.name)))
+        blocks.append(_image(plots.plot_scores(table, [a.name, b.name]), out, "scores.png",
+                             "evaluation scores, winner starred"))
+
+    blocks.append(("h2", "Training curves"))
+    if a.objective != b.objective:
+        blocks.append(("p", f"Each loss is its own objective's ({a.objective.upper()} vs "
+                            f"{b.objective.upper()}): compare how the curves move, not their levels. "
+                            "Phase boundaries are dotted; tokens are cumulative over phases."))
+    blocks.append(_image(plots.plot_losses([a, b]), out, "loss.png", "train and validation loss"))
+    blocks.append(("table", final_losses(a, b)))
+    blocks.append(_image(plots.plot_schedule([a, b]), out, "schedule.png",
+                         "learning rate and global batch"))
+    blocks.append(_image(plots.plot_throughput([a, b]), out, "throughput.png", "throughput"))
+    return blocks
+
+
+def runs_table(a: runs.Run, b: runs.Run) -> pd.DataFrame:
+    rows = {}
+    for key, run in (("A", a), ("B", b)):
+        final = run.checkpoints[-1] if run.checkpoints else None
+        rows[key] = {
+            "run": run.name, "objective": run.objective, "kind": run.kind,
+            "phases": ", ".join(f"{p} ({run.phase_tokens[p]:,} tokens)" for p in run.phases),
+            "final checkpoint": final.path.name if final else "none",
+            "git commit": final.meta.get("git_commit", "not recorded") if final else "not recorded",
+        }
+    return pd.DataFrame(rows).rename_axis("").reset_index()
+
+
+def identity_verdict(checks: Sequence[identity.Check]) -> str:
+    counts = {s: [c for c in checks if c.status == s]
+              for s in (identity.IDENTICAL, identity.DIFFERS, identity.NOT_RECORDED)}
+    where = lambda cs: ", ".join(f"{c.name}{' (' + c.phase + ')' if c.phase else ''}" for c in cs)
+    text = f"{len(counts['identical'])} of {len(checks)} checks identical."
+    if counts["differs"]:
+        text += f" DIFFERS: {where(counts['differs'])}."
+    if counts["not recorded"]:
+        text += f" Not recorded: {where(counts['not recorded'])}."
+    if not counts["differs"] and not counts["not recorded"]:
+        text += " The two runs saw the same data in the same order under the same schedule."
+    return text
+
+
+def final_losses(a: runs.Run, b: runs.Run) -> pd.DataFrame:
+    rows = []
+    for phase in a.phases + [p for p in b.phases if p not in a.phases]:
+        row = {"phase": phase}
+        for run in (a, b):
+            for column, label in (("train/loss", "train"), ("val/loss", "validation")):
+                curve = run.curve(column)
+                curve = curve[curve["phase"] == phase]
+                row[f"{run.name} {label}"] = f"{curve[column].iloc[-1]:.4f}" if len(curve) else "not recorded"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _scores_for_display(table: pd.DataFrame, name_a: str, name_b: str) -> pd.DataFrame:
+    shown = table.rename(columns={"score_a": name_a, "score_b": name_b, "paper": "Ettin paper"})
+    for name in (name_a, name_b):
+        shown[name] = [("n/a" if pd.isna(s) else f"{s:.4g}") + (" ★" if w == name else "")
+                       for s, w in zip(table["score_a" if name == name_a else "score_b"], table["winner"])]
+    shown["higher_is_better"] = ["higher" if h else "lower" for h in table["higher_is_better"]]
+    return shown.rename(columns={"higher_is_better": "better"}).drop(columns=["smoke"])
+
+
+def _image(figure, out: Path, name: str, alt: str) -> tuple:
+    figure.savefig(out / name, dpi=110)
+    return ("image", name, alt)
+
+
+def _markdown_cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: Sequence[tuple]) -> str:
+    lines: list[str] = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h1":
+            lines += [f"# {block[1]}", ""]
+        elif kind == "h2":
+            lines += [f"## {block[1]}", ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "table":
+            table: pd.DataFrame = block[1]
+            lines.append("| " + " | ".join(_markdown_cell(c) for c in table.columns) + " |")
+            lines.append("|" + "---|" * len(table.columns))
+            for row in table.itertuples(index=False):
+                lines.append("| " + " | ".join(_markdown_cell(v) for v in row) + " |")
+            lines.append("")
+        elif kind == "image":
+            lines += [f"![{block[2]}]({block[1]})", ""]
+    return "\n".join(lines)
+
+
+def render_html(blocks: Sequence[tuple], out: Path, *, title: str) -> str:
+    """One file: the plots are embedded (base64 PNG), so it can be mailed or attached alone."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:0.85em;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}"
+             "img{max-width:100%}</style></head><body>"]
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            parts.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "p":
+            parts.append(f"<p>{html.escape(block[1])}</p>")
+        elif kind == "table":
+            parts.append(block[1].to_html(index=False, escape=True, border=0))
+        elif kind == "image":
+            data = base64.b64encode((out / block[1]).read_bytes()).decode()
+            parts.append(f"<p><img alt='{html.escape(block[2])}' src='data:image/png;base64,{data}'></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ettin.compare", description=__doc__.split("\n\n")[1])
+    parser.add_argument("run_a", type=Path, help="a run directory (runs/<run name>)")
+    parser.add_argument("run_b", type=Path, help="another run directory")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: next to RUN_A, "
+                                                 "named after the pair)")
+    parser.add_argument("--eval", type=Path, dest="evaluation",
+                        help="an eval.json of python -m ettin.eval with both runs' scores")
+    parser.add_argument("--max-steps", type=int, default=identity.MAX_REPLAY_STEPS,
+                        help="steps per phase whose samples are replayed and compared "
+                             f"(default {identity.MAX_REPLAY_STEPS}; more steps are sampled)")
+    args = parser.parse_args(argv)
+    out = args.out or default_out_dir(args.run_a, args.run_b)
+    try:
+        report = write_report(args.run_a, args.run_b, out, args.evaluation, max_steps=args.max_steps)
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {report}\n        {report.with_suffix('.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Matplotlib figures of runs and scores, for the report and the notebooks (one piece of code, so the
+figures never disagree)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import pandas as pd
+
+from ettin.report.runs import WEIGHT_GROUPS, Run
+
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+
+
+def _figure(rows: int = 1, cols: int = 1, width: float = 8.0, height: float = 3.6):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height * rows), layout="constrained")
+    axes = figure.subplots(rows, cols, squeeze=False)
+    return figure, list(axes.flat)
+
+
+def _phase_boundaries(axis, runs: Sequence[Run]) -> None:
+    """A vertical line where each phase starts, labelled; runs with other boundaries add theirs."""
+    drawn = set()
+    for index, run in enumerate(runs):
+        for phase in run.phases[1:]:
+            x = run.offsets[phase]
+            if x in drawn:
+                continue
+            drawn.add(x)
+            axis.axvline(x, color="grey", linestyle=":" if index == 0 else "--", linewidth=0.9)
+            axis.annotate(phase, (x, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
+                          color="grey", rotation=90, va="top", ha="right")
+
+
+def _plot_column(axis, runs: Sequence[Run], column: str, *, label_suffix: str = "", marker=None,
+                 linestyle="-") -> bool:
+    plotted = False
+    for color, run in zip(COLORS, runs):
+        curve = run.curve(column)
+        if len(curve):
+            axis.plot(curve["total_tokens"], curve[column], color=color, marker=marker,
+                      linestyle=linestyle, markersize=4, label=f"{run.label}{label_suffix}")
+            plotted = True
+    return plotted
+
+
+def _finish(axis, runs: Sequence[Run], title: str, ylabel: str, plotted: bool) -> None:
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("tokens (cumulative over phases)")
+    axis.set_ylabel(ylabel)
+    _phase_boundaries(axis, runs)
+    if plotted:
+        axis.legend(fontsize=8)
+    else:
+        axis.text(0.5, 0.5, "not recorded", transform=axis.transAxes, ha="center", va="center",
+                  color="grey")
+
+
+def plot_losses(runs: Sequence[Run]):
+    """Train loss (lines) and validation loss (points) of the runs on one token axis."""
+    figure, (axis,) = _figure()
+    plotted = _plot_column(axis, runs, "train/loss", label_suffix=" train")
+    plotted |= _plot_column(axis, runs, "val/loss", label_suffix=" validation", marker="o",
+                            linestyle="--")
+    _finish(axis, runs, "Loss (each model's own objective)", "cross-entropy (nats)", plotted)
+    return figure
+
+
+def plot_schedule(runs: Sequence[Run]):
+    """Learning rate and global batch (sequences per optimizer step) on the token axis."""
+    figure, (lr, batch) = _figure(rows=2, height=2.8)
+    _finish(lr, runs, "Learning rate", "LR", _plot_column(lr, runs, "train/lr"))
+    _finish(batch, runs, "Global batch", "sequences per step",
+            _plot_column(batch, runs, "train/global_batch"))
+    return figure
+
+
+def plot_throughput(runs: Sequence[Run]):
+    """Tokens per second and TFLOP/s per device on the token axis."""
+    figure, (speed, flops) = _figure(rows=2, height=2.8)
+    _finish(speed, runs, "Throughput", "tokens / s / device",
+            _plot_column(speed, runs, "perf/tokens_per_s_per_device"))
+    _finish(flops, runs, "Model FLOP rate", "TFLOP/s / device",
+            _plot_column(flops, runs, "perf/tflops_per_device"))
+    return figure
+
+
+def plot_scores(table: pd.DataFrame, names: Sequence[str]):
+    """One panel per task: both models' scores, the winner's bar marked with a star."""
+    tasks = list(table.itertuples(index=False))
+    cols = min(3, max(1, len(tasks)))
+    rows = max(1, math.ceil(len(tasks) / cols))
+    figure, axes = _figure(rows, cols, width=3.2 * cols, height=2.6)
+    for axis, task in zip(axes, tasks):
+        scores = [getattr(task, "score_a"), getattr(task, "score_b")]
+        heights = [0.0 if pd.isna(s) else float(s) for s in scores]
+        bars = axis.bar([0, 1], heights, color=COLORS[:2])
+        axis.set_xticks([0, 1], [str(n) for n in names], fontsize=7)
+        arrow = "higher" if task.higher_is_better else "lower"
+        axis.set_title(f"{task.task} ({task.category})\n{task.metric}, {arrow} is better", fontsize=8)
+        for bar, score, name in zip(bars, scores, names):
+            text = "n/a" if pd.isna(score) else f"{score:.3g}"
+            if task.winner == name:
+                text += " ★"
+            axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=8)
+        axis.margins(y=0.25)
+    for axis in axes[len(tasks):]:
+        axis.set_visible(False)
+    if not tasks:
+        axes[0].set_visible(True)
+        axes[0].text(0.5, 0.5, "no evaluation", ha="center", va="center", color="grey")
+    return figure
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation results
+
+
+def plot_checkpoints(run: Run, losses: pd.DataFrame, norms: pd.DataFrame):
+    """The run's train loss with each checkpoint's loss on the fixed validation samples, and the
+    weight norms of each checkpoint, on the cumulative token axis."""
+    figure, (loss, norm) = _figure(rows=2, height=3.0)
+    plotted = _plot_column(loss, [run], "train/loss", label_suffix=" train (logged)")
+    if len(losses):
+        loss.plot(losses["total_tokens"], losses["loss"], "o--", color="black",
+                  label="checkpoints on fixed validation samples")
+        plotted = True
+    _finish(loss, [run], "Loss of the intermediate checkpoints", "cross-entropy (nats)", plotted)
+    for color, group in zip(COLORS + ("tab:purple",), WEIGHT_GROUPS):
+        if group in norms:
+            norm.plot(norms["total_tokens"], norms[group], "o-", color=color, label=group)
+    _finish(norm, [run], "Weight norms per checkpoint", "L2 norm", len(norms) > 0)
+    return figure
+
+

@@ -1,0 +1,179 @@
+"""A run directory: every path of a run, and the one answer to "is this a run directory?".
+
+    RUN_DIR = <output_dir>/<run_name>/
+      config.yaml                the resolved config of the last start
+      LOCK                       the process training in it (RunLock)
+      train.log, slurm.log       the training's log; the Slurm job's output (appended on requeue)
+      launch.sbatch              the job script python -m ettin.launch rendered and submitted
+      tokenizer/                 the run's copy of its tokenizer (checkpoints point at it)
+      checkpoints/<phase>-step<7 digits>-tok<15 digits>/   (ettin.store.checkpoints)
+      logs/<phase>/metrics.csv   train rows and the validation curve, one continuous file per phase
+      hf/, hf-<phase>/           Hugging Face exports of the run's end and of each phase's end
+      wandb/                     the wandb logger's files
+
+Nothing else in ettin spells these names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ettin.store import checkpoints as ckpt
+from ettin.store.fs import create_exclusive, pid_alive
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __init__(self, path: Path | str) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @staticmethod
+    def is_run(path: Path | str) -> bool:
+        """Whether ``path`` is a run directory (it has a checkpoints folder or a config.yaml)."""
+        path = Path(path)
+        return (path / "checkpoints").is_dir() or (path / "config.yaml").is_file()
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / "LOCK"
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def slurm_log(self) -> Path:
+        return self.path / "slurm.log"
+
+    @property
+    def launch_script(self) -> Path:
+        return self.path / "launch.sbatch"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def checkpoints(self) -> Path:
+        return ckpt.checkpoints_dir(self.path)
+
+    def checkpoint(self, phase: str, step: int, tokens: int) -> Path:
+        return self.checkpoints / ckpt.checkpoint_name(phase, step, tokens)
+
+    def list_checkpoints(self) -> list[Path]:
+        return ckpt.list_checkpoints(self.path)
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        return ckpt.latest_checkpoint(self.path)
+
+    def metrics(self, phase: str) -> Path:
+        return self.path / "logs" / phase / "metrics.csv"
+
+    def metrics_files(self) -> list[Path]:
+        return sorted((self.path / "logs").glob("*/metrics.csv"))
+
+    def export(self, phase: Optional[str] = None) -> Path:
+        """The Hugging Face export of the run's end (``hf``) or of a phase's end (``hf-<phase>``)."""
+        return self.path / ("hf" if phase is None else f"hf-{phase}")
+
+    @staticmethod
+    def of_export(folder: Path | str) -> Optional["RunDir"]:
+        """The run an export folder (``RUN/hf`` or ``RUN/hf-<phase>``) belongs to, if it is one."""
+        folder = Path(folder)
+        if (folder.name == "hf" or folder.name.startswith("hf-")) and RunDir.is_run(folder.parent):
+            return RunDir(folder.parent)
+        return None
+
+    def holds_a_run(self) -> Optional[Path]:
+        """Something showing a run already trained here (a checkpoint or a metrics file), or None."""
+        found = self.list_checkpoints() or self.metrics_files()
+        return found[-1] if found else None
+
+
+
+
+class RunLockedError(RuntimeError):
+    """Another live process trains in this run directory."""
+
+
+class RunLock:
+    """``RUN_DIR/LOCK`` holds the PID, host and SLURM job of the process training in the run.
+
+    A second process refuses to start, naming the holder. A lock whose process is gone (same host,
+    PID not alive) or that belongs to this SLURM job (a requeue, possibly on another node) is taken
+    over. Created exclusively, with its content, so two processes starting at once cannot both get it."""
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.path = RunDir(run_dir).lock
+        self.held = False
+        self.taken_over: Optional[dict] = None  # the stale holder this lock replaced, if any
+
+    def _me(self) -> dict:
+        import socket
+        import time
+
+        return {"pid": os.getpid(), "host": socket.gethostname(),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()}
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = self._me()
+        for _ in range(3):
+            # Created with its content in one step: a second process never reads it empty.
+            if not create_exclusive(self.path, json.dumps(me)):
+                holder = self._holder()
+                if holder is None or self._stale(holder, me):
+                    if not (holder and holder.get("pid") == me["pid"]):
+                        self.taken_over = holder or {"lock": "unreadable"}
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RunLockedError(
+                    f"{self.path.parent} is in use: process {holder['pid']} on {holder['host']}"
+                    f"{' (SLURM job ' + holder['slurm_job_id'] + ')' if holder.get('slurm_job_id') else ''}"
+                    f" is training in it. Wait for it to finish, stop it, or use another run_name; if "
+                    f"that process is gone, delete {self.path}."
+                )
+            self.held = True
+            return self
+        raise RunLockedError(f"could not take {self.path}; delete it if no run uses {self.path.parent}")
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _stale(holder: dict, me: dict) -> bool:
+        if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+            return True  # this process (a pair's second run, or a finished earlier call)
+        if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"]:
+            return True  # the same SLURM job, requeued
+        return holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))
+
+    def release(self) -> None:
+        if self.held and (self._holder() or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

@@ -1,0 +1,125 @@
+"""Training's view of checkpoints: what a checkpoint holds (weights, optimizer, RNG, resolved config,
+meta), which are kept, and the state a run starts from (``StartState``). The files themselves are
+``ettin.store.checkpoints``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ettin.store.checkpoints import (COMPLETE, META, CheckpointError, fallback_hint, checkpoint_name,
+                                     is_complete, prune_checkpoints, read_meta, safe_torch_load,
+                                     load_weights, save_weights, verify_checkpoint, write_checkpoint)
+from ettin.store.rundir import RunDir
+
+
+KINDS = ("interval", "phase_end", "preemption")
+
+
+@dataclass
+class StartState:
+    """Where a phase starts: weights, optimizer state, loader counters and RNG states (each None
+    when starting afresh), and whether the Adam moments are fresh (zero)."""
+
+    phase_index: int = 0
+    model_state: Optional[dict] = None
+    optimizer_state: Optional[dict] = None
+    loader_state: Optional[dict] = None  # {step, samples, tokens} of the phase
+    rng_states: Optional[list] = None
+    fresh_optimizer: bool = True
+    description: str = "from scratch"
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    meta: dict
+    model_state: dict
+    optimizer_state: dict
+    rng_states: Optional[list] = field(default=None, repr=False)
+
+
+class Checkpointer:
+    """A run's checkpoints: ``<phase>-step<7 digits>-tok<15 digits>`` names, atomic writes with
+    per-file sha256, retention, verified loading, and the state a run resumes from.
+
+    Retention: phase ends are always kept; interval checkpoints (every ``checkpoint_every_tokens``)
+    too when ``keep_interval`` (Ettin released all of them); of the other saves (preemption) the
+    newest ``keep_last``. The newest checkpoint is never deleted."""
+
+    def __init__(self, run_dir: Path | str, *, keep_interval: bool = True, keep_last: int = 3) -> None:
+        self.run_dir = RunDir(run_dir)
+        self.keep_interval = keep_interval
+        self.keep_last = keep_last
+
+    def save(self, *, phase: str, phase_index: int, kind: str, loader_state: dict, model_state: dict,
+             optimizer_state: dict, rng_states: list, config_yaml: str, meta: dict) -> Path:
+        """Write one checkpoint (rank 0 only) and apply the retention policy."""
+        if kind not in KINDS:
+            raise ValueError(f"checkpoint kind {kind!r}; one of {', '.join(KINDS)}")
+        step, tokens = int(loader_state["step"]), int(loader_state["tokens"])
+        full_meta = {**meta, "phase": phase, "phase_index": phase_index, "kind": kind,
+                     "phase_end": kind == "phase_end", "step": step, "tokens": tokens,
+                     "loader_state": dict(loader_state)}
+
+        def write(directory: Path) -> None:
+            save_weights(model_state, directory)
+            torch.save(optimizer_state, directory / "optimizer.pt")
+            torch.save({"rng": rng_states}, directory / "rng.pt")
+            (directory / "config.yaml").write_text(config_yaml)
+
+        path = write_checkpoint(self.run_dir.path, checkpoint_name(phase, step, tokens), write, full_meta)
+        prune_checkpoints(self.run_dir.path, keep_last=self.keep_last, keep=self._kept)
+        return path
+
+    def _kept(self, meta: dict) -> bool:
+        kind = meta.get("kind", "phase_end" if meta.get("phase_end") else "interval")
+        return kind == "phase_end" or (kind == "interval" and self.keep_interval)
+
+    def list(self) -> list[Path]:
+        return self.run_dir.list_checkpoints()
+
+    def latest(self) -> Optional[Path]:
+        return self.run_dir.latest_checkpoint()
+
+    def load(self, path: Path | str, *, rng: bool = True) -> LoadedCheckpoint:
+        """A checkpoint's contents, every file checked against its recorded sha256 first."""
+        path = Path(path)
+        if not is_complete(path):
+            raise CheckpointError(f"{path} is not a complete ettin checkpoint (no {COMPLETE} or "
+                                  f"{META}). {fallback_hint(path)}")
+        verify_checkpoint(path)
+        return LoadedCheckpoint(
+            path=path, meta=read_meta(path), model_state=load_weights(path),
+            optimizer_state=safe_torch_load(path / "optimizer.pt"),
+            rng_states=safe_torch_load(path / "rng.pt")["rng"] if rng else None,
+        )
+
+    def resume(self, path: Path | str, phases: list[str]) -> StartState:
+        """The state to continue from ``path``: the same phase mid-way, or, from a phase end, the
+        next phase (applied here, once: weights and optimizer moments carry over; token clock,
+        schedule and data start afresh)."""
+        meta = read_meta(path)
+        if meta["phase"] not in phases:
+            raise CheckpointError(
+                f"checkpoint {path} is from phase {meta['phase']!r}, which this run does not include "
+                f"({', '.join(phases)}); use another run_name, or init={path} to start from its weights"
+            )
+        index = phases.index(meta["phase"])
+        loaded = self.load(path, rng=not meta.get("phase_end"))
+        if meta.get("phase_end"):
+            return StartState(phase_index=index + 1, model_state=loaded.model_state,
+                              optimizer_state=loaded.optimizer_state, fresh_optimizer=False,
+                              description=f"phase {meta['phase']!r} finished at {path}; next phase")
+        return StartState(
+            phase_index=index, model_state=loaded.model_state,
+            optimizer_state=loaded.optimizer_state, loader_state=meta["loader_state"],
+            rng_states=loaded.rng_states, fresh_optimizer=bool(meta.get("fresh_optimizer")),
+            description=(f"resumed from {path} (phase {meta['phase']!r}, step {meta['step']}, "
+                         f"{meta['tokens']:,} tokens)"),
+        )
+
+

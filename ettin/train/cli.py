@@ -1,0 +1,151 @@
+"""python -m ettin.train recipe=NAME [hydra overrides]
+
+Runs a recipe's phases in order inside ``<output_dir>/<run_name>/``, resuming from the run's latest
+complete checkpoint when there is one (``resume=auto``). With no arguments it runs ``recipe=smoke``:
+a tiny encoder and decoder on the built-in corpus, on CPU, exported as Hugging Face folders.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ettin.objectives import OBJECTIVES
+from ettin.optim.schedule import phase_batch_schedule
+from ettin.store.checkpoints import CheckpointError
+from ettin.store.rundir import RunDir, RunLockedError
+from ettin.train.config import ConfigError, TrainConfig, available_recipes, compose, parse_argv, to_yaml
+from ettin.train.environment import is_rank_zero
+from ettin.train.preemption import Preempted
+from ettin.train.run import log, pair_configs, pair_report, schedule_rows, train
+from ettin.train.step import NonFiniteLossError
+from ettin.train.topology import TopologyError
+
+USAGE = """usage: python -m ettin.train [recipe=NAME] [key=value ...]
+
+  recipe=NAME      one of: {recipes} (default: smoke)
+  dry_run=true     print the resolved config, parameter count, FLOPs/token and the schedule; exit
+  phase=NAME       run one phase alone (e.g. phase=extension init=PATH)
+  init=PATH|ID     start from our checkpoint or run dir, a Hugging Face folder or hub id, or a
+                   Composer .pt (init_mode=weights|weights+optimizer)
+  init_revision=R  a hub revision of init (e.g. step599525, ext1000, decay100)
+  resume=auto      (default) continue from the run's latest complete checkpoint; resume=never
+                   refuses a run directory that already holds a run; resume=PATH one checkpoint
+Any other key of the resolved config can be overridden the Hydra way (e.g. trainer.devices=2).
+"""
+
+
+def dry_run_report(cfg: TrainConfig) -> str:
+    from ettin.model.flops import training_flops
+    from ettin.model.modernbert import ModernBert
+    from ettin.optim.schedule import schedule_table, steps_for
+
+    objective = OBJECTIVES[cfg.objective]
+    lines = [f"recipe {cfg.recipe} (run {cfg.run_name}, objective {cfg.objective})", "", to_yaml(cfg)]
+    for name in cfg.phases_to_run():
+        p = cfg.phases[name]
+        config = cfg.model_config(name)
+        with torch.device("meta"):
+            model = ModernBert(config)
+        n_targets = objective.targets_per_row(p.seq_len, p.mask_rate)
+        flops = training_flops(config, [p.seq_len], n_targets, config.causal) / p.seq_len
+        steps = steps_for(p.tokens, p.seq_len, phase_batch_schedule(p, cfg.global_batch))
+        lines.append(
+            f"phase {name}: {model.num_parameters():,} parameters, {flops / 1e9:.3f} GFLOP per "
+            f"token (training, full {p.seq_len}-token rows), {p.tokens:,} tokens, >= {steps:,} "
+            f"optimizer steps (rows at full length; shorter documents mean more steps); "
+            + cfg.micro_batches_described(name)
+        )
+    lines += ["", schedule_table(schedule_rows(cfg)), "", *readiness(cfg)]
+    return "\n".join(lines)
+
+
+def readiness(cfg: TrainConfig) -> list[str]:
+    """What a real run would need that is not there yet: the tokenizer and every phase's data."""
+    from ettin.data.loader import open_splits, source_format
+    from ettin.data.mds import looks_like_mds
+
+    lines = ["ready to run?"]
+    if cfg.tokenizer == "builtin":
+        lines.append("  tokenizer: built-in (trained at start if missing)")
+    else:
+        from ettin.data.tokenizer import load_tokenizer
+
+        try:
+            load_tokenizer(cfg.tokenizer)
+            lines.append(f"  tokenizer {cfg.tokenizer}: ok")
+        except Exception as error:  # noqa: BLE001 - reported, not raised: this is a report
+            lines.append(f"  tokenizer {cfg.tokenizer}: MISSING - {str(error).splitlines()[0]}")
+    for phase in cfg.phases_to_run():
+        for source in cfg.data[phase]:
+            if source.path == "builtin":
+                lines.append(f"  data {phase}: built-in corpus (prepared at start if missing)")
+                continue
+            kind = source_format(source)
+            try:
+                if kind == "prepared":
+                    open_splits([source], "train", cfg.phases[phase].seq_len)
+                elif kind == "mds" and not looks_like_mds(source.path):  # cheap: no index pass
+                    raise FileNotFoundError(f"no MDS index in {source.path}")
+                lines.append(f"  data {phase}: {source.path} ({kind}): ok")
+            except (ValueError, FileNotFoundError, OSError) as error:
+                lines.append(f"  data {phase}: {source.path}: MISSING - {str(error).splitlines()[0]}")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(USAGE.format(recipes=", ".join(available_recipes())))
+        return 0
+    recipe, overrides = parse_argv(argv)
+    try:
+        cfg = compose(recipe, overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if cfg.dry_run:
+        print(dry_run_report(cfg))
+        return 0
+    runs = pair_configs(cfg) if cfg.pair else [cfg]
+    started = time.perf_counter()
+    report = None
+    try:
+        finals = [(run, train(run)) for run in runs]
+        if cfg.pair and cfg.eval_at_end and is_rank_zero():
+            report = pair_report(cfg, runs)
+    except Preempted as stop:
+        log.info("%s", stop)
+        return 0
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except (TopologyError, ConfigError, CheckpointError, RunLockedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if is_rank_zero():
+        print(summary(finals, time.perf_counter() - started, report))
+    return 0
+
+
+def summary(finals: list[tuple[TrainConfig, Path]], seconds: float, report: Optional[Path] = None) -> str:
+    from ettin.model.export import pipeline_example
+
+    lines = [f"\nDone in {seconds / 60:.1f} min."]
+    for cfg, checkpoint in finals:
+        lines.append(f"  {cfg.run_name}: final checkpoint {checkpoint}")
+        if cfg.export_at_end:
+            out = RunDir(cfg.run_dir).export()
+            lines.append(f"    Hugging Face folder: {out}")
+            lines.append(f"    try: {pipeline_example(out, OBJECTIVES[cfg.objective].causal)}")
+    if report is not None:
+        lines.append(f"  pair report: {report}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Where training's figures go: ``metrics.csv`` per phase (always) and wandb (``logging.wandb``), both
+at the run's own step, so a resumed or requeued run continues one series."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+from ettin.store.fs import write_text
+
+
+class MetricsCSV(Logger):
+    """``logs/<phase>/metrics.csv``: one row per logged step (train) and one per validation, at the
+    run's step, with a fixed set of columns. A resumed phase keeps the rows up to the checkpoint's
+    step and appends after them, so a phase has one continuous file whatever happened."""
+
+    def __init__(self, path: Path, columns: list[str], *, resume_step: int = 0) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.columns = ["step", *columns]
+        self._resume_step = resume_step
+        self._started = False
+
+    @property
+    def name(self) -> str:
+        return "csv"
+
+    @property
+    def version(self) -> str:
+        return self.path.parent.name
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        if not self._started:
+            self._start()
+        unknown = set(metrics) - set(self.columns)
+        if unknown:
+            raise KeyError(f"metrics.csv has no column for {sorted(unknown)}")
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.columns).writerow({"step": step, **metrics})
+
+    def _start(self) -> None:
+        """Keep the rows logged up to the resume step (the rest is about to be redone)."""
+        kept: list[dict] = []
+        if self._resume_step and self.path.exists():
+            with self.path.open(newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= self._resume_step]
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text(self.path, text.getvalue())
+        self._started = True
+
+
+def build_loggers(cfg, phase: str, objective, resume_step: int) -> list:
+    """metrics.csv (``logging.csv``) and wandb (``logging.wandb``) for one phase of a run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ettin.store.rundir import RunDir
+
+    loggers: list = []
+    if cfg.logging.csv:
+        columns = [*objective.metric_names("train"), "train/lr", "train/grad_norm", "train/tokens",
+                   "train/global_batch", "perf/tokens_per_s_per_device", "perf/tflops_per_device",
+                   "perf/mfu", *objective.metric_names("val"), "val/tokens"]
+        loggers.append(MetricsCSV(RunDir(cfg.run_dir).metrics(phase), columns, resume_step=resume_step))
+    if cfg.logging.wandb:
+        mode = cfg.logging.wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        # One wandb run per ettin run: the id is the run name, so a requeued job continues it.
+        loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.run_name,
+                                   id=cfg.run_name, resume="allow", save_dir=str(cfg.run_dir),
+                                   offline=mode == "offline"))
+    return loggers

@@ -1,0 +1,123 @@
+"""A whole run: its phases in order from wherever the run stands (one process per run directory),
+the exports, and for a pair both runs then their evaluation and the pair report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from ettin.objectives import OBJECTIVES, default_objective
+from ettin.optim.schedule import PhaseSchedule, phase_batch_schedule, phase_lr_multiplier, schedule_table
+from ettin.store.rundir import RunDir, RunLock
+from ettin.train.config import ConfigError, TrainConfig, to_yaml
+from ettin.train.environment import (environment_summary, git_commit, is_rank_zero,
+                                     quiet_lightning_banners, set_cpu_threads, setup_logging,
+                                     trainer_devices)
+from ettin.train.phase import check_phases_data, resolve_tokenizer, run_phase
+from ettin.train.start import checkpointer, resolve_start
+from ettin.train.topology import check_topology
+
+log = logging.getLogger("ettin")
+# Lightning's pytree helper warns on every fit with this torch: nothing a user can act on.
+PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run the recipe's phases from wherever the run stands; returns the final checkpoint."""
+    run_dir = RunDir(cfg.run_dir)
+    lock = RunLock(run_dir.path).acquire() if is_rank_zero() else None
+    setup_logging(run_dir.train_log)
+    if lock is not None and lock.taken_over:
+        log.warning("took over %s from a process that is gone: %s", lock.path, lock.taken_over)
+    try:
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig) -> Path:
+    run_dir = RunDir(cfg.run_dir)
+    log.info("ettin run %s (recipe %s), git commit %s", cfg.run_name, cfg.recipe, git_commit())
+    accelerator, devices = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+    check_topology(devices * cfg.trainer.num_nodes, devices_per_node=devices,
+                   num_nodes=cfg.trainer.num_nodes)  # prints one line per rank
+    set_cpu_threads(accelerator, devices)
+    warnings.filterwarnings("ignore", message=PYTREE_WARNING)
+    log.info("environment: %s", json.dumps(environment_summary()))
+    log.info("resolved config:\n%s", to_yaml(cfg))
+    try:
+        tokenizer = resolve_tokenizer(cfg)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise ConfigError(f"tokenizer={cfg.tokenizer}: {error}") from None
+    phases = cfg.phases_to_run()
+    sources = check_phases_data(cfg, tokenizer)
+    # Last, as it loads weights and optimizer state: every cheaper check has passed by then.
+    start = resolve_start(cfg)
+    if is_rank_zero():
+        run_dir.config.write_text(to_yaml(cfg))
+    log.info("schedule:\n%s", schedule_table(schedule_rows(cfg, fresh_optimizer=start.fresh_optimizer)))
+    log.info("start: %s", start.description)
+    final: Optional[Path] = None
+    for index in range(start.phase_index, len(phases)):
+        phase = phases[index]
+        final = run_phase(cfg, phase, tokenizer, start, sources[phase])
+        quiet_lightning_banners()
+        if cfg.export_at_phase_end and is_rank_zero():
+            export_run(final, run_dir.export(phase))
+        start = checkpointer(cfg).resume(final, phases)  # the next phase, from this one's end
+    if final is None:  # every phase was already finished
+        final = run_dir.latest_checkpoint()
+        log.info("run %s already finished (%s)", cfg.run_name, final)
+    if cfg.export_at_end and is_rank_zero():
+        export_run(final, run_dir.export())
+    return final
+
+
+def export_run(checkpoint: Path, out: Path) -> Path:
+    from ettin.model.export import export_checkpoint
+
+    export_checkpoint(checkpoint, out)
+    log.info("exported %s -> %s", checkpoint, out)
+    return out
+
+
+def schedule_rows(cfg: TrainConfig, *, fresh_optimizer: bool = False) -> list[PhaseSchedule]:
+    """The phases' LR and batch schedules as run: the first phase's LR includes the fresh-optimizer
+    warmup when the run starts with fresh Adam moments."""
+    rows = []
+    for index, name in enumerate(cfg.phases_to_run()):
+        p = cfg.phases[name]
+        rows.append(PhaseSchedule(
+            name=name, tokens=p.tokens, seq_len=p.seq_len, global_rope_theta=p.global_rope_theta,
+            local_rope_theta=p.local_rope_theta, lr=cfg.optim.lr * p.lr_scale,
+            lr_multiplier=phase_lr_multiplier(p, fresh_optimizer=fresh_optimizer and index == 0),
+            global_batch=phase_batch_schedule(p, cfg.global_batch),
+        ))
+    return rows
+
+
+def pair_configs(cfg: TrainConfig) -> list[TrainConfig]:
+    """The encoder and the decoder of a pair, on the same data and schedule: the recipe's objective
+    for its own side, the registry's default objective for the other."""
+    mine = OBJECTIVES[cfg.objective]
+    sides = {mine.side: cfg.objective}
+    for side in ("encoder", "decoder"):
+        sides.setdefault(side, default_objective(side))
+    return [replace(cfg, objective=sides[side], run_name=f"{cfg.run_name}-{side}", pair=False)
+            for side in ("encoder", "decoder")]
+
+
+def pair_report(cfg: TrainConfig, runs: list[TrainConfig]) -> Path:
+    """Both exports evaluated on the same tasks, and the pair report with its plots."""
+    from ettin.evaluation import evaluate
+    from ettin.report.cli import write_report
+
+    out = Path(cfg.output_dir) / f"{cfg.run_name}-report"
+    log.info("evaluating %s on the %s tasks", " and ".join(r.run_name for r in runs), cfg.eval_tasks)
+    results = evaluate([r.run_dir for r in runs], tasks=cfg.eval_tasks, out=out, seed=cfg.seed)
+    return write_report(runs[0].run_dir, runs[1].run_dir, out, evaluation=results)
