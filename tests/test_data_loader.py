@@ -85,7 +85,7 @@ def test_workers_do_not_change_the_order(tiny_prepared, tiny_tokenizer):
     zero = take(loader(tiny_prepared, tiny_tokenizer, workers=0), 9)
     two = take(loader(tiny_prepared, tiny_tokenizer, workers=2), 9)
     assert [flat(a) for a in zero] == [flat(b) for b in two]
-    assert [a["state"] for a in zero] == [b.state for b in two]
+    assert [a.state for a in zero] == [b.state for b in two]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -95,7 +95,7 @@ def test_two_ranks_split_the_same_global_batches_and_resume(tiny_prepared, tiny_
              for r in range(2)]
     for step, one in enumerate(single):
         r0, r1 = ranks[0][step], ranks[1][step]
-        assert r0.state == r1["state"] == one.state
+        assert r0.state == r1.state == one.state
         ids0, lab0 = flat(r0)
         ids1, lab1 = flat(r1)
         assert (ids0 + ids1, lab0 + lab1) == flat(one)  # disjoint halves of the same global batch

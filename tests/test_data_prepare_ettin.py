@@ -9,7 +9,8 @@ import numpy as np
 from data_fixtures import data_root, tiny_tokenizer  # noqa: F401
 
 from ettin.data.loader import PreparedSplit
-from ettin.data.prepare import ettin_chunks, main
+from ettin.data.shards import ettin_chunks
+from ettin.data.prepare import main
 
 CLS, SEP = 0, 1
 

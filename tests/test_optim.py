@@ -278,6 +278,7 @@ def test_param_groups_on_modernbert():
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_step_does_not_synchronise_with_the_gpu():
     params = [nn.Parameter(p.detach().cuda()) for p in _params()]

@@ -7,7 +7,7 @@ What is timed: whole training steps (forward + backward + ``ettin.optim.stable_a
 through training's own ``ettin.train.step.TrainStep``), bf16
 autocast over fp32 weights on CUDA (fp32 on CPU), on micro-batches built from the built-in corpus
 (ettin.data.corpus, tokenized by a BPE trained on it at start, cut into rows by
-``ettin.data.prepare.chunk_document`` and collated by the training collators: MLM 30 %, CLM):
+``ettin.data.shards.chunk_document`` and collated by the training collators: MLM 30 %, CLM):
 
 * ``rows``: ``micro_batch`` rows per micro-batch (Ettin's per-GPU micro-batch of the size and
   phase), the real row lengths, unpadded; the peer gets the same rows padded;
@@ -23,8 +23,8 @@ the same batch.
 Per case: tokens/s/device (real tokens; the time of whole rounds over 3 different micro-batches,
 2 on CPU, synchronised at the ends), MFU (``ettin.model.flops`` window-aware FLOPs on real tokens over the peak
 table there; ETTIN_PEAK_TFLOPS overrides), peak memory, the ratio to the fastest transformers side
-of the same shape and objective, the ratio to Ettin's own tokens/s/GPU for the size (recipe.md
-8.1: 150m 296k on H100), warm-up seconds (compilation; excluded from the timing), host syncs in
+of the same shape and objective, the ratio to Ettin's own tokens/s/GPU for the size (docs/benchmarks.md,
+anchors: 150m 296k on H100), warm-up seconds (compilation; excluded from the timing), host syncs in
 one step (CUDA: ``torch.cuda.set_sync_debug_mode``; CPU: the aten ops that need a device value)
 and Dynamo graph breaks. Cases run in priority order; one that would overrun ``--budget-s`` is
 skipped and listed. On CPU, ``--quick`` runs tiny shapes in seconds and "compile" is Dynamo with
@@ -53,15 +53,15 @@ from ettin.model.config import model_config, size_value
 from ettin.objectives.collate import IGNORE_INDEX, CLMCollator, MLMCollator
 from ettin.data.corpus import builtin_documents
 from ettin.data.loader import pack_rows
-from ettin.data.prepare import chunk_document
+from ettin.data.shards import chunk_document
 from ettin.data.tokenizer import SpecialIds, special_ids, train_tokenizer
 from ettin.model.flops import peak_flops_per_device, training_flops
 from ettin.model.modernbert import ModernBert
 from ettin.optim.stable_adamw import StableAdamW, param_groups
 from ettin.train.step import StepSettings, TrainStep
 
-# Ettin's average training tokens/s per H100 (recipe.md 8.1: 2T tokens over the README's wall-clock
-# hours on 4 GPUs).
+# Ettin's average training tokens/s per H100 (docs/benchmarks.md, anchors: 2T tokens over
+# Ettin's published wall-clock hours on 4 GPUs).
 ETTIN_TOKENS_PER_S = {"17m": 985_000, "32m": 655_000, "68m": 463_000, "150m": 296_000,
                       "400m": 146_000, "1b": 64_000}
 MASK_RATE = 0.3

@@ -101,10 +101,6 @@ def make_batch(config: ModelConfig, objective: str, batch: int, seq_len: int, pa
 
 
 # ------------------------------------------------------------------------------------------------
-# The peer: transformers' model with our weights
-
-
-# ------------------------------------------------------------------------------------------------
 # Measuring
 
 

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ettin.data.prepare import is_complete, prepare_command, require_prepared
+from ettin.data.prepare import prepare_command, require_prepared
+from ettin.data.shards import is_complete
 from ettin.data.source import DataSource
 
 MIX_BLOCK = 1 << 20  # positions per mixture block: proportions are exact to 1 / MIX_BLOCK per block
@@ -251,7 +252,7 @@ FORMATS = ("auto", "prepared", "mds", "order")
 
 
 def source_format(source: DataSource) -> str:
-    """A source's ``format`` (``DataSource`` in ettin/recipes.py): ``prepared`` (python -m
+    """A source's ``format`` (``DataSource`` in ettin/data/source.py): ``prepared`` (python -m
     ettin.data.prepare), ``mds`` (any MDS folder of token ids, local or hf:// s3:// gs:// file://;
     ettin/data/mds.py), ``order`` (a released data order to replay; ettin/data/order.py); ``auto``:
     prepared if the folder has a COMPLETE marker, else mds if it has an MDS index or is remote."""

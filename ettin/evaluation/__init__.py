@@ -11,6 +11,8 @@ lm-eval task (hellaswag, arc_easy, ...), GLUE tasks via ``datasets`` (fine-tuned
                        "library"}}}}}
 
 Importing this package registers the ``ettin-mlm`` lm-eval model (ettin.evaluation.masked_lm).
+
+May import: ettin.model, ettin.objectives, ettin.data, ettin.store; nothing of training.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ REQUIRED_FLEXBERT = {
     "skip_first_prenorm": True,
     "head_pred_norm": True,
     "hidden_act": "gelu",
-    "head_pred_act": "gelu",  # the MLM/LM head activation (not head_class_act, see the spec §6.4)
+    "head_pred_act": "gelu",  # the MLM/LM head activation (not head_class_act; docs/composer.md)
     "rotary_emb_interleaved": False,
     "rotary_emb_scale_base": None,
     "local_attn_rotary_emb_dim": None,

@@ -8,6 +8,7 @@ one exists, so the Hugging Face mapping in ``ettin.model.hub`` reads at a glance
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Optional
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "flash", "eager")
 
@@ -86,7 +87,7 @@ class MicroBatches:
 class Size:
     """One size: the model's shape and Ettin's per-size training values (docs/recipes.md).
 
-    Recipes read the training values with ``${size:FIELD}`` (ettin/recipes.py), so a misspelt field
+    Recipes read the training values with ``${size:FIELD}`` (ettin/train/config.py), so a misspelt field
     fails at start instead of falling back to another value."""
 
     # shape (head dim is 64 for every Ettin size)
@@ -94,6 +95,9 @@ class Size:
     hidden_size: int
     intermediate_size: int
     num_attention_heads: int
+    # Unique parameters (the tied embedding counted once) at Ettin's vocabulary of 50,368, as
+    # published (docs/recipes.md, the size table); the suite's parameter axis. None: not an Ettin size.
+    parameters: Optional[int]
     # phase-1 peak LR and weight decay
     lr: float
     weight_decay: float
@@ -121,30 +125,42 @@ class Size:
 # The one table of sizes. "tiny" is for tests and the offline default run; it keeps every architectural
 # feature (global and sliding layers, a window shorter than the sequences it sees).
 SIZES: dict[str, Size] = {
-    "tiny": Size(4, 64, 96, 4, lr=3e-3, weight_decay=1e-4, pretrain_warmup_tokens=20_000,
+    "tiny": Size(num_hidden_layers=4, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                 parameters=None, lr=0.003, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
                  batch_warmup_tokens=0, batch_warmup_min=8, cross_batch_warmup_min=8,
                  micro_batch=MicroBatches(8, 8, 8, 8)),
-    "17m": Size(7, 256, 384, 4, lr=3e-3, weight_decay=3e-4, pretrain_warmup_tokens=4_000_000_000,
-                batch_warmup_tokens=125_000_000_000, batch_warmup_min=576, cross_batch_warmup_min=48,
+    "17m": Size(num_hidden_layers=7, hidden_size=256, intermediate_size=384, num_attention_heads=4,
+                parameters=16_913_600, lr=0.003, weight_decay=0.0003,
+                pretrain_warmup_tokens=4_000_000_000, batch_warmup_tokens=125_000_000_000,
+                batch_warmup_min=576, cross_batch_warmup_min=48,
                 micro_batch=MicroBatches(144, 24, 12, 12)),
-    "32m": Size(10, 384, 576, 6, lr=3e-3, weight_decay=3e-4, pretrain_warmup_tokens=4_000_000_000,
-                batch_warmup_tokens=100_000_000_000, batch_warmup_min=512, cross_batch_warmup_min=48,
+    "32m": Size(num_hidden_layers=10, hidden_size=384, intermediate_size=576, num_attention_heads=6,
+                parameters=32_081_344, lr=0.003, weight_decay=0.0003,
+                pretrain_warmup_tokens=4_000_000_000, batch_warmup_tokens=100_000_000_000,
+                batch_warmup_min=512, cross_batch_warmup_min=48,
                 micro_batch=MicroBatches(128, 24, 12, 12)),
-    "68m": Size(19, 512, 768, 8, lr=3e-3, weight_decay=3e-4, pretrain_warmup_tokens=3_000_000_000,
-                batch_warmup_tokens=75_000_000_000, batch_warmup_min=384, cross_batch_warmup_min=32,
+    "68m": Size(num_hidden_layers=19, hidden_size=512, intermediate_size=768, num_attention_heads=8,
+                parameters=68_457_664, lr=0.003, weight_decay=0.0003,
+                pretrain_warmup_tokens=3_000_000_000, batch_warmup_tokens=75_000_000_000,
+                batch_warmup_min=384, cross_batch_warmup_min=32,
                 micro_batch=MicroBatches(96, 18, 8, 8)),
-    "150m": Size(22, 768, 1152, 12, lr=8e-4, weight_decay=1e-5, pretrain_warmup_tokens=3_000_000_000,
-                 batch_warmup_tokens=50_000_000_000, batch_warmup_min=288, cross_batch_warmup_min=48,
+    "150m": Size(num_hidden_layers=22, hidden_size=768, intermediate_size=1152,
+                 num_attention_heads=12, parameters=149_655_232, lr=0.0008, weight_decay=1e-05,
+                 pretrain_warmup_tokens=3_000_000_000, batch_warmup_tokens=50_000_000_000,
+                 batch_warmup_min=288, cross_batch_warmup_min=48,
                  micro_batch=MicroBatches(72, 16, 12, 12)),
-    "400m": Size(28, 1024, 2624, 16, lr=5e-4, weight_decay=1e-5, pretrain_warmup_tokens=2_000_000_000,
-                 batch_warmup_tokens=10_000_000_000, batch_warmup_min=192, cross_batch_warmup_min=16,
+    "400m": Size(num_hidden_layers=28, hidden_size=1024, intermediate_size=2624,
+                 num_attention_heads=16, parameters=395_881_664, lr=0.0005, weight_decay=1e-05,
+                 pretrain_warmup_tokens=2_000_000_000, batch_warmup_tokens=10_000_000_000,
+                 batch_warmup_min=192, cross_batch_warmup_min=16,
                  micro_batch=MicroBatches(48, 6, 2, 4)),
-    "1b": Size(28, 1792, 3840, 28, lr=5e-4, weight_decay=5e-5, pretrain_warmup_tokens=2_000_000_000,
-               batch_warmup_tokens=3_000_000_000, batch_warmup_min=96, cross_batch_warmup_min=8,
-               micro_batch=MicroBatches(24, 2, 2, 2), extension_tokens=83_333_000_000,
-               decay_tokens=16_667_000_000, cross_tokens=16_667_000_000,
-               cross_warmup_tokens=1_000_000_000, cross_decay_tokens=3_333_000_000,
-               cross_checkpoint_every_tokens=3_333_000_000),
+    "1b": Size(num_hidden_layers=28, hidden_size=1792, intermediate_size=3840,
+               num_attention_heads=28, parameters=1_031_314_112, lr=0.0005, weight_decay=5e-05,
+               pretrain_warmup_tokens=2_000_000_000, batch_warmup_tokens=3_000_000_000,
+               batch_warmup_min=96, cross_batch_warmup_min=8, micro_batch=MicroBatches(24, 2, 2, 2),
+               extension_tokens=83_333_000_000, decay_tokens=16_667_000_000,
+               cross_tokens=16_667_000_000, cross_warmup_tokens=1_000_000_000,
+               cross_decay_tokens=3_333_000_000, cross_checkpoint_every_tokens=3_333_000_000),
 }
 
 
@@ -160,7 +176,7 @@ def size_value(size: str, field: str):
     for part in field.split("."):
         if not hasattr(value, part) or callable(getattr(value, part)):
             names = ", ".join(f.name for f in fields(value))
-            raise KeyError(f"the size table has no value {field!r} (ettin/config.py SIZES; "
+            raise KeyError(f"the size table has no value {field!r} (ettin/model/config.py SIZES; "
                            f"fields: {names})")
         value = getattr(value, part)
     return value

@@ -7,10 +7,10 @@ alone; nothing about a schedule needs to be checkpointed.
 
 LR multipliers are relative to the phase's own base LR: the LR of a step is
 ``phase_lr * multiplier(tokens)``. Each phase states its absolute start LR (phase 3 of Ettin: 0.5 x the
-phase-1 peak, decaying to 0.04 of that = 0.02 x peak; design README decision 4), so nothing is carried
+phase-1 peak, decaying to 0.04 of that = 0.02 x peak; docs/recipes.md, phase-3 LR), so nothing is carried
 over from the previous phase's scheduler.
 
-Differences from Composer/bert24 (recipe.md section 4), on purpose:
+Differences from Composer/bert24 (docs/recipes.md), on purpose:
 
 * No one-step lag. Composer steps its scheduler after a batch with the timestamp from before that
   batch, so step n+1 uses f(tokens through step n-1) and the first two steps both run at 1e-10 x peak.
@@ -111,7 +111,7 @@ class BatchSizeWarmup:
     The sizes used are ``min_batch, min_batch + increment, min_batch + 2 increment, ...`` while below
     ``global_batch``; if ``increment`` does not divide ``global_batch - min_batch`` the last step up to
     ``global_batch`` is simply smaller than ``increment`` (nothing is ever above ``global_batch``).
-    Size ``b`` gets a token budget proportional to ``b`` (bert24's ramp, recipe.md section 4.1):
+    Size ``b`` gets a token budget proportional to ``b`` (bert24's ramp; docs/recipes.md):
 
         threshold_i = ceil(warmup_tokens * (s_0 + ... + s_i) / (s_0 + ... + s_last))
         batch(t)    = s_i for the first i with t < threshold_i;  global_batch once t >= warmup_tokens

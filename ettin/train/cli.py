@@ -21,7 +21,7 @@ from ettin.store.rundir import RunDir, RunLockedError
 from ettin.train.config import ConfigError, TrainConfig, available_recipes, compose, parse_argv, to_yaml
 from ettin.train.environment import is_rank_zero
 from ettin.train.preemption import Preempted
-from ettin.train.run import log, pair_configs, pair_report, schedule_rows, train
+from ettin.train.run import log, pair_configs, schedule_rows, train
 from ettin.train.step import NonFiniteLossError
 from ettin.train.topology import TopologyError
 
@@ -95,6 +95,17 @@ def readiness(cfg: TrainConfig) -> list[str]:
             except (ValueError, FileNotFoundError, OSError) as error:
                 lines.append(f"  data {phase}: {source.path}: MISSING - {str(error).splitlines()[0]}")
     return lines
+
+
+def pair_report(cfg: TrainConfig, runs: list[TrainConfig]) -> Path:
+    """Both exports evaluated on the same tasks, and the pair report with its plots."""
+    from ettin.evaluation import evaluate
+    from ettin.report.cli import write_report
+
+    out = Path(cfg.output_dir) / f"{cfg.run_name}-report"
+    log.info("evaluating %s on the %s tasks", " and ".join(r.run_name for r in runs), cfg.eval_tasks)
+    results = evaluate([r.run_dir for r in runs], tasks=cfg.eval_tasks, out=out, seed=cfg.seed)
+    return write_report(runs[0].run_dir, runs[1].run_dir, out, evaluation=results)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

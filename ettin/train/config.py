@@ -26,7 +26,7 @@ INIT_MODES = ("weights", "weights+optimizer")
 STRATEGIES = ("ddp", "fsdp")
 LOSS_NORMALIZATIONS = ("tokens", "micro_batch")
 
-# ``${size:FIELD}`` in a config reads FIELD of the run's row of the size table (ettin/config.py).
+# ``${size:FIELD}`` in a config reads FIELD of the run's row of the size table (ettin/model/config.py).
 if not OmegaConf.has_resolver("size"):
     OmegaConf.register_new_resolver("size", lambda field, _root_: size_value(_root_.size, field))
 
@@ -64,7 +64,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     # tokens: the mean over every target token of an optimizer step, across micro-batches and ranks
-    # (decision 5); micro_batch: Composer's mean per micro-batch, averaged (how Ettin was trained).
+    # (docs/recipes.md); micro_batch: Composer's mean per micro-batch, averaged (how Ettin was trained).
     loss_normalization: str = "tokens"
 
 

@@ -1,6 +1,6 @@
 """Preemption: a signal asks for a checkpoint at the next step boundary, then the job requeues itself.
 
-The sequence (slurm/README.md tells it from the cluster's side):
+The sequence (README.md, "Training on a cluster", tells it from the cluster's side):
 
 1. SLURM sends SIGUSR1 ``--signal`` seconds before the time limit (or someone runs
    ``scancel --batch --signal=USR1 JOB``); the batch script forwards it to every task. The handler

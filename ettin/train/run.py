@@ -1,5 +1,5 @@
 """A whole run: its phases in order from wherever the run stands (one process per run directory),
-the exports, and for a pair both runs then their evaluation and the pair report."""
+and its exports; ``pair_configs`` makes the two runs of a pair."""
 
 from __future__ import annotations
 
@@ -110,14 +110,3 @@ def pair_configs(cfg: TrainConfig) -> list[TrainConfig]:
         sides.setdefault(side, default_objective(side))
     return [replace(cfg, objective=sides[side], run_name=f"{cfg.run_name}-{side}", pair=False)
             for side in ("encoder", "decoder")]
-
-
-def pair_report(cfg: TrainConfig, runs: list[TrainConfig]) -> Path:
-    """Both exports evaluated on the same tasks, and the pair report with its plots."""
-    from ettin.evaluation import evaluate
-    from ettin.report.cli import write_report
-
-    out = Path(cfg.output_dir) / f"{cfg.run_name}-report"
-    log.info("evaluating %s on the %s tasks", " and ".join(r.run_name for r in runs), cfg.eval_tasks)
-    results = evaluate([r.run_dir for r in runs], tasks=cfg.eval_tasks, out=out, seed=cfg.seed)
-    return write_report(runs[0].run_dir, runs[1].run_dir, out, evaluation=results)
