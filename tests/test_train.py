@@ -230,7 +230,7 @@ def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch)
 
     import lightning as L
 
-    import ettin.train.run as ettin_train
+    import ettin.train.phase as ettin_phase
     from ettin.bench.gpu import HostSyncs
 
     def on_host():
@@ -272,9 +272,9 @@ def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch)
                 found[self.step] = Record.mode.found
                 Record.mode = None
 
-    build_trainer = ettin_train.build_trainer
-    monkeypatch.setattr(ettin_train, "build_trainer", lambda cfg, phase, callbacks, loggers: build_trainer(
-        cfg, phase, callbacks=[Record(), *callbacks], loggers=loggers))
+    build_trainer = ettin_phase.build_trainer
+    monkeypatch.setattr(ettin_phase, "build_trainer", lambda cfg, callbacks, loggers: build_trainer(
+        cfg, callbacks=[Record(), *callbacks], loggers=loggers))
     trained(workspace, "host-syncs", "phase_order=[pretrain]", "phases.pretrain.tokens=30_000",
             "trainer.log_every_steps=4", "trainer.num_workers=1", "phases.pretrain.val_every_tokens=0",
             "phases.pretrain.checkpoint_every_tokens=0")
