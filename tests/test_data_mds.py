@@ -111,10 +111,11 @@ def test_a_remote_reads_as_the_local_folder_through_a_bounded_cache(released, id
                       cache_limit_gb=limit_gb)
     assert rows_of(remote) == rows_of(local)
     cached = [p for p in (tmp_path / "b").rglob("shard.*.mds") if p.is_file()]
-    largest = max(r.raw_data.bytes for r in remote.readers)
+    readers = [r for folder in remote.folders for r in folder.readers]
+    largest = max(r.raw_data.bytes for r in readers)
     assert 0 < sum(p.stat().st_size for p in cached) <= limit_gb * (1 << 30) + largest
     assert not list((tmp_path / "b").rglob("*.zstd"))  # compressed copies are not kept
-    assert len(cached) < len(remote.readers)  # some were evicted
+    assert len(cached) < len(readers)  # some were evicted
 
 
 def test_index_command_writes_next_to_the_data_or_into_the_cache(released, tmp_path, capsys,
@@ -126,16 +127,18 @@ def test_index_command_writes_next_to_the_data_or_into_the_cache(released, tmp_p
     root, rows = released
     plain = tmp_path / "plain"
     write_released_layout(plain, {"train": rows["train"][:50]}, compression=None)
-    assert main([str(plain), "--splits", "train", "--num-proc", "2"]) == 0
-    assert "50 samples" in capsys.readouterr().out
-    assert (plain / "train" / "ettin-index-input_ids.json").is_file()
+    assert main([str(plain), "--splits", "train,validation", "--num-proc", "2"]) == 0
+    out = capsys.readouterr().out  # no validation split: one sample of each part is held out
+    assert "train (without its held-out validation samples): 48 samples" in out
+    assert "validation (held out of train): 2 samples" in out
+    assert (plain / "train" / "part_0" / "ettin-index-input_ids.json").is_file()
     import ettin.data.mds as mds
 
     readonly = tmp_path / "readonly"  # a folder this process cannot write to (root could)
     shutil.copytree(plain, readonly, ignore=shutil.ignore_patterns("ettin-index*"))
     monkeypatch.setattr(mds.os, "access", lambda path, mode: not str(path).startswith(str(readonly)))
     split = MDSSplit(str(readonly), "train", cache_dir=str(tmp_path / "cache"))
-    assert [split.tokens(i).tolist() for i in range(50)] == rows["train"][:50]
+    assert rows_of(split) == rows["train"][:24] + rows["train"][25:49]
     assert list((tmp_path / "cache").rglob("ettin-index-input_ids.json"))
     assert not list(readonly.rglob("ettin-index*"))
 
