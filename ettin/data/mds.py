@@ -38,6 +38,7 @@ into the cache, as streaming does.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
@@ -70,10 +71,22 @@ def is_remote(path: str) -> bool:
 
 
 def looks_like_mds(path: str) -> bool:
-    """A remote path, or a local folder with an MDS index at any depth."""
+    """A remote path, or a local folder (or folders: ``.../books*``) with an MDS index at any
+    depth."""
     if is_remote(path):
         return True
-    return Path(path).is_dir() and next(_local_index_files(Path(path)), None) is not None
+    root, pattern = split_pattern(path)
+    return any(next(_local_index_files(folder), None) is not None
+               for folder in (Path(root).glob(pattern) if pattern else [Path(root)])
+               if folder.is_dir())
+
+
+def split_pattern(path: str) -> tuple[str, Optional[str]]:
+    """(root, pattern) of a path whose last part names several top-level folders of a root with
+    a shell pattern (``.../train/books*``: ``books`` and ``books_2``); (path, None) otherwise."""
+    path = str(path).rstrip("/")
+    head, _, last = path.rpartition("/")
+    return (head, last) if head and any(c in last for c in "*?[") else (path, None)
 
 
 def _digest(text: str) -> str:
@@ -283,6 +296,8 @@ class MDSSplit:
         except Exception as error:  # unreachable remote, missing credentials: named below
             raise FileNotFoundError(f"cannot list {self.root}: {type(error).__name__}: {error}; "
                                     "check the path and the storage's credentials") from None
+        if self.pattern is not None:
+            found = [f for f in found if fnmatch.fnmatchcase(f.split("/")[0], self.pattern)]
         split_folders = [f for f in found if f.split("/")[0] in SPLITS]
         held_out = None
         if split_folders:
@@ -314,12 +329,13 @@ class MDSSplit:
         return sorted(folders, key=lambda f: f.folder), held_out
 
     def _locations(self) -> tuple[Optional[str], str]:
-        """(remote or None, local folder) of the root: a remote is cached under its digest."""
-        if is_remote(self.root):
-            remote = self.root[len("file://"):] if self.root.startswith("file://") else self.root
-            remote = remote.rstrip("/")
+        """(remote or None, local folder) of the root (without a pattern's last part): a remote is
+        cached under its digest."""
+        root, self.pattern = split_pattern(self.root)
+        if is_remote(root):
+            remote = root[len("file://"):] if root.startswith("file://") else root
             return remote, str(self.cache / _digest(remote))
-        return None, str(Path(self.root).expanduser())
+        return None, str(Path(root).expanduser())
 
     def _open_folder(self, remote: Optional[str], local: str, folder: str) -> MDSFolder:
         if remote is None:
