@@ -32,7 +32,7 @@ def published(tmp_path_factory, tiny_tokenizer):
     """Two sources in the published layout: train/<source>/split_NN-tokenized-chunked-64/, each
     split folder with its own index.json, no merged index, no validation split."""
     rows = released_rows(tiny_tokenizer)["train"]
-    sources = {"dclm": rows[:len(rows) * 2 // 3], "books": rows[len(rows) * 2 // 3:]}
+    sources = {"dclm": rows[:200], "books": rows[200:300]}
     root = tmp_path_factory.mktemp("published") / "ettin-pretraining-data"
     return write_published_mds(root, sources), sources
 
@@ -265,15 +265,18 @@ def test_the_published_layout_reads_without_merged_indexes(published, tmp_path):
 def test_training_on_the_published_layout_mixes_its_sources(published, ids, tiny_tokenizer,
                                                             tmp_path, monkeypatch):
     """python -m ettin.train with the released layout's source folders weighted as a mixture: it
-    trains on their train rows only and validates on the held-out rows."""
+    trains on both sources' train rows only (the held-out rows are not in its splits) and validates
+    on the held-out rows."""
     from ettin.train import main
 
     root, sources = published
     every = {name: held_out(rows) for name, rows in sources.items()}
-    seen, validated = set(), set()
+    seen, validated, split_rows = set(), set(), []
     original_train, original_val = StepBatches.rank_samples, ValidationBatches.__iter__
 
     def record(self, state, batch):
+        if not split_rows:
+            split_rows.extend(rows_of(split) for split in self.splits)
         samples = original_train(self, state, batch)
         seen.update(tuple(t.tolist()) for _, t in samples)
         return samples
@@ -293,14 +296,16 @@ def test_training_on_the_published_layout_mixes_its_sources(published, ids, tiny
             "phases.pretrain.decay_tokens=500", "phases.pretrain.checkpoint_every_tokens=0",
             "phases.pretrain.val_every_tokens=1500", "trainer.num_workers=0",
             "export_at_end=false", "eval_at_end=false",
-            f"data.pretrain=[{{path: '{root}/train/dclm', weight: 3}}, "
-            f"{{path: '{root}/train/books', weight: 1}}]"]
+            f"data.pretrain=[{{path: '{root}/train/dclm', weight: 1}}, "
+            f"{{path: '{root}/train/books', weight: 3}}]"]
     assert main(args) == 0
     train_rows = {expected_row(r, ids, TINY_SEQ_LEN, False) for n in every for r in every[n][0]}
     validation_rows = {expected_row(r, ids, TINY_SEQ_LEN, False) for n in every for r in every[n][1]}
     assert seen and seen <= train_rows and not seen & validation_rows
-    assert {name for name in every if seen & {expected_row(r, ids, TINY_SEQ_LEN, False)
-                                              for r in every[name][0]}} == {"dclm", "books"}
+    assert split_rows == [[r if r[0] == ids.cls else [ids.cls, *r] for r in every[name][0]]
+                          for name in ("dclm", "books")]  # the held-out rows are not trained on
+    for name in every:
+        assert seen & {expected_row(r, ids, TINY_SEQ_LEN, False) for r in every[name][0]}
     assert validated == validation_rows
 
 
