@@ -91,9 +91,10 @@ def tiny_prepared_long(data_root) -> Path:
 
 def write_released_layout(root: Path, rows: dict, parts: int = 2, compression: str = "zstd",
                           hashes=None) -> Path:
-    """A folder in the layout of Ettin's released data: per split, ``parts`` sub-folders written by
-    streaming's ``MDSWriter`` (columns ``input_ids`` ndarray:uint32 and ``id`` str, ``compression``)
-    whose indexes are merged into ``<split>/index.json``, and a root index merging the splits.
+    """train/ and validation/ splits, each of ``parts`` sub-folders written by streaming's
+    ``MDSWriter`` (columns ``input_ids`` ndarray:uint32 and ``id`` str, ``compression``) whose
+    indexes are merged into ``<split>/index.json`` (streaming's ``merge_index``, as Ettin merged its
+    folders to train on them), and a root index merging the splits.
     ``rows``: split -> list of token id lists, written in order (part k takes the k-th slice)."""
     import numpy as np
     from streaming import MDSWriter

@@ -410,8 +410,8 @@ def open_splits(sources, split: str, seq_len: int, truncate: bool = False,
     for source in normalize_sources(sources):
         kind = source_format(source)
         if kind == "order":
-            raise ValueError(f"{source.path} is a data order (format=order): it replays whole "
-                             "batches and cannot be mixed or read as a split")
+            raise ValueError(f"{source.path} is a data order (format=order): it replays the "
+                             "released rows and cannot be mixed or read as a split")
         if kind == "mds":
             splits.append(MDSSplit(source.path, split, column=source.column,
                                    cache_dir=source.cache_dir, cache_limit_gb=source.cache_limit_gb,

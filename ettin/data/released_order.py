@@ -33,7 +33,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -47,8 +46,6 @@ PHASE_PREFIXES = ("checkpoint", "ext", "decay")
 FOLDER_PATTERN = re.compile(r"^(" + "|".join(PHASE_PREFIXES) + r")_(\d+)$")
 GROUPINGS = ("schedule", "released")
 INDEX_VERSION = 2
-
-log = logging.getLogger("ettin")
 
 
 def _folder_key(folder: Path) -> tuple:
