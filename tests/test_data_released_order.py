@@ -143,6 +143,18 @@ def test_a_phase_longer_than_the_order_is_refused_with_the_numbers(released_orde
         check_sources([{**source[0], "from_step": 8}], WIDTH, tokenizer)
 
 
+def test_a_folder_listing_a_step_twice_is_refused(released_order, ids, tmp_path):
+    import shutil
+
+    root, _ = released_order
+    copy = tmp_path / "order"
+    shutil.copytree(root, copy)
+    folder = copy / "checkpoint_000001"  # a file copied in under another name: steps 1-2 again
+    shutil.copy(folder / "steps_000001_to_000002.parquet", folder / "steps_000005_to_000006.parquet")
+    with pytest.raises(ValueError, match="checkpoint_000001 lists some step twice or out of order"):
+        steps_of(copy, ids, tmp_path)
+
+
 def test_training_consumes_the_whole_order_and_ends_the_phase(released_order, ids, tiny_tokenizer,
                                                               tmp_path, monkeypatch):
     """python -m ettin.train on the released folders, the phase's tokens = the order's tokens: every

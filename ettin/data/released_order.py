@@ -112,10 +112,11 @@ class ReleasedOrder:
 
     def _check_steps(self) -> None:
         """Within a folder, steps only go up (they start again at 1 in the next folder)."""
-        for folder in self.folders:
-            steps = np.concatenate([i["steps"] for f, i in zip(self.files, self.indexes)
-                                    if f.parent == folder])
-            if (np.diff(steps) <= 0).any():
+        steps: dict = {}
+        for file, index in zip(self.files, self.indexes):  # files are in folder order
+            steps.setdefault(file.parent, []).extend(index["steps"])
+        for folder, numbers in steps.items():
+            if (np.diff(numbers) <= 0).any():
                 raise ValueError(f"the released folder {folder} lists some step twice or out of "
                                  "order (its files overlap, or a file was copied into it): fetch "
                                  "that folder again")
@@ -231,13 +232,10 @@ class ReleasedOrder:
     def folder_ends(self) -> list[tuple[str, int]]:
         """(folder, its last row + 1, counted from ``from_step``) of every folder that ends after
         ``from_step``."""
-        ends = []
-        for folder in self.folders:
-            last = max(i for i, f in enumerate(self.files) if f.parent == folder)
-            end = int(self.file_starts[last + 1]) - self.first_row
-            if end > 0:
-                ends.append((folder.name, end))
-        return ends
+        last = {file.parent: i for i, file in enumerate(self.files)}  # files are in folder order
+        ends = [(folder.name, int(self.file_starts[last[folder] + 1]) - self.first_row)
+                for folder in self.folders]
+        return [(name, end) for name, end in ends if end > 0]
 
     # -- checks --------------------------------------------------------------------------------
 
