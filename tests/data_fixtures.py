@@ -91,9 +91,10 @@ def tiny_prepared_long(data_root) -> Path:
 
 def write_released_layout(root: Path, rows: dict, parts: int = 2, compression: str = "zstd",
                           hashes=None) -> Path:
-    """A folder in the layout of Ettin's released data: per split, ``parts`` sub-folders written by
-    streaming's ``MDSWriter`` (columns ``input_ids`` ndarray:uint32 and ``id`` str, ``compression``)
-    whose indexes are merged into ``<split>/index.json``, and a root index merging the splits.
+    """train/ and validation/ splits, each of ``parts`` sub-folders written by streaming's
+    ``MDSWriter`` (columns ``input_ids`` ndarray:uint32 and ``id`` str, ``compression``) whose
+    indexes are merged into ``<split>/index.json`` (streaming's ``merge_index``, as Ettin merged its
+    folders to train on them), and a root index merging the splits.
     ``rows``: split -> list of token id lists, written in order (part k takes the k-th slice)."""
     import numpy as np
     from streaming import MDSWriter
@@ -132,3 +133,26 @@ def released_rows(tokenizer_dir: Path, documents: int = 40, seq_len: int = TINY_
             row = [ids.cls, *piece] + ([ids.sep] if start + width >= len(tokens) else [])
             rows.append(row[1:] if len(rows) % 7 == 3 else row)
     return {"train": rows[: len(rows) * 9 // 10], "validation": rows[len(rows) * 9 // 10:]}
+
+
+def write_published_mds(root: Path, sources: dict, parts: int = 2, seq_len: int = TINY_SEQ_LEN,
+                        compression=None) -> Path:
+    """Ettin's released MDS data as it is published, written with streaming's ``MDSWriter``: per
+    source, ``parts`` split folders ``train/<source>/split_<NN>-tokenized-chunked-<seq_len>/``, each
+    with its own ``index.json`` and shards (``input_ids`` ndarray:uint32, ``id`` str, uncompressed
+    by default), and NO merged index above them, nor a validation split. ``sources``: source name
+    -> list of token id lists, written in order (split folder k takes the k-th slice)."""
+    import numpy as np
+    from streaming import MDSWriter
+
+    columns = {"input_ids": "ndarray:uint32", "id": "str"}
+    for source, rows in sources.items():
+        bounds = np.linspace(0, len(rows), parts + 1).astype(int)
+        for part in range(parts):
+            folder = root / "train" / source / f"split_{part:02d}-tokenized-chunked-{seq_len}"
+            with MDSWriter(out=str(folder), columns=columns, compression=compression,
+                           size_limit=1 << 12) as writer:
+                for i in range(bounds[part], bounds[part + 1]):
+                    writer.write({"input_ids": np.asarray(rows[i], dtype=np.uint32),
+                                  "id": f"{source}-{i}"})
+    return root

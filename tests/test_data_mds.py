@@ -1,6 +1,8 @@
-"""MDS folders in the layout of Ettin's released data (streaming's MDSWriter, zstd, train/ and
-validation/ splits, nested indexes merged with merge_index), local and through a local "remote",
-read with Ettin's row rules; the index pass."""
+"""MDS data in the layouts Ettin publishes, written with streaming's own MDSWriter: per-source split
+folders with their own indexes and no merged index (``write_published_mds``), and zstd train/ and
+validation/ splits with merged indexes (``write_released_layout``); local, through a file:// remote
+and through a real S3 protocol (moto's server on 127.0.0.1, streaming's S3 downloader); read with
+Ettin's row rules; the index pass."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from data_fixtures import (TINY_SEQ_LEN, data_root, released_rows, tiny_tokenizer,  # noqa: F401
-                           write_released_layout)
+                           write_published_mds, write_released_layout)
 
 from ettin.objectives.collate import CLMCollator, MLMCollator
 from ettin.data.loader import LoaderState, StepBatches, ValidationBatches, fit_row
@@ -23,6 +25,24 @@ def released(tmp_path_factory, tiny_tokenizer):
     rows = released_rows(tiny_tokenizer)
     write_released_layout(root / "ettin-data", rows)
     return root / "ettin-data", rows
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, tiny_tokenizer):
+    """Two sources in the published layout: train/<source>/split_NN-tokenized-chunked-64/, each
+    split folder with its own index.json, no merged index, no validation split."""
+    rows = released_rows(tiny_tokenizer)["train"]
+    sources = {"dclm": rows[:200], "books": rows[200:300]}
+    root = tmp_path_factory.mktemp("published") / "ettin-pretraining-data"
+    return write_published_mds(root, sources), sources
+
+
+def held_out(rows: list, parts: int = 2) -> tuple[list, list]:
+    """(train, validation) of one source written in ``parts`` split folders: the last
+    ceil(0.1 %) of every folder's rows (one here) validates."""
+    bounds = np.linspace(0, len(rows), parts + 1).astype(int)
+    pieces = [rows[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [r for p in pieces for r in p[:-1]], [p[-1] for p in pieces]
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +131,11 @@ def test_a_remote_reads_as_the_local_folder_through_a_bounded_cache(released, id
                       cache_limit_gb=limit_gb)
     assert rows_of(remote) == rows_of(local)
     cached = [p for p in (tmp_path / "b").rglob("shard.*.mds") if p.is_file()]
-    largest = max(r.raw_data.bytes for r in remote.readers)
+    readers = [r for folder in remote.folders for r in folder.readers]
+    largest = max(r.raw_data.bytes for r in readers)
     assert 0 < sum(p.stat().st_size for p in cached) <= limit_gb * (1 << 30) + largest
     assert not list((tmp_path / "b").rglob("*.zstd"))  # compressed copies are not kept
-    assert len(cached) < len(remote.readers)  # some were evicted
+    assert len(cached) < len(readers)  # some were evicted
 
 
 def test_index_command_writes_next_to_the_data_or_into_the_cache(released, tmp_path, capsys,
@@ -126,16 +147,18 @@ def test_index_command_writes_next_to_the_data_or_into_the_cache(released, tmp_p
     root, rows = released
     plain = tmp_path / "plain"
     write_released_layout(plain, {"train": rows["train"][:50]}, compression=None)
-    assert main([str(plain), "--splits", "train", "--num-proc", "2"]) == 0
-    assert "50 samples" in capsys.readouterr().out
-    assert (plain / "train" / "ettin-index-input_ids.json").is_file()
+    assert main([str(plain), "--splits", "train,validation", "--num-proc", "2"]) == 0
+    out = capsys.readouterr().out  # no validation split: one sample of each part is held out
+    assert "train (without its held-out validation samples): 48 samples" in out
+    assert "validation (held out of train): 2 samples" in out
+    assert (plain / "train" / "part_0" / "ettin-index-input_ids.json").is_file()
     import ettin.data.mds as mds
 
     readonly = tmp_path / "readonly"  # a folder this process cannot write to (root could)
     shutil.copytree(plain, readonly, ignore=shutil.ignore_patterns("ettin-index*"))
     monkeypatch.setattr(mds.os, "access", lambda path, mode: not str(path).startswith(str(readonly)))
     split = MDSSplit(str(readonly), "train", cache_dir=str(tmp_path / "cache"))
-    assert [split.tokens(i).tolist() for i in range(50)] == rows["train"][:50]
+    assert rows_of(split) == rows["train"][:24] + rows["train"][25:49]
     assert list((tmp_path / "cache").rglob("ettin-index-input_ids.json"))
     assert not list(readonly.rglob("ettin-index*"))
 
@@ -210,3 +233,130 @@ def test_dataloader_workers_share_a_small_cache(released, ids, tmp_path):
         return out
 
     assert batches(2) == batches(0)
+
+
+def test_the_published_layout_reads_without_merged_indexes(published, tmp_path):
+    """A root of per-source split folders, no merged index: every index.json at any depth is read,
+    a source folder is read on its own, and the last row of every split folder validates."""
+    import shutil
+
+    from streaming.base.util import merge_index
+
+    root, sources = published
+    every = {name: held_out(rows) for name, rows in sources.items()}
+    for name in sources:  # sources are the folders under train/, sorted
+        split = MDSSplit(str(root / "train" / name), "train", cache_dir=str(tmp_path))
+        assert rows_of(split) == every[name][0]
+        assert rows_of(MDSSplit(str(root / "train" / name), "validation",
+                                cache_dir=str(tmp_path))) == every[name][1]
+    whole = MDSSplit(str(root), "train", cache_dir=str(tmp_path))
+    assert rows_of(whole) == every["books"][0] + every["dclm"][0]
+    pattern = MDSSplit(f"{root}/train/d*", "train", cache_dir=str(tmp_path))  # folders by pattern
+    assert rows_of(pattern) == every["dclm"][0]
+    merged = tmp_path / "merged"  # Ettin's one-level merge next to the split folders: same rows
+    shutil.copytree(root, merged, ignore=shutil.ignore_patterns("ettin-index*"))  # as published
+    for name in sources:
+        merge_index(str(merged / "train" / name), keep_local=True)
+    assert rows_of(MDSSplit(str(merged), "train", cache_dir=str(tmp_path))) == rows_of(whole)
+    with pytest.raises(FileNotFoundError, match="no MDS index .* at any depth"):
+        MDSSplit(str(tmp_path / "merged" / "nothing"), "train", cache_dir=str(tmp_path))
+
+
+def test_training_on_the_published_layout_mixes_its_sources(published, ids, tiny_tokenizer,
+                                                            tmp_path, monkeypatch):
+    """python -m ettin.train with the released layout's source folders weighted as a mixture: it
+    trains on both sources' train rows only (the held-out rows are not in its splits) and validates
+    on the held-out rows."""
+    from ettin.train.cli import main
+
+    root, sources = published
+    every = {name: held_out(rows) for name, rows in sources.items()}
+    seen, validated, split_rows = set(), set(), []
+    original_train, original_val = StepBatches.rank_samples, ValidationBatches.__iter__
+
+    def record(self, state, batch):
+        if not split_rows:
+            split_rows.extend(rows_of(split) for split in self.splits)
+        samples = original_train(self, state, batch)
+        seen.update(tuple(t.tolist()) for _, t in samples)
+        return samples
+
+    def record_validation(self):
+        for batch in original_val(self):
+            validated.update(tuple(t.tolist()) for s, i in self.mine for t in [self.splits[s].tokens(i)])
+            yield batch
+
+    monkeypatch.setattr(StepBatches, "rank_samples", record)
+    monkeypatch.setattr(ValidationBatches, "__iter__", record_validation)
+    monkeypatch.setenv("ETTIN_CACHE_DIR", str(tmp_path / "cache"))
+    args = [f"output_dir={tmp_path / 'runs'}", f"data_dir={tmp_path / 'data'}", "run_name=mix",
+            "recipe=smoke", "pair=false", "objective=clm", "phase_order=[pretrain]",
+            f"tokenizer={tiny_tokenizer}", f"phases.pretrain.seq_len={TINY_SEQ_LEN}",
+            "phases.pretrain.tokens=3000", "phases.pretrain.warmup_tokens=500",
+            "phases.pretrain.decay_tokens=500", "phases.pretrain.checkpoint_every_tokens=0",
+            "phases.pretrain.val_every_tokens=1500", "trainer.num_workers=0",
+            "export_at_end=false", "eval_at_end=false",
+            f"data.pretrain=[{{path: '{root}/train/dclm', weight: 1}}, "
+            f"{{path: '{root}/train/books', weight: 3}}]"]
+    assert main(args) == 0
+    train_rows = {expected_row(r, ids, TINY_SEQ_LEN, False) for n in every for r in every[n][0]}
+    validation_rows = {expected_row(r, ids, TINY_SEQ_LEN, False) for n in every for r in every[n][1]}
+    assert seen and seen <= train_rows and not seen & validation_rows
+    assert split_rows == [[r if r[0] == ids.cls else [ids.cls, *r] for r in every[name][0]]
+                          for name in ("dclm", "books")]  # the held-out rows are not trained on
+    for name in every:
+        assert seen & {expected_row(r, ids, TINY_SEQ_LEN, False) for r in every[name][0]}
+    assert validated == validation_rows
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A local S3-compatible server (moto's server mode on 127.0.0.1) and a bucket in it; streaming's
+    S3 downloader reaches it through S3_ENDPOINT_URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1",
+                       "S3_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+    client.create_bucket(Bucket="ettin")
+    yield client
+    server.stop()
+
+
+def test_an_s3_root_streams_through_streamings_downloader(published, ids, s3_bucket, tmp_path,
+                                                          monkeypatch):
+    """The published layout uploaded to S3: the root is listed, every index.json and shard comes
+    through streaming's S3 downloader into the cache, and the batches equal the local folder's."""
+    from streaming.base.storage.download import S3Downloader
+
+    root, _ = published
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        s3_bucket.upload_file(str(path), "ettin", f"data/{path.relative_to(root.parent).as_posix()}")
+    downloads = []
+    original = S3Downloader._download_file_impl
+
+    def counted(self, remote, local, timeout):
+        downloads.append(remote)
+        return original(self, remote, local, timeout)
+
+    monkeypatch.setattr(S3Downloader, "_download_file_impl", counted)
+
+    def batches(path, cache):
+        steps = StepBatches([{"path": path, "cache_dir": str(cache)}], seq_len=TINY_SEQ_LEN,
+                            collator=CLMCollator(ids), global_batch_at=lambda t: 8,
+                            micro_batch_size=4, seed=2)
+        return [[mb["input_ids"].tolist() for mb in step.micro_batches]
+                for _, step in zip(range(30), steps)]
+
+    remote = batches(f"s3://ettin/data/{root.name}", tmp_path / "s3")
+    assert remote == batches(str(root), tmp_path / "local")
+    shards = [p for p in root.rglob("shard.*.mds")]
+    fetched = {d for d in downloads if d.endswith(".mds")}
+    assert len(fetched) == len(shards) and sum(d.endswith("index.json") for d in downloads) == 4
+    assert len(list((tmp_path / "s3").rglob("shard.*.mds"))) == len(shards)

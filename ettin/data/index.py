@@ -5,12 +5,13 @@ largest token id (checked against the tokenizer).
     python -m ettin.data.index PATH [--splits train,validation] [--column input_ids]
                                     [--cache-dir DIR] [--num-proc N]
 
-PATH is a local folder or a remote (hf://, s3://, gs://, file://), as in ``data.<phase>``. Samples
-are read with mosaicml-streaming's ``MDSReader``, shard by shard in ``num_proc`` processes (remote
-shards are downloaded into the cache on the way). The index is written next to the split when that
-folder is writable, else into the cache folder, as ``ettin-index-<column>.{json,lengths.npy,
-first.npy}`` (8 bytes per sample); it is keyed by the split's ``index.json``, so changed shards are
-indexed again. Training runs the pass itself when the index is missing (rank 0 of each node builds
+PATH is a local folder or a remote (hf://, s3://, gs://, file://), as in ``data.<phase>``; every
+index.json under it is indexed (ettin/data/mds.py says which belong to which split). Samples are
+read with mosaicml-streaming's ``MDSReader``, shard by shard in ``num_proc`` processes (remote
+shards are downloaded into the cache on the way). Each index is written next to its index.json
+when that folder is writable, else into the cache folder, as ``ettin-index-<column>.{json,
+lengths.npy,first.npy}`` (8 bytes per sample); it is keyed by that ``index.json``, so changed shards
+are indexed again. Training runs the pass itself when the index is missing (rank 0 of each node builds
 it under a file lock, the others wait), in one process: for large data run the command first.
 """
 
@@ -22,7 +23,7 @@ import sys
 import time
 from typing import Optional
 
-from ettin.data.mds import MDSSplit, index_dir, load_or_build_index
+from ettin.data.mds import MDSSplit
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -42,17 +43,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         except (FileNotFoundError, ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        if not split.readers:
-            print(f"{args.path} {name}: no such split")
-            continue
-        meta = load_or_build_index(split)
-        seconds = time.perf_counter() - started
-        built = meta["meta"]
-        rate = built["tokens"] / max(built["seconds"], 1e-9) / built["num_proc"]
-        print(f"{args.path} {name}: {built['samples']:,} samples, {built['tokens']:,} tokens, "
-              f"largest id {built['max_id']}; index {index_dir(split)} (pass: {built['seconds']} s "
-              f"on {built['num_proc']} processes, {rate:,.0f} tokens/s per process; this call "
-              f"{seconds:.1f} s)")
+        samples, tokens = len(split), int(split.lengths.sum())
+        pass_seconds = sum(m["seconds"] for m in split.index_meta)  # when the indexes were built
+        rate = sum(m["tokens"] for m in split.index_meta) / max(pass_seconds, 1e-9) / max(args.num_proc, 1)
+        held_out = {"train": " (without its held-out validation samples)",
+                    "validation": " (held out of train)"}.get(split.held_out, "")
+        print(f"{args.path} {name}{held_out}: {samples:,} samples, {tokens:,} tokens, largest id "
+              f"{split.max_id}, {len(split.folders)} indexes (pass: {pass_seconds:.1f} s, "
+              f"{rate:,.0f} tokens/s per process; this call {time.perf_counter() - started:.1f} s)")
     return 0
 
 

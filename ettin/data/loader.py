@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ettin.data.prepare import prepare_command, require_prepared
 from ettin.data.shards import is_complete
 from ettin.data.source import DataSource
+
+log = logging.getLogger("ettin")
 
 MIX_BLOCK = 1 << 20  # positions per mixture block: proportions are exact to 1 / MIX_BLOCK per block
 MAX_OPEN_SHARDS = 256  # memory maps kept open per process
@@ -254,7 +257,8 @@ FORMATS = ("auto", "prepared", "mds", "order")
 def source_format(source: DataSource) -> str:
     """A source's ``format`` (``DataSource`` in ettin/data/source.py): ``prepared`` (python -m
     ettin.data.prepare), ``mds`` (any MDS folder of token ids, local or hf:// s3:// gs:// file://;
-    ettin/data/mds.py), ``order`` (a released data order to replay; ettin/data/order.py); ``auto``:
+    ettin/data/mds.py), ``order`` (a released data order to replay;
+    ettin/data/released_order.py); ``auto``:
     prepared if the folder has a COMPLETE marker, else mds if it has an MDS index or is remote."""
     if source.format != "auto":
         return source.format
@@ -401,8 +405,8 @@ def open_splits(sources, split: str, seq_len: int, truncate: bool = False,
     for source in normalize_sources(sources):
         kind = source_format(source)
         if kind == "order":
-            raise ValueError(f"{source.path} is a data order (format=order): it replays whole "
-                             "batches and cannot be mixed or read as a split")
+            raise ValueError(f"{source.path} is a data order (format=order): it replays the "
+                             "released rows and cannot be mixed or read as a split")
         if kind == "mds":
             splits.append(MDSSplit(source.path, split, column=source.column,
                                    cache_dir=source.cache_dir, cache_limit_gb=source.cache_limit_gb,
@@ -443,24 +447,38 @@ def check_prepared_tokenizer(splits: Sequence, ids, fingerprint: Optional[str] =
                                  f"training tokenizer has {name}={getattr(ids, name)}: {fix}")
 
 
-def check_sources(sources, seq_len: int, tokenizer) -> None:
-    """Every source of a phase opens with ``tokenizer`` (what the loader will do, at start)."""
+def check_sources(sources, seq_len: int, tokenizer, phase_tokens: Optional[int] = None,
+                  world_size: int = 1) -> None:
+    """Every source of a phase opens with ``tokenizer`` (what the loader will do, at start); a
+    released data order must also hold the phase's ``phase_tokens`` (trained on ``world_size``
+    ranks)."""
     from ettin.data.tokenizer import special_ids, tokenizer_fingerprint
 
     ids = special_ids(tokenizer)
     sources = normalize_sources(sources)
     orders = [s for s in sources if source_format(s) == "order"]
     if orders:
-        from ettin.data.order import DataOrder
-
         if len(sources) > 1:
-            raise ValueError("a data order (format=order) replays whole batches: it must be the "
-                             "phase's only source")
-        DataOrder(orders[0].path, pad=ids.pad, from_step=orders[0].from_step,
-                  cache_dir=orders[0].cache_dir).check(len(tokenizer), seq_len)
+            raise ValueError("a data order (format=order) replays the training rows: it must be "
+                             "the phase's only source")
+        order = open_released_order(orders[0], ids)
+        order.check(len(tokenizer), seq_len)
+        if phase_tokens is not None:
+            order.check_tokens(phase_tokens, world_size, orders[0].order_batches)
         return
     check_prepared_tokenizer(open_splits(sources, "train", seq_len, ids=ids), ids,
                              tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer))
+
+
+def open_released_order(source: DataSource, ids):
+    """The ``ReleasedOrder`` of a ``format: order`` source (its [PAD] tokens dropped)."""
+    from ettin.data.released_order import GROUPINGS, ReleasedOrder
+
+    if source.order_batches not in GROUPINGS:
+        raise ValueError(f"source {source.path} has order_batches={source.order_batches!r}; choose "
+                         f"{' or '.join(GROUPINGS)} (this run's batch schedule, or the released steps)")
+    return ReleasedOrder(source.path, pad=None if ids is None else ids.pad,
+                         from_step=source.from_step, cache_dir=source.cache_dir)
 
 
 def _check_mds_tokenizer(split, ids, vocab_size: Optional[int]) -> None:
@@ -567,16 +585,14 @@ class StepBatches(IterableDataset):
         self.sources = normalize_sources(sources)
         ids = getattr(collator, "ids", None)
         self.order = None
-        if source_format(self.sources[0]) == "order":  # replay released batches
-            from ettin.data.order import DataOrder
-
+        if source_format(self.sources[0]) == "order":  # replay a released data order
             if len(self.sources) > 1 or split != "train":
-                raise ValueError("a data order (format=order) replays the training batches: it "
-                                 "must be the phase's only source")
-            self.order = DataOrder(self.sources[0].path, pad=None if ids is None else ids.pad,
-                                   from_step=self.sources[0].from_step,
-                                   cache_dir=self.sources[0].cache_dir)
+                raise ValueError("a data order (format=order) replays the training rows: it must "
+                                 "be the phase's only source")
+            self.order = open_released_order(self.sources[0], ids)
             self.order.check(getattr(collator, "vocab_size", None) or self.order.max_id + 1, seq_len)
+            self.order_batches = self.sources[0].order_batches
+            self.folder_ends = self.order.folder_ends()
         else:
             self.splits = open_splits(self.sources, split, seq_len, truncate, ids=ids)
             if ids is not None:
@@ -592,35 +608,70 @@ class StepBatches(IterableDataset):
         self.micro_batch_size = micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.start = state if state is not None else LoaderState()
-        self.global_batch(self.start.tokens)  # a bad batch size fails now, not in a worker
+        self.global_batch(self.start)  # a bad batch size fails now, not in a worker
 
-    def global_batch(self, tokens: int, step: Optional[int] = None) -> int:
-        batch = int(self.global_batch_at(tokens)) if self.order is None else \
-            self.order.step(self.start.step if step is None else step)[0]
+    def global_batch(self, state: LoaderState) -> int:
+        """Sequences in the step that starts at ``state`` (all ranks); 0 once a released order is
+        used up. A released order's last step takes the rows that are left (as many as the ranks
+        can share evenly)."""
+        if self.order is not None and self.order_batches == "released":
+            if state.step >= self.order.steps:
+                return 0
+            batch = self.order.released_step(state.step)[1]
+            what = (f"released step {self.order.first_step + state.step + 1} has {batch} rows, "
+                    "which")
+            fix = "; or group the rows by this run's schedule (order_batches: schedule)"
+        else:
+            batch = int(self.global_batch_at(state.tokens))
+            what, fix = f"global batch {batch} (at {state.tokens:,} tokens)", ""
         if batch < 1 or batch % self.world_size:
             raise ValueError(
-                f"global batch {batch} (at {tokens:,} tokens) is not a positive multiple of the "
-                f"world size {self.world_size}: every rank must get the same number of sequences. "
-                "Choose a global batch (and batch-warmup sizes) divisible by the number of devices."
-            )
+                f"{what} is not a positive multiple of the world size {self.world_size}: every "
+                "rank must get the same number of sequences. Choose a global batch (and "
+                f"batch-warmup sizes) divisible by the number of devices{fix}")
+        if self.order is not None and self.order_batches == "schedule":
+            left = self.order.rows - state.samples
+            batch = min(batch, left - left % self.world_size)
         return batch
 
     def plan(self) -> Iterator[tuple[LoaderState, int, int]]:
-        """(state before the step, global batch, step tokens) of every step from the start on."""
+        """(state before the step, global batch, step tokens) of every step from the start on;
+        a released order ends when its rows are used up."""
         state = self.start
         while True:
-            batch = self.global_batch(state.tokens, state.step)
-            step_tokens = int(self.mixture.lengths(state.samples, batch).sum()) \
-                if self.order is None else self.order.step(state.step)[1]
+            batch = self.global_batch(state)
+            if batch == 0:
+                return
+            if self.order is None:
+                step_tokens = int(self.mixture.lengths(state.samples, batch).sum())
+            else:
+                step_tokens = int(self.order.lengths(state.samples, batch).sum())
+                self.check_folder_ends(state, batch)
             yield state, batch, step_tokens
             state = LoaderState(state.step + 1, state.samples + batch, state.tokens + step_tokens)
+
+    def check_folder_ends(self, state: LoaderState, batch: int) -> None:
+        """A released folder is the data between two of Ettin's checkpoints: where one ends inside
+        this step, the run's token clock (kept across resumes) must have consumed exactly the
+        released folders' tokens up to there."""
+        for folder, end in self.folder_ends:
+            if state.samples < end <= state.samples + batch:
+                consumed = state.tokens + int(self.order.lengths(state.samples, end - state.samples).sum())
+                released = self.order.tokens_before(end)
+                if consumed != released:
+                    raise ValueError(
+                        f"at the end of the released folder {folder} (step {state.step + 1} of this "
+                        f"phase) the run has consumed {consumed:,} tokens but the released folders "
+                        f"up to it hold {released:,}: the run resumed from a checkpoint of another "
+                        "data order (other folders or from_step); start the phase again")
+                log.info("released folder %s ends in step %d: %s tokens, as released", folder,
+                         state.step + 1, f"{consumed:,}")
 
     def rank_samples(self, state: LoaderState, batch: int) -> list[tuple[int, np.ndarray]]:
         share = batch // self.world_size
         first = state.samples + self.rank * share
         if self.order is not None:
-            rows = self.order.rows_of(state.step, self.rank * share, (self.rank + 1) * share)
-            samples = list(zip(range(first, first + share), rows))
+            samples = list(zip(range(first, first + share), self.order.read(first, share)))
         else:
             samples = self.mixture.samples(first, share)
         return [(p, fit_row(t, self.seq_len, self.close_rows, self.sep)) for p, t in samples]
@@ -631,8 +682,7 @@ class StepBatches(IterableDataset):
             return [samples[i:i + m] for i in range(0, len(samples), m)]
         # Every rank packs every rank's share from the lengths alone (no communication) and splits
         # its own into as many micro-batches as the rank that needs the most.
-        lengths = self.mixture.lengths(state.samples, batch) if self.order is None else \
-            [len(row) for row in self.order.rows_of(state.step)]
+        lengths = (self.mixture if self.order is None else self.order).lengths(state.samples, batch)
         budget, share = self.micro_batch_size * self.seq_len, batch // self.world_size
         most = max(len(pack_rows(lengths[r * share:(r + 1) * share], budget))
                    for r in range(self.world_size))

@@ -16,4 +16,5 @@ class DataSource:
     column: str = "input_ids"  # mds: the token id column
     cache_dir: Optional[str] = None  # mds: cache of remote / compressed shards ($ETTIN_CACHE_DIR)
     cache_limit_gb: float = 0.0  # mds: cache size limit (0: none)
-    from_step: Optional[int] = None  # order: the first released step to replay
+    from_step: Optional[int] = None  # order: the first released step to replay (counted across its folders, from 1)
+    order_batches: str = "schedule"  # order: rows grouped by this run's batch schedule, or "released" (the released steps)

@@ -65,7 +65,9 @@ def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
         sources.append(replace(source, path=path))
     # The loader's own checks, at start: a clear error before any process is spawned.
     try:
-        check_sources(sources, seq_len, tokenizer)
+        _, devices = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+        check_sources(sources, seq_len, tokenizer, phase_tokens=cfg.phases[phase].tokens,
+                      world_size=devices * cfg.trainer.num_nodes)
     except (ValueError, FileNotFoundError, OSError) as error:
         raise ConfigError(f"data of phase {phase}: {error}") from None
     return sources
