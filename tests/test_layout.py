@@ -96,3 +96,26 @@ def test_every_package_says_what_it_owns_and_may_import():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "import" in doc, f"{init} opens with no docstring saying what it may import"
+
+
+def test_the_package_ships_every_recipe_config_and_template():
+    """``pip install .`` (not editable) finds its recipes: every file the commands read from inside the
+    package is matched by pyproject's package-data, and the repository's conf/, recipes/ and slurm/
+    show those same files."""
+    import fnmatch
+    import tomllib
+
+    def shipped(path: str, pattern: str) -> bool:  # setuptools' glob: "*" stays within one folder
+        parts, wanted = path.split("/"), pattern.split("/")
+        return len(parts) == len(wanted) and all(map(fnmatch.fnmatchcase, parts, wanted))
+
+    root = PACKAGE.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ettin"]
+    needed = [*PACKAGE.glob("conf/**/*.yaml"), *PACKAGE.glob("recipes/*.yaml"), PACKAGE / "cluster" / "ettin.sbatch"]
+    assert len(needed) > 30
+    unshipped = [str(p.relative_to(PACKAGE)) for p in needed
+                 if not any(shipped(str(p.relative_to(PACKAGE)), pattern) for pattern in patterns)]
+    assert not unshipped, f"not in [tool.setuptools.package-data]: {unshipped}"
+    for link, target in (("conf", PACKAGE / "conf"), ("recipes", PACKAGE / "recipes"),
+                         ("slurm/ettin.sbatch", PACKAGE / "cluster" / "ettin.sbatch")):
+        assert (root / link).resolve() == target.resolve(), link
