@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ettin.store.checkpoints import COMPLETE, checkpoint_name
+from ettin.store.fs import COMPLETE
+from ettin.store.checkpoints import checkpoint_name
 from ettin.train.checkpoint import Checkpointer
-from ettin.store.checkpoints import checkpoints_dir, latest_checkpoint, list_checkpoints, load_weights, prune_checkpoints, read_meta, safe_torch_load, write_checkpoint
+from ettin.store.checkpoints import (checkpoints_dir, latest_checkpoint, list_checkpoints,
+                                     load_weights, prune_checkpoints, read_meta, safe_torch_load,
+                                     write_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 

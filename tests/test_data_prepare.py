@@ -14,7 +14,7 @@ from data_fixtures import (TINY_SEQ_LEN, build_tiny_prepared, data_root, tiny_pr
 
 from ettin.data.loader import PreparedSplit
 from ettin.data.prepare import ensure_prepared, main, prepare, require_prepared
-from ettin.data.shards import COMPLETE, is_complete
+from ettin.store.fs import COMPLETE, is_complete
 from ettin.data.shards import chunk_bounds, chunk_document, columns_for, encode_sample
 from ettin.data.reading import read_documents
 from ettin.data.tokenizer import load_tokenizer, special_ids

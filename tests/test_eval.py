@@ -23,7 +23,8 @@ from ettin.evaluation.runners import FinetuneSettings
 from ettin.evaluation.masked_lm import MaskedLMHarness
 from ettin.evaluation.models import resolve_model
 from ettin.evaluation.models import EvalModel
-from ettin.evaluation.runners import RetrievalSettings, _pairs_text, finetune_classification, harness_model, retrieval_ndcg_at_10
+from ettin.evaluation.runners import (RetrievalSettings, _pairs_text, finetune_classification,
+                                      harness_model, retrieval_ndcg_at_10)
 
 WORDS = "alpha beta gamma delta module function class return value import print list".split()
 TEXTS = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) + "." for i in range(200)]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ettin.store.checkpoints import CheckpointError, list_checkpoints, load_weights, read_meta, safe_torch_load, write_checkpoint
+from ettin.store.checkpoints import (CheckpointError, list_checkpoints, load_weights, read_meta,
+                                     safe_torch_load, write_checkpoint)
 from ettin.train.checkpoint import Checkpointer
 from ettin.store.rundir import RunLock
 from ettin.train.config import ConfigError, compose

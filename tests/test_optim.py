@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ettin.optim.stable_adamw import StableAdamW, debias_beta, grad_norm, param_group_names, param_groups
+from ettin.optim.stable_adamw import (StableAdamW, debias_beta, grad_norm, param_group_names,
+                                      param_groups)
 
 BETAS = (0.9, 0.98)
 EPS = 1e-6

@@ -30,7 +30,9 @@ import numpy as np
 
 from ettin.data.files import file_lock
 from ettin.store.fs import publish, temp_path
-from ettin.data.shards import SPLITS, PrepareConfig, UnitResult, _encoded_writer, _init_worker, _tokenize_unit, columns_for, document_units, sample_dtype, worker_settings, write_folder
+from ettin.data.shards import (SPLITS, PrepareConfig, UnitResult, _encoded_writer, _init_worker,
+                               _tokenize_unit, columns_for, document_units, sample_dtype,
+                               worker_settings, write_folder)
 from ettin.data.reading import Skips
 
 MANIFEST = "manifest.json"

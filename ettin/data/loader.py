@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ettin.data.prepare import prepare_command, require_prepared
-from ettin.data.shards import is_complete
+from ettin.store.fs import is_complete
 from ettin.data.source import DataSource
 
 log = logging.getLogger("ettin")

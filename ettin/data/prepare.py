@@ -44,7 +44,8 @@ from ettin.data.reading import (TEXT_UNITS, PrepareError)
 from ettin.data.tokenizer import load_tokenizer
 
 from ettin.data.executor import run_executor
-from ettin.data.shards import (CHUNKINGS, PrepareConfig, is_complete, settings_of, write_folder)
+from ettin.data.shards import CHUNKINGS, PrepareConfig, settings_of, write_folder
+from ettin.store.fs import is_complete
 
 EXECUTORS = ("none", "local", "slurm")
 def prepare(cfg: Optional[PrepareConfig] = None, tokenizer=None, **fields) -> Path:

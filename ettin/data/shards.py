@@ -23,9 +23,9 @@ from ettin.data.files import process_context
 from ettin.store.fs import publishing
 from ettin.data.reading import (Document, PrepareError, Skips, input_files,
                                 input_fingerprint, read_documents)
+from ettin.store.fs import COMPLETE
 from ettin.data.tokenizer import special_ids, tokenizer_fingerprint
 
-COMPLETE = "COMPLETE"
 FORMAT = "ettin-prepared-v1"
 SPLITS = ("train", "validation")
 CHUNKINGS = ("balanced", "ettin")
@@ -312,10 +312,6 @@ def settings_of(cfg: PrepareConfig, tokenizer) -> dict:
             "always_skip_size": cfg.always_skip_size} if cfg.chunking != "balanced" else {}),
         **({"add_prefix_space": True} if cfg.add_prefix_space else {}),
     }
-
-
-def is_complete(path: str | Path) -> bool:
-    return (Path(path) / COMPLETE).is_file()
 
 
 def write_folder(cfg: PrepareConfig, tokenizer, settings: dict, output: Path,

@@ -10,7 +10,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from ettin.report.runs import Run, RunError, data_sources, recorded_data, recorded_phase_config, recorded_seed
+from ettin.report.runs import (Run, RunError, data_sources, recorded_data, recorded_phase_config,
+                               recorded_seed)
 
 # Replay bounds of the sample-order check: every step of a small run, a sample of a big one.
 MAX_REPLAY_STEPS = 2000

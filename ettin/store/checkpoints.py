@@ -30,11 +30,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ettin.store.fs import clean_stale, publish, temp_path
+from ettin.store.fs import COMPLETE, clean_stale, is_complete, publish, temp_path
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
 META = "meta.json"
 WEIGHTS = "model.safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
@@ -83,11 +82,6 @@ def write_checkpoint(run_dir: Path | str, name: str, write_fn: Callable[[Path], 
         return publish(temp, final)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def is_complete(path: Path | str) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / COMPLETE).is_file() and (path / META).is_file()
 
 
 def read_meta(path: Path | str) -> dict:

@@ -10,9 +10,10 @@ from typing import Optional
 
 import torch
 
-from ettin.store.checkpoints import (COMPLETE, META, CheckpointError, fallback_hint, checkpoint_name,
-                                     is_complete, prune_checkpoints, read_meta, safe_torch_load,
-                                     load_weights, save_weights, verify_checkpoint, write_checkpoint)
+from ettin.store.fs import COMPLETE, is_complete
+from ettin.store.checkpoints import (META, CheckpointError, fallback_hint, checkpoint_name,
+                                     prune_checkpoints, read_meta, safe_torch_load, load_weights,
+                                     save_weights, verify_checkpoint, write_checkpoint)
 from ettin.store.rundir import RunDir
 
 

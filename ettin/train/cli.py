@@ -18,7 +18,8 @@ from ettin.objectives import OBJECTIVES
 from ettin.optim.schedule import phase_batch_schedule
 from ettin.store.checkpoints import CheckpointError
 from ettin.store.rundir import RunDir, RunLockedError
-from ettin.train.config import ConfigError, TrainConfig, available_recipes, compose, parse_argv, to_yaml
+from ettin.train.config import (ConfigError, TrainConfig, available_recipes, compose, parse_argv,
+                                to_yaml)
 from ettin.train.environment import is_rank_zero
 from ettin.train.preemption import Preempted
 from ettin.train.run import log, pair_configs, schedule_rows, train

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 from ettin.objectives import OBJECTIVES, default_objective
-from ettin.optim.schedule import PhaseSchedule, phase_batch_schedule, phase_lr_multiplier, schedule_table
+from ettin.optim.schedule import (PhaseSchedule, phase_batch_schedule, phase_lr_multiplier,
+                                  schedule_table)
 from ettin.store.rundir import RunDir, RunLock
 from ettin.train.config import ConfigError, TrainConfig, to_yaml
 from ettin.train.environment import (environment_summary, git_commit, is_rank_zero,
