@@ -26,6 +26,7 @@ class EvalModel:
     kind: str  # "encoder" | "decoder"
     objective: Optional[str]  # "mlm" | "clm" | "mntp", None for folders not made by ettin
     parameters: int
+    ettin_size: Optional[str] = None  # the Ettin size it has (released hub id, or the shape of a size)
 
     @property
     def is_decoder(self) -> bool:
@@ -49,9 +50,20 @@ def _parameters(folder: Path) -> int:
     return sum(t.numel() for k, t in read_weights(folder).items() if not k.startswith("classifier."))
 
 
+def split_revision(spec: str | Path) -> tuple[str, Optional[str]]:
+    """``MODEL@REVISION`` (a hub id at a branch, tag or commit, e.g. ``step599525``) -> (MODEL, REVISION);
+    a local path is never split."""
+    text = str(spec)
+    if "@" not in text or Path(text).exists():
+        return text, None
+    name, revision = text.rsplit("@", 1)
+    return name, revision
+
+
 def resolve_model(spec: str | Path) -> EvalModel:
     from ettin.hub import resolve_folder
 
+    hub_id, revision = split_revision(spec)
     path = Path(spec)
     run: Optional[Path] = None
     if path.is_dir() and _is_run(path):
@@ -64,7 +76,7 @@ def resolve_model(spec: str | Path) -> EvalModel:
     elif path.is_dir() and path.name.startswith("hf") and _is_run(path.parent):
         run = path.parent  # RUN/hf or RUN/hf-<phase>
     else:
-        path = resolve_folder(str(spec))  # a local folder, or a hub id fetched when online
+        path = resolve_folder(hub_id, revision=revision)  # a local folder, or a hub id (cached, or fetched)
     config_file = path / "config.json"
     if not config_file.exists():
         raise EvalError(f"{spec}: {path} has no config.json; give a Hugging Face model folder, a hub id "
@@ -76,8 +88,10 @@ def resolve_model(spec: str | Path) -> EvalModel:
                         f"evaluates {ENCODER_TYPE!r} (encoders) and {DECODER_TYPE!r} (decoders)")
     objective = config.get("ettin_objective") or (_run_objective(run) if run else None)
     name = run.name if run else (path.name if Path(spec).is_dir() else str(spec))
+    from ettin.evaluation.paper import ettin_size
+
     return EvalModel(name=name, path=path, kind=kinds[config["model_type"]], objective=objective,
-                     parameters=_parameters(path))
+                     parameters=_parameters(path), ettin_size=ettin_size(hub_id, config))
 
 
 def resolve_models(specs: list[str | Path]) -> list[EvalModel]:

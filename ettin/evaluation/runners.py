@@ -14,7 +14,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -31,53 +31,50 @@ def _device() -> str:
 # lm-eval
 
 
-def harness_model(model: EvalModel, batch_size: int = 32):
-    """The lm-eval model of ``model``: lm-eval's ``hf`` (HFLM) for a decoder, ``ettin-mlm`` for an encoder."""
-    if model.is_decoder:
-        from lm_eval.models.huggingface import HFLM
+HARNESS_BATCH_SIZE = 32
 
-        return HFLM(pretrained=str(model.path), backend="causal", batch_size=batch_size, device=_device(),
-                    dtype="float32")
+
+def harness_model_args(model: EvalModel, batch_size: int = HARNESS_BATCH_SIZE) -> dict:
+    """The lm-eval model arguments of ``model`` (recorded in eval.json): lm-eval's ``hf`` for a decoder,
+    with ``add_bos_token=True`` as the Ettin paper ran it; ``ettin-mlm`` for an encoder."""
+    if model.is_decoder:
+        return {"model": "hf", "pretrained": str(model.path), "backend": "causal", "add_bos_token": True,
+                "dtype": "float32", "batch_size": batch_size, "device": _device()}
+    from ettin.evaluation.masked_lm import DEFAULT_EXTRA_MASKS
+
+    return {"model": "ettin-mlm", "pretrained": str(model.path), "extra_masks": DEFAULT_EXTRA_MASKS,
+            "dtype": "float32", "batch_size": batch_size, "device": _device()}
+
+
+def harness_model(model: EvalModel, batch_size: int = HARNESS_BATCH_SIZE):
+    """The lm-eval model of ``model``, built from ``harness_model_args``."""
+    from lm_eval.models.huggingface import HFLM
+
     from ettin.evaluation.masked_lm import MaskedLMHarness
 
-    return MaskedLMHarness(str(model.path), batch_size=batch_size, device=_device())
+    arguments = harness_model_args(model, batch_size)
+    return (HFLM if arguments.pop("model") == "hf" else MaskedLMHarness)(**arguments)
 
 
-def run_harness(model: EvalModel, tasks: list[str], *, include_path: Optional[Path], limit: Optional[int],
-                seed: int) -> dict[str, tuple[dict[str, float], int]]:
-    """{task: ({metric: value}, examples scored)} from lm-eval's ``simple_evaluate``."""
+def run_harness_task(lm, task: str, *, include_path: Optional[Path], limit: Optional[int], few_shot: int,
+                     seed: int) -> tuple[dict[str, float], int]:
+    """({metric: value}, examples scored) of one lm-eval task through lm-eval's ``simple_evaluate``."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     local = {p.stem for p in include_path.glob("*.yaml")} if include_path else set()
     manager = TaskManager(include_path=str(include_path) if include_path else None,
-                          include_defaults=not set(tasks) <= local)
-    results = simple_evaluate(model=harness_model(model), tasks=list(tasks), task_manager=manager,
+                          include_defaults=task not in local)
+    results = simple_evaluate(model=lm, tasks=[task], task_manager=manager, num_fewshot=few_shot,
                               limit=limit, bootstrap_iters=0, log_samples=False, random_seed=seed,
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    out = {}
-    for task in tasks:
-        metrics = {key.split(",")[0]: float(value) for key, value in results["results"][task].items()
-                   if "," in key and "_stderr" not in key}
-        out[task] = (metrics, int(results["n-samples"][task]["effective"]))
-    return out
+    metrics = {key.split(",")[0]: float(value) for key, value in results["results"][task].items()
+               if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
+    return metrics, int(results["n-samples"][task]["effective"])
 
 
 # ---------------------------------------------------------------------------------------------------
 # Classification
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """ModernBERT/Ettin-style GLUE fine-tuning (AdamW with decoupled weight decay, linear decay after
-    a short warmup). Several learning rates = a sweep, chosen on 10% of the training set."""
-
-    learning_rates: tuple[float, ...] = (8e-5,)
-    epochs: float = 3.0
-    batch_size: int = 32
-    weight_decay: float = 1e-5
-    warmup_ratio: float = 0.06
-    max_length: int = 256
 
 
 def _pairs_text(model: EvalModel, tokenizer, first: list[str], second: Optional[list[str]]):
@@ -88,11 +85,12 @@ def _pairs_text(model: EvalModel, tokenizer, first: list[str], second: Optional[
     return [f"{a}{tokenizer.sep_token} {b}" for a, b in zip(first, second)], None
 
 
-def finetune_classification(model: EvalModel, train: list[dict], test: list[dict], *, num_labels: int,
-                            settings: FinetuneSettings, seed: int, work_dir: Path) -> list[int]:
-    """Fine-tune ``model`` on ``train`` rows ({"text", optional "text_pair", "label"}) and return its
-    predicted labels for ``test``. With several learning rates, the best on a held-out tenth of
-    ``train`` is used."""
+def finetune_classification(model: EvalModel, train: list[dict], evaluation: list[dict], *, num_labels: int,
+                            settings: list[dict], score: Callable[[list[int]], float], seed: int,
+                            work_dir: Path) -> list[dict]:
+    """Fine-tune ``model`` on ``train`` rows ({"text", optional "text_pair", "label"}) once per setting
+    (``FinetuneGrid.settings()``), score its predictions for ``evaluation`` with ``score``; return
+    ``[{**setting, "score": ...}]`` in the order tried."""
     import numpy as np
     from datasets import Dataset
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
@@ -100,36 +98,31 @@ def finetune_classification(model: EvalModel, train: list[dict], test: list[dict
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
 
-    def dataset(rows: list[dict]) -> Dataset:
+    def dataset(rows: list[dict], max_length: int) -> Dataset:
         first = [r["text"] for r in rows]
         second = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
         first, second = _pairs_text(model, tokenizer, first, second)
-        encoded = tokenizer(first, second, truncation=True, max_length=settings.max_length)
+        encoded = tokenizer(first, second, truncation=True, max_length=max_length)
         return Dataset.from_dict({**encoded, "labels": [r["label"] for r in rows]})
 
-    def fit_and_predict(fit: Dataset, predict: Dataset, learning_rate: float) -> np.ndarray:
+    tried = []
+    for setting in settings:
         classifier = AutoModelForSequenceClassification.from_pretrained(
             model.path, num_labels=num_labels, dtype=torch.float32)
         arguments = TrainingArguments(
-            output_dir=str(work_dir), learning_rate=learning_rate, num_train_epochs=settings.epochs,
-            per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=2 * settings.batch_size,
-            weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
-            lr_scheduler_type="linear", seed=seed, data_seed=seed, report_to=[], save_strategy="no",
-            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
-        trainer = Trainer(model=classifier, args=arguments, train_dataset=fit,
+            output_dir=str(work_dir), learning_rate=setting["learning_rate"], num_train_epochs=setting["epochs"],
+            per_device_train_batch_size=setting["batch_size"], per_device_eval_batch_size=2 * setting["batch_size"],
+            weight_decay=setting["weight_decay"], warmup_ratio=setting["warmup_ratio"],
+            adam_beta1=setting["adam_betas"][0], adam_beta2=setting["adam_betas"][1],
+            adam_epsilon=setting["adam_epsilon"], lr_scheduler_type="linear", seed=seed, data_seed=seed,
+            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+        trainer = Trainer(model=classifier, args=arguments, train_dataset=dataset(train, setting["max_length"]),
                           data_collator=DataCollatorWithPadding(tokenizer))
         trainer.train()
-        return np.asarray(trainer.predict(predict).predictions).argmax(-1)
-
-    learning_rate = settings.learning_rates[0]
-    if len(settings.learning_rates) > 1:
-        cut = max(1, len(train) // 10)
-        fit, dev = dataset(train[cut:]), dataset(train[:cut])
-        gold = np.array([r["label"] for r in train[:cut]])
-        scores = {lr: float((fit_and_predict(fit, dev, lr) == gold).mean()) for lr in settings.learning_rates}
-        learning_rate = max(scores, key=scores.get)
-        log.info("%s: learning rate sweep %s -> %g", model.name, scores, learning_rate)
-    return [int(p) for p in fit_and_predict(dataset(train), dataset(test), learning_rate)]
+        predictions = trainer.predict(dataset(evaluation, setting["max_length"])).predictions
+        tried.append({**setting, "score": float(score([int(p) for p in np.asarray(predictions).argmax(-1)]))})
+        log.info("%s: fine-tuning %s -> %.4f", model.name, setting, tried[-1]["score"])
+    return tried
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,74 @@
+"""The Ettin paper's reported scores (paper_scores.json) beside ours.
+
+A model is compared when it is a released Ettin model (hub id ``jhu-clsp/ettin-{encoder,decoder}-SIZE``)
+or has the shape of an Ettin size (a run of ours, or any folder with that shape); the paper's numbers
+are percentages, ours are shown x100 beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+PAPER_SCORES = Path(__file__).with_name("paper_scores.json")
+RELEASED = re.compile(r"^jhu-clsp/ettin-(?P<kind>encoder|decoder)-(?P<size>17m|32m|68m|150m|400m|1b)$")
+
+
+@lru_cache(maxsize=1)
+def paper_scores() -> dict:
+    return json.loads(PAPER_SCORES.read_text())
+
+
+def ettin_size(spec: str, config: dict) -> Optional[str]:
+    """The Ettin size of a model: from a released hub id, else from its shape (layers, hidden,
+    intermediate, heads) in ettin.config.SIZES; None when it has none."""
+    released = RELEASED.match(spec.split("@")[0])
+    if released:
+        return released["size"]
+    from ettin.config import SIZES
+
+    shape = {k: config.get(k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                         "num_attention_heads")}
+    return next((name for name, row in SIZES.items() if name != "tiny" and row.shape() == shape), None)
+
+
+def paper_entry(kind: str, size: Optional[str]) -> Optional[dict]:
+    """{"scores": {task: percent}, "cite": "arXiv ... table"} for an Ettin kind and size."""
+    if size is None:
+        return None
+    entry = paper_scores()["models"].get(f"{kind}-{size}")
+    if entry is None:
+        return None
+    sources = paper_scores()["sources"]
+    scores = {task: (value, sources[entry["source"]]) for task, value in entry["scores"].items()}
+    scores.update({task: (value, sources[entry["text_source"]])
+                   for task, value in entry.get("text_scores", {}).items()})
+    return scores
+
+
+def comparison_rows(report: dict) -> list[tuple[str, str, float, float, str]]:
+    """(model, task, ours in percent, paper's, citation) for every score the paper also reports."""
+    rows = []
+    for name, model in report["models"].items():
+        scores = paper_entry(model["kind"], model.get("ettin_size"))
+        for task, result in (model["tasks"].items() if scores else ()):
+            if task in scores and not result["smoke"]:
+                value, source = scores[task]
+                rows.append((name, task, 100 * result["score"], value,
+                             f"arXiv {source['arxiv']} {source['version']}, {source['table']}"))
+    return rows
+
+
+def format_comparison(report: dict) -> str:
+    rows = comparison_rows(report)
+    if not rows:
+        return ""
+    lines = ["beside the Ettin paper (percent; ours - paper):"]
+    width = max(len(r[0]) for r in rows)
+    for name, task, ours, paper, cite in rows:
+        lines.append(f"  {name.ljust(width)}  {task:<16} ours {ours:6.2f}  paper {paper:5.1f}  "
+                     f"diff {ours - paper:+6.2f}  ({cite})")
+    return "\n".join(lines)
