@@ -1,0 +1,155 @@
+"""ettin.eval on an offline compute node: real lm-eval tasks and GLUE tasks read from a datasets cache.
+
+The cache is what one online ``load_dataset(id, config)`` leaves in ``HF_DATASETS_CACHE``
+(``<namespace>___<name>/<config>/0.0.0/<hash>/`` holding ``dataset_info.json`` and
+``<name>-<split>.arrow``), written here by ``datasets``' own ArrowWriter and DatasetInfo, in each
+dataset's real column schema and splits with a few rows. Nothing goes online (conftest sets
+HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+
+from __future__ import annotations
+
+import io
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+import datasets
+import pytest
+from datasets import ClassLabel, DatasetInfo, Features, Sequence, SplitDict, SplitInfo, Value
+from datasets.arrow_writer import ArrowWriter
+from test_eval import folders  # noqa: F401  the tiny encoder and decoder saved by transformers
+
+from ettin.evaluation import EvalError, evaluate
+
+STRING = Value("string")
+TRIVIAQA_FEATURES = Features({
+    "question": STRING, "question_id": STRING, "question_source": STRING,
+    "entity_pages": Sequence({"doc_source": STRING, "filename": STRING, "title": STRING, "wiki_context": STRING}),
+    "search_results": Sequence({"description": STRING, "filename": STRING, "rank": Value("int32"), "title": STRING,
+                                "url": STRING, "search_context": STRING}),
+    "answer": {"aliases": Sequence(STRING), "normalized_aliases": Sequence(STRING), "matched_wiki_entity_name": STRING,
+               "normalized_matched_wiki_entity_name": STRING, "normalized_value": STRING, "type": STRING,
+               "value": STRING},
+})
+WORDS = "alpha beta gamma delta module function class return value import print list".split()
+
+
+def _text(i: int, n: int = 8) -> str:
+    return " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(n))
+
+
+def _sciq(i: int) -> dict:
+    return {"question": _text(i, 5) + "?", "distractor1": WORDS[i % 12], "distractor2": WORDS[(i + 1) % 12],
+            "distractor3": WORDS[(i + 2) % 12], "correct_answer": WORDS[(i + 3) % 12], "support": _text(i + 1)}
+
+
+def _triviaqa(i: int) -> dict:
+    answer = WORDS[i % 12]
+    return {"question": _text(i, 6), "question_id": f"tq{i}", "question_source": "http://www.example.org",
+            "entity_pages": {"doc_source": [], "filename": [], "title": [], "wiki_context": []},
+            "search_results": {"description": [], "filename": [], "rank": [], "title": [], "url": [],
+                               "search_context": []},
+            "answer": {"aliases": [answer], "normalized_aliases": [answer], "matched_wiki_entity_name": "",
+                       "normalized_matched_wiki_entity_name": "", "normalized_value": answer, "type": "WikipediaEntity",
+                       "value": answer}}
+
+
+GLUE_PAIR = Features({"sentence1": STRING, "sentence2": STRING,
+                      "label": ClassLabel(names=["entailment", "not_entailment"]), "idx": Value("int32")})
+# (cache folder, config folder, arrow name, features, {split: row maker}, rows per split) per dataset
+CACHED = {
+    "sciq": ("allenai___sciq", "default", "sciq", Features({k: STRING for k in _sciq(0)}),
+             ("train", "validation", "test"), _sciq),
+    "lambada_openai": ("EleutherAI___lambada_openai", "default", "lambada_openai", Features({"text": STRING}),
+                       ("test",), lambda i: {"text": _text(i, 10)}),
+    "triviaqa": ("mandarjoshi___trivia_qa", "rc.nocontext", "trivia_qa", TRIVIAQA_FEATURES,
+                 ("train", "validation", "test"), _triviaqa),
+    "sst2": ("nyu-mll___glue", "sst2", "glue", Features({"sentence": STRING, "label": ClassLabel(
+        names=["negative", "positive"]), "idx": Value("int32")}), ("train", "validation", "test"),
+        lambda i: {"sentence": " ".join([WORDS[i % 2]] * (2 + i % 4)), "label": i % 2, "idx": i}),
+    "rte": ("nyu-mll___glue", "rte", "glue", GLUE_PAIR, ("train", "validation", "test"),
+            lambda i: {"sentence1": _text(i), "sentence2": _text(i + i % 2, 4), "label": i % 2, "idx": i}),
+}
+
+
+def write_cached_dataset(cache: Path, task: str, rows: int = 16) -> Path:
+    """The folder one online load_dataset of ``task``'s dataset leaves, written by datasets itself."""
+    folder_name, config, name, features, splits, make = CACHED[task]
+    folder = cache / folder_name / config / "0.0.0" / "4f6c3e1b2a0d9c8e7f6a5b4c3d2e1f0a9b8c7d6e"
+    folder.mkdir(parents=True)
+    split_dict = SplitDict(dataset_name=name)
+    for split in splits:
+        with ArrowWriter(features=features, path=str(folder / f"{name}-{split}.arrow")) as writer:
+            for i in range(rows):
+                writer.write(features.encode_example(make(i)))
+            examples, size = writer.finalize()
+        split_dict.add(SplitInfo(name=split, num_bytes=size, num_examples=examples, dataset_name=name))
+    DatasetInfo(features=features, config_name=config, dataset_name=name, builder_name="parquet",
+                splits=split_dict).write_to_directory(str(folder))
+    return folder
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "hf-datasets-cache"
+    root.mkdir()
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(root))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(root))
+    return root
+
+
+def test_the_cache_fixture_is_what_load_dataset_reads_offline(cache):
+    write_cached_dataset(cache, "rte")
+    data = datasets.load_dataset("nyu-mll/glue", "rte")
+    assert {k: len(v) for k, v in data.items()} == {"train": 16, "validation": 16, "test": 16}
+    assert data["train"].features["label"].names == ["entailment", "not_entailment"]
+
+
+def test_lm_eval_tasks_of_three_output_types_run_offline_and_resume(folders, cache, tmp_path):  # noqa: F811
+    for task in ("sciq", "lambada_openai", "triviaqa"):  # multiple choice, loglikelihood, generate_until
+        write_cached_dataset(cache, task)
+    console = io.StringIO()
+    models = [folders["encoder"], folders["decoder"]]
+    report = evaluate(models, tasks="sciq,lambada_openai,triviaqa", out=tmp_path / "eval", limit=4, console=console)
+    for name, kind in (("tiny-encoder", "encoder"), ("tiny-decoder", "decoder")):
+        tasks = report["models"][name]["tasks"]
+        assert {t: (r["metric"], r["n_examples"], r["split"], r["few_shot"], r["smoke"]) for t, r in tasks.items()} == {
+            "sciq": ("acc_norm", 4, "test", 0, False), "lambada_openai": ("acc", 4, "test", 0, False),
+            "triviaqa": ("exact_match", 4, "validation", 0, False)}
+        for result in tasks.values():
+            assert (result["library"], result["library_version"]) == ("lm-eval", version("lm_eval"))
+            assert 0.0 <= result["score"] <= 1.0
+            assert result["model_args"]["model"] == ("hf" if kind == "decoder" else "ettin-mlm")
+            assert result["model_args"].get("add_bos_token") is (True if kind == "decoder" else None)
+    lines = console.getvalue().splitlines()  # one line per model and task; the libraries' output in eval.log
+    assert len(lines) == 6 and all(" on 4 examples, " in line for line in lines), lines
+    assert (tmp_path / "eval" / "eval.log").stat().st_size > 0
+    again = io.StringIO()
+    assert evaluate(models, tasks="sciq,lambada_openai,triviaqa", out=tmp_path / "eval", limit=4,
+                    console=again)["models"] == report["models"]
+    assert again.getvalue().count("already in eval.json, not rerun") == 6
+
+
+def test_glue_single_sentence_and_pair_tasks_run_offline_with_their_sweep(folders, cache, tmp_path):  # noqa: F811
+    write_cached_dataset(cache, "sst2")
+    write_cached_dataset(cache, "rte")
+    report = evaluate([folders["encoder"]], tasks="sst2,rte", out=tmp_path, limit=4, learning_rates=(1e-3,),
+                      console=io.StringIO())
+    for task in ("sst2", "rte"):
+        result = report["models"]["tiny-encoder"]["tasks"][task]
+        assert (result["metric"], result["split"], result["n_examples"], result["n_train_examples"]) == (
+            "accuracy", "validation", 4, 16)
+        assert [(s["learning_rate"], s["epochs"], s["batch_size"], s["max_length"]) for s in result["sweep"]] == [
+            (1e-3, 1.0, 64, 512), (1e-3, 2.0, 64, 512)]  # the bert24 grid's shape, the learning rate replaced
+        scores = [s["score"] for s in result["sweep"]]
+        assert result["chosen"] == scores.index(max(scores)) and result["score"] == max(scores)
+    assert json.loads((tmp_path / "eval.json").read_text()) == report
+
+
+def test_a_dataset_missing_from_the_offline_cache_is_one_error_naming_it_and_the_fix(folders, cache):  # noqa: F811
+    write_cached_dataset(cache, "sciq")
+    with pytest.raises(EvalError) as error:
+        evaluate([folders["decoder"]], tasks="sciq,winogrande", limit=4)
+    message = str(error.value)
+    assert "'allenai/winogrande' (config 'winogrande_xl')" in message
+    assert f"python -m ettin.eval --prefetch --tasks sciq,winogrande {folders['decoder']}" in message
