@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from ettin.evaluation.models import EvalError
-from ettin.evaluation.registry import LM_EVAL, Dataset, Task
+from ettin.evaluation.registry import LM_EVAL, Dataset, Task, lm_eval_index
 
 log = logging.getLogger("ettin")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -33,10 +33,9 @@ def task_datasets(task: Task) -> tuple[Dataset, ...]:
 
 def lm_eval_datasets(name: str) -> tuple[Dataset, ...]:
     """(dataset_path, dataset_name) of an lm-eval task's yaml, includes resolved; () for a group."""
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = TaskManager().task_index[name]
+    entry = lm_eval_index()[name]
     config = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else {}
     if not config.get("dataset_path"):
         return ()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 from ettin.evaluation import suite
@@ -155,10 +156,12 @@ def lm_eval_task(name: str) -> Task:
                 source="lm-eval task (not registered in ettin)")
 
 
-def _lm_eval_names() -> list[str]:
+@lru_cache(maxsize=1)
+def lm_eval_index() -> dict:
+    """{name: entry} of every task, group and tag lm-eval knows (indexing its yamls takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    return list(TaskManager().all_tasks)
+    return TaskManager().task_index
 
 
 def resolve_tasks(spec: str | list[str]) -> list[Task]:
@@ -169,16 +172,14 @@ def resolve_tasks(spec: str | list[str]) -> list[Task]:
     if not names:
         raise EvalError(f"no tasks given: use --tasks with a suite ({', '.join(SUITES)}) or task names")
     tasks: list[Task] = []
-    lm_eval_names: Optional[list[str]] = None
     for name in names:
         if name in SUITES:
             tasks.extend(TASKS[t] for t in SUITES[name])
         elif name in TASKS:
             tasks.append(TASKS[name])
         else:
-            lm_eval_names = _lm_eval_names() if lm_eval_names is None else lm_eval_names
-            if name not in lm_eval_names:
-                close = difflib.get_close_matches(name, [*SUITES, *TASKS, *lm_eval_names], n=5, cutoff=0.6)
+            if name not in lm_eval_index():
+                close = difflib.get_close_matches(name, [*SUITES, *TASKS, *lm_eval_index()], n=5, cutoff=0.6)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise EvalError(f"unknown task {name!r}{hint} (python -m ettin.eval --list-tasks lists the "
                                 "suites and registered tasks; any lm-eval task name is accepted too)")

@@ -1,0 +1,101 @@
+"""The task registry, --list-tasks, the ettin-paper suite, bad input, and the paper's scores beside ours."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ettin.evaluation import EvalError
+from ettin.evaluation.cli import main
+from ettin.evaluation.models import resolve_model
+from ettin.evaluation.offline import lm_eval_datasets
+from ettin.evaluation.paper import comparison_rows, ettin_size, paper_scores
+from ettin.evaluation.registry import PAPER_GENERATIVE, SUITES, TASKS, resolve_tasks
+
+# The paper's decoder table, column by column (ARC = arc_challenge, WSC = wsc273: docs/evaluation.md)
+PAPER_DECODER_TASKS = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "lambada_openai": "acc",
+                       "openbookqa": "acc_norm", "piqa": "acc_norm", "sciq": "acc_norm", "social_iqa": "acc",
+                       "triviaqa": "exact_match", "winogrande": "acc", "wsc273": "acc"}
+GLUE = ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"]
+
+
+def test_ettin_paper_is_exactly_the_papers_tasks_zero_shot_with_their_metrics():
+    tasks = resolve_tasks("ettin-paper")
+    generative = {t.name: t.metric for t in tasks if t.library == "lm-eval"}
+    assert generative == PAPER_DECODER_TASKS
+    assert all(t.few_shot == 0 and not t.smoke for t in tasks)
+    glue = [t for t in tasks if t.library == "transformers"]
+    assert [t.name for t in glue] == GLUE
+    for task in glue:  # full training sets, the bert24 centre (batch 64, 512 tokens, wd 5e-6, 6% warmup)
+        assert task.datasets[0].id == "nyu-mll/glue" and task.datasets[0].config == task.name
+        settings = task.grid.settings()
+        assert {(s["batch_size"], s["max_length"], s["weight_decay"], s["warmup_ratio"]) for s in settings} == {
+            (64, 512, 5e-6, 0.06)}
+        assert {"learning_rate": 5e-5, "epochs": 1.0} in [{k: s[k] for k in ("learning_rate", "epochs")}
+                                                          for s in settings]
+    assert resolve_tasks("offline") == [TASKS[t] for t in SUITES["offline"]]
+    assert all(t.smoke for t in resolve_tasks("offline"))
+
+
+def test_registered_datasets_are_the_ones_lm_eval_loads():
+    """--prefetch and the offline check use the registry's ids: they must match lm-eval's task yamls."""
+    for task in PAPER_GENERATIVE:
+        assert lm_eval_datasets(task.name) == task.datasets, task.name
+
+
+def test_an_unknown_task_is_an_error_listing_close_names():
+    with pytest.raises(EvalError, match=r"unknown task 'hellaswog'; did you mean hellaswag"):
+        resolve_tasks("sciq,hellaswog")
+    with pytest.raises(EvalError, match=r"did you mean ettin-paper"):
+        resolve_tasks("ettin-papr")
+    assert [t.name for t in resolve_tasks("mnli,arc_easy")] == ["mnli", "arc_easy"]  # registered, lm-eval
+    assert resolve_tasks("arc_easy")[0].library == "lm-eval"
+
+
+def test_list_tasks_prints_every_suite_and_task_with_how_it_is_scored(capsys):
+    assert main(["--list-tasks"]) == 0
+    out = capsys.readouterr().out
+    for suite, tasks in SUITES.items():
+        assert f"  {suite}" in out and ", ".join(tasks) in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 5}
+    assert lines["hellaswag"].split()[1:6] == ["generation", "lm-eval", "acc_norm", "higher", "better"]
+    assert "Rowan/hellaswag" in lines["hellaswag"]
+    assert "nyu-mll/glue (mnli)" in lines["mnli"] and "validation_matched" in lines["mnli"]
+    assert "none (generated offline)" in lines["smoke_lm"] and "lower better" in lines["smoke_lm"]
+    assert set(TASKS) <= set(lines)
+
+
+def test_a_model_that_is_not_modernbert_is_refused_naming_its_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(EvalError, match="model_type 'llama' is not ModernBERT"):
+        resolve_model(tmp_path)
+
+
+def test_paper_scores_cite_the_paper_and_cover_every_size():
+    scores = paper_scores()
+    for source in scores["sources"].values():
+        assert source["arxiv"] == "2507.11412" and source["version"] and source["table"]
+    sizes = ["17m", "32m", "68m", "150m", "400m", "1b"]
+    assert {f"{k}-{s}" for k in ("encoder", "decoder") for s in sizes} == set(scores["models"])
+    for name, entry in scores["models"].items():
+        assert entry["hub_id"] == f"jhu-clsp/ettin-{name}"
+        if name.startswith("decoder"):
+            assert set(PAPER_DECODER_TASKS) <= set(entry["scores"])
+    assert scores["models"]["decoder-1b"]["scores"]["triviaqa"] == 29.3  # recipe.md §9.2
+    assert scores["models"]["encoder-150m"]["scores"]["mnli"] == 89.2  # recipe.md §9.1
+
+
+def test_released_ids_and_ettin_shapes_are_compared_with_the_paper():
+    assert ettin_size("jhu-clsp/ettin-decoder-150m", {}) == "150m"
+    assert ettin_size("jhu-clsp/ettin-encoder-1b@step599525", {}) == "1b"
+    shape = dict(num_hidden_layers=22, hidden_size=768, intermediate_size=1152, num_attention_heads=12)
+    assert ettin_size("runs/my-150m", shape) == "150m"
+    assert ettin_size("runs/other", {**shape, "hidden_size": 640}) is None
+    report = {"models": {
+        "jhu-clsp/ettin-decoder-150m": {"kind": "decoder", "ettin_size": "150m", "tasks": {
+            "hellaswag": {"score": 0.41, "smoke": False}, "smoke_cloze": {"score": 0.5, "smoke": True}}},
+        "tiny": {"kind": "decoder", "ettin_size": None, "tasks": {"hellaswag": {"score": 0.3, "smoke": False}}}}}
+    (row,) = comparison_rows(report)
+    assert row[:4] == ("jhu-clsp/ettin-decoder-150m", "hellaswag", 41.0, 40.3)
+    assert "arXiv 2507.11412" in row[4]
