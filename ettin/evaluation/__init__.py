@@ -39,7 +39,7 @@ FORMAT = "ettin-eval/2"
 LOG_FILE = "eval.log"
 # The libraries whose own output (logging, progress bars, warnings) goes to eval.log, not the console.
 LIBRARY_LOGGERS = ("transformers", "datasets", "lm-eval", "lm_eval", "sentence_transformers", "accelerate",
-                   "huggingface_hub", "torch", "ettin")
+                   "huggingface_hub", "torch", "ettin", "py.warnings")
 
 
 def _library_version(library: str) -> str:

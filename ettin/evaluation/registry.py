@@ -159,9 +159,9 @@ def lm_eval_task(name: str) -> Task:
 @lru_cache(maxsize=1)
 def lm_eval_index() -> dict:
     """{name: entry} of every task, group and tag lm-eval knows (indexing its yamls takes seconds)."""
-    from lm_eval.tasks import TaskManager
+    from ettin.evaluation.runners import task_manager
 
-    return TaskManager().task_index
+    return task_manager(None).task_index
 
 
 def resolve_tasks(spec: str | list[str]) -> list[Task]:

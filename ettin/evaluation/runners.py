@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -56,15 +57,22 @@ def harness_model(model: EvalModel, batch_size: int = HARNESS_BATCH_SIZE):
     return (HFLM if arguments.pop("model") == "hf" else MaskedLMHarness)(**arguments)
 
 
+@lru_cache(maxsize=4)
+def task_manager(include_path: Optional[str]):
+    """lm-eval's TaskManager: of lm-eval's own tasks (``None``), or of a folder of task yamls alone.
+    Built once per process (indexing lm-eval's yamls takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_path is None)
+
+
 def run_harness_task(lm, task: str, *, include_path: Optional[Path], limit: Optional[int], few_shot: int,
                      seed: int) -> tuple[dict[str, float], int]:
     """({metric: value}, examples scored) of one lm-eval task through lm-eval's ``simple_evaluate``."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     local = {p.stem for p in include_path.glob("*.yaml")} if include_path else set()
-    manager = TaskManager(include_path=str(include_path) if include_path else None,
-                          include_defaults=task not in local)
+    manager = task_manager(str(include_path)) if task in local else task_manager(None)
     results = simple_evaluate(model=lm, tasks=[task], task_manager=manager, num_fewshot=few_shot,
                               limit=limit, bootstrap_iters=0, log_samples=False, random_seed=seed,
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
