@@ -8,7 +8,7 @@ import pytest
 
 from ettin.evaluation import EvalError
 from ettin.evaluation.cli import main
-from ettin.evaluation.models import resolve_model
+from ettin.evaluation.models import EvalModel, resolve_model
 from ettin.evaluation.offline import lm_eval_datasets
 from ettin.evaluation.paper import comparison_rows, ettin_size, paper_scores
 from ettin.evaluation.registry import PAPER_GENERATIVE, SUITES, TASKS, resolve_tasks
@@ -45,7 +45,7 @@ def test_registered_datasets_are_the_ones_lm_eval_loads():
 
 
 def test_an_unknown_task_is_an_error_listing_close_names():
-    with pytest.raises(EvalError, match=r"unknown task 'hellaswog'; did you mean hellaswag"):
+    with pytest.raises(EvalError, match=r"unknown task 'hellaswog'; did you mean hellaswag, hellaswag_"):
         resolve_tasks("sciq,hellaswog")
     with pytest.raises(EvalError, match=r"did you mean ettin-paper"):
         resolve_tasks("ettin-papr")
@@ -94,8 +94,23 @@ def test_released_ids_and_ettin_shapes_are_compared_with_the_paper():
     assert ettin_size("runs/other", {**shape, "hidden_size": 640}) is None
     report = {"models": {
         "jhu-clsp/ettin-decoder-150m": {"kind": "decoder", "ettin_size": "150m", "tasks": {
-            "hellaswag": {"score": 0.41, "smoke": False}, "smoke_cloze": {"score": 0.5, "smoke": True}}},
+            "hellaswag": {"score": 0.41, "smoke": False}, "mnli": {"score": 0.8, "smoke": False}}},
         "tiny": {"kind": "decoder", "ettin_size": None, "tasks": {"hellaswag": {"score": 0.3, "smoke": False}}}}}
     (row,) = comparison_rows(report)
     assert row[:4] == ("jhu-clsp/ettin-decoder-150m", "hellaswag", 41.0, 40.3)
     assert "arXiv 2507.11412" in row[4]
+
+
+def test_a_sweep_reports_its_best_setting_and_records_every_setting(monkeypatch, tmp_path):
+    import ettin.evaluation as evaluation
+
+    rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    monkeypatch.setattr(evaluation, "_glue_rows", lambda task, limit: (rows, rows))
+    by_rate = {1e-5: 0.5, 3e-5: 0.9, 5e-5: 0.7, 8e-5: 0.6}
+    monkeypatch.setattr(evaluation, "finetune_classification", lambda model, train, evaluation, settings, **kw: [
+        {**s, "score": by_rate[s["learning_rate"]] - s["epochs"] / 100} for s in settings])
+    model = EvalModel("m", tmp_path, "encoder", None, 0)
+    result = evaluation._classification(TASKS["mnli"], model, None, None, 0, tmp_path, None)
+    assert [(s["learning_rate"], s["epochs"]) for s in result["sweep"]] == [
+        (lr, epochs) for lr in (1e-5, 3e-5, 5e-5, 8e-5) for epochs in (1.0, 2.0)]
+    assert (result["chosen"], result["score"]) == (2, pytest.approx(0.89))  # lr 3e-5, 1 epoch

@@ -179,7 +179,8 @@ def resolve_tasks(spec: str | list[str]) -> list[Task]:
             tasks.append(TASKS[name])
         else:
             if name not in lm_eval_index():
-                close = difflib.get_close_matches(name, [*SUITES, *TASKS, *lm_eval_index()], n=5, cutoff=0.6)
+                close = difflib.get_close_matches(name, list(dict.fromkeys([*SUITES, *TASKS, *lm_eval_index()])), n=5,
+                                                cutoff=0.6)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise EvalError(f"unknown task {name!r}{hint} (python -m ettin.eval --list-tasks lists the "
                                 "suites and registered tasks; any lm-eval task name is accepted too)")
