@@ -154,3 +154,23 @@ def test_a_dataset_missing_from_the_offline_cache_is_one_error_naming_it_and_the
     message = str(error.value)
     assert "'allenai/winogrande' (config 'winogrande_xl')" in message
     assert f"python -m ettin.eval --prefetch --tasks sciq,winogrande {folders['decoder']}" in message
+
+
+def test_prefetch_loads_every_dataset_of_the_tasks_and_the_hub_models_and_refuses_offline(monkeypatch):
+    from ettin.evaluation import offline
+    from ettin.evaluation.registry import PAPER_GENERATIVE, PAPER_GLUE, Dataset, resolve_tasks
+
+    tasks = resolve_tasks("ettin-paper")
+    with pytest.raises(EvalError, match="--prefetch downloads; unset HF_HUB_OFFLINE"):
+        offline.prefetch(tasks, [])
+    for variable in offline.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable)
+    loaded, models = [], []
+    monkeypatch.setattr(offline, "_load", lambda dataset: loaded.append(dataset) or {"test": [0, 0, 0]})
+    monkeypatch.setattr("ettin.hub.resolve_folder",
+                        lambda name, revision=None: models.append((name, revision)) or Path("/cache") / name)
+    lines = offline.prefetch(tasks, ["jhu-clsp/ettin-decoder-150m@step599525"])
+    assert loaded == [*(t.datasets[0] for t in PAPER_GENERATIVE),
+                      *(Dataset("nyu-mll/glue", t.name) for t in PAPER_GLUE)]
+    assert models == [("jhu-clsp/ettin-decoder-150m", "step599525")]
+    assert lines[0] == "dataset allenai/ai2_arc (ARC-Challenge): test 3" and len(lines) == len(loaded) + 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -148,13 +149,32 @@ def _retrieval(task: Task, model: EvalModel, suite_dir: Optional[Path], limit: O
 
 
 @contextlib.contextmanager
+def _file_descriptors_to(log_file: TextIO):
+    """Point the process's stdout and stderr file descriptors at ``log_file`` (what subprocesses and
+    C extensions write, e.g. lm-eval asking git for a commit hash)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(log_file.fileno(), 1)
+    os.dup2(log_file.fileno(), 2)
+    try:
+        yield
+    finally:
+        log_file.flush()
+        for fd, original in zip((1, 2), saved):
+            os.dup2(original, fd)
+            os.close(original)
+
+
+@contextlib.contextmanager
 def _library_output_to(log_path: Path):
-    """Send stdout, stderr, warnings and the libraries' loggers to ``log_path`` for the block."""
+    """Send stdout, stderr (Python's and the file descriptors), warnings and the libraries' loggers to
+    ``log_path`` for the block."""
     import transformers
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log_file, contextlib.redirect_stdout(log_file), \
-            contextlib.redirect_stderr(log_file):
+            contextlib.redirect_stderr(log_file), _file_descriptors_to(log_file):
         handler = logging.StreamHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         saved = {}
