@@ -69,6 +69,10 @@ CACHED = {
         lambda i: {"sentence": " ".join([WORDS[i % 2]] * (2 + i % 4)), "label": i % 2, "idx": i}),
     "rte": ("nyu-mll___glue", "rte", "glue", GLUE_PAIR, ("train", "validation", "test"),
             lambda i: {"sentence1": _text(i), "sentence2": _text(i + i % 2, 4), "label": i % 2, "idx": i}),
+    "stsb": ("nyu-mll___glue", "stsb", "glue", Features({"sentence1": STRING, "sentence2": STRING,
+                                                         "label": Value("float32"), "idx": Value("int32")}),
+             ("train", "validation", "test"),
+             lambda i: {"sentence1": _text(i), "sentence2": _text(i + i % 3, 6), "label": 5.0 * (i % 3) / 2, "idx": i}),
 }
 
 
@@ -131,15 +135,17 @@ def test_lm_eval_tasks_of_three_output_types_run_offline_and_resume(folders, cac
     assert again.getvalue().count("already in eval.json, not rerun") == 6
 
 
-def test_glue_single_sentence_and_pair_tasks_run_offline_with_their_sweep(folders, cache, tmp_path):  # noqa: F811
-    write_cached_dataset(cache, "sst2")
-    write_cached_dataset(cache, "rte")
-    report = evaluate([folders["encoder"]], tasks="sst2,rte", out=tmp_path, limit=4, learning_rates=(1e-3,),
+def test_glue_single_sentence_pair_and_regression_tasks_run_offline_with_their_sweep(folders, cache,  # noqa: F811
+                                                                                       tmp_path):
+    for task in ("sst2", "rte", "stsb"):
+        write_cached_dataset(cache, task)
+    report = evaluate([folders["encoder"]], tasks="sst2,rte,stsb", out=tmp_path, limit=4, learning_rates=(1e-3,),
                       console=io.StringIO())
-    for task in ("sst2", "rte"):
+    for task, metric in (("sst2", "accuracy"), ("rte", "accuracy"), ("stsb", "spearman")):
         result = report["models"]["tiny-encoder"]["tasks"][task]
         assert (result["metric"], result["split"], result["n_examples"], result["n_train_examples"]) == (
-            "accuracy", "validation", 4, 16)
+            metric, "validation", 4, 16)
+        assert -1.0 <= result["score"] <= 1.0
         assert [(s["learning_rate"], s["epochs"], s["batch_size"], s["max_length"]) for s in result["sweep"]] == [
             (1e-3, 1.0, 64, 512), (1e-3, 2.0, 64, 512)]  # the bert24 grid's shape, the learning rate replaced
         scores = [s["score"] for s in result["sweep"]]

@@ -17,7 +17,7 @@ from ettin.evaluation.registry import PAPER_GENERATIVE, SUITES, TASKS, resolve_t
 PAPER_DECODER_TASKS = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "lambada_openai": "acc",
                        "openbookqa": "acc_norm", "piqa": "acc_norm", "sciq": "acc_norm", "social_iqa": "acc",
                        "triviaqa": "exact_match", "winogrande": "acc", "wsc273": "acc"}
-GLUE = ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"]
+GLUE = ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb"]
 
 
 def test_ettin_paper_is_exactly_the_papers_tasks_zero_shot_with_their_metrics():
@@ -27,6 +27,8 @@ def test_ettin_paper_is_exactly_the_papers_tasks_zero_shot_with_their_metrics():
     assert all(t.few_shot == 0 and not t.smoke for t in tasks)
     glue = [t for t in tasks if t.library == "transformers"]
     assert [t.name for t in glue] == GLUE
+    assert [(t.metric, t.num_labels) for t in glue if t.name in ("cola", "mnli", "stsb")] == [
+        ("matthews_correlation", 2), ("accuracy", 3), ("spearman", 1)]
     for task in glue:  # full training sets, the bert24 centre (batch 64, 512 tokens, wd 5e-6, 6% warmup)
         assert task.datasets[0].id == "nyu-mll/glue" and task.datasets[0].config == task.name
         settings = task.grid.settings()

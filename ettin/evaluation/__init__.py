@@ -82,11 +82,15 @@ def _glue_rows(task: Task, limit: Optional[int]) -> tuple[list[dict], list[dict]
     return rows(train, 4 * limit if limit else None), rows(data[task.split], limit)
 
 
-def _metric(task: Task, gold: list[int]) -> Callable[[list[int]], float]:
+def _metric(task: Task, gold: list) -> Callable[[list], float]:
     if task.metric == "matthews_correlation":  # GLUE's metric for CoLA
         from sklearn.metrics import matthews_corrcoef
 
         return lambda predicted: float(matthews_corrcoef(gold, predicted))
+    if task.metric == "spearman":  # STS-B (bert24's SpearmanCorrCoef)
+        from scipy.stats import spearmanr
+
+        return lambda predicted: float(spearmanr(gold, predicted).statistic)
     return lambda predicted: sum(p == g for p, g in zip(predicted, gold)) / len(gold)
 
 

@@ -81,7 +81,8 @@ class Task:
     few_shot: int = 0
     smoke: bool = False
     source: str = ""  # where the protocol comes from
-    # classification: (first text column, second or None), number of labels, fine-tuning grid
+    # classification: (first text column, second or None), number of labels (1: regression, e.g. STS-B),
+    # fine-tuning grid
     text_columns: tuple[str, Optional[str]] = ("", None)
     num_labels: int = 0
     grid: Optional[FinetuneGrid] = None
@@ -128,6 +129,7 @@ PAPER_GLUE = (
     _glue("mnli", ("premise", "hypothesis"), 3, split="validation_matched"),
     _glue("qnli", ("question", "sentence"), 2),
     _glue("rte", ("sentence1", "sentence2"), 2),
+    _glue("stsb", ("sentence1", "sentence2"), 1, metric="spearman"),  # regression: one output
 )
 SMOKE = (
     Task(suite.CLOZE, "generation", LM_EVAL, "acc", True, "test", smoke=True, source="ettin smoke suite"),

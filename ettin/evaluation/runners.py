@@ -94,11 +94,12 @@ def _pairs_text(model: EvalModel, tokenizer, first: list[str], second: Optional[
 
 
 def finetune_classification(model: EvalModel, train: list[dict], evaluation: list[dict], *, num_labels: int,
-                            settings: list[dict], score: Callable[[list[int]], float], seed: int,
+                            settings: list[dict], score: Callable[[list], float], seed: int,
                             work_dir: Path) -> list[dict]:
     """Fine-tune ``model`` on ``train`` rows ({"text", optional "text_pair", "label"}) once per setting
     (``FinetuneGrid.settings()``), score its predictions for ``evaluation`` with ``score``; return
-    ``[{**setting, "score": ...}]`` in the order tried."""
+    ``[{**setting, "score": ...}]`` in the order tried. ``num_labels=1`` is regression (float labels,
+    the predicted values are scored)."""
     import numpy as np
     from datasets import Dataset
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
@@ -111,7 +112,8 @@ def finetune_classification(model: EvalModel, train: list[dict], evaluation: lis
         second = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
         first, second = _pairs_text(model, tokenizer, first, second)
         encoded = tokenizer(first, second, truncation=True, max_length=max_length)
-        return Dataset.from_dict({**encoded, "labels": [r["label"] for r in rows]})
+        labels = [float(r["label"]) if num_labels == 1 else int(r["label"]) for r in rows]
+        return Dataset.from_dict({**encoded, "labels": labels})
 
     tried = []
     for setting in settings:
@@ -127,8 +129,9 @@ def finetune_classification(model: EvalModel, train: list[dict], evaluation: lis
         trainer = Trainer(model=classifier, args=arguments, train_dataset=dataset(train, setting["max_length"]),
                           data_collator=DataCollatorWithPadding(tokenizer))
         trainer.train()
-        predictions = trainer.predict(dataset(evaluation, setting["max_length"])).predictions
-        tried.append({**setting, "score": float(score([int(p) for p in np.asarray(predictions).argmax(-1)]))})
+        predictions = np.asarray(trainer.predict(dataset(evaluation, setting["max_length"])).predictions)
+        predicted = predictions[:, 0].tolist() if num_labels == 1 else predictions.argmax(-1).tolist()
+        tried.append({**setting, "score": float(score(predicted))})
         log.info("%s: fine-tuning %s -> %.4f", model.name, setting, tried[-1]["score"])
     return tried
 
