@@ -101,6 +101,11 @@ def test_released_ids_and_ettin_shapes_are_compared_with_the_paper():
     (row,) = comparison_rows(report)
     assert row[:4] == ("jhu-clsp/ettin-decoder-150m", "hellaswag", 41.0, 40.3)
     assert "arXiv 2507.11412" in row[4]
+    # the generative average once all ten tasks are scored (the paper's "Avg" column)
+    report["models"]["jhu-clsp/ettin-decoder-150m"]["tasks"] = {
+        task: {"score": 0.01 * i} for i, task in enumerate(PAPER_DECODER_TASKS)}
+    rows = {task: (ours, paper) for _, task, ours, paper, _ in comparison_rows(report)}
+    assert len(rows) == 11 and rows["average"] == (pytest.approx(4.5), 46.2)
 
 
 def test_a_sweep_reports_its_best_setting_and_records_every_setting(monkeypatch, tmp_path):

@@ -49,15 +49,27 @@ def paper_entry(kind: str, size: Optional[str]) -> Optional[dict]:
     return scores
 
 
+def _with_averages(tasks: dict) -> dict[str, float]:
+    """{task: score} plus the paper's averages (generative ``average``, ``glue_average``) when every task
+    they average was scored."""
+    from ettin.evaluation.registry import PAPER_GENERATIVE, PAPER_GLUE
+
+    scores = {task: result["score"] for task, result in tasks.items()}
+    for average, members in (("average", PAPER_GENERATIVE), ("glue_average", PAPER_GLUE)):
+        if all(t.name in scores for t in members):
+            scores[average] = sum(scores[t.name] for t in members) / len(members)
+    return scores
+
+
 def comparison_rows(report: dict) -> list[tuple[str, str, float, float, str]]:
     """(model, task, ours in percent, paper's, citation) for every score the paper also reports."""
     rows = []
     for name, model in report["models"].items():
         scores = paper_entry(model["kind"], model.get("ettin_size"))
-        for task, result in (model["tasks"].items() if scores else ()):
+        for task, score in (_with_averages(model["tasks"]).items() if scores else ()):
             if task in scores:
                 value, source = scores[task]
-                rows.append((name, task, 100 * result["score"], value,
+                rows.append((name, task, 100 * score, value,
                              f"arXiv {source['arxiv']} {source['version']}, {source['table']}"))
     return rows
 
