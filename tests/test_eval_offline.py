@@ -76,6 +76,22 @@ CACHED = {
 }
 
 
+MSMARCO_TRIPLETS = "msmarco-co-condenser-margin-mse-sym-mnrl-mean-v1"
+CACHED.update({  # the paper's retrieval: sentence-transformers' hard triplets, then mteb's MSMARCO (BEIR layout)
+    "msmarco-triplets": (f"sentence-transformers___{MSMARCO_TRIPLETS}", "triplet-hard", MSMARCO_TRIPLETS,
+                         Features({"query": STRING, "positive": STRING, "negative": STRING}), ("train",),
+                         lambda i: {"query": _text(i, 3), "positive": _text(i, 7), "negative": _text(i + 5, 7)}),
+    "mteb-msmarco-corpus": ("mteb___msmarco", "corpus", "msmarco",
+                            Features({"_id": STRING, "title": STRING, "text": STRING}), ("corpus",),
+                            lambda i: {"_id": f"d{i}", "title": "", "text": _text(i, 7)}),
+    "mteb-msmarco-queries": ("mteb___msmarco", "queries", "msmarco", Features({"_id": STRING, "text": STRING}),
+                             ("queries",), lambda i: {"_id": f"q{i}", "text": _text(i, 3)}),
+    "mteb-msmarco-qrels": ("mteb___msmarco", "default", "msmarco",
+                           Features({"query-id": STRING, "corpus-id": STRING, "score": Value("int64")}),
+                           ("train", "dev", "test"), lambda i: {"query-id": f"q{i}", "corpus-id": f"d{i}", "score": 1}),
+})
+
+
 def write_cached_dataset(cache: Path, task: str, rows: int = 16) -> Path:
     """The folder one online load_dataset of ``task``'s dataset leaves, written by datasets itself."""
     folder_name, config, name, features, splits, make = CACHED[task]
@@ -164,7 +180,7 @@ def test_a_dataset_missing_from_the_offline_cache_is_one_error_naming_it_and_the
 
 def test_prefetch_loads_every_dataset_of_the_tasks_and_the_hub_models_and_refuses_offline(monkeypatch):
     from ettin.evaluation import offline
-    from ettin.evaluation.registry import PAPER_GENERATIVE, PAPER_GLUE, Dataset, resolve_tasks
+    from ettin.evaluation.registry import PAPER_GENERATIVE, PAPER_GLUE, PAPER_RETRIEVAL, Dataset, resolve_tasks
 
     tasks = resolve_tasks("ettin-paper")
     with pytest.raises(EvalError, match="--prefetch downloads; unset HF_HUB_OFFLINE"):
@@ -177,6 +193,24 @@ def test_prefetch_loads_every_dataset_of_the_tasks_and_the_hub_models_and_refuse
                         lambda name, revision=None: models.append((name, revision)) or Path("/cache") / name)
     lines = offline.prefetch(tasks, ["jhu-clsp/ettin-decoder-150m@step599525"])
     assert loaded == [*(t.datasets[0] for t in PAPER_GENERATIVE),
-                      *(Dataset("nyu-mll/glue", t.name) for t in PAPER_GLUE)]
+                      *(Dataset("nyu-mll/glue", t.name) for t in PAPER_GLUE), *PAPER_RETRIEVAL.datasets]
+    assert [str(d) for d in PAPER_RETRIEVAL.datasets] == [
+        "sentence-transformers/msmarco-co-condenser-margin-mse-sym-mnrl-mean-v1 (triplet-hard)",
+        "mteb/msmarco (corpus)", "mteb/msmarco (queries)", "mteb/msmarco (default)"]
     assert models == [("jhu-clsp/ettin-decoder-150m", "step599525")]
     assert lines[0] == "dataset allenai/ai2_arc (ARC-Challenge): test 3" and len(lines) == len(loaded) + 1
+
+
+def test_the_papers_msmarco_retrieval_fine_tunes_then_scores_through_mteb_offline(folders, cache, tmp_path):  # noqa: F811
+    write_cached_dataset(cache, "msmarco-triplets", rows=40)
+    for part in ("corpus", "queries", "qrels"):
+        write_cached_dataset(cache, f"mteb-msmarco-{part}", rows=12)
+    report = evaluate([folders["encoder"], folders["decoder"]], tasks="msmarco", out=tmp_path, limit=4,
+                      console=io.StringIO())
+    for name in ("tiny-encoder", "tiny-decoder"):
+        result = report["models"][name]["tasks"]["msmarco"]
+        assert (result["metric"], result["split"], result["n_examples"], result["n_train_examples"]) == (
+            "ndcg@10", "dev", 12, 16)  # 12 dev queries; 4 x limit of the 36 triplets left after the held-out 4
+        assert (result["mteb_task"], result["library"]) == ("MSMARCO", "sentence-transformers")
+        assert result["score"] == result["mteb_scores"]["ndcg_at_10"] and 0.0 < result["score"] <= 1.0
+        assert result["settings"]["batch_size"] == 1024 and result["settings"]["scale"] == 20.0

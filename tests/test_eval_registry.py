@@ -11,7 +11,7 @@ from ettin.evaluation.cli import main
 from ettin.evaluation.models import EvalModel, resolve_model
 from ettin.evaluation.offline import lm_eval_datasets
 from ettin.evaluation.paper import comparison_rows, ettin_size, paper_scores
-from ettin.evaluation.registry import PAPER_GENERATIVE, SUITES, TASKS, resolve_tasks
+from ettin.evaluation.registry import MTEB_MSMARCO_REVISION, PAPER_GENERATIVE, SUITES, TASKS, resolve_tasks
 
 # The paper's decoder table, column by column (ARC = arc_challenge, WSC = wsc273: docs/evaluation.md)
 PAPER_DECODER_TASKS = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "lambada_openai": "acc",
@@ -36,6 +36,9 @@ def test_ettin_paper_is_exactly_the_papers_tasks_zero_shot_with_their_metrics():
             (64, 512, 5e-6, 0.06)}
         assert {"learning_rate": 5e-5, "epochs": 1.0} in [{k: s[k] for k in ("learning_rate", "epochs")}
                                                           for s in settings]
+    (retrieval,) = [t for t in tasks if t.category == "retrieval"]  # MS MARCO fine-tune, MS MARCO dev nDCG@10
+    assert (retrieval.name, retrieval.metric, retrieval.split, retrieval.mteb_task) == ("msmarco", "ndcg@10", "dev",
+                                                                                       "MSMARCO")
     assert resolve_tasks("offline") == [TASKS[t] for t in SUITES["offline"]]
     assert all(t.smoke for t in resolve_tasks("offline"))
 
@@ -44,6 +47,9 @@ def test_registered_datasets_are_the_ones_lm_eval_loads():
     """--prefetch and the offline check use the registry's ids: they must match lm-eval's task yamls."""
     for task in PAPER_GENERATIVE:
         assert lm_eval_datasets(task.name) == task.datasets, task.name
+    import mteb
+
+    assert mteb.get_task("MSMARCO").metadata.dataset == {"path": "mteb/msmarco", "revision": MTEB_MSMARCO_REVISION}
 
 
 def test_an_unknown_task_is_an_error_listing_close_names():

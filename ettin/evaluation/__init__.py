@@ -31,8 +31,9 @@ from ettin.evaluation.models import EvalError, EvalModel, resolve_models
 from ettin.evaluation.offline import check_cached, is_offline
 from ettin.evaluation.registry import (CATEGORIES, LM_EVAL, SENTENCE_TRANSFORMERS, TRANSFORMERS, Task,
                                        resolve_tasks, suite_name)
-from ettin.evaluation.runners import (RetrievalSettings, finetune_classification, harness_model,
-                                      harness_model_args, retrieval_ndcg_at_10, run_harness_task)
+from ettin.evaluation.runners import (MsmarcoSettings, RetrievalSettings, finetune_classification, harness_model,
+                                      harness_model_args, mteb_main_score, msmarco_finetune,
+                                      paper_retrieval_encoder, retrieval_ndcg_at_10, run_harness_task)
 
 log = logging.getLogger("ettin")
 
@@ -40,7 +41,7 @@ FORMAT = "ettin-eval/2"
 LOG_FILE = "eval.log"
 # The libraries whose own output (logging, progress bars, warnings) goes to eval.log, not the console.
 LIBRARY_LOGGERS = ("transformers", "datasets", "lm-eval", "lm_eval", "sentence_transformers", "accelerate",
-                   "huggingface_hub", "torch", "ettin", "py.warnings")
+                   "huggingface_hub", "torch", "mteb", "ettin", "py.warnings")
 
 
 def _library_version(library: str) -> str:
@@ -137,8 +138,28 @@ def _msmarco_pool(limit: Optional[int]) -> dict:
     return {"train": train, "queries": queries, "corpus": corpus, "relevant": relevant}
 
 
+def _paper_retrieval(task: Task, model: EvalModel, limit: Optional[int], seed: int, work: Path) -> dict:
+    """The paper's MS MARCO fine-tune, then mteb's task (MS MARCO dev nDCG@10)."""
+    from datasets import load_dataset
+
+    triplets, *evaluated = task.datasets
+    encoder = paper_retrieval_encoder(model)
+    settings = MsmarcoSettings()
+    trained = msmarco_finetune(encoder, load_dataset(triplets.id, triplets.config, split="train"), settings=settings,
+                               train_rows=4 * limit if limit else settings.train_rows, seed=seed,
+                               work_dir=work / "retrieval" / model.name.replace("/", "--") / task.name)
+    score, scores = mteb_main_score(encoder, task.mteb_task)
+    qrels = next(d for d in evaluated if d.config == "default")
+    queries = len(set(load_dataset(qrels.id, qrels.config, revision=qrels.revision, split=task.split)["query-id"]))
+    return {"metric": task.metric, "score": score, "n_examples": queries, "n_train_examples": trained,
+            "settings": vars(settings), "mteb_task": task.mteb_task, "mteb_version": version("mteb"),
+            "mteb_scores": {k: v for k, v in scores.items() if k.startswith(("ndcg_at", "recall_at", "mrr_at"))}}
+
+
 def _retrieval(task: Task, model: EvalModel, suite_dir: Optional[Path], limit: Optional[int], seed: int,
                work: Path, settings: RetrievalSettings) -> dict:
+    if task.mteb_task:
+        return _paper_retrieval(task, model, limit, seed, work)
     data = (json.loads((suite_dir / f"{suite.RETRIEVAL}.json").read_text()) if task.smoke
             else _msmarco_pool(limit))
     score = retrieval_ndcg_at_10(model, data["train"], data["queries"], data["corpus"], data["relevant"],

@@ -49,7 +49,7 @@ def prefetch_command(tasks: list[Task], models: list[str]) -> str:
 def _load(dataset: Dataset):
     from datasets import load_dataset
 
-    return load_dataset(dataset.id, dataset.config)
+    return load_dataset(dataset.id, dataset.config, revision=dataset.revision)
 
 
 def check_cached(tasks: list[Task], models: list[str]) -> None:

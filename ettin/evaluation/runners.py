@@ -181,3 +181,75 @@ def retrieval_ndcg_at_10(model: EvalModel, train_pairs: list[dict], queries: dic
         show_progress_bar=False, batch_size=2 * settings.batch_size)
     scores = evaluator(encoder)
     return float(next(v for k, v in scores.items() if k.endswith("cosine_ndcg@10")))
+
+
+@dataclass(frozen=True)
+class MsmarcoSettings:
+    """The paper's MS MARCO fine-tune (retrieval_eval/train_st.py): the ``triplet-hard`` training split less
+    1,000 held-out rows (``train_test_split(test_size=1_000, seed=12)``), its first 1,250,000 rows, batch
+    1024 without duplicates, CachedMultipleNegativesRankingLoss (mini-batch 256, scale 20), 5% warmup,
+    1 epoch, bf16 on a GPU. The script takes the learning rate as an argument without stating the value
+    used: 8e-5 is ours (docs/evaluation.md)."""
+
+    learning_rate: float = 8e-5
+    batch_size: int = 1024
+    mini_batch_size: int = 256
+    scale: float = 20.0
+    warmup_ratio: float = 0.05
+    epochs: float = 1.0
+    train_rows: int = 1_250_000
+    held_out_rows: int = 1_000
+    split_seed: int = 12
+
+
+def paper_retrieval_encoder(model: EvalModel):
+    """SentenceTransformer of ``model`` pooled as the paper's script pools it: mean for an encoder (the
+    sentence-transformers default), last token for a decoder."""
+    from sentence_transformers import SentenceTransformer, models
+
+    if not model.is_decoder:
+        return SentenceTransformer(str(model.path), device=_device())
+    transformer = models.Transformer(str(model.path))
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="lasttoken")
+    return SentenceTransformer(modules=[transformer, pooling], device=_device())
+
+
+def msmarco_finetune(encoder, triplets, *, settings: MsmarcoSettings, train_rows: int, seed: int,
+                     work_dir: Path) -> int:
+    """Fine-tune ``encoder`` (in place) on the first ``train_rows`` of the paper's split of ``triplets``
+    (columns query, positive, negative); return the rows trained on."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    with warnings.catch_warnings():  # 5.x moved these modules; the old paths work from 3.x to 5.x
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+        from sentence_transformers.training_args import BatchSamplers
+
+    held_out = min(settings.held_out_rows, len(triplets) // 10)
+    train = triplets.train_test_split(test_size=held_out, seed=settings.split_seed)["train"]
+    train = train.select(range(min(train_rows, len(train))))
+    arguments = SentenceTransformerTrainingArguments(
+        output_dir=str(work_dir), num_train_epochs=settings.epochs, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size, warmup_ratio=settings.warmup_ratio,
+        bf16=torch.cuda.is_available(), batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, data_seed=seed,
+        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    loss = CachedMultipleNegativesRankingLoss(encoder, mini_batch_size=min(settings.mini_batch_size,
+                                                                          settings.batch_size),
+                                              scale=settings.scale)
+    SentenceTransformerTrainer(model=encoder, args=arguments, train_dataset=train, loss=loss).train()
+    return len(train)
+
+
+def mteb_main_score(encoder, task_name: str) -> tuple[float, dict]:
+    """mteb's main score of ``encoder`` on its task ``task_name`` (mteb 2.x ``mteb.evaluate``; no result
+    cache, so a score is never another model's), and the split's full scores."""
+    import mteb
+
+    (task,) = mteb.get_tasks(tasks=[task_name])
+    result = mteb.evaluate(encoder, tasks=[task], cache=None, show_progress_bar=False)
+    if result.exceptions:
+        raise RuntimeError(f"mteb {task_name}: {result.exceptions[0]}")
+    (task_result,) = result.task_results
+    (split,) = task.metadata.eval_splits
+    (scores,) = task_result.scores[split]
+    return float(scores["main_score"]), scores
