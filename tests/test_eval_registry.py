@@ -127,3 +127,18 @@ def test_a_sweep_reports_its_best_setting_and_records_every_setting(monkeypatch,
     assert [(s["learning_rate"], s["epochs"]) for s in result["sweep"]] == [
         (lr, epochs) for lr in (1e-5, 3e-5, 5e-5, 8e-5) for epochs in (1.0, 2.0)]
     assert (result["chosen"], result["score"]) == (2, pytest.approx(0.89))  # lr 3e-5, 1 epoch
+
+
+def test_a_hub_revision_is_fetched_and_named(monkeypatch, tmp_path):
+    from ettin.evaluation.models import split_revision
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "modernbert-decoder", **dict(
+        num_hidden_layers=22, hidden_size=768, intermediate_size=1152, num_attention_heads=12)}))
+    fetched = []
+    monkeypatch.setattr("ettin.hub.resolve_folder", lambda name, revision=None: fetched.append((name, revision))
+                        or tmp_path)
+    monkeypatch.setattr("ettin.evaluation.models._parameters", lambda folder: 7)
+    model = resolve_model("jhu-clsp/ettin-decoder-150m@step599525")
+    assert fetched == [("jhu-clsp/ettin-decoder-150m", "step599525")]
+    assert (model.name, model.kind, model.ettin_size) == ("jhu-clsp/ettin-decoder-150m@step599525", "decoder", "150m")
+    assert split_revision(tmp_path) == (str(tmp_path), None)  # a local path is never split

@@ -55,7 +55,7 @@ def _library_version(library: str) -> str:
 
 def _harness_result(task: Task, model: EvalModel, lm, suite_dir: Optional[Path], limit: Optional[int],
                     seed: int) -> dict:
-    metrics, n = run_harness_task(lm, task.harness_name, include_path=suite_dir, limit=limit,
+    metrics, n = run_harness_task(lm, task.name, include_path=suite_dir, limit=limit,
                                   few_shot=task.few_shot, seed=seed)
     if task.category == "language_modeling":
         metric = "word_perplexity" if model.is_decoder else "pseudo_word_perplexity"

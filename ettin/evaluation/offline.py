@@ -28,7 +28,7 @@ def task_datasets(task: Task) -> tuple[Dataset, ...]:
     the ``dataset_path``/``dataset_name`` of lm-eval's task yaml."""
     if task.datasets or task.smoke or task.library != LM_EVAL:
         return task.datasets
-    return lm_eval_datasets(task.harness_name)
+    return lm_eval_datasets(task.name)
 
 
 def lm_eval_datasets(name: str) -> tuple[Dataset, ...]:

@@ -35,8 +35,8 @@ def ettin_size(spec: str, config: dict) -> Optional[str]:
     return next((name for name, row in SIZES.items() if name != "tiny" and row.shape() == shape), None)
 
 
-def paper_entry(kind: str, size: Optional[str]) -> Optional[dict]:
-    """{"scores": {task: percent}, "cite": "arXiv ... table"} for an Ettin kind and size."""
+def paper_entry(kind: str, size: Optional[str]) -> Optional[dict[str, tuple[float, dict]]]:
+    """{task: (percent, its source in paper_scores.json)} for an Ettin kind and size; None if none."""
     if size is None:
         return None
     entry = paper_scores()["models"].get(f"{kind}-{size}")

@@ -88,12 +88,7 @@ class Task:
     num_labels: int = 0
     grid: Optional[FinetuneGrid] = None
     train_split: str = "train"
-    lm_eval_name: str = ""  # the lm-eval task name when it differs from ``name``
     mteb_task: str = ""  # retrieval scored by mteb's task of this name (after the paper's MS MARCO fine-tune)
-
-    @property
-    def harness_name(self) -> str:
-        return self.lm_eval_name or self.name
 
 
 def _generative(name: str, metric: str, dataset: Dataset, split: str) -> Task:
