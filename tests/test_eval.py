@@ -285,3 +285,33 @@ def test_the_command_line_prints_a_table_and_refuses_what_it_cannot_run(folders,
     assert "not a folder" in capsys.readouterr().err
     with pytest.raises(EvalError, match="called 'tiny-decoder'"):
         evaluate([folders["decoder"], folders["decoder"]], tasks="smoke_cloze", limit=4)
+
+
+def test_a_runs_checkpoints_are_selected_exported_once_and_named(tmp_path):
+    import shutil
+
+    from test_export import make_run
+
+    from ettin.checkpoint import META
+    from ettin.evaluation.models import resolve_models
+
+    tokenizer = tmp_path / "tokenizer"
+    train_tokenizer(TEXTS, 320, tokenizer)
+    run = make_run(tmp_path / "my-run", tokenizer, objective="clm")
+    for step in (20, 30, 40):  # three more checkpoints of the same weights, later in the run
+        folder = run / "checkpoints" / f"pretrain-step{step:07d}"
+        shutil.copytree(run / "checkpoints" / "pretrain-step0000010", folder)
+        meta = json.loads((folder / META).read_text())
+        (folder / META).write_text(json.dumps({**meta, "step": step, "tokens": 100 * step}))
+    names = lambda selection: [m.name for m in resolve_models([run], selection)]  # noqa: E731
+    assert names("every:2") == ["my-run@pretrain-step0000010", "my-run@pretrain-step0000030",
+                                "my-run@pretrain-step0000040"]  # the first, every 2nd, and the last
+    assert names("pretrain-step0000020") == ["my-run@pretrain-step0000020"]
+    assert len(names("all")) == 4 and sorted(p.name for p in (run / "hf-checkpoints").iterdir()) == [
+        f"pretrain-step{s:07d}" for s in (10, 20, 30, 40)]
+    model = resolve_models([run], "pretrain-step0000040")[0]
+    assert (model.kind, model.objective, model.path) == ("decoder", "clm", run / "hf-checkpoints" / "pretrain-step0000040")
+    with pytest.raises(EvalError, match="no checkpoint 'pretrain-step0000050'; did you mean pretrain-step0000040"):
+        resolve_models([run], "pretrain-step0000050")
+    with pytest.raises(EvalError, match="K must be a whole number"):
+        resolve_models([run], "every:0")

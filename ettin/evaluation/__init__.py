@@ -241,17 +241,19 @@ def _previous_report(out: Optional[Path]) -> dict:
 
 def evaluate(models: list[str | Path], tasks: str | list[str] = "offline", out: Optional[Path] = None,
              limit: Optional[int] = None, seed: int = 0, *, learning_rates: Optional[tuple[float, ...]] = None,
-             retrieval: RetrievalSettings = RetrievalSettings(), console: Optional[TextIO] = None) -> dict:
+             retrieval: RetrievalSettings = RetrievalSettings(), console: Optional[TextIO] = None,
+             checkpoints: Optional[str] = None) -> dict:
     """Evaluate every model on every task; return the eval.json dict (and write ``out/eval.json`` after
     each task; a rerun with the same ``out`` keeps the tasks already scored for the same model folder).
 
     ``limit``: examples per task (the offline suite is generated at that size: ``SuiteSize.limited``;
     the others are capped). ``learning_rates`` replaces the fine-tuning grid's learning rates. One line
-    per model and task goes to ``console`` (default stdout); the libraries' output to ``out/eval.log``."""
+    per model and task goes to ``console`` (default stdout); the libraries' output to ``out/eval.log``.
+    ``checkpoints`` (``all``, ``every:K`` or names): evaluate those checkpoints of each run directory."""
     task_list = resolve_tasks(tasks)
     if is_offline():
         check_cached(task_list, [str(m) for m in models])
-    evaluated = resolve_models(list(models))
+    evaluated = resolve_models(list(models), checkpoints)
     console = console or sys.stdout
     if out is None:  # the generated tasks and fine-tuning scratch live only as long as the call
         with tempfile.TemporaryDirectory(prefix="ettin-eval-") as scratch:

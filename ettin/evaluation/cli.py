@@ -1,6 +1,7 @@
 """Evaluate encoders and decoders on the same tasks and print a table (tasks x models).
 
     python -m ettin.eval MODEL [MODEL ...] [--tasks offline|ettin-paper|t1,t2] [--out DIR] [--limit N]
+    python -m ettin.eval RUN --checkpoints all|every:K|NAME,NAME  # a run's checkpoints, one model each
     python -m ettin.eval --list-tasks
     python -m ettin.eval --prefetch --tasks ettin-paper [MODEL ...]     # on a machine with internet
 
@@ -57,6 +58,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--prefetch", action="store_true",
                         help="download the tasks' datasets and the hub models into the standard caches "
                              "(for compute nodes without internet), then exit")
+    parser.add_argument("--checkpoints", metavar="all|every:K|NAME,NAME",
+                        help="evaluate these checkpoints of each MODEL run directory (each one a model "
+                             "RUN@CHECKPOINT, exported once to RUN/hf-checkpoints/)")
     parser.add_argument("--out", default="runs/eval", help="folder for eval.json (default runs/eval)")
     parser.add_argument("--limit", type=int, help="examples per task (quick checks)")
     parser.add_argument("--seed", type=int, default=0)
@@ -82,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error("give at least one MODEL (or --list-tasks)")
         learning_rates = tuple(float(x) for x in args.learning_rates.split(",")) if args.learning_rates else None
         report = evaluate(args.models, tasks=args.tasks, out=Path(args.out), limit=args.limit, seed=args.seed,
-                          learning_rates=learning_rates)
+                          learning_rates=learning_rates, checkpoints=args.checkpoints)
     except (EvalError, ExportError, HubError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

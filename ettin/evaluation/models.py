@@ -94,8 +94,61 @@ def resolve_model(spec: str | Path) -> EvalModel:
                      parameters=_parameters(path), ettin_size=ettin_size(hub_id, config))
 
 
-def resolve_models(specs: list[str | Path]) -> list[EvalModel]:
-    models = [resolve_model(spec) for spec in specs]
+def select_checkpoints(run: Path, selection: str) -> list[Path]:
+    """A run's checkpoints, oldest first: ``all``; ``every:K`` (the first, then every K-th, and the last);
+    or a comma-separated list of checkpoint names."""
+    import difflib
+
+    from ettin.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run)
+    if not found:
+        raise EvalError(f"{run}: no complete checkpoint under {run / 'checkpoints'}; --checkpoints needs a run "
+                        "directory with checkpoints")
+    if selection == "all":
+        return found
+    if selection.startswith("every:"):
+        step = selection.split(":", 1)[1]
+        if not step.isdigit() or int(step) < 1:
+            raise EvalError(f"--checkpoints {selection}: K must be a whole number >= 1 (every:K)")
+        chosen = found[::int(step)]
+        return chosen if chosen[-1] == found[-1] else [*chosen, found[-1]]
+    by_name = {path.name: path for path in found}
+    for name in selection.split(","):
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=3)
+            raise EvalError(f"{run}: no checkpoint {name!r}{f'; did you mean {close[0]}?' if close else ''} "
+                            f"(its checkpoints: {', '.join(by_name)}; or use all, every:K)")
+    return [by_name[name] for name in selection.split(",")]
+
+
+def resolve_checkpoints(run: Path, selection: str) -> list[EvalModel]:
+    """One model per selected checkpoint of ``run``, named ``RUN@CHECKPOINT``, each exported once to
+    ``RUN/hf-checkpoints/CHECKPOINT``."""
+    from dataclasses import replace
+
+    from ettin.checkpoint import read_meta
+    from ettin.export import export_checkpoint
+
+    if not _is_run(run):
+        raise EvalError(f"--checkpoints: {run} is not an ettin run directory (no checkpoints/ folder)")
+    models = []
+    for checkpoint in select_checkpoints(run, selection):
+        folder = run / "hf-checkpoints" / checkpoint.name
+        if not (folder / "config.json").exists():
+            log.info("exporting %s to %s", checkpoint, folder)
+            export_checkpoint(checkpoint, folder)
+        model = resolve_model(folder)
+        models.append(replace(model, name=f"{run.name}@{checkpoint.name}",
+                              objective=read_meta(checkpoint).get("objective") or model.objective))
+    return models
+
+
+def resolve_models(specs: list[str | Path], checkpoints: Optional[str] = None) -> list[EvalModel]:
+    """The models of ``specs``; with ``checkpoints``, every spec is a run directory and gives one model per
+    selected checkpoint (``select_checkpoints``)."""
+    models = ([m for spec in specs for m in resolve_checkpoints(Path(spec), checkpoints)] if checkpoints
+              else [resolve_model(spec) for spec in specs])
     names = [m.name for m in models]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
