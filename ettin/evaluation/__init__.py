@@ -4,7 +4,7 @@
 
 Tasks come from the registry (ettin.evaluation.registry): the offline smoke suite (generated, no
 network), the Ettin paper's suite (``ettin-paper``), any registered task, or any lm-eval task.
-eval.json (format ``ettin-eval/2``, docs/evaluation.md) records how each score was made; it is
+eval.json (format ``ettin-eval/1``, docs/evaluation.md) records how each score was made; it is
 rewritten after every task, and a rerun with the same ``out`` skips the tasks already there.
 
 Importing this package registers the ``ettin-mlm`` lm-eval model (ettin.evaluation.masked_lm).
@@ -37,7 +37,7 @@ from ettin.evaluation.runners import (MsmarcoSettings, RetrievalSettings, finetu
 
 log = logging.getLogger("ettin")
 
-FORMAT = "ettin-eval/2"
+FORMAT = "ettin-eval/1"  # fields were added since, none changed: readers of /1 read it
 LOG_FILE = "eval.log"
 # The libraries whose own output (logging, progress bars, warnings) goes to eval.log, not the console.
 LIBRARY_LOGGERS = ("transformers", "datasets", "lm-eval", "lm_eval", "sentence_transformers", "accelerate",
