@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -20,6 +22,7 @@ from datasets.arrow_writer import ArrowWriter
 from test_eval import folders  # noqa: F401  the tiny encoder and decoder saved by transformers
 
 from ettin.evaluation import EvalError, evaluate
+from ettin.evaluation.runners import msmarco_finetune
 
 STRING = Value("string")
 TRIVIAQA_FEATURES = Features({
@@ -191,14 +194,25 @@ def test_prefetch_loads_every_dataset_of_the_tasks_and_the_hub_models_and_refuse
     monkeypatch.setattr(offline, "_load", lambda dataset: loaded.append(dataset) or {"test": [0, 0, 0]})
     monkeypatch.setattr("ettin.hub.resolve_folder",
                         lambda name, revision=None: models.append((name, revision)) or Path("/cache") / name)
+    mteb_loaded = []
+
+    class MtebTask:  # what prefetch reads of an mteb task
+        metadata = SimpleNamespace(name="ArguAna", dataset={"path": "mteb/arguana", "revision": "c22ab2a"})
+
+        def load_data(self):
+            mteb_loaded.append(self.metadata.name)
+
+    monkeypatch.setattr("ettin.evaluation.runners.mteb_benchmark_tasks",
+                        lambda name: [MtebTask()] if name == "MTEB(eng, v2)" else [])
     lines = offline.prefetch(tasks, ["jhu-clsp/ettin-decoder-150m@step599525"])
+    assert mteb_loaded == ["ArguAna"] and "mteb MTEB(eng, v2) ArguAna: mteb/arguana @ c22ab2a" in lines
     assert loaded == [*(t.datasets[0] for t in PAPER_GENERATIVE),
                       *(Dataset("nyu-mll/glue", t.name) for t in PAPER_GLUE), *PAPER_RETRIEVAL.datasets]
     assert [str(d) for d in PAPER_RETRIEVAL.datasets] == [
         "sentence-transformers/msmarco-co-condenser-margin-mse-sym-mnrl-mean-v1 (triplet-hard)",
         "mteb/msmarco (corpus)", "mteb/msmarco (queries)", "mteb/msmarco (default)"]
     assert models == [("jhu-clsp/ettin-decoder-150m", "step599525")]
-    assert lines[0] == "dataset allenai/ai2_arc (ARC-Challenge): test 3" and len(lines) == len(loaded) + 1
+    assert lines[0] == "dataset allenai/ai2_arc (ARC-Challenge): test 3" and len(lines) == len(loaded) + 2
 
 
 def test_the_papers_msmarco_retrieval_fine_tunes_then_scores_through_mteb_offline(folders, cache, tmp_path):  # noqa: F811
@@ -214,3 +228,31 @@ def test_the_papers_msmarco_retrieval_fine_tunes_then_scores_through_mteb_offlin
         assert (result["mteb_task"], result["library"]) == ("MSMARCO", "sentence-transformers")
         assert result["score"] == result["mteb_scores"]["ndcg_at_10"] and 0.0 < result["score"] <= 1.0
         assert result["settings"]["batch_size"] == 1024 and result["settings"]["scale"] == 20.0
+
+
+def test_mteb_eng_v2_scores_the_msmarco_fine_tuned_model_made_once(folders, cache, tmp_path, monkeypatch):  # noqa: F811
+    """MTEB(eng, v2) cut down to mteb's MSMARCO task (its real loading, from the cache): the same fine-tuned
+    model as the msmarco task, so the same score; a dataset mteb cannot read offline is one clear error."""
+    import mteb
+
+    import ettin.evaluation as evaluation
+
+    write_cached_dataset(cache, "msmarco-triplets", rows=40)
+    for part in ("corpus", "queries", "qrels"):
+        write_cached_dataset(cache, f"mteb-msmarco-{part}", rows=12)
+    monkeypatch.setattr(evaluation, "mteb_benchmark_tasks", lambda name: [mteb.get_task("MSMARCO")])
+    fine_tunes = []
+    monkeypatch.setattr(evaluation, "msmarco_finetune",
+                        lambda *args, **kwargs: fine_tunes.append(1) or msmarco_finetune(*args, **kwargs))
+    tasks = evaluate([folders["encoder"]], tasks="msmarco,mteb_v2_eng", out=tmp_path, limit=4,
+                     console=io.StringIO())["models"]["tiny-encoder"]["tasks"]
+    benchmark = tasks["mteb_v2_eng"]
+    assert fine_tunes == [1]  # one fine-tune for both tasks
+    assert (benchmark["category"], benchmark["library"], benchmark["n_examples"]) == ("embedding", "mteb", 1)
+    assert benchmark["task_scores"] == {"MSMARCO": tasks["msmarco"]["score"]}
+    assert benchmark["mean_by_type"] == {"Retrieval": tasks["msmarco"]["score"]} and benchmark["score"] == \
+        tasks["msmarco"]["score"]
+    shutil.rmtree(cache / "mteb___msmarco")
+    with pytest.raises(EvalError, match=r"mteb task MSMARCO could not read its dataset 'mteb/msmarco'.*"
+                                        r"python -m ettin.eval --prefetch --tasks mteb_v2_eng"):
+        evaluate([folders["encoder"]], tasks="mteb_v2_eng", out=tmp_path / "again", limit=4, console=io.StringIO())

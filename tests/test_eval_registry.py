@@ -39,6 +39,8 @@ def test_ettin_paper_is_exactly_the_papers_tasks_zero_shot_with_their_metrics():
     (retrieval,) = [t for t in tasks if t.category == "retrieval"]  # MS MARCO fine-tune, MS MARCO dev nDCG@10
     assert (retrieval.name, retrieval.metric, retrieval.split, retrieval.mteb_task) == ("msmarco", "ndcg@10", "dev",
                                                                                        "MSMARCO")
+    assert [(t.name, t.library, t.mteb_benchmark) for t in tasks if t.category == "embedding"] == [
+        ("mteb_v2_eng", "mteb", "MTEB(eng, v2)")]
     assert resolve_tasks("offline") == [TASKS[t] for t in SUITES["offline"]]
     assert all(t.smoke for t in resolve_tasks("offline"))
 
@@ -112,6 +114,12 @@ def test_released_ids_and_ettin_shapes_are_compared_with_the_paper():
         task: {"score": 0.01 * i} for i, task in enumerate(PAPER_DECODER_TASKS)}
     rows = {task: (ours, paper) for _, task, ours, paper, _ in comparison_rows(report)}
     assert len(rows) == 11 and rows["average"] == (pytest.approx(4.5), 46.2)
+    # an encoder's MTEB(eng, v2) mean and its clustering and retrieval means (the encoder table's columns)
+    report["models"]["jhu-clsp/ettin-decoder-150m"].update(kind="encoder", tasks={"mteb_v2_eng": {
+        "score": 0.5, "mean_by_type": {"Clustering": 0.4, "Retrieval": 0.45, "STS": 0.7}}})
+    rows = {task: (ours, paper) for _, task, ours, paper, _ in comparison_rows(report)}
+    assert rows == {"mteb_v2_eng": (50.0, 54.0), "mteb_v2_eng_clustering": (40.0, 41.5),
+                    "mteb_v2_eng_retrieval": (45.0, 45.7)}
 
 
 def test_a_sweep_reports_its_best_setting_and_records_every_setting(monkeypatch, tmp_path):

@@ -28,12 +28,13 @@ from typing import Callable, Optional, TextIO
 from ettin.evaluation import masked_lm  # noqa: F401  registers "ettin-mlm" with lm-eval
 from ettin.evaluation import suite
 from ettin.evaluation.models import EvalError, EvalModel, resolve_models
-from ettin.evaluation.offline import check_cached, is_offline
-from ettin.evaluation.registry import (CATEGORIES, LM_EVAL, SENTENCE_TRANSFORMERS, TRANSFORMERS, Task,
-                                       resolve_tasks, suite_name)
+from ettin.evaluation.offline import check_cached, is_offline, prefetch_command
+from ettin.evaluation.registry import (CATEGORIES, LM_EVAL, MTEB, PAPER_RETRIEVAL, SENTENCE_TRANSFORMERS,
+                                       TRANSFORMERS, Task, resolve_tasks, suite_name)
 from ettin.evaluation.runners import (MsmarcoSettings, RetrievalSettings, finetune_classification, harness_model,
-                                      harness_model_args, mteb_main_score, msmarco_finetune,
-                                      paper_retrieval_encoder, retrieval_ndcg_at_10, run_harness_task)
+                                      harness_model_args, msmarco_finetune, mteb_benchmark_tasks, mteb_main_score,
+                                      mteb_task_score, paper_retrieval_encoder, retrieval_ndcg_at_10,
+                                      run_harness_task)
 
 log = logging.getLogger("ettin")
 
@@ -45,8 +46,8 @@ LIBRARY_LOGGERS = ("transformers", "datasets", "lm-eval", "lm_eval", "sentence_t
 
 
 def _library_version(library: str) -> str:
-    return version({LM_EVAL: "lm_eval", TRANSFORMERS: "transformers",
-                    SENTENCE_TRANSFORMERS: "sentence-transformers"}[library])
+    return version({LM_EVAL: "lm_eval", TRANSFORMERS: "transformers", SENTENCE_TRANSFORMERS: "sentence-transformers",
+                    MTEB: "mteb"}[library])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,22 +139,60 @@ def _msmarco_pool(limit: Optional[int]) -> dict:
     return {"train": train, "queries": queries, "corpus": corpus, "relevant": relevant}
 
 
-def _paper_retrieval(task: Task, model: EvalModel, limit: Optional[int], seed: int, work: Path) -> dict:
-    """The paper's MS MARCO fine-tune, then mteb's task (MS MARCO dev nDCG@10)."""
+def _msmarco_encoder(model: EvalModel, limit: Optional[int], seed: int, work: Path) -> tuple[object, int]:
+    """The model fine-tuned as the paper's retrieval script does (and the rows it saw), made once per
+    model and --limit and kept in ``work``: the MS MARCO and MTEB tasks evaluate the same one."""
     from datasets import load_dataset
+    from sentence_transformers import SentenceTransformer
 
-    triplets, *evaluated = task.datasets
+    folder = work / "retrieval" / model.name.replace("/", "--") / f"msmarco-finetuned-{limit or 'full'}"
+    if (folder / "trained_rows.txt").exists():
+        return SentenceTransformer(str(folder)), int((folder / "trained_rows.txt").read_text())
+    triplets = PAPER_RETRIEVAL.datasets[0]
     encoder = paper_retrieval_encoder(model)
     settings = MsmarcoSettings()
     trained = msmarco_finetune(encoder, load_dataset(triplets.id, triplets.config, split="train"), settings=settings,
                                train_rows=4 * limit if limit else settings.train_rows, seed=seed,
-                               work_dir=work / "retrieval" / model.name.replace("/", "--") / task.name)
+                               work_dir=folder.with_name(folder.name + "-trainer"))
+    encoder.save(str(folder))
+    (folder / "trained_rows.txt").write_text(f"{trained}\n")
+    return encoder, trained
+
+
+def _paper_retrieval(task: Task, model: EvalModel, limit: Optional[int], seed: int, work: Path) -> dict:
+    """The paper's MS MARCO fine-tune, then mteb's task (MS MARCO dev nDCG@10)."""
+    from datasets import load_dataset
+
+    encoder, trained = _msmarco_encoder(model, limit, seed, work)
     score, scores = mteb_main_score(encoder, task.mteb_task)
-    qrels = next(d for d in evaluated if d.config == "default")
+    qrels = next(d for d in task.datasets if d.config == "default")
     queries = len(set(load_dataset(qrels.id, qrels.config, revision=qrels.revision, split=task.split)["query-id"]))
     return {"metric": task.metric, "score": score, "n_examples": queries, "n_train_examples": trained,
-            "settings": vars(settings), "mteb_task": task.mteb_task, "mteb_version": version("mteb"),
+            "settings": vars(MsmarcoSettings()), "mteb_task": task.mteb_task, "mteb_version": version("mteb"),
             "mteb_scores": {k: v for k, v in scores.items() if k.startswith(("ndcg_at", "recall_at", "mrr_at"))}}
+
+
+def _mteb_benchmark(task: Task, model: EvalModel, limit: Optional[int], seed: int, work: Path) -> dict:
+    """The MS MARCO fine-tuned model on every task of an mteb benchmark: the mean main score, the mean per
+    task type (the paper's clustering and retrieval columns) and every task's score."""
+    encoder, trained = _msmarco_encoder(model, limit, seed, work)
+    scores, types = {}, {}
+    for mteb_task in mteb_benchmark_tasks(task.mteb_benchmark):
+        name = mteb_task.metadata.name
+        try:
+            scores[name] = mteb_task_score(encoder, mteb_task)
+        except Exception as error:
+            if not is_offline():
+                raise
+            dataset = mteb_task.metadata.dataset
+            raise EvalError(f"task {task.name}: mteb task {name} could not read its dataset {dataset['path']!r} "
+                            f"(revision {dataset.get('revision')!r}) offline ({type(error).__name__}: {error}); on a "
+                            f"machine with internet and the same HF_HOME run: "
+                            f"{prefetch_command([task], [str(model.path)])}") from None
+        types.setdefault(mteb_task.metadata.type, []).append(scores[name])
+    return {"metric": task.metric, "score": sum(scores.values()) / len(scores), "n_examples": len(scores),
+            "mean_by_type": {kind: sum(values) / len(values) for kind, values in sorted(types.items())},
+            "task_scores": scores, "n_train_examples": trained, "mteb_benchmark": task.mteb_benchmark}
 
 
 def _retrieval(task: Task, model: EvalModel, suite_dir: Optional[Path], limit: Optional[int], seed: int,
@@ -290,6 +329,8 @@ def _evaluate(evaluated: list[EvalModel], task_list: list[Task], spec: str | lis
                     result = _harness_result(task, model, lm, suite_dir, limit, seed)
                 elif task.library == TRANSFORMERS:
                     result = _classification(task, model, suite_dir, limit, seed, work, learning_rates)
+                elif task.library == MTEB:
+                    result = _mteb_benchmark(task, model, limit, seed, work)
                 else:
                     result = _retrieval(task, model, suite_dir, limit, seed, work, retrieval)
             seconds = time.perf_counter() - started

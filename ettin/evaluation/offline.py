@@ -54,7 +54,8 @@ def _load(dataset: Dataset):
 
 def check_cached(tasks: list[Task], models: list[str]) -> None:
     """Offline: open every dataset of ``tasks`` from the ``datasets`` cache; a missing one is an error
-    naming it and the command that fills the cache."""
+    naming it and the command that fills the cache. (An mteb benchmark's datasets are mteb's: one it
+    cannot read is reported the same way when its task runs.)"""
     for task in tasks:
         for dataset in task_datasets(task):
             try:
@@ -81,6 +82,13 @@ def prefetch(tasks: list[Task], models: list[str]) -> list[str]:
     for dataset in dict.fromkeys(d for t in tasks for d in task_datasets(t)):
         data = _load(dataset)
         fetched.append(f"dataset {dataset}: {', '.join(f'{k} {len(v)}' for k, v in data.items())}")
+    for benchmark in dict.fromkeys(t.mteb_benchmark for t in tasks if t.mteb_benchmark):
+        from ettin.evaluation.runners import mteb_benchmark_tasks
+
+        for mteb_task in mteb_benchmark_tasks(benchmark):
+            mteb_task.load_data()  # mteb downloads its own datasets, each at the revision it pins
+            dataset = mteb_task.metadata.dataset
+            fetched.append(f"mteb {benchmark} {mteb_task.metadata.name}: {dataset['path']} @ {dataset.get('revision')}")
     for spec in models:
         name, revision = split_revision(spec)
         fetched.append(f"model {spec}: {resolve_folder(name, revision=revision)}")

@@ -50,11 +50,14 @@ def paper_entry(kind: str, size: Optional[str]) -> Optional[dict[str, tuple[floa
 
 
 def _with_averages(tasks: dict) -> dict[str, float]:
-    """{task: score} plus the paper's averages (generative ``average``, ``glue_average``) when every task
-    they average was scored."""
+    """{task: score} plus the paper's averages: generative ``average`` and ``glue_average`` when every
+    task they average was scored, MTEB(eng, v2)'s clustering and retrieval means when it ran."""
     from ettin.evaluation.registry import PAPER_GENERATIVE, PAPER_GLUE
 
     scores = {task: result["score"] for task, result in tasks.items()}
+    by_type = tasks.get("mteb_v2_eng", {}).get("mean_by_type", {})
+    scores.update({f"mteb_v2_eng_{kind.lower()}": by_type[kind] for kind in ("Clustering", "Retrieval")
+                   if kind in by_type})
     for average, members in (("average", PAPER_GENERATIVE), ("glue_average", PAPER_GLUE)):
         if all(t.name in scores for t in members):
             scores[average] = sum(scores[t.name] for t in members) / len(members)

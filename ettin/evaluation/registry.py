@@ -18,8 +18,8 @@ from typing import Optional
 from ettin.evaluation import suite
 from ettin.evaluation.models import EvalError
 
-LM_EVAL, TRANSFORMERS, SENTENCE_TRANSFORMERS = "lm-eval", "transformers", "sentence-transformers"
-CATEGORIES = ("generation", "classification", "retrieval", "language_modeling")
+LM_EVAL, TRANSFORMERS, SENTENCE_TRANSFORMERS, MTEB = "lm-eval", "transformers", "sentence-transformers", "mteb"
+CATEGORIES = ("generation", "classification", "retrieval", "embedding", "language_modeling")
 PAPER = "Ettin paper (arXiv 2507.11412)"
 
 
@@ -89,6 +89,7 @@ class Task:
     grid: Optional[FinetuneGrid] = None
     train_split: str = "train"
     mteb_task: str = ""  # retrieval scored by mteb's task of this name (after the paper's MS MARCO fine-tune)
+    mteb_benchmark: str = ""  # an mteb benchmark (its tasks' datasets are mteb's: --prefetch asks mteb)
 
 
 def _generative(name: str, metric: str, dataset: Dataset, split: str) -> Task:
@@ -152,11 +153,16 @@ PAPER_RETRIEVAL = Task(
     (MSMARCO_TRIPLETS, *(Dataset("mteb/msmarco", c, MTEB_MSMARCO_REVISION) for c in ("corpus", "queries", "default"))),
     source=f"{PAPER}; retrieval_eval/train_st.py; mteb MSMARCO", mteb_task="MSMARCO")
 
+# The encoder table's MTEB columns: the MS MARCO fine-tuned model (above) on mteb's MTEB(eng, v2), the
+# mean of its 41 tasks' main scores, and the means of its clustering and retrieval tasks.
+PAPER_MTEB = Task("mteb_v2_eng", "embedding", MTEB, "mean_main_score", True, "mteb's per task",
+                  source=f"{PAPER}; mteb.get_benchmark('MTEB(eng, v2)')", mteb_benchmark="MTEB(eng, v2)")
+
 TASKS: dict[str, Task] = {t.name: t for t in (*SMOKE, *PAPER_GENERATIVE, *PAPER_GLUE, PAPER_RETRIEVAL,
-                                              MSMARCO_POOL)}
+                                              PAPER_MTEB, MSMARCO_POOL)}
 SUITES: dict[str, tuple[str, ...]] = {
     "offline": tuple(t.name for t in SMOKE),
-    "ettin-paper": tuple(t.name for t in (*PAPER_GENERATIVE, *PAPER_GLUE, PAPER_RETRIEVAL)),
+    "ettin-paper": tuple(t.name for t in (*PAPER_GENERATIVE, *PAPER_GLUE, PAPER_RETRIEVAL, PAPER_MTEB)),
 }
 
 
@@ -211,7 +217,8 @@ def list_tasks() -> str:
     for task in TASKS.values():
         rows.append((task.name + (" *" if task.smoke else ""), task.category, task.library, task.metric,
                      "higher better" if task.higher_is_better else "lower better", task.split,
-                     str(task.few_shot), "; ".join(map(str, task.datasets)) or "none (generated offline)"))
+                     str(task.few_shot), "; ".join(map(str, task.datasets)) or (
+                         f"those of mteb's {task.mteb_benchmark}" if task.mteb_benchmark else "none (generated offline)")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("* smoke task: generated from the built-in corpus; checks the evaluation path, not a benchmark")

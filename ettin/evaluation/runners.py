@@ -253,3 +253,19 @@ def mteb_main_score(encoder, task_name: str) -> tuple[float, dict]:
     (split,) = task.metadata.eval_splits
     (scores,) = task_result.scores[split]
     return float(scores["main_score"]), scores
+
+
+def mteb_benchmark_tasks(name: str) -> list:
+    import mteb
+
+    return list(mteb.get_benchmark(name).tasks)
+
+
+def mteb_task_score(encoder, task) -> float:
+    """mteb's main score of ``encoder`` on one mteb task (averaged over the splits and subsets the task
+    evaluates; no result cache)."""
+    import mteb
+
+    result = mteb.evaluate(encoder, tasks=[task], cache=None, show_progress_bar=False)
+    (task_result,) = result.task_results
+    return float(task_result.get_score())
