@@ -310,7 +310,8 @@ def test_a_runs_checkpoints_are_selected_exported_once_and_named(tmp_path):
     assert len(names("all")) == 4 and sorted(p.name for p in (run / "hf-checkpoints").iterdir()) == [
         f"pretrain-step{s:07d}" for s in (10, 20, 30, 40)]
     model = resolve_models([run], "pretrain-step0000040")[0]
-    assert (model.kind, model.objective, model.path) == ("decoder", "clm", run / "hf-checkpoints" / "pretrain-step0000040")
+    assert (model.kind, model.objective) == ("decoder", "clm")
+    assert model.path == run / "hf-checkpoints" / "pretrain-step0000040"
     with pytest.raises(EvalError, match="no checkpoint 'pretrain-step0000050'; did you mean pretrain-step0000040"):
         resolve_models([run], "pretrain-step0000050")
     with pytest.raises(EvalError, match="K must be a whole number"):

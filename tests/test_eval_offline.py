@@ -215,7 +215,8 @@ def test_prefetch_loads_every_dataset_of_the_tasks_and_the_hub_models_and_refuse
     assert lines[0] == "dataset allenai/ai2_arc (ARC-Challenge): test 3" and len(lines) == len(loaded) + 2
 
 
-def test_the_papers_msmarco_retrieval_fine_tunes_then_scores_through_mteb_offline(folders, cache, tmp_path):  # noqa: F811
+def test_the_papers_msmarco_retrieval_fine_tunes_then_scores_through_mteb_offline(folders, cache,  # noqa: F811
+                                                                                 tmp_path):
     write_cached_dataset(cache, "msmarco-triplets", rows=40)
     for part in ("corpus", "queries", "qrels"):
         write_cached_dataset(cache, f"mteb-msmarco-{part}", rows=12)
@@ -230,7 +231,8 @@ def test_the_papers_msmarco_retrieval_fine_tunes_then_scores_through_mteb_offlin
         assert result["settings"]["batch_size"] == 1024 and result["settings"]["scale"] == 20.0
 
 
-def test_mteb_eng_v2_scores_the_msmarco_fine_tuned_model_made_once(folders, cache, tmp_path, monkeypatch):  # noqa: F811
+def test_mteb_eng_v2_scores_the_msmarco_fine_tuned_model_made_once(folders, cache, tmp_path,  # noqa: F811
+                                                                   monkeypatch):
     """MTEB(eng, v2) cut down to mteb's MSMARCO task (its real loading, from the cache): the same fine-tuned
     model as the msmarco task, so the same score; a dataset mteb cannot read offline is one clear error."""
     import mteb

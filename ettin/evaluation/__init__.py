@@ -335,7 +335,8 @@ def _evaluate(evaluated: list[EvalModel], task_list: list[Task], spec: str | lis
                     result = _retrieval(task, model, suite_dir, limit, seed, work, retrieval)
             seconds = time.perf_counter() - started
             entry["tasks"][task.name] = {
-                "category": task.category, "higher_is_better": task.higher_is_better, "smoke": task.smoke, "library": task.library, "library_version": _library_version(task.library),
+                "category": task.category, "higher_is_better": task.higher_is_better, "smoke": task.smoke,
+                "library": task.library, "library_version": _library_version(task.library),
                 "split": task.split, "few_shot": task.few_shot, "seed": seed, "limit": limit,
                 "source": task.source, "seconds": round(seconds, 1), **result}
             print(f"{model.name}  {task.name}{' (smoke)' if task.smoke else ''}: {result['metric']} "

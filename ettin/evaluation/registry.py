@@ -208,6 +208,12 @@ def suite_name(spec: str | list[str]) -> str:
     return spec if isinstance(spec, str) and spec in SUITES else "custom"
 
 
+def _datasets_described(task: Task) -> str:
+    if task.mteb_benchmark:
+        return f"those of mteb's {task.mteb_benchmark}"
+    return "; ".join(map(str, task.datasets)) or "none (generated offline)"
+
+
 def list_tasks() -> str:
     """The text ``--list-tasks`` prints: every suite, then every task with how it is scored."""
     lines = ["suites:"]
@@ -217,8 +223,7 @@ def list_tasks() -> str:
     for task in TASKS.values():
         rows.append((task.name + (" *" if task.smoke else ""), task.category, task.library, task.metric,
                      "higher better" if task.higher_is_better else "lower better", task.split,
-                     str(task.few_shot), "; ".join(map(str, task.datasets)) or (
-                         f"those of mteb's {task.mteb_benchmark}" if task.mteb_benchmark else "none (generated offline)")))
+                     str(task.few_shot), _datasets_described(task)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("* smoke task: generated from the built-in corpus; checks the evaluation path, not a benchmark")
