@@ -1,82 +1,8 @@
-"""Evaluate encoders and decoders on the same tasks and print a table (tasks x models).
+"""``python -m ettin.eval``: the command line lives in ettin.evaluation.cli."""
 
-    python -m ettin.eval MODEL [MODEL ...] [--tasks offline|standard|t1,t2] [--out DIR] [--limit N]
-
-MODEL: a Hugging Face ModernBERT or ModernBERT-Decoder folder or hub id, or an ettin run directory
-(its export RUN/hf, made from the latest checkpoint if missing). Writes DIR/eval.json
-(docs/evaluation.md). The offline tasks are smoke tasks generated from the built-in corpus.
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
-from pathlib import Path
-from typing import Optional
 
-SMOKE_NOTE = ("* smoke task: generated from the built-in corpus the smoke models were trained on; it "
-              "checks the evaluation path end to end, it is not a benchmark")
-
-
-def format_table(report: dict) -> str:
-    """Tasks as rows, models as columns; each row says its metric, its direction and whether it is a
-    smoke task."""
-    models = list(report["models"])
-    tasks = list(dict.fromkeys(t for m in report["models"].values() for t in m["tasks"]))
-    header = ["task", "category", "metric", *models]
-    rows = []
-    for task in tasks:
-        first = next(m["tasks"][task] for m in report["models"].values() if task in m["tasks"])
-        metrics = sorted({m["tasks"][task]["metric"] for m in report["models"].values() if task in m["tasks"]})
-        arrow = "higher better" if first["higher_is_better"] else "lower better"
-        scores = [f"{m['tasks'][task]['score']:.4g}" if task in m["tasks"] else "-"
-                  for m in report["models"].values()]
-        rows.append([task + (" *" if first["smoke"] else ""), first["category"],
-                     f"{'/'.join(metrics)} ({arrow})", *scores])
-    rows.insert(0, ["", "", "kind / objective",
-                    *[f"{m['kind']}/{m['objective'] or '-'}" for m in report["models"].values()]])
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    if any(m["tasks"][t]["smoke"] for m in report["models"].values() for t in m["tasks"]):
-        lines.append(SMOKE_NOTE)
-    return "\n".join(lines)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ettin.eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="a Hugging Face folder or hub id, or an ettin run directory")
-    parser.add_argument("--tasks", default="offline",
-                        help="offline (the smoke suite, default), standard (Ettin's list, online), or a "
-                             "comma-separated list of task names")
-    parser.add_argument("--out", default="runs/eval", help="folder for eval.json (default runs/eval)")
-    parser.add_argument("--limit", type=int, help="examples per task (quick checks)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--learning-rates", metavar="LR,LR",
-                        help="fine-tuning learning rate(s) for classification; several = a sweep")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ettin.evaluation.models import EvalError
-    from ettin.evaluation.runners import FinetuneSettings
-    from ettin.evaluation import evaluate
-    from ettin.model.export import ExportError
-    from ettin.model.hub import HubError
-
-    finetune = FinetuneSettings()
-    if args.learning_rates:
-        finetune = FinetuneSettings(learning_rates=tuple(float(x) for x in args.learning_rates.split(",")))
-    try:
-        report = evaluate(args.models, tasks=args.tasks, out=Path(args.out), limit=args.limit, seed=args.seed,
-                          finetune=finetune)
-    except (EvalError, ExportError, HubError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    print(f"wrote {Path(args.out) / 'eval.json'}")
-    return 0
-
+from ettin.evaluation.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

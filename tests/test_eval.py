@@ -16,15 +16,15 @@ from transformers import (AutoTokenizer, ModernBertConfig, ModernBertDecoderConf
                           ModernBertDecoderForCausalLM, ModernBertForMaskedLM)
 
 from ettin.data.tokenizer import set_objective_template, special_ids, train_tokenizer
-from ettin.eval import format_table, main
-from ettin.evaluation import CATEGORIES, FORMAT, evaluate, suite
+from ettin.evaluation.registry import CATEGORIES
+from ettin.evaluation import FORMAT, evaluate, suite
 from ettin.evaluation.models import EvalError
-from ettin.evaluation.runners import FinetuneSettings
+from ettin.evaluation.cli import format_table, main
 from ettin.evaluation.masked_lm import MaskedLMHarness
 from ettin.evaluation.models import resolve_model
+from ettin.evaluation.registry import SMOKE_GRID
 from ettin.evaluation.models import EvalModel
-from ettin.evaluation.runners import (RetrievalSettings, _pairs_text, finetune_classification,
-                                      harness_model, retrieval_ndcg_at_10)
+from ettin.evaluation.runners import RetrievalSettings, _pairs_text, finetune_classification, harness_model, retrieval_ndcg_at_10
 
 WORDS = "alpha beta gamma delta module function class return value import print list".split()
 TEXTS = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) + "." for i in range(200)]
@@ -64,25 +64,27 @@ def instance(kind: str, *args) -> Instance:
 
 
 class NextIdAtFirstMask(torch.nn.Module):
-    """A stand-in masked LM with a known answer: at the first [MASK] of a row it is certain of
-    (the token before it) + 1, read there (or one position to the left for an MNTP model). It
-    checks what it is shown: the future is masks only, then [SEP]."""
+    """A stand-in masked LM with a known answer, laid out as ModernBertForMaskedLM (backbone ``model``,
+    then ``decoder(head(hidden))``): at the first [MASK] of a row it is certain of (the token before
+    it) + 1, read there (or one position to the left for an MNTP model). It checks what it is shown:
+    the future is masks only, then [SEP]."""
 
     def __init__(self, mask: int, sep: int, vocab: int, extra_masks: int, predicts_next_token: bool):
         super().__init__()
         self.mask, self.sep, self.vocab, self.extra = mask, sep, vocab, extra_masks
         self.config = SimpleNamespace(max_position_embeddings=64, ettin_predicts_next_token=predicts_next_token)
         self.shift = int(predicts_next_token)
+        self.head = self.decoder = torch.nn.Identity()
 
-    def forward(self, input_ids, attention_mask):
-        logits = torch.full((*input_ids.shape, self.vocab), -1e4)
+    def model(self, input_ids, attention_mask):
+        hidden = torch.full((*input_ids.shape, self.vocab), -1e4)
         for b, row in enumerate(input_ids[:, :int(attention_mask.sum(1).max())]):
             length = int(attention_mask[b].sum())
             first = int((row == self.mask).nonzero()[0])
             assert row[first:length - 1].tolist() == [self.mask] * (1 + self.extra)  # no future leaks
             assert int(row[length - 1]) == self.sep
-            logits[b, first - self.shift, int(row[first - 1]) + 1] = 0.0
-        return SimpleNamespace(logits=logits)
+            hidden[b, first - self.shift, int(row[first - 1]) + 1] = 0.0
+        return SimpleNamespace(last_hidden_state=hidden)
 
 
 @pytest.mark.parametrize("predicts_next_token", [False, True], ids=["mlm", "mntp"])
@@ -217,16 +219,20 @@ def test_classification_fine_tuning_learns_a_trivial_task(folders, tmp_path, kin
     """The label is the repeated word, the length varies (padding on either side must not matter)."""
     rows = [{"text": " ".join([WORDS[i % 3]] * (1 + i % 5)), "label": i % 3} for i in range(48)]
     model = EvalModel(f"tiny-{kind}", folders[kind], kind, None, 0)
-    predicted = finetune_classification(model, rows[:36], rows[36:], num_labels=3, seed=0, work_dir=tmp_path,
-                                        settings=FinetuneSettings(learning_rates=(3e-3,), epochs=6, batch_size=8))
-    assert predicted == [r["label"] for r in rows[36:]]
+    predictions = []
+    setting = {**SMOKE_GRID.settings()[0], "learning_rate": 3e-3, "epochs": 6, "batch_size": 8}
+    tried = finetune_classification(model, rows[:36], rows[36:], num_labels=3, seed=0, work_dir=tmp_path,
+                                    settings=[setting], score=lambda p: predictions.append(p) or 0.5)
+    assert predictions == [[r["label"] for r in rows[36:]]]
+    assert tried == [{**setting, "score": 0.5}]
 
 
 # ------------------------------------------------------------------------------------------------
 # evaluate(), eval.json and the command line
 
 
-TASK_KEYS = {"category", "metric", "score", "higher_is_better", "smoke", "n_examples", "library"}
+TASK_KEYS = {"category", "metric", "score", "higher_is_better", "smoke", "n_examples", "library", "library_version",
+             "split", "few_shot", "seed", "limit", "source", "seconds"}
 
 
 def test_evaluate_writes_the_eval_json_schema_for_an_encoder_and_a_decoder(folders, tmp_path):
@@ -237,14 +243,14 @@ def test_evaluate_writes_the_eval_json_schema_for_an_encoder_and_a_decoder(folde
     assert list(report["models"]) == ["tiny-encoder", "tiny-decoder"]
     for name, kind in (("tiny-encoder", "encoder"), ("tiny-decoder", "decoder")):
         entry = report["models"][name]
-        assert set(entry) == {"path", "kind", "objective", "parameters", "tasks"}
+        assert set(entry) == {"path", "kind", "objective", "parameters", "ettin_size", "tasks"}
         assert (entry["kind"], entry["objective"]) == (kind, None)  # not made by ettin
         hf = (ModernBertForMaskedLM if kind == "encoder" else ModernBertDecoderForCausalLM).from_pretrained(
             folders[kind])
         assert entry["parameters"] == hf.num_parameters()
         assert list(entry["tasks"]) == list(suite.TASKS)
         for task, result in entry["tasks"].items():
-            assert set(result) == TASK_KEYS and result["category"] in CATEGORIES
+            assert TASK_KEYS <= set(result) and result["category"] in CATEGORIES
             assert result["smoke"] is True and result["n_examples"] == 4
             assert isinstance(result["score"], float)
         lm = entry["tasks"]["smoke_lm"]
@@ -275,8 +281,40 @@ def test_the_command_line_prints_a_table_and_refuses_what_it_cannot_run(folders,
     assert "smoke_cloze *" in out and "tiny-decoder" in out and str(tmp_path / "eval.json") in out
     assert json.loads((tmp_path / "eval.json").read_text())["suite"] == "custom"
     assert main([str(folders["decoder"]), "--tasks", "hellaswag", "--out", str(tmp_path)]) == 2
-    assert "HF_HUB_OFFLINE" in capsys.readouterr().err  # online tasks are refused offline, by name
+    err = capsys.readouterr().err  # a dataset missing from the offline cache: its id and the prefetch command
+    assert "'Rowan/hellaswag'" in err and "python -m ettin.eval --prefetch --tasks hellaswag" in err
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "not a folder" in capsys.readouterr().err
     with pytest.raises(EvalError, match="called 'tiny-decoder'"):
         evaluate([folders["decoder"], folders["decoder"]], tasks="smoke_cloze", limit=4)
+
+
+def test_a_runs_checkpoints_are_selected_exported_once_and_named(tmp_path):
+    import shutil
+
+    from test_export import make_run
+
+    from ettin.store.checkpoints import META
+    from ettin.evaluation.models import resolve_models
+
+    tokenizer = tmp_path / "tokenizer"
+    train_tokenizer(TEXTS, 320, tokenizer)
+    run = make_run(tmp_path / "my-run", tokenizer, objective="clm")
+    for step in (20, 30, 40):  # three more checkpoints of the same weights, later in the run
+        folder = run / "checkpoints" / f"pretrain-step{step:07d}"
+        shutil.copytree(run / "checkpoints" / "pretrain-step0000010", folder)
+        meta = json.loads((folder / META).read_text())
+        (folder / META).write_text(json.dumps({**meta, "step": step, "tokens": 100 * step}))
+    names = lambda selection: [m.name for m in resolve_models([run], selection)]  # noqa: E731
+    assert names("every:2") == ["my-run@pretrain-step0000010", "my-run@pretrain-step0000030",
+                                "my-run@pretrain-step0000040"]  # the first, every 2nd, and the last
+    assert names("pretrain-step0000020") == ["my-run@pretrain-step0000020"]
+    assert len(names("all")) == 4 and sorted(p.name for p in (run / "hf-checkpoints").iterdir()) == [
+        f"pretrain-step{s:07d}" for s in (10, 20, 30, 40)]
+    model = resolve_models([run], "pretrain-step0000040")[0]
+    assert (model.kind, model.objective) == ("decoder", "clm")
+    assert model.path == run / "hf-checkpoints" / "pretrain-step0000040"
+    with pytest.raises(EvalError, match="no checkpoint 'pretrain-step0000050'; did you mean pretrain-step0000040"):
+        resolve_models([run], "pretrain-step0000050")
+    with pytest.raises(EvalError, match="K must be a whole number"):
+        resolve_models([run], "every:0")

@@ -2,117 +2,130 @@
 
     evaluate(["runs/smoke-encoder", "runs/smoke-decoder"], tasks="offline", out=Path("runs/eval"))
 
-Tasks: the offline smoke suite (ettin.evaluation.suite; generated, no network), or online: any
-lm-eval task (hellaswag, arc_easy, ...), GLUE tasks via ``datasets`` (fine-tuned), ``msmarco``
-(fine-tuned retrieval). ``tasks="standard"`` is Ettin's list. eval.json (format ``ettin-eval/1``):
-
-    {"format", "suite", "created", "models": {NAME: {"path", "kind", "objective", "parameters",
-      "tasks": {TASK: {"category", "metric", "score", "higher_is_better", "smoke", "n_examples",
-                       "library"}}}}}
+Tasks come from the registry (ettin.evaluation.registry): the offline smoke suite (generated, no
+network), the Ettin paper's suite (``ettin-paper``), any registered task, or any lm-eval task.
+eval.json (format ``ettin-eval/1``, docs/evaluation.md) records how each score was made; it is
+rewritten after every task, and a rerun with the same ``out`` skips the tasks already there.
 
 Importing this package registers the ``ettin-mlm`` lm-eval model (ettin.evaluation.masked_lm).
 
-May import: ettin.model, ettin.objectives, ettin.data, ettin.store; nothing of training.
+May import: ettin.model.modernbert, ettin.objectives, ettin.data, ettin.store; nothing of training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import replace
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TextIO
 
 from ettin.evaluation import masked_lm  # noqa: F401  registers "ettin-mlm" with lm-eval
 from ettin.evaluation import suite
 from ettin.evaluation.models import EvalError, EvalModel, resolve_models
-from ettin.evaluation.runners import (FinetuneSettings, RetrievalSettings, finetune_classification,
-                                      retrieval_ndcg_at_10, run_harness)
+from ettin.evaluation.offline import check_cached, is_offline, prefetch_command
+from ettin.evaluation.registry import (CATEGORIES, LM_EVAL, MTEB, PAPER_RETRIEVAL, SENTENCE_TRANSFORMERS,
+                                       TRANSFORMERS, Task, resolve_tasks, suite_name)
+from ettin.evaluation.runners import (MsmarcoSettings, RetrievalSettings, finetune_classification, harness_model,
+                                      harness_model_args, msmarco_finetune, mteb_benchmark_tasks, mteb_main_score,
+                                      mteb_task_score, paper_retrieval_encoder, retrieval_ndcg_at_10,
+                                      run_harness_task)
 
 log = logging.getLogger("ettin")
 
-FORMAT = "ettin-eval/1"
-CATEGORIES = ("generation", "classification", "retrieval", "language_modeling")
-
-# Ettin's generative tasks (lm-eval names) and the metric reported for each.
-GENERATION_METRICS = {"hellaswag": "acc_norm", "arc_easy": "acc_norm", "arc_challenge": "acc_norm",
-                      "winogrande": "acc", "piqa": "acc_norm", "boolq": "acc", "lambada_openai": "acc",
-                      "sciq": "acc_norm"}
-# GLUE via datasets ("nyu-mll/glue"): (first text column, second or None, labels, evaluation split).
-GLUE = {"mnli": ("premise", "hypothesis", 3, "validation_matched"), "qnli": ("question", "sentence", 2, "validation"),
-        "qqp": ("question1", "question2", 2, "validation"), "rte": ("sentence1", "sentence2", 2, "validation"),
-        "mrpc": ("sentence1", "sentence2", 2, "validation"), "sst2": ("sentence", None, 2, "validation"),
-        "cola": ("sentence", None, 2, "validation")}
-MSMARCO = "msmarco"
-OFFLINE = list(suite.TASKS)
-STANDARD = [*GENERATION_METRICS, *GLUE, MSMARCO]
-ONLINE_TRAIN_EXAMPLES = 20_000  # fine-tuning sets of the online tasks are capped here (or 4 x limit)
+FORMAT = "ettin-eval/1"  # fields were added since, none changed: readers of /1 read it
+LOG_FILE = "eval.log"
+# The libraries whose own output (logging, progress bars, warnings) goes to eval.log, not the console.
+LIBRARY_LOGGERS = ("transformers", "datasets", "lm-eval", "lm_eval", "sentence_transformers", "accelerate",
+                   "huggingface_hub", "torch", "mteb", "ettin", "py.warnings")
 
 
-@dataclass(frozen=True)
-class TaskResult:
-    category: str
-    metric: str
-    score: float
-    higher_is_better: bool
-    smoke: bool
-    n_examples: int
-    library: str
+def _library_version(library: str) -> str:
+    return version({LM_EVAL: "lm_eval", TRANSFORMERS: "transformers", SENTENCE_TRANSFORMERS: "sentence-transformers",
+                    MTEB: "mteb"}[library])
 
 
-def task_list(tasks: str | list[str]) -> list[str]:
-    if isinstance(tasks, str):
-        tasks = {"offline": OFFLINE, "standard": STANDARD}.get(tasks) or [t for t in tasks.split(",") if t]
-    if not tasks:
-        raise EvalError("no tasks given: use --tasks offline, standard, or a comma-separated list")
-    return list(dict.fromkeys(tasks))
+# ---------------------------------------------------------------------------------------------------
+# Each kind of task
 
 
-def _check_online(tasks: list[str]) -> None:
-    online = [t for t in tasks if t not in OFFLINE]
-    if online and any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")  # huggingface_hub's rule
-                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        raise EvalError(f"task(s) {', '.join(online)} download data from the Hugging Face hub, but "
-                        "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; unset it, or use --tasks offline")
+def _harness_result(task: Task, model: EvalModel, lm, suite_dir: Optional[Path], limit: Optional[int],
+                    seed: int) -> dict:
+    metrics, n = run_harness_task(lm, task.name, include_path=suite_dir, limit=limit,
+                                  few_shot=task.few_shot, seed=seed)
+    if task.category == "language_modeling":
+        metric = "word_perplexity" if model.is_decoder else "pseudo_word_perplexity"
+        return {"metric": metric, "score": metrics["word_perplexity"], "n_examples": n,
+                "model_args": harness_model_args(model)}
+    metric = task.metric if task.metric in metrics else next((m for m in ("acc_norm", "acc") if m in metrics),
+                                                             sorted(metrics)[0])
+    return {"metric": metric, "score": metrics[metric], "n_examples": n, "model_args": harness_model_args(model)}
 
 
-def _harness_result(task: str, model: EvalModel, metrics: dict[str, float], n: int) -> TaskResult:
-    smoke = task in OFFLINE
-    if "word_perplexity" in metrics:  # a loglikelihood_rolling task
-        name = "word_perplexity" if model.is_decoder else "pseudo_word_perplexity"
-        return TaskResult("language_modeling", name, metrics["word_perplexity"], False, smoke, n, "lm-eval")
-    metric = GENERATION_METRICS.get(task) or next((m for m in ("acc_norm", "acc") if m in metrics), None)
-    if metric is None:
-        metric = sorted(metrics)[0]
-    return TaskResult("generation", metric, metrics[metric], True, smoke, n, "lm-eval")
-
-
-def _glue_rows(task: str, limit: Optional[int]) -> tuple[list[dict], list[dict], int]:
+def _glue_rows(task: Task, limit: Optional[int]) -> tuple[list[dict], list[dict]]:
+    """The full training split and the evaluation split (``limit``: 4 x limit and limit rows)."""
     from datasets import load_dataset
 
-    first, second, labels, split = GLUE[task]
-    data = load_dataset("nyu-mll/glue", task)
+    (dataset,) = task.datasets
+    data = load_dataset(dataset.id, dataset.config)
+    first, second = task.text_columns
 
     def rows(part, cap: Optional[int]) -> list[dict]:
         part = part.select(range(min(len(part), cap))) if cap else part
         return [{"text": r[first], **({"text_pair": r[second]} if second else {}), "label": r["label"]}
                 for r in part]
 
-    return (rows(data["train"].shuffle(seed=0), 4 * limit if limit else ONLINE_TRAIN_EXAMPLES),
-            rows(data[split], limit), labels)
+    train = data[task.train_split].shuffle(seed=0) if limit else data[task.train_split]
+    return rows(train, 4 * limit if limit else None), rows(data[task.split], limit)
 
 
-def _msmarco(limit: Optional[int]) -> dict:
-    """MS MARCO v1.1 passage ranking, the small way: (query, selected passage) pairs of the training
-    split to fine-tune; validation queries ranked among the passages retrieved for all of them."""
+def _metric(task: Task, gold: list) -> Callable[[list], float]:
+    if task.metric == "matthews_correlation":  # GLUE's metric for CoLA
+        from sklearn.metrics import matthews_corrcoef
+
+        return lambda predicted: float(matthews_corrcoef(gold, predicted))
+    if task.metric == "spearman":  # STS-B (bert24's SpearmanCorrCoef)
+        from scipy.stats import spearmanr
+
+        return lambda predicted: float(spearmanr(gold, predicted).statistic)
+    return lambda predicted: sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+
+
+def _classification(task: Task, model: EvalModel, suite_dir: Optional[Path], limit: Optional[int], seed: int,
+                    work: Path, learning_rates: Optional[tuple[float, ...]]) -> dict:
+    if task.smoke:
+        data = json.loads((suite_dir / f"{suite.NLI}.json").read_text())
+        first, second = task.text_columns
+        train, evaluation = ([{"text": r[first], "text_pair": r[second], "label": r["label"]} for r in part]
+                             for part in (data["train"], data["test"]))
+    else:
+        train, evaluation = _glue_rows(task, limit)
+    grid = replace(task.grid, learning_rates=learning_rates) if learning_rates else task.grid
+    sweep = finetune_classification(model, train, evaluation, num_labels=task.num_labels, settings=grid.settings(),
+                                    score=_metric(task, [r["label"] for r in evaluation]), seed=seed,
+                                    work_dir=work / "finetune" / model.name.replace("/", "--") / task.name)
+    best = max(sweep, key=lambda tried: tried["score"])
+    return {"metric": task.metric, "score": best["score"], "n_examples": len(evaluation),
+            "n_train_examples": len(train), "sweep": sweep, "chosen": sweep.index(best),
+            "selection": f"best {task.metric} on the {task.split} split over the sweep"}
+
+
+def _msmarco_pool(limit: Optional[int]) -> dict:
+    """MS MARCO v1.1 the small way (not the paper's protocol): (query, selected passage) pairs of the
+    training split to fine-tune; validation queries ranked among the passages retrieved for all of them."""
     from datasets import load_dataset
 
     data = load_dataset("microsoft/ms_marco", "v1.1")
+    train_rows = 4 * limit if limit else 20_000
     train, queries, corpus, relevant = [], {}, {}, {}
-    for row in data["train"].select(range(min(len(data["train"]), 4 * limit if limit else ONLINE_TRAIN_EXAMPLES))):
+    for row in data["train"].select(range(min(len(data["train"]), train_rows))):
         selected = [p for p, s in zip(row["passages"]["passage_text"], row["passages"]["is_selected"]) if s]
         if selected:
             train.append({"query": row["query"], "passage": selected[0]})
@@ -128,84 +141,217 @@ def _msmarco(limit: Optional[int]) -> dict:
     return {"train": train, "queries": queries, "corpus": corpus, "relevant": relevant}
 
 
-def _accuracy(predicted: list[int], rows: list[dict]) -> float:
-    return sum(p == r["label"] for p, r in zip(predicted, rows)) / len(rows)
+def _msmarco_encoder(model: EvalModel, limit: Optional[int], seed: int, work: Path) -> tuple[object, int]:
+    """The model fine-tuned as the paper's retrieval script does (and the rows it saw), made once per
+    model and --limit and kept in ``work``: the MS MARCO and MTEB tasks evaluate the same one."""
+    from datasets import load_dataset
+    from sentence_transformers import SentenceTransformer
+
+    folder = work / "retrieval" / model.name.replace("/", "--") / f"msmarco-finetuned-{limit or 'full'}"
+    if (folder / "trained_rows.txt").exists():
+        return SentenceTransformer(str(folder)), int((folder / "trained_rows.txt").read_text())
+    triplets = PAPER_RETRIEVAL.datasets[0]
+    encoder = paper_retrieval_encoder(model)
+    settings = MsmarcoSettings()
+    trained = msmarco_finetune(encoder, load_dataset(triplets.id, triplets.config, split="train"), settings=settings,
+                               train_rows=4 * limit if limit else settings.train_rows, seed=seed,
+                               work_dir=folder.with_name(folder.name + "-trainer"))
+    encoder.save(str(folder))
+    (folder / "trained_rows.txt").write_text(f"{trained}\n")
+    return encoder, trained
 
 
-def _classification(task: str, model: EvalModel, suite_dir: Optional[Path], limit: Optional[int],
-                    seed: int, work: Path, settings: FinetuneSettings) -> TaskResult:
-    if task == suite.NLI:
-        data = json.loads((suite_dir / f"{suite.NLI}.json").read_text())
-        convert = [{"text": r["premise"], "text_pair": r["hypothesis"], "label": r["label"]}
-                   for r in data["train"] + data["test"]]
-        train, test, labels = convert[:len(data["train"])], convert[len(data["train"]):], len(data["labels"])
-    else:
-        train, test, labels = _glue_rows(task, limit)
-    predicted = finetune_classification(model, train, test, num_labels=labels, settings=settings, seed=seed,
-                                        work_dir=work / "finetune" / model.name / task)
-    if task == "cola":  # GLUE's metric for CoLA
-        from sklearn.metrics import matthews_corrcoef
+def _paper_retrieval(task: Task, model: EvalModel, limit: Optional[int], seed: int, work: Path) -> dict:
+    """The paper's MS MARCO fine-tune, then mteb's task (MS MARCO dev nDCG@10)."""
+    from datasets import load_dataset
 
-        score, metric = float(matthews_corrcoef([r["label"] for r in test], predicted)), "matthews_correlation"
-    else:
-        score, metric = _accuracy(predicted, test), "accuracy"
-    return TaskResult("classification", metric, score, True, task in OFFLINE, len(test), "transformers")
+    encoder, trained = _msmarco_encoder(model, limit, seed, work)
+    score, scores = mteb_main_score(encoder, task.mteb_task)
+    qrels = next(d for d in task.datasets if d.config == "default")
+    queries = len(set(load_dataset(qrels.id, qrels.config, revision=qrels.revision, split=task.split)["query-id"]))
+    return {"metric": task.metric, "score": score, "n_examples": queries, "n_train_examples": trained,
+            "settings": vars(MsmarcoSettings()), "mteb_task": task.mteb_task, "mteb_version": version("mteb"),
+            "mteb_scores": {k: v for k, v in scores.items() if k.startswith(("ndcg_at", "recall_at", "mrr_at"))}}
 
 
-def _retrieval(task: str, model: EvalModel, suite_dir: Optional[Path], limit: Optional[int], seed: int,
-               work: Path, settings: RetrievalSettings) -> TaskResult:
-    data = (json.loads((suite_dir / f"{suite.RETRIEVAL}.json").read_text()) if task == suite.RETRIEVAL
-            else _msmarco(limit))
+def _mteb_benchmark(task: Task, model: EvalModel, limit: Optional[int], seed: int, work: Path) -> dict:
+    """The MS MARCO fine-tuned model on every task of an mteb benchmark: the mean main score, the mean per
+    task type (the paper's clustering and retrieval columns) and every task's score."""
+    encoder, trained = _msmarco_encoder(model, limit, seed, work)
+    scores, types = {}, {}
+    for mteb_task in mteb_benchmark_tasks(task.mteb_benchmark):
+        name = mteb_task.metadata.name
+        try:
+            scores[name] = mteb_task_score(encoder, mteb_task)
+        except Exception as error:
+            if not is_offline():
+                raise
+            dataset = mteb_task.metadata.dataset
+            raise EvalError(f"task {task.name}: mteb task {name} could not read its dataset {dataset['path']!r} "
+                            f"(revision {dataset.get('revision')!r}) offline ({type(error).__name__}: {error}); on a "
+                            f"machine with internet and the same HF_HOME run: "
+                            f"{prefetch_command([task], [str(model.path)])}") from None
+        types.setdefault(mteb_task.metadata.type, []).append(scores[name])
+    return {"metric": task.metric, "score": sum(scores.values()) / len(scores), "n_examples": len(scores),
+            "mean_by_type": {kind: sum(values) / len(values) for kind, values in sorted(types.items())},
+            "task_scores": scores, "n_train_examples": trained, "mteb_benchmark": task.mteb_benchmark}
+
+
+def _retrieval(task: Task, model: EvalModel, suite_dir: Optional[Path], limit: Optional[int], seed: int,
+               work: Path, settings: RetrievalSettings) -> dict:
+    if task.mteb_task:
+        return _paper_retrieval(task, model, limit, seed, work)
+    data = (json.loads((suite_dir / f"{suite.RETRIEVAL}.json").read_text()) if task.smoke
+            else _msmarco_pool(limit))
     score = retrieval_ndcg_at_10(model, data["train"], data["queries"], data["corpus"], data["relevant"],
-                                 settings=settings, seed=seed, work_dir=work / "retrieval" / model.name / task)
-    return TaskResult("retrieval", "ndcg@10", score, True, task in OFFLINE, len(data["queries"]),
-                      "sentence-transformers")
+                                 settings=settings, seed=seed,
+                                 work_dir=work / "retrieval" / model.name.replace("/", "--") / task.name)
+    return {"metric": task.metric, "score": score, "n_examples": len(data["queries"]),
+            "n_train_examples": len(data["train"]), "settings": vars(settings)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The console gets one line per model and task; the libraries' own output goes to eval.log
+
+
+@contextlib.contextmanager
+def _file_descriptors_to(log_file: TextIO):
+    """Point the process's stdout and stderr file descriptors at ``log_file`` (what subprocesses and
+    C extensions write, e.g. lm-eval asking git for a commit hash)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(log_file.fileno(), 1)
+    os.dup2(log_file.fileno(), 2)
+    try:
+        yield
+    finally:
+        log_file.flush()
+        for fd, original in zip((1, 2), saved):
+            os.dup2(original, fd)
+            os.close(original)
+
+
+@contextlib.contextmanager
+def _library_output_to(log_path: Path):
+    """Send stdout, stderr (Python's and the file descriptors), warnings and the libraries' loggers to
+    ``log_path`` for the block."""
+    import transformers
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log_file, contextlib.redirect_stdout(log_file), \
+            contextlib.redirect_stderr(log_file), _file_descriptors_to(log_file):
+        handler = logging.StreamHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        saved = {}
+        for name in LIBRARY_LOGGERS:
+            logger = logging.getLogger(name)
+            saved[name] = (logger.handlers[:], logger.propagate, logger.level)
+            logger.handlers, logger.propagate = [handler], False
+            logger.setLevel(logging.INFO)
+        transformers.utils.logging.disable_progress_bar()
+        logging.captureWarnings(True)
+        try:
+            yield
+        finally:
+            logging.captureWarnings(False)
+            transformers.utils.logging.enable_progress_bar()
+            for name, (handlers, propagate, level) in saved.items():
+                logger = logging.getLogger(name)
+                logger.handlers, logger.propagate = handlers, propagate
+                logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate()
+
+
+def _model_entry(model: EvalModel) -> dict:
+    return {"path": str(model.path), "kind": model.kind, "objective": model.objective,
+            "parameters": model.parameters, "ettin_size": model.ettin_size, "tasks": {}}
+
+
+def _previous_report(out: Optional[Path]) -> dict:
+    """The eval.json of an interrupted or earlier run in ``out`` (its finished tasks are kept)."""
+    path = out / "eval.json" if out else None
+    if path is None or not path.exists():
+        return {}
+    report = json.loads(path.read_text())
+    return report if report.get("format") == FORMAT else {}
 
 
 def evaluate(models: list[str | Path], tasks: str | list[str] = "offline", out: Optional[Path] = None,
-             limit: Optional[int] = None, seed: int = 0, *, finetune: FinetuneSettings = FinetuneSettings(),
-             retrieval: RetrievalSettings = RetrievalSettings()) -> dict:
-    """Evaluate every model on every task; return the eval.json dict (and write ``out/eval.json``).
+             limit: Optional[int] = None, seed: int = 0, *, learning_rates: Optional[tuple[float, ...]] = None,
+             retrieval: RetrievalSettings = RetrievalSettings(), console: Optional[TextIO] = None,
+             checkpoints: Optional[str] = None) -> dict:
+    """Evaluate every model on every task; return the eval.json dict (and write ``out/eval.json`` after
+    each task; a rerun with the same ``out`` keeps the tasks already scored for the same model folder).
 
     ``limit``: examples per task (the offline suite is generated at that size: ``SuiteSize.limited``;
-    online tasks are capped). The offline tasks are smoke tasks (``"smoke": true``)."""
-    names = task_list(tasks)
-    _check_online(names)
-    evaluated = resolve_models(list(models))
+    the others are capped). ``learning_rates`` replaces the fine-tuning grid's learning rates. One line
+    per model and task goes to ``console`` (default stdout); the libraries' output to ``out/eval.log``.
+    ``checkpoints`` (``all``, ``every:K`` or names): evaluate those checkpoints of each run directory."""
+    task_list = resolve_tasks(tasks)
+    if is_offline():
+        check_cached(task_list, [str(m) for m in models])
+    evaluated = resolve_models(list(models), checkpoints)
+    console = console or sys.stdout
     if out is None:  # the generated tasks and fine-tuning scratch live only as long as the call
         with tempfile.TemporaryDirectory(prefix="ettin-eval-") as scratch:
-            return _evaluate(evaluated, names, tasks, Path(scratch), limit, seed, finetune, retrieval)
-    report = _evaluate(evaluated, names, tasks, Path(out), limit, seed, finetune, retrieval)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+            return _evaluate(evaluated, task_list, tasks, Path(scratch), None, limit, seed, learning_rates,
+                             retrieval, console)
+    return _evaluate(evaluated, task_list, tasks, Path(out), Path(out), limit, seed, learning_rates, retrieval,
+                     console)
 
 
-def _evaluate(evaluated: list[EvalModel], names: list[str], tasks: str | list[str], work: Path,
-              limit: Optional[int], seed: int, finetune: FinetuneSettings, retrieval: RetrievalSettings) -> dict:
+def _evaluate(evaluated: list[EvalModel], task_list: list[Task], spec: str | list[str], work: Path,
+              out: Optional[Path], limit: Optional[int], seed: int, learning_rates: Optional[tuple[float, ...]],
+              retrieval: RetrievalSettings, console: TextIO) -> dict:
+    previous = _previous_report(out)
+    report = {"format": FORMAT, "suite": suite_name(spec),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": {}}
     suite_dir = None
-    if set(names) & set(OFFLINE):
+    if any(t.smoke for t in task_list):
         size = suite.SuiteSize.limited(limit) if limit else suite.SuiteSize()
         suite_dir = suite.generate(work / "offline-tasks", seed=seed, size=size)
-    harness_tasks = [t for t in names if t not in GLUE and t not in (suite.NLI, suite.RETRIEVAL, MSMARCO)]
-    report = {"format": FORMAT, "suite": tasks if isinstance(tasks, str) and tasks in ("offline", "standard")
-              else "custom", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": {}}
     for model in evaluated:
-        log.info("evaluating %s (%s, %s)", model.name, model.kind, model.path)
-        results: dict[str, TaskResult] = {}
-        if harness_tasks:
-            for task, (metrics, n) in run_harness(model, harness_tasks, include_path=suite_dir,
-                                                  limit=limit, seed=seed).items():
-                results[task] = _harness_result(task, model, metrics, n)
-        for task in names:
-            if task in GLUE or task == suite.NLI:
-                results[task] = _classification(task, model, suite_dir, limit, seed, work, finetune)
-            elif task in (suite.RETRIEVAL, MSMARCO):
-                results[task] = _retrieval(task, model, suite_dir, limit, seed, work, retrieval)
-        report["models"][model.name] = {
-            "path": str(model.path), "kind": model.kind, "objective": model.objective,
-            "parameters": model.parameters, "tasks": {t: asdict(results[t]) for t in names}}
+        entry = report["models"][model.name] = _model_entry(model)
+        done = previous.get("models", {}).get(model.name, {})
+        lm = None
+        for task in task_list:
+            if done.get("path") == str(model.path) and task.name in done.get("tasks", {}) \
+                    and done["tasks"][task.name].get("limit") == limit:
+                entry["tasks"][task.name] = done["tasks"][task.name]
+                print(f"{model.name}  {task.name}: already in eval.json, not rerun", file=console)
+                continue
+            started = time.perf_counter()
+            with _library_output_to(work / LOG_FILE):
+                if task.library == LM_EVAL:
+                    lm = lm or harness_model(model)
+                    result = _harness_result(task, model, lm, suite_dir, limit, seed)
+                elif task.library == TRANSFORMERS:
+                    result = _classification(task, model, suite_dir, limit, seed, work, learning_rates)
+                elif task.library == MTEB:
+                    result = _mteb_benchmark(task, model, limit, seed, work)
+                else:
+                    result = _retrieval(task, model, suite_dir, limit, seed, work, retrieval)
+            seconds = time.perf_counter() - started
+            entry["tasks"][task.name] = {
+                "category": task.category, "higher_is_better": task.higher_is_better, "smoke": task.smoke,
+                "library": task.library, "library_version": _library_version(task.library),
+                "split": task.split, "few_shot": task.few_shot, "seed": seed, "limit": limit,
+                "source": task.source, "seconds": round(seconds, 1), **result}
+            print(f"{model.name}  {task.name}{' (smoke)' if task.smoke else ''}: {result['metric']} "
+                  f"{result['score']:.4g} on {result['n_examples']} examples, {seconds:.0f} s", file=console)
+            _write(report, out)
+    _write(report, out)
     return report
 
 
-__all__ = ["evaluate", "EvalError", "FinetuneSettings", "RetrievalSettings", "task_list", "FORMAT"]
+def _write(report: dict, out: Optional[Path]) -> None:
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+__all__ = ["evaluate", "EvalError", "RetrievalSettings", "resolve_tasks", "FORMAT", "CATEGORIES", "LOG_FILE"]

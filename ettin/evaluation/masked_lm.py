@@ -33,7 +33,9 @@ DEFAULT_PLL_WINDOW = 512
 @register_model("ettin-mlm")
 class MaskedLMHarness(TemplateLM):
     """``pretrained``: a folder or hub id that ``AutoModelForMaskedLM`` loads (or a loaded model,
-    with ``tokenizer``)."""
+    with ``tokenizer``), laid out as ``ModernBertForMaskedLM``: a backbone ``model`` and a vocabulary
+    head ``decoder(head(hidden))``, which runs only at the positions read (memory bounded by the batch,
+    not by the number of requests)."""
 
     backend = "causal"  # context and continuation are encoded together, then split
 
@@ -76,28 +78,39 @@ class MaskedLMHarness(TemplateLM):
         return self.tokenizer(string, add_special_tokens=False)["input_ids"]
 
     # -----------------------------------------------------------------------------------------------
-    # One primitive: log-probabilities at chosen positions of many rows, batched.
+    # One primitive: the output head run only at the positions read, one batch at a time.
 
-    def _log_probs(self, rows: list[tuple[list[int], int]]) -> list[torch.Tensor]:
-        """For each (input ids, position): log-softmax of the logits that predict that position."""
+    def _logits_at(self, rows: list[tuple[list[int], int]]) -> torch.Tensor:
+        """[len(rows), vocab] float logits that predict each row's position (one batch of rows): the
+        backbone runs on the padded batch, the vocabulary head only at the positions read."""
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for b, (row, _) in enumerate(rows):
+            ids[b, :len(row)] = torch.tensor(row)
+            attention[b, :len(row)] = 1
+        read = torch.tensor([position - self.shift for _, position in rows], device=self._device)
+        with torch.inference_mode():
+            hidden = self.model.model(input_ids=ids.to(self._device),
+                                      attention_mask=attention.to(self._device)).last_hidden_state
+            picked = hidden[torch.arange(len(rows), device=self._device), read]
+            return self.model.decoder(self.model.head(picked)).float()
+
+    def _target_log_probs(self, rows: list[tuple[list[int], int, int]]) -> list[tuple[float, bool]]:
+        """For each (input ids, position, target token): the target's log-probability at that
+        position and whether it is the argmax. Rows are batched longest first across the whole list;
+        only two numbers per row are kept."""
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        out: list[Optional[torch.Tensor]] = [None] * len(rows)
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
-            width = len(rows[chunk[0]][0])
-            ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for b, i in enumerate(chunk):
-                ids[b, :len(rows[i][0])] = torch.tensor(rows[i][0])
-                attention[b, :len(rows[i][0])] = 1
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids.to(self._device),
-                                    attention_mask=attention.to(self._device)).logits
-            read = torch.tensor([rows[i][1] - self.shift for i in chunk], device=logits.device)
-            picked = logits[torch.arange(len(chunk), device=logits.device), read].float()
-            for b, i in enumerate(chunk):
-                out[i] = torch.log_softmax(picked[b], dim=-1).cpu()
-        return out  # type: ignore[return-value]
+            logits = self._logits_at([rows[i][:2] for i in chunk])
+            targets = torch.tensor([rows[i][2] for i in chunk], device=logits.device)
+            log_probs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+            greedy = logits.argmax(-1) == targets
+            for i, value, is_greedy in zip(chunk, log_probs.tolist(), greedy.tolist()):
+                out[i] = (value, is_greedy)
+        return out
 
     def _pseudo_causal_row(self, past: list[int]) -> tuple[list[int], int]:
         """``[CLS] past [MASK]... [SEP]`` (past left-truncated to fit) and the first [MASK]'s position."""
@@ -109,17 +122,16 @@ class MaskedLMHarness(TemplateLM):
     # lm-eval's three request types
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        rows, owners, targets = [], [], []
+        rows, owners = [], []
         for n, (_, context, continuation) in enumerate(requests):
             context = context[1:] if context[:1] == [self.cls] else context  # the empty-context prefix
             for i, token in enumerate(continuation):
-                rows.append(self._pseudo_causal_row(context + continuation[:i]))
+                rows.append((*self._pseudo_causal_row(context + continuation[:i]), token))
                 owners.append(n)
-                targets.append(token)
         totals, greedy = [0.0] * len(requests), [True] * len(requests)
-        for n, token, log_probs in zip(owners, targets, self._log_probs(rows)):
-            totals[n] += float(log_probs[token])
-            greedy[n] &= int(log_probs.argmax()) == token
+        for n, (log_prob, is_greedy) in zip(owners, self._target_log_probs(rows)):
+            totals[n] += log_prob
+            greedy[n] &= is_greedy
         results = list(zip(totals, greedy))
         for (key, _, _), result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, result)
@@ -127,39 +139,51 @@ class MaskedLMHarness(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         window = self.pll_window - 2  # room for [CLS] and [SEP]
-        rows, owners, targets = [], [], []
+        rows, owners = [], []
         for n, request in enumerate(requests):
             tokens = self.tok_encode(request.args[0])
             for start in range(0, len(tokens), window):
                 chunk = tokens[start:start + window]
                 for j, token in enumerate(chunk):
-                    rows.append(([self.cls, *chunk[:j], self.mask, *chunk[j + 1:], self.sep], 1 + j))
+                    rows.append(([self.cls, *chunk[:j], self.mask, *chunk[j + 1:], self.sep], 1 + j, token))
                     owners.append(n)
-                    targets.append(token)
         totals = [0.0] * len(requests)
-        for n, token, log_probs in zip(owners, targets, self._log_probs(rows)):
-            totals[n] += float(log_probs[token])
+        for n, (log_prob, _) in zip(owners, self._target_log_probs(rows)):
+            totals[n] += log_prob
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        results = []
-        for request in requests:
-            context, settings = request.args
-            until = settings.get("until") or [self.tokenizer.sep_token]
-            until = [until] if isinstance(until, str) else until
-            past, generated, text = self.tok_encode(context), [], ""
-            for _ in range(int(settings.get("max_gen_toks", 256))):
-                token = int(self._log_probs([self._pseudo_causal_row(past + generated)])[0].argmax())
-                if token == self.sep:
-                    break
-                generated.append(token)
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if any(stop in text for stop in until):
-                    break
-            for stop in until:
-                text = text.split(stop)[0]
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            results.append(text)
+        """Greedy, ``batch_size`` requests at a time: one forward pass per generated token of the batch;
+        a request leaves the batch at [SEP], at a stop string or at ``max_gen_toks``."""
+        results: list[str] = [""] * len(requests)
+        for start in range(0, len(requests), self.batch_size):
+            batch = list(range(start, min(start + self.batch_size, len(requests))))
+            pasts = {n: self.tok_encode(requests[n].args[0]) for n in batch}
+            stops, budgets, generated = {}, {}, {n: [] for n in batch}
+            for n in batch:
+                settings = requests[n].args[1]
+                until = settings.get("until") or [self.tokenizer.sep_token]
+                stops[n] = [until] if isinstance(until, str) else list(until)
+                budgets[n] = int(settings.get("max_gen_toks", 256))
+            active = [n for n in batch if budgets[n] > 0]
+            while active:
+                next_tokens = self._logits_at([self._pseudo_causal_row(pasts[n] + generated[n])
+                                               for n in active]).argmax(-1).tolist()
+                still = []
+                for n, token in zip(active, next_tokens):
+                    if token == self.sep:
+                        continue
+                    generated[n].append(token)
+                    text = self.tokenizer.decode(generated[n], skip_special_tokens=True)
+                    if len(generated[n]) < budgets[n] and not any(stop in text for stop in stops[n]):
+                        still.append(n)
+                active = still
+            for n in batch:
+                text = self.tokenizer.decode(generated[n], skip_special_tokens=True)
+                for stop in stops[n]:
+                    text = text.split(stop)[0]
+                self.cache_hook.add_partial("generate_until", requests[n].args, text)
+                results[n] = text
         return results

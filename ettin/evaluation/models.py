@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ettin.model.hub import DECODER_TYPE, ENCODER_TYPE
+from ettin.store.rundir import RunDir
 
 log = logging.getLogger("ettin")
 
@@ -26,14 +28,11 @@ class EvalModel:
     kind: str  # "encoder" | "decoder"
     objective: Optional[str]  # "mlm" | "clm" | "mntp", None for folders not made by ettin
     parameters: int
+    ettin_size: Optional[str] = None  # the Ettin size it has (released hub id, or the shape of a size)
 
     @property
     def is_decoder(self) -> bool:
         return self.kind == "decoder"
-
-
-def _is_run(path: Path) -> bool:
-    return (path / "checkpoints").is_dir()
 
 
 def _run_objective(run: Path) -> Optional[str]:
@@ -49,22 +48,33 @@ def _parameters(folder: Path) -> int:
     return sum(t.numel() for k, t in read_weights(folder).items() if not k.startswith("classifier."))
 
 
+def split_revision(spec: str | Path) -> tuple[str, Optional[str]]:
+    """``MODEL@REVISION`` (a hub id at a branch, tag or commit, e.g. ``step599525``) -> (MODEL, REVISION);
+    a local path is never split."""
+    text = str(spec)
+    if "@" not in text or Path(text).exists():
+        return text, None
+    name, revision = text.rsplit("@", 1)
+    return name, revision
+
+
 def resolve_model(spec: str | Path) -> EvalModel:
     from ettin.model.hub import resolve_folder
 
+    hub_id, revision = split_revision(spec)
     path = Path(spec)
     run: Optional[Path] = None
-    if path.is_dir() and _is_run(path):
-        run, path = path, path / "hf"
+    if path.is_dir() and RunDir.is_run(path):
+        run, path = path, RunDir(path).export()
         if not (path / "config.json").exists():
             from ettin.model.export import export_checkpoint
 
             log.info("%s has no export yet: exporting its latest checkpoint to %s", run, path)
             export_checkpoint(run, path)
-    elif path.is_dir() and path.name.startswith("hf") and _is_run(path.parent):
-        run = path.parent  # RUN/hf or RUN/hf-<phase>
+    elif path.is_dir() and RunDir.of_export(path) is not None:
+        run = RunDir.of_export(path).path  # RUN/hf or RUN/hf-<phase>
     else:
-        path = resolve_folder(str(spec))  # a local folder, or a hub id fetched when online
+        path = resolve_folder(hub_id, revision=revision)  # a local folder, or a hub id (cached, or fetched)
     config_file = path / "config.json"
     if not config_file.exists():
         raise EvalError(f"{spec}: {path} has no config.json; give a Hugging Face model folder, a hub id "
@@ -77,14 +87,84 @@ def resolve_model(spec: str | Path) -> EvalModel:
     objective = config.get("ettin_objective") or (_run_objective(run) if run else None)
     name = run.name if run else (path.name if Path(spec).is_dir() else str(spec))
     return EvalModel(name=name, path=path, kind=kinds[config["model_type"]], objective=objective,
-                     parameters=_parameters(path))
+                     parameters=_parameters(path), ettin_size=ettin_size(hub_id, config))
 
 
-def resolve_models(specs: list[str | Path]) -> list[EvalModel]:
-    models = [resolve_model(spec) for spec in specs]
+def select_checkpoints(run: Path, selection: str) -> list[Path]:
+    """A run's checkpoints, oldest first: ``all``; ``every:K`` (the first, then every K-th, and the last);
+    or a comma-separated list of checkpoint names."""
+    import difflib
+
+    from ettin.store.checkpoints import list_checkpoints
+
+    found = list_checkpoints(run)
+    if not found:
+        raise EvalError(f"{run}: no complete checkpoint under {RunDir(run).checkpoints}; --checkpoints needs a run "
+                        "directory with checkpoints")
+    if selection == "all":
+        return found
+    if selection.startswith("every:"):
+        step = selection.split(":", 1)[1]
+        if not step.isdigit() or int(step) < 1:
+            raise EvalError(f"--checkpoints {selection}: K must be a whole number >= 1 (every:K)")
+        chosen = found[::int(step)]
+        return chosen if chosen[-1] == found[-1] else [*chosen, found[-1]]
+    by_name = {path.name: path for path in found}
+    for name in selection.split(","):
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=3)
+            raise EvalError(f"{run}: no checkpoint {name!r}{f'; did you mean {close[0]}?' if close else ''} "
+                            f"(its checkpoints: {', '.join(by_name)}; or use all, every:K)")
+    return [by_name[name] for name in selection.split(",")]
+
+
+def resolve_checkpoints(run: Path, selection: str) -> list[EvalModel]:
+    """One model per selected checkpoint of ``run``, named ``RUN@CHECKPOINT``, each exported once to
+    ``RUN/hf-checkpoints/CHECKPOINT``."""
+    from dataclasses import replace
+
+    from ettin.store.checkpoints import read_meta
+    from ettin.model.export import export_checkpoint
+
+    if not RunDir.is_run(run):
+        raise EvalError(f"--checkpoints: {run} is not an ettin run directory (no checkpoints/ folder)")
+    models = []
+    for checkpoint in select_checkpoints(run, selection):
+        folder = RunDir(run).checkpoint_export(checkpoint.name)
+        if not (folder / "config.json").exists():
+            log.info("exporting %s to %s", checkpoint, folder)
+            export_checkpoint(checkpoint, folder)
+        model = resolve_model(folder)
+        models.append(replace(model, name=f"{run.name}@{checkpoint.name}",
+                              objective=read_meta(checkpoint).get("objective") or model.objective))
+    return models
+
+
+def resolve_models(specs: list[str | Path], checkpoints: Optional[str] = None) -> list[EvalModel]:
+    """The models of ``specs``; with ``checkpoints``, every spec is a run directory and gives one model per
+    selected checkpoint (``select_checkpoints``)."""
+    models = ([m for spec in specs for m in resolve_checkpoints(Path(spec), checkpoints)] if checkpoints
+              else [resolve_model(spec) for spec in specs])
     names = [m.name for m in models]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise EvalError(f"two models are both called {duplicated[0]!r} (the run or folder name names a "
                         "model in eval.json); rename one folder, or evaluate them separately")
     return models
+
+
+# A released Ettin model's hub id names its kind and size.
+RELEASED = re.compile(r"^jhu-clsp/ettin-(?P<kind>encoder|decoder)-(?P<size>17m|32m|68m|150m|400m|1b)$")
+
+
+def ettin_size(spec: str, config: dict) -> Optional[str]:
+    """The Ettin size of a model: from a released hub id, else from its shape (layers, hidden,
+    intermediate, heads) in ettin.model.config.SIZES; None when it has none."""
+    released = RELEASED.match(spec.split("@")[0])
+    if released:
+        return released["size"]
+    from ettin.model.config import SIZES
+
+    shape = {k: config.get(k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                         "num_attention_heads")}
+    return next((name for name, row in SIZES.items() if name != "tiny" and row.shape() == shape), None)

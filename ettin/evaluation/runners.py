@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -31,53 +32,57 @@ def _device() -> str:
 # lm-eval
 
 
-def harness_model(model: EvalModel, batch_size: int = 32):
-    """The lm-eval model of ``model``: lm-eval's ``hf`` (HFLM) for a decoder, ``ettin-mlm`` for an encoder."""
-    if model.is_decoder:
-        from lm_eval.models.huggingface import HFLM
+HARNESS_BATCH_SIZE = 32
 
-        return HFLM(pretrained=str(model.path), backend="causal", batch_size=batch_size, device=_device(),
-                    dtype="float32")
+
+def harness_model_args(model: EvalModel, batch_size: int = HARNESS_BATCH_SIZE) -> dict:
+    """The lm-eval model arguments of ``model`` (recorded in eval.json): lm-eval's ``hf`` for a decoder,
+    with ``add_bos_token=True`` as the Ettin paper ran it; ``ettin-mlm`` for an encoder."""
+    if model.is_decoder:
+        return {"model": "hf", "pretrained": str(model.path), "backend": "causal", "add_bos_token": True,
+                "dtype": "float32", "batch_size": batch_size, "device": _device()}
+    from ettin.evaluation.masked_lm import DEFAULT_EXTRA_MASKS
+
+    return {"model": "ettin-mlm", "pretrained": str(model.path), "extra_masks": DEFAULT_EXTRA_MASKS,
+            "dtype": "float32", "batch_size": batch_size, "device": _device()}
+
+
+def harness_model(model: EvalModel, batch_size: int = HARNESS_BATCH_SIZE):
+    """The lm-eval model of ``model``, built from ``harness_model_args``."""
+    from lm_eval.models.huggingface import HFLM
+
     from ettin.evaluation.masked_lm import MaskedLMHarness
 
-    return MaskedLMHarness(str(model.path), batch_size=batch_size, device=_device())
+    arguments = harness_model_args(model, batch_size)
+    return (HFLM if arguments.pop("model") == "hf" else MaskedLMHarness)(**arguments)
 
 
-def run_harness(model: EvalModel, tasks: list[str], *, include_path: Optional[Path], limit: Optional[int],
-                seed: int) -> dict[str, tuple[dict[str, float], int]]:
-    """{task: ({metric: value}, examples scored)} from lm-eval's ``simple_evaluate``."""
-    from lm_eval import simple_evaluate
+@lru_cache(maxsize=4)
+def task_manager(include_path: Optional[str]):
+    """lm-eval's TaskManager: of lm-eval's own tasks (``None``), or of a folder of task yamls alone.
+    Built once per process (indexing lm-eval's yamls takes seconds)."""
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=include_path, include_defaults=include_path is None)
+
+
+def run_harness_task(lm, task: str, *, include_path: Optional[Path], limit: Optional[int], few_shot: int,
+                     seed: int) -> tuple[dict[str, float], int]:
+    """({metric: value}, examples scored) of one lm-eval task through lm-eval's ``simple_evaluate``."""
+    from lm_eval import simple_evaluate
+
     local = {p.stem for p in include_path.glob("*.yaml")} if include_path else set()
-    manager = TaskManager(include_path=str(include_path) if include_path else None,
-                          include_defaults=not set(tasks) <= local)
-    results = simple_evaluate(model=harness_model(model), tasks=list(tasks), task_manager=manager,
+    manager = task_manager(str(include_path)) if task in local else task_manager(None)
+    results = simple_evaluate(model=lm, tasks=[task], task_manager=manager, num_fewshot=few_shot,
                               limit=limit, bootstrap_iters=0, log_samples=False, random_seed=seed,
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    out = {}
-    for task in tasks:
-        metrics = {key.split(",")[0]: float(value) for key, value in results["results"][task].items()
-                   if "," in key and "_stderr" not in key}
-        out[task] = (metrics, int(results["n-samples"][task]["effective"]))
-    return out
+    metrics = {key.split(",")[0]: float(value) for key, value in results["results"][task].items()
+               if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
+    return metrics, int(results["n-samples"][task]["effective"])
 
 
 # ---------------------------------------------------------------------------------------------------
 # Classification
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    """ModernBERT/Ettin-style GLUE fine-tuning (AdamW with decoupled weight decay, linear decay after
-    a short warmup). Several learning rates = a sweep, chosen on 10% of the training set."""
-
-    learning_rates: tuple[float, ...] = (8e-5,)
-    epochs: float = 3.0
-    batch_size: int = 32
-    weight_decay: float = 1e-5
-    warmup_ratio: float = 0.06
-    max_length: int = 256
 
 
 def _pairs_text(model: EvalModel, tokenizer, first: list[str], second: Optional[list[str]]):
@@ -88,11 +93,13 @@ def _pairs_text(model: EvalModel, tokenizer, first: list[str], second: Optional[
     return [f"{a}{tokenizer.sep_token} {b}" for a, b in zip(first, second)], None
 
 
-def finetune_classification(model: EvalModel, train: list[dict], test: list[dict], *, num_labels: int,
-                            settings: FinetuneSettings, seed: int, work_dir: Path) -> list[int]:
-    """Fine-tune ``model`` on ``train`` rows ({"text", optional "text_pair", "label"}) and return its
-    predicted labels for ``test``. With several learning rates, the best on a held-out tenth of
-    ``train`` is used."""
+def finetune_classification(model: EvalModel, train: list[dict], evaluation: list[dict], *, num_labels: int,
+                            settings: list[dict], score: Callable[[list], float], seed: int,
+                            work_dir: Path) -> list[dict]:
+    """Fine-tune ``model`` on ``train`` rows ({"text", optional "text_pair", "label"}) once per setting
+    (``FinetuneGrid.settings()``), score its predictions for ``evaluation`` with ``score``; return
+    ``[{**setting, "score": ...}]`` in the order tried. ``num_labels=1`` is regression (float labels,
+    the predicted values are scored)."""
     import numpy as np
     from datasets import Dataset
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
@@ -100,36 +107,33 @@ def finetune_classification(model: EvalModel, train: list[dict], test: list[dict
 
     tokenizer = AutoTokenizer.from_pretrained(model.path)
 
-    def dataset(rows: list[dict]) -> Dataset:
+    def dataset(rows: list[dict], max_length: int) -> Dataset:
         first = [r["text"] for r in rows]
         second = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
         first, second = _pairs_text(model, tokenizer, first, second)
-        encoded = tokenizer(first, second, truncation=True, max_length=settings.max_length)
-        return Dataset.from_dict({**encoded, "labels": [r["label"] for r in rows]})
+        encoded = tokenizer(first, second, truncation=True, max_length=max_length)
+        labels = [float(r["label"]) if num_labels == 1 else int(r["label"]) for r in rows]
+        return Dataset.from_dict({**encoded, "labels": labels})
 
-    def fit_and_predict(fit: Dataset, predict: Dataset, learning_rate: float) -> np.ndarray:
+    tried = []
+    for setting in settings:
         classifier = AutoModelForSequenceClassification.from_pretrained(
             model.path, num_labels=num_labels, dtype=torch.float32)
         arguments = TrainingArguments(
-            output_dir=str(work_dir), learning_rate=learning_rate, num_train_epochs=settings.epochs,
-            per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=2 * settings.batch_size,
-            weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
-            lr_scheduler_type="linear", seed=seed, data_seed=seed, report_to=[], save_strategy="no",
-            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
-        trainer = Trainer(model=classifier, args=arguments, train_dataset=fit,
+            output_dir=str(work_dir), learning_rate=setting["learning_rate"], num_train_epochs=setting["epochs"],
+            per_device_train_batch_size=setting["batch_size"], per_device_eval_batch_size=2 * setting["batch_size"],
+            weight_decay=setting["weight_decay"], warmup_ratio=setting["warmup_ratio"],
+            adam_beta1=setting["adam_betas"][0], adam_beta2=setting["adam_betas"][1],
+            adam_epsilon=setting["adam_epsilon"], lr_scheduler_type="linear", seed=seed, data_seed=seed,
+            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+        trainer = Trainer(model=classifier, args=arguments, train_dataset=dataset(train, setting["max_length"]),
                           data_collator=DataCollatorWithPadding(tokenizer))
         trainer.train()
-        return np.asarray(trainer.predict(predict).predictions).argmax(-1)
-
-    learning_rate = settings.learning_rates[0]
-    if len(settings.learning_rates) > 1:
-        cut = max(1, len(train) // 10)
-        fit, dev = dataset(train[cut:]), dataset(train[:cut])
-        gold = np.array([r["label"] for r in train[:cut]])
-        scores = {lr: float((fit_and_predict(fit, dev, lr) == gold).mean()) for lr in settings.learning_rates}
-        learning_rate = max(scores, key=scores.get)
-        log.info("%s: learning rate sweep %s -> %g", model.name, scores, learning_rate)
-    return [int(p) for p in fit_and_predict(dataset(train), dataset(test), learning_rate)]
+        predictions = np.asarray(trainer.predict(dataset(evaluation, setting["max_length"])).predictions)
+        predicted = predictions[:, 0].tolist() if num_labels == 1 else predictions.argmax(-1).tolist()
+        tried.append({**setting, "score": float(score(predicted))})
+        log.info("%s: fine-tuning %s -> %.4f", model.name, setting, tried[-1]["score"])
+    return tried
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,3 +181,91 @@ def retrieval_ndcg_at_10(model: EvalModel, train_pairs: list[dict], queries: dic
         show_progress_bar=False, batch_size=2 * settings.batch_size)
     scores = evaluator(encoder)
     return float(next(v for k, v in scores.items() if k.endswith("cosine_ndcg@10")))
+
+
+@dataclass(frozen=True)
+class MsmarcoSettings:
+    """The paper's MS MARCO fine-tune (retrieval_eval/train_st.py): the ``triplet-hard`` training split less
+    1,000 held-out rows (``train_test_split(test_size=1_000, seed=12)``), its first 1,250,000 rows, batch
+    1024 without duplicates, CachedMultipleNegativesRankingLoss (mini-batch 256, scale 20), 5% warmup,
+    1 epoch, bf16 on a GPU. The script takes the learning rate as an argument without stating the value
+    used: 8e-5 is ours (docs/evaluation.md)."""
+
+    learning_rate: float = 8e-5
+    batch_size: int = 1024
+    mini_batch_size: int = 256
+    scale: float = 20.0
+    warmup_ratio: float = 0.05
+    epochs: float = 1.0
+    train_rows: int = 1_250_000
+    held_out_rows: int = 1_000
+    split_seed: int = 12
+
+
+def paper_retrieval_encoder(model: EvalModel):
+    """SentenceTransformer of ``model`` pooled as the paper's script pools it: mean for an encoder (the
+    sentence-transformers default), last token for a decoder."""
+    from sentence_transformers import SentenceTransformer, models
+
+    if not model.is_decoder:
+        return SentenceTransformer(str(model.path), device=_device())
+    transformer = models.Transformer(str(model.path))
+    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="lasttoken")
+    return SentenceTransformer(modules=[transformer, pooling], device=_device())
+
+
+def msmarco_finetune(encoder, triplets, *, settings: MsmarcoSettings, train_rows: int, seed: int,
+                     work_dir: Path) -> int:
+    """Fine-tune ``encoder`` (in place) on the first ``train_rows`` of the paper's split of ``triplets``
+    (columns query, positive, negative); return the rows trained on."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    with warnings.catch_warnings():  # 5.x moved these modules; the old paths work from 3.x to 5.x
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
+        from sentence_transformers.training_args import BatchSamplers
+
+    held_out = min(settings.held_out_rows, len(triplets) // 10)
+    train = triplets.train_test_split(test_size=held_out, seed=settings.split_seed)["train"]
+    train = train.select(range(min(train_rows, len(train))))
+    arguments = SentenceTransformerTrainingArguments(
+        output_dir=str(work_dir), num_train_epochs=settings.epochs, learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size, warmup_ratio=settings.warmup_ratio,
+        bf16=torch.cuda.is_available(), batch_sampler=BatchSamplers.NO_DUPLICATES, seed=seed, data_seed=seed,
+        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+    loss = CachedMultipleNegativesRankingLoss(encoder, mini_batch_size=min(settings.mini_batch_size,
+                                                                          settings.batch_size),
+                                              scale=settings.scale)
+    SentenceTransformerTrainer(model=encoder, args=arguments, train_dataset=train, loss=loss).train()
+    return len(train)
+
+
+def mteb_main_score(encoder, task_name: str) -> tuple[float, dict]:
+    """mteb's main score of ``encoder`` on its task ``task_name`` (mteb 2.x ``mteb.evaluate``; no result
+    cache, so a score is never another model's), and the split's full scores."""
+    import mteb
+
+    (task,) = mteb.get_tasks(tasks=[task_name])
+    result = mteb.evaluate(encoder, tasks=[task], cache=None, show_progress_bar=False)
+    if result.exceptions:
+        raise RuntimeError(f"mteb {task_name}: {result.exceptions[0]}")
+    (task_result,) = result.task_results
+    (split,) = task.metadata.eval_splits
+    (scores,) = task_result.scores[split]
+    return float(scores["main_score"]), scores
+
+
+def mteb_benchmark_tasks(name: str) -> list:
+    import mteb
+
+    return list(mteb.get_benchmark(name).tasks)
+
+
+def mteb_task_score(encoder, task) -> float:
+    """mteb's main score of ``encoder`` on one mteb task (averaged over the splits and subsets the task
+    evaluates; no result cache)."""
+    import mteb
+
+    result = mteb.evaluate(encoder, tasks=[task], cache=None, show_progress_bar=False)
+    (task_result,) = result.task_results
+    return float(task_result.get_score())

@@ -15,6 +15,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from ettin.store.rundir import RunDir
+
 
 RUN_LAYOUT = ("config.yaml, logs/<phase>/metrics.csv and checkpoints/<phase>-step...-tok.../ (what "
               "python -m ettin.train writes to <output_dir>/<run_name>)")
@@ -107,14 +109,14 @@ def load_run(path: Path | str) -> Run:
     """Read a run directory; a path that is not one fails naming the path and what was expected."""
     from omegaconf import OmegaConf
 
-    from ettin.store.checkpoints import list_checkpoints, read_meta
+    from ettin.store.checkpoints import read_meta
 
     path = Path(path)
     if not path.is_dir():
         state = "does not exist" if not path.exists() else "is a file, not a folder"
         raise RunError(f"{path} is not an ettin run directory: it {state}; expected a folder with "
                        f"{RUN_LAYOUT}")
-    config_file = path / "config.yaml"
+    config_file = RunDir(path).config
     if not config_file.is_file():
         found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
         raise RunError(f"{path} is not an ettin run directory: it has no config.yaml (it holds "
@@ -125,8 +127,8 @@ def load_run(path: Path | str) -> Run:
     phases = [config["phase"]] if config.get("phase") else list(config.get("phase_order") or [])
     if not phases:
         raise RunError(f"{config_file} lists no phases (phase_order is empty)")
-    metas = [(p, read_meta(p)) for p in list_checkpoints(path)]
-    tables = {phase: _read_metrics(path / "logs" / phase / "metrics.csv") for phase in phases}
+    metas = [(p, read_meta(p)) for p in RunDir(path).list_checkpoints()]
+    tables = {phase: _read_metrics(RunDir(path).metrics(phase)) for phase in phases}
     phase_tokens, offsets, total = {}, {}, 0
     for phase in phases:
         ends = [m for _, m in metas if m.get("phase") == phase]
@@ -267,7 +269,7 @@ def attention_layout(run: Run, export: Optional[Path | str] = None) -> pd.DataFr
     if not run.checkpoints:
         raise RunError(f"{run.path} has no complete checkpoint")
     ours = ModelConfig(**run.checkpoints[-1].meta["model_config"])
-    folder = Path(export) if export is not None else run.path / "hf"
+    folder = Path(export) if export is not None else RunDir(run.path).export()
     theirs = from_hf_config(json.loads((folder / "config.json").read_text()))[0] \
         if (folder / "config.json").is_file() else None
     rows = []
@@ -296,7 +298,7 @@ def export_parity(run: Run, export: Optional[Path | str] = None) -> float:
 
     if not run.checkpoints:
         raise RunError(f"{run.path} has no complete checkpoint")
-    folder = Path(export) if export is not None else run.path / "hf"
+    folder = Path(export) if export is not None else RunDir(run.path).export()
     if not (folder / "config.json").is_file():
         raise RunError(f"{folder} is not an export (no config.json); write one with "
                        f"python -m ettin.export {run.path} {folder}")

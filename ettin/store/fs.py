@@ -20,7 +20,15 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+# The marker a finished folder holds (checkpoints, prepared data): written last, inside the folder,
+# before it is published; a folder without it is never taken as finished (a copy made with other
+# tools, a folder from before atomic publishing).
+COMPLETE = "COMPLETE"
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def is_complete(folder: Path | str) -> bool:
+    return (Path(folder) / COMPLETE).is_file()
 
 
 def pid_alive(pid: int) -> bool:

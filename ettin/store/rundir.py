@@ -9,6 +9,7 @@
       checkpoints/<phase>-step<7 digits>-tok<15 digits>/   (ettin.store.checkpoints)
       logs/<phase>/metrics.csv   train rows and the validation curve, one continuous file per phase
       hf/, hf-<phase>/           Hugging Face exports of the run's end and of each phase's end
+      hf-checkpoints/<name>/     exports of single checkpoints for evaluation over training
       wandb/                     the wandb logger's files
 
 Nothing else in ettin spells these names.
@@ -91,6 +92,10 @@ class RunDir:
     def export(self, phase: Optional[str] = None) -> Path:
         """The Hugging Face export of the run's end (``hf``) or of a phase's end (``hf-<phase>``)."""
         return self.path / ("hf" if phase is None else f"hf-{phase}")
+
+    def checkpoint_export(self, checkpoint_name: str) -> Path:
+        """Where ``python -m ettin.eval RUN --checkpoints`` exports one checkpoint (kept for reuse)."""
+        return self.path / "hf-checkpoints" / checkpoint_name
 
     @staticmethod
     def of_export(folder: Path | str) -> Optional["RunDir"]:
