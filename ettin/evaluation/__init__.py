@@ -31,7 +31,7 @@ from ettin.evaluation import masked_lm  # noqa: F401  registers "ettin-mlm" with
 from ettin.evaluation import suite
 from ettin.evaluation.models import EvalError, EvalModel, resolve_models
 from ettin.evaluation.offline import check_cached, is_offline, prefetch_command
-from ettin.evaluation.registry import (CATEGORIES, LM_EVAL, MTEB, PAPER_RETRIEVAL, SENTENCE_TRANSFORMERS,
+from ettin.evaluation.registry import (LM_EVAL, MTEB, PAPER_RETRIEVAL, SENTENCE_TRANSFORMERS,
                                        TRANSFORMERS, Task, resolve_tasks, suite_name)
 from ettin.evaluation.runners import (MsmarcoSettings, RetrievalSettings, finetune_classification, harness_model,
                                       harness_model_args, msmarco_finetune, mteb_benchmark_tasks, mteb_main_score,
@@ -352,6 +352,3 @@ def _write(report: dict, out: Optional[Path]) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-
-
-__all__ = ["evaluate", "EvalError", "RetrievalSettings", "resolve_tasks", "FORMAT", "CATEGORIES", "LOG_FILE"]

@@ -228,7 +228,3 @@ def list_tasks() -> str:
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append("* smoke task: generated from the built-in corpus; checks the evaluation path, not a benchmark")
     return "\n".join(lines)
-
-
-__all__ = ["Task", "Dataset", "FinetuneGrid", "TASKS", "SUITES", "CATEGORIES", "resolve_tasks", "list_tasks",
-           "lm_eval_task", "suite_name"]
