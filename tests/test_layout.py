@@ -125,3 +125,19 @@ def test_the_package_ships_every_recipe_config_and_template():
     for link, target in (("conf", PACKAGE / "conf"), ("recipes", PACKAGE / "recipes"),
                          ("slurm/ettin.sbatch", PACKAGE / "cluster" / "ettin.sbatch")):
         assert (root / link).resolve() == target.resolve(), link
+
+
+COMMANDS_BY_NAME = ["ettin.train", "ettin.eval", "ettin.compare", "ettin.export", "ettin.launch",
+                    "ettin.bench", "ettin.data.prepare", "ettin.data.index"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS_BY_NAME)
+def test_every_command_keeps_its_name(command, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", command, "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"python -m {command}" in done.stdout
