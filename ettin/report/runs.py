@@ -65,11 +65,16 @@ class Run:
     def objective(self) -> str:
         return str(self.config.get("objective"))
 
+    def phase_objective(self, phase: str) -> str:
+        """The objective ``phase`` trained with: its own (``phases.<phase>.objective``), else the run's."""
+        return str((self.config.get("phases", {}).get(phase) or {}).get("objective") or self.objective)
+
     @property
     def kind(self) -> str:
         from ettin.objectives import OBJECTIVES
 
-        objective = OBJECTIVES.get(self.objective)
+        # What the run's final model is: its last phase's objective decides.
+        objective = OBJECTIVES.get(self.phase_objective(self.phases[-1]) if self.phases else self.objective)
         return "decoder" if objective is not None and objective.causal else "encoder"
 
     @property
