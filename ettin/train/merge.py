@@ -36,6 +36,9 @@ log = logging.getLogger("ettin")
 WRITTEN_BY_SAVE = ("phase", "phase_index", "kind", "phase_end", "step", "tokens", "loader_state", "sha256")
 
 
+EMBEDDINGS = "model.embeddings.tok_embeddings.weight"
+
+
 class MergeError(ValueError):
     """The checkpoints cannot be averaged; the message names both sides and the fix."""
 
@@ -49,13 +52,16 @@ def merge_weights(states: Sequence[dict], weights: Sequence[float], names: Seque
             missing = sorted(set(first) ^ set(state))
             raise MergeError(f"{first_name} and {name} hold different tensors ({', '.join(missing[:4])}"
                              f"{', ...' if len(missing) > 4 else ''}): merge checkpoints of one model shape")
+        vocabularies = first[EMBEDDINGS].shape[0], state[EMBEDDINGS].shape[0]
+        if vocabularies[0] != vocabularies[1]:  # first: it also changes the head's shapes
+            raise MergeError(f"different vocabularies: {first_name} has {vocabularies[0]} token "
+                             f"embeddings, {name} has {vocabularies[1]}; merge checkpoints trained "
+                             "with one tokenizer")
         for key, tensor in first.items():
             if state[key].shape != tensor.shape:
-                what = ("different vocabularies" if key == "model.embeddings.tok_embeddings.weight"
-                        else "different shapes")
-                raise MergeError(f"{what}: {key} is {tuple(tensor.shape)} in {first_name} but "
-                                 f"{tuple(state[key].shape)} in {name}; merge checkpoints of one size "
-                                 "trained with one tokenizer")
+                raise MergeError(f"different shapes: {key} is {tuple(tensor.shape)} in {first_name} "
+                                 f"but {tuple(state[key].shape)} in {name}; merge checkpoints of one "
+                                 "model size")
     return {key: sum(w * state[key].double() for w, state in zip(weights, states)).to(tensor.dtype)
             for key, tensor in first.items()}
 
