@@ -194,3 +194,18 @@ def test_merging_different_vocabularies_is_refused_naming_both(workspace, anneal
     with pytest.raises(MergeError, match="different vocabularies") as error:
         merge([source, other], tmp_path / "out", export=False)
     assert str(source) in str(error.value) and str(other) in str(error.value)
+
+
+def test_the_pair_report_shows_each_phase_objective(tmp_path):
+    import pandas as pd
+
+    from ettin.report.cli import runs_table
+    from ettin.report.runs import Run
+
+    run = Run(tmp_path / "clm-mlm", config={"objective": "mlm", "phases": {"pretrain": {"objective": "clm"},
+                                                                           "decay": {"objective": None}}},
+              phases=["pretrain", "decay"], metrics=pd.DataFrame(), checkpoints=[],
+              phase_tokens={"pretrain": 30_000, "decay": 10_000})
+    table = runs_table(run, run)
+    assert table.loc[table[""] == "phases", "A"].item() == "pretrain (clm, 30,000 tokens), decay (mlm, 10,000 tokens)"
+    assert run.kind == "encoder"  # what its final model is
