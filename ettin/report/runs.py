@@ -232,7 +232,7 @@ def weight_norms(run: Run) -> pd.DataFrame:
 
 def checkpoint_losses(run: Run, *, max_samples: int = 32) -> pd.DataFrame:
     """Each checkpoint's loss on one fixed set of validation samples (the last phase's data and
-    sequence length, the run's objective and validation mask rate), so checkpoints compare."""
+    sequence length and objective, the run's validation mask rate), so checkpoints compare."""
     import torch
 
     from ettin.data.loader import validation_batches
@@ -247,7 +247,7 @@ def checkpoint_losses(run: Run, *, max_samples: int = 32) -> pd.DataFrame:
     sources = data_sources(run, phase)
     tokenizer = load_tokenizer(run.checkpoints[-1].meta["tokenizer"])
     mask_rate = float((run.config.get("trainer") or {}).get("val_mask_rate", 0.15))
-    collator = OBJECTIVES[run.objective].collator(tokenizer, mask_rate=mask_rate, seed=int(recorded_seed(run)))
+    collator = OBJECTIVES[run.phase_objective(phase)].collator(tokenizer, mask_rate=mask_rate, seed=int(recorded_seed(run)))
     batches = validation_batches([(s["path"], s["weight"]) for s in sources], seq_len=p.seq_len,
                                  collator=collator, batch_size=p.micro_batch, max_samples=max_samples)
     rows = []

@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from ettin.model.export import ExportError, export_checkpoint, resolve_checkpoint
 from ettin.store.checkpoints import (CheckpointError, load_weights, read_meta, safe_torch_load,
                                      verify_checkpoint)
@@ -29,14 +27,10 @@ from ettin.store.fs import publishing
 from ettin.store.rundir import RunDir
 from ettin.train.checkpoint import Checkpointer
 
-log = logging.getLogger("ettin")
-
 # What Checkpointer.save and write_checkpoint write themselves; the rest of the first source's meta
 # (model config, objective, tokenizer, data identity, ...) describes the merge too.
 WRITTEN_BY_SAVE = ("phase", "phase_index", "kind", "phase_end", "step", "tokens", "loader_state", "sha256")
-
-
-EMBEDDINGS = "model.embeddings.tok_embeddings.weight"
+EMBEDDINGS = "model.embeddings.tok_embeddings.weight"  # its rows are the vocabulary
 
 
 class MergeError(ValueError):
