@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ettin"
 
 # What each layer may import (besides itself). Commands sit on top and may import anything.
-COMMANDS = {"ettin.eval", "ettin.export", "ettin.compare", "ettin.launch", "ettin.train.cli",
+COMMANDS = {"ettin.eval", "ettin.export", "ettin.merge", "ettin.compare", "ettin.launch", "ettin.train.cli",
             "ettin.train.__main__", "ettin.evaluation.cli", "ettin.report.cli", "ettin.cluster.launch"}
 ALLOWED = {
     "bench": {"model", "objectives", "data", "optim", "parallel", "train", "store"},

@@ -697,7 +697,11 @@ class StepBatches(IterableDataset):
             if (state.step - self.start.step) % workers != worker:
                 continue
             samples = self.rank_samples(state, batch)
-            micro = [self.collator(group) for group in self.micro_batches(state, batch, samples)]
+            # The collator of this step: a scheduled rate (mask-rate annealing) is read at the
+            # phase's token clock before the step.
+            collate = self.collator.at_tokens(state.tokens) if hasattr(self.collator, "at_tokens") \
+                else self.collator
+            micro = [collate(group) for group in self.micro_batches(state, batch, samples)]
             after = LoaderState(state.step + 1, state.samples + batch, state.tokens + step_tokens)
             yield StepBatch(micro, after, batch, step_tokens)
 

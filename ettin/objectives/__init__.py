@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from ettin.objectives.collate import CLMCollator, MLMCollator, MNTPCollator
+from ettin.objectives.collate import CLMCollator, MaskRate, MLMCollator, MNTPCollator
 
 SIDES = {"encoder": "ModernBertForMaskedLM", "decoder": "ModernBertDecoderForCausalLM"}
 
@@ -38,8 +38,9 @@ class Objective:
         """The transformers class an export of a model trained with this objective loads as."""
         return SIDES[self.side]
 
-    def collator(self, tokenizer, *, mask_rate: float, seed: int, unpadded: bool = True):
-        """This objective's collator; rows are unpadded (no compute spent on padding) by default."""
+    def collator(self, tokenizer, *, mask_rate: float | MaskRate, seed: int, unpadded: bool = True):
+        """This objective's collator; rows are unpadded (no compute spent on padding) by default.
+        ``mask_rate``: a fixed rate, or a phase's schedule (``MaskRate``)."""
         from ettin.data.tokenizer import special_ids
 
         ids = special_ids(tokenizer)
@@ -55,6 +56,10 @@ class Objective:
     def metric_names(self, prefix: str) -> list[str]:
         second = "masked_accuracy" if self.masked else "perplexity"
         return [f"{prefix}/loss", f"{prefix}/{second}"]
+
+    def train_metric_names(self) -> list[str]:
+        """Training's figures: the metrics, and for masked objectives the realised mask rate."""
+        return self.metric_names("train") + (["train/mask_rate"] if self.masked else [])
 
     def metrics(self, prefix: str, loss: float, correct: float, targets: float) -> dict[str, float]:
         """``{prefix}/loss`` (mean over target tokens) and the objective's second figure: masked

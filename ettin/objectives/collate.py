@@ -28,7 +28,9 @@ as an uninterrupted one, whatever the number of workers or ranks.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import copy
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,6 +73,33 @@ def batch_tensors(rows: Sequence[np.ndarray], labels: Sequence[np.ndarray], pad_
             "labels": torch.from_numpy(label_grid)}
 
 
+@dataclass(frozen=True)
+class MaskRate:
+    """A phase's mask rate: ``start`` at its first token, ``end`` after ``tokens`` tokens, linear in
+    the phase's tokens in between (mmBERT's annealing). A step's rate is read at the phase's token
+    clock before the step, which the loader restores on resume, so masks stay a function of
+    (seed, global sample index) within a resumed phase."""
+
+    start: float
+    end: float
+    tokens: int
+
+    def __post_init__(self) -> None:
+        for rate in (self.start, self.end):
+            if not 0.0 < rate < 1.0:
+                raise ValueError(f"mask_rate={rate} must be in (0, 1)")
+        if self.tokens < 1:
+            raise ValueError(f"a mask-rate schedule needs a positive length (tokens={self.tokens})")
+
+    def at(self, tokens_before: int) -> float:
+        return self.start + (self.end - self.start) * min(tokens_before / self.tokens, 1.0)
+
+    @property
+    def mean(self) -> float:
+        """The phase's average rate (linear: the midpoint), for target and FLOP estimates."""
+        return (self.start + self.end) / 2
+
+
 class _Collator:
     ids: SpecialIds
     unpadded: bool
@@ -91,6 +120,11 @@ class _Collator:
         if self.close_rows and (len(row) == 0 or row[-1] != self.ids.sep):
             row = np.append(row, self.ids.sep)
         return row
+
+    def at_tokens(self, tokens_before: int) -> "_Collator":
+        """The collator of the step that starts after ``tokens_before`` tokens of the phase (the
+        loader asks each step): the same one unless a rate changes over the phase."""
+        return self
 
 
 class CLMCollator(_Collator):
@@ -121,10 +155,11 @@ class MLMCollator(_Collator):
     shift = 0  # MNTP: the target of a masked token j sits at position j - 1
     close_rows = True
 
-    def __init__(self, ids: SpecialIds, vocab_size: int, mask_rate: float, seed: int,
+    def __init__(self, ids: SpecialIds, vocab_size: int, mask_rate: Union[float, MaskRate], seed: int,
                  unpadded: bool = True, close_rows: Optional[bool] = None) -> None:
-        if not 0.0 < mask_rate < 1.0:
-            raise ValueError(f"mask_rate={mask_rate} must be in (0, 1)")
+        # A fixed rate is a schedule that stays put; ``mask_rate`` is the rate of the current step.
+        self.schedule = mask_rate if isinstance(mask_rate, MaskRate) else MaskRate(mask_rate, mask_rate, 1)
+        mask_rate = self.schedule.start
         if ids.mask is None:
             raise ValueError("the tokenizer has no [MASK] token; masked objectives need one "
                              "(add one, or train with objective=clm)")
@@ -138,6 +173,13 @@ class MLMCollator(_Collator):
         self.replacements = np.flatnonzero(~special)  # random replacements are never special
         if not len(self.replacements):
             raise ValueError("the vocabulary has no non-special token to draw replacements from")
+
+    def at_tokens(self, tokens_before: int) -> "MLMCollator":
+        if self.schedule.start == self.schedule.end:
+            return self
+        step = copy.copy(self)  # shares the vocabulary tables
+        step.mask_rate = self.schedule.at(tokens_before)
+        return step
 
     def mask(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
         """(model input, labels) of one row; a function of (seed, index, tokens) only."""

@@ -125,7 +125,8 @@ def runs_table(a: runs.Run, b: runs.Run) -> pd.DataFrame:
         final = run.checkpoints[-1] if run.checkpoints else None
         rows[key] = {
             "run": run.name, "objective": run.objective, "kind": run.kind,
-            "phases": ", ".join(f"{p} ({run.phase_tokens[p]:,} tokens)" for p in run.phases),
+            "phases": ", ".join(f"{p} ({run.phase_objective(p)}, {run.phase_tokens[p]:,} tokens)"
+                                for p in run.phases),
             "final checkpoint": final.path.name if final else "none",
             "git commit": final.meta.get("git_commit", "not recorded") if final else "not recorded",
         }

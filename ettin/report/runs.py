@@ -67,11 +67,16 @@ class Run:
     def objective(self) -> str:
         return str(self.config.get("objective"))
 
+    def phase_objective(self, phase: str) -> str:
+        """The objective ``phase`` trained with: its own (``phases.<phase>.objective``), else the run's."""
+        return str((self.config.get("phases", {}).get(phase) or {}).get("objective") or self.objective)
+
     @property
     def kind(self) -> str:
         from ettin.objectives import OBJECTIVES
 
-        objective = OBJECTIVES.get(self.objective)
+        # What the run's final model is: its last phase's objective decides.
+        objective = OBJECTIVES.get(self.phase_objective(self.phases[-1]) if self.phases else self.objective)
         return "decoder" if objective is not None and objective.causal else "encoder"
 
     @property
@@ -229,7 +234,7 @@ def weight_norms(run: Run) -> pd.DataFrame:
 
 def checkpoint_losses(run: Run, *, max_samples: int = 32) -> pd.DataFrame:
     """Each checkpoint's loss on one fixed set of validation samples (the last phase's data and
-    sequence length, the run's objective and validation mask rate), so checkpoints compare."""
+    sequence length and objective, the run's validation mask rate), so checkpoints compare."""
     import torch
 
     from ettin.data.loader import validation_batches
@@ -244,7 +249,7 @@ def checkpoint_losses(run: Run, *, max_samples: int = 32) -> pd.DataFrame:
     sources = data_sources(run, phase)
     tokenizer = load_tokenizer(run.checkpoints[-1].meta["tokenizer"])
     mask_rate = float((run.config.get("trainer") or {}).get("val_mask_rate", 0.15))
-    collator = OBJECTIVES[run.objective].collator(tokenizer, mask_rate=mask_rate, seed=int(recorded_seed(run)))
+    collator = OBJECTIVES[run.phase_objective(phase)].collator(tokenizer, mask_rate=mask_rate, seed=int(recorded_seed(run)))
     batches = validation_batches([(s["path"], s["weight"]) for s in sources], seq_len=p.seq_len,
                                  collator=collator, batch_size=p.micro_batch, max_samples=max_samples)
     rows = []

@@ -165,7 +165,7 @@ class CheckpointCallback(EveryTokens):
                 optimizer_state=optimizer_state, rng_states=rng, config_yaml=to_yaml(self.cfg),
                 meta={
                     "run_name": self.cfg.run_name, "recipe": self.cfg.recipe,
-                    "objective": self.cfg.objective, "world_size": module.trainer.world_size,
+                    "objective": self.cfg.phase_objective(self.phase).name, "world_size": module.trainer.world_size,
                     "model_config": dataclasses.asdict(module.model.config),
                     "tokenizer": str(self.tokenizer_dir()), "git_commit": git_commit(),
                     "fresh_optimizer": self.fresh_optimizer, "data": self.data_identity,

@@ -112,8 +112,10 @@ class Checkpointer:
         index = phases.index(meta["phase"])
         loaded = self.load(path, rng=not meta.get("phase_end"))
         if meta.get("phase_end"):
+            # No moments saved (a merge, ettin.train.merge): the next phase starts fresh.
             return StartState(phase_index=index + 1, model_state=loaded.model_state,
-                              optimizer_state=loaded.optimizer_state, fresh_optimizer=False,
+                              optimizer_state=loaded.optimizer_state,
+                              fresh_optimizer=not loaded.optimizer_state.get("state"),
                               description=f"phase {meta['phase']!r} finished at {path}; next phase")
         return StartState(
             phase_index=index, model_state=loaded.model_state,

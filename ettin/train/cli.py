@@ -14,13 +14,13 @@ from typing import Optional
 
 import torch
 
-from ettin.objectives import OBJECTIVES
 from ettin.optim.schedule import phase_batch_schedule
 from ettin.store.checkpoints import CheckpointError
 from ettin.store.rundir import RunDir, RunLockedError
 from ettin.train.config import (ConfigError, TrainConfig, available_recipes, compose, parse_argv,
                                 to_yaml)
 from ettin.train.environment import is_rank_zero
+from ettin.train.phase import phase_mask_rate
 from ettin.train.preemption import Preempted
 from ettin.train.run import log, pair_configs, schedule_rows, train
 from ettin.train.step import NonFiniteLossError
@@ -45,18 +45,23 @@ def dry_run_report(cfg: TrainConfig) -> str:
     from ettin.model.modernbert import ModernBert
     from ettin.optim.schedule import schedule_table, steps_for
 
-    objective = OBJECTIVES[cfg.objective]
     lines = [f"recipe {cfg.recipe} (run {cfg.run_name}, objective {cfg.objective})", "", to_yaml(cfg)]
     for name in cfg.phases_to_run():
         p = cfg.phases[name]
+        objective = cfg.phase_objective(name)
         config = cfg.model_config(name)
         with torch.device("meta"):
             model = ModernBert(config)
-        n_targets = objective.targets_per_row(p.seq_len, p.mask_rate)
+        # Targets (and the head's FLOPs) at the phase's mean rate: linear in tokens, so FLOPs are too.
+        mask_rate = phase_mask_rate(cfg, name)
+        n_targets = objective.targets_per_row(p.seq_len, mask_rate.mean)
         flops = training_flops(config, [p.seq_len], n_targets, config.causal) / p.seq_len
         steps = steps_for(p.tokens, p.seq_len, phase_batch_schedule(p, cfg.global_batch))
+        masking = (f"mask rate {mask_rate.start:.0%} -> {mask_rate.end:.0%}, {n_targets} targets per "
+                   "full row on average" if objective.masked else f"{n_targets} targets per full row")
         lines.append(
-            f"phase {name}: {model.num_parameters():,} parameters, {flops / 1e9:.3f} GFLOP per "
+            f"phase {name}: objective {objective.name} ({masking}), "
+            f"{model.num_parameters():,} parameters, {flops / 1e9:.3f} GFLOP per "
             f"token (training, full {p.seq_len}-token rows), {p.tokens:,} tokens, >= {steps:,} "
             f"optimizer steps (rows at full length; shorter documents mean more steps); "
             + cfg.micro_batches_described(name)
@@ -153,7 +158,7 @@ def summary(finals: list[tuple[TrainConfig, Path]], seconds: float, report: Opti
         if cfg.export_at_end:
             out = RunDir(cfg.run_dir).export()
             lines.append(f"    Hugging Face folder: {out}")
-            lines.append(f"    try: {pipeline_example(out, OBJECTIVES[cfg.objective].causal)}")
+            lines.append(f"    try: {pipeline_example(out, cfg.phase_objective(cfg.phases_to_run()[-1]).causal)}")
     if report is not None:
         lines.append(f"  pair report: {report}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ettin import CONF_DIR, RECIPES_DIR
 from ettin.model.config import SIZES, ModelConfig, model_config, size_value
 from ettin.data.source import DataSource
-from ettin.objectives import OBJECTIVES
+from ettin.objectives import OBJECTIVES, Objective
 
 
 LR_SCHEDULES = ("wsd", "one_minus_sqrt")
@@ -48,7 +48,16 @@ class PhaseConfig:
     batch_warmup_min: int = 0  # first global batch of the ramp (sequences); also its step size
     global_rope_theta: float = 10000.0
     local_rope_theta: float = 10000.0
-    mask_rate: float = 0.3  # MLM/MNTP only
+    # The phase's objective (a name in ettin.objectives.OBJECTIVES); None: the run's ``objective``.
+    # Attention direction, collator, metrics, validation and the export class follow it.
+    objective: Optional[str] = None
+    # true: the phase starts with fresh Adam moments (and fresh_optimizer_warmup_tokens) instead of
+    # the previous phase's, e.g. when the objective changes (Gisserot-Boukhlef et al. 2025).
+    reset_optimizer: bool = False
+    mask_rate: float = 0.3  # MLM/MNTP only: the rate at the phase's start
+    # The rate at the phase's end, linear in the phase's tokens in between (mmBERT's annealing);
+    # None: mask_rate throughout.
+    final_mask_rate: Optional[float] = None
     micro_batch: int = 8  # sequences per device per forward/backward
     checkpoint_every_tokens: int = 0  # 0: only at the phase end
     # A phase that starts with a fresh optimizer (zero Adam moments: weights from a Hugging Face
@@ -160,11 +169,15 @@ class TrainConfig:
             return f"packed micro-batches of up to {p.micro_batch * p.seq_len:,} tokens"
         return f"micro-batches of {p.micro_batch} rows"
 
+    def phase_objective(self, phase: str) -> Objective:
+        """The objective ``phase`` trains with: its own, else the run's."""
+        return OBJECTIVES[self.phases[phase].objective or self.objective]
+
     def model_config(self, phase: str) -> ModelConfig:
         p = self.phases[phase]
         return model_config(
             self.size,
-            causal=OBJECTIVES[self.objective].causal,
+            causal=self.phase_objective(phase).causal,
             global_rope_theta=p.global_rope_theta,
             local_rope_theta=p.local_rope_theta,
             **self.model,
@@ -290,8 +303,13 @@ def check(cfg: TrainConfig) -> None:
                 f"phases.{name}: warmup_tokens + decay_tokens ({p.warmup_tokens + p.decay_tokens}) "
                 f"exceed the phase's tokens ({p.tokens})"
             )
-        if OBJECTIVES[cfg.objective].masked and not 0.0 < p.mask_rate < 1.0:
-            raise ConfigError(f"phases.{name}.mask_rate={p.mask_rate} must be in (0, 1)")
+        if p.objective is not None and p.objective not in OBJECTIVES:
+            raise ConfigError(f"phases.{name}.objective={p.objective!r} is unknown; choose one of "
+                              f"{', '.join(OBJECTIVES)} (or leave it unset for the run's objective)")
+        if cfg.phase_objective(name).masked:
+            for key, rate in (("mask_rate", p.mask_rate), ("final_mask_rate", p.final_mask_rate)):
+                if rate is not None and not 0.0 < rate < 1.0:
+                    raise ConfigError(f"phases.{name}.{key}={rate} must be in (0, 1)")
         if not cfg.data.get(name):
             raise ConfigError(
                 f"no data for phase {name!r}: set data.{name}=[{{path: PREPARED_DIR, weight: 1}}] "

@@ -71,7 +71,7 @@ def build_loggers(cfg, phase: str, objective, resume_step: int) -> list:
 
     loggers: list = []
     if cfg.logging.csv:
-        columns = [*objective.metric_names("train"), "train/lr", "train/grad_norm", "train/tokens",
+        columns = [*objective.train_metric_names(), "train/lr", "train/grad_norm", "train/tokens",
                    "train/global_batch", "perf/tokens_per_s_per_device", "perf/tflops_per_device",
                    "perf/mfu", *objective.metric_names("val"), "val/tokens"]
         loggers.append(MetricsCSV(RunDir(cfg.run_dir).metrics(phase), columns, resume_step=resume_step))

@@ -124,13 +124,19 @@ class EttinModule(L.LightningModule):
         return total
 
     def _log_step(self, batch: StepBatch, result: StepResult) -> None:
-        totals = self._sum_over_ranks(torch.stack([result.loss_sum, result.correct]))
+        # Tokens a mask could select: an encoder row holds exactly two that it never selects, its
+        # [CLS] and its closing [SEP] (ettin.objectives.collate).
+        maskable = sum(map(sum, batch.row_lengths)) - 2 * sum(batch.rows)
+        totals = self._sum_over_ranks(torch.stack([
+            result.loss_sum, result.correct, torch.full((), float(maskable), device=result.loss_sum.device)]))
         # One read from the device for all of them.
-        loss_sum, correct, targets, norm = torch.stack([
-            totals[0], totals[1], result.global_targets.float(),
+        loss_sum, correct, maskable, targets, norm = torch.stack([
+            totals[0], totals[1], totals[2], result.global_targets.float(),
             result.grad_norm.float().to(totals.device)]).tolist()
         loss = loss_sum / max(targets, 1.0)
         metrics = self.objective.metrics("train", loss, correct, targets)
+        if self.objective.masked:  # the step's realised masked fraction (a scheduled rate shows)
+            metrics["train/mask_rate"] = targets / max(maskable, 1.0)
         metrics.update({
             "train/lr": result.lr,
             "train/grad_norm": norm,

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from ettin.data.loader import LoaderState, StepBatch, StepBatches, validation_batches
 from ettin.model.config import ModelConfig
 from ettin.model.modernbert import ModernBert
-from ettin.objectives import OBJECTIVES
+from ettin.objectives.collate import MaskRate
 from ettin.optim.schedule import phase_batch_schedule, phase_lr_multiplier
 from ettin.train.checkpoint import StartState
 from ettin.train.config import ConfigError, TrainConfig
@@ -156,7 +156,7 @@ def build_module(cfg: TrainConfig, phase: str, model: ModernBert, start: StartSt
 
     accelerator, _ = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     return EttinModule(
-        model, objective=OBJECTIVES[cfg.objective],
+        model, objective=cfg.phase_objective(phase),
         settings=step_settings(cfg, phase, fresh_optimizer=start.fresh_optimizer),
         phase_tokens=cfg.phases[phase].tokens, loader_state=loader_state,
         optimizer_state=start.optimizer_state,
@@ -167,6 +167,13 @@ def build_module(cfg: TrainConfig, phase: str, model: ModernBert, start: StartSt
 
 # ---------------------------------------------------------------------------------------------------
 # Data for Lightning
+
+
+def phase_mask_rate(cfg: TrainConfig, phase: str) -> MaskRate:
+    """The phase's training mask rate: ``mask_rate`` at its start, ``final_mask_rate`` at its end."""
+    p = cfg.phases[phase]
+    end = p.mask_rate if p.final_mask_rate is None else p.final_mask_rate
+    return MaskRate(p.mask_rate, end, p.tokens)
 
 
 def _one_thread(worker_id: int) -> None:
@@ -186,8 +193,8 @@ class PhaseData(L.LightningDataModule):
         cfg, p = self.cfg, self.cfg.phases[self.phase]
         return StepBatches(
             self.sources, split="train", seq_len=p.seq_len,
-            collator=OBJECTIVES[cfg.objective].collator(self.tokenizer, mask_rate=p.mask_rate,
-                                                        seed=cfg.seed),
+            collator=cfg.phase_objective(self.phase).collator(
+                self.tokenizer, mask_rate=phase_mask_rate(cfg, self.phase), seed=cfg.seed),
             global_batch_at=phase_batch_schedule(p, cfg.global_batch), micro_batch_size=p.micro_batch,
             rank=rank, world_size=world_size, seed=cfg.seed, phase=self.phase,
             state=self.loader_state, pack=cfg.packs_micro_batches(),
@@ -211,8 +218,8 @@ def phase_validation_batches(cfg: TrainConfig, phase: str, tokenizer, sources: l
                              world_size: int) -> list:
     """The phase's fixed validation set for this rank (the same samples and masks every time)."""
     p = cfg.phases[phase]
-    collator = OBJECTIVES[cfg.objective].collator(tokenizer, mask_rate=cfg.trainer.val_mask_rate,
-                                                  seed=cfg.seed)
+    collator = cfg.phase_objective(phase).collator(tokenizer, mask_rate=cfg.trainer.val_mask_rate,
+                                                   seed=cfg.seed)
     return validation_batches(sources, seq_len=p.seq_len, collator=collator, batch_size=p.micro_batch,
                               max_samples=cfg.trainer.val_samples, rank=rank, world_size=world_size)
 
@@ -269,7 +276,7 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
         timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s))
     progress = TokenProgressBar(phase, p.tokens, started_at.tokens)
     trainer = build_trainer(cfg, callbacks=[validation, checkpoints, preemption, progress],
-                            loggers=build_loggers(cfg, phase, OBJECTIVES[cfg.objective],
+                            loggers=build_loggers(cfg, phase, cfg.phase_objective(phase),
                                                   resume_step=started_at.step))
     log.info("phase %s: %s", phase, start.description)
     log.info("model: %s, %s parameters, attention backend %s, %s; %s",

@@ -19,7 +19,7 @@ from ettin.train.environment import (environment_summary, git_commit, is_rank_ze
                                      quiet_lightning_banners, set_cpu_threads, setup_logging,
                                      trainer_devices)
 from ettin.train.phase import check_phases_data, resolve_tokenizer, run_phase
-from ettin.train.start import checkpointer, resolve_start
+from ettin.train.start import resolve_start, resume
 from ettin.train.topology import check_topology
 
 log = logging.getLogger("ettin")
@@ -70,7 +70,7 @@ def _train(cfg: TrainConfig) -> Path:
         quiet_lightning_banners()
         if cfg.export_at_phase_end and is_rank_zero():
             export_run(final, run_dir.export(phase))
-        start = checkpointer(cfg).resume(final, phases)  # the next phase, from this one's end
+        start = resume(cfg, final)  # the next phase, from this one's end
     if final is None:  # every phase was already finished
         final = run_dir.latest_checkpoint()
         log.info("run %s already finished (%s)", cfg.run_name, final)
@@ -89,14 +89,15 @@ def export_run(checkpoint: Path, out: Path) -> Path:
 
 def schedule_rows(cfg: TrainConfig, *, fresh_optimizer: bool = False) -> list[PhaseSchedule]:
     """The phases' LR and batch schedules as run: the first phase's LR includes the fresh-optimizer
-    warmup when the run starts with fresh Adam moments."""
+    warmup when the run starts with fresh Adam moments, and so does a phase's with reset_optimizer."""
     rows = []
     for index, name in enumerate(cfg.phases_to_run()):
         p = cfg.phases[name]
         rows.append(PhaseSchedule(
             name=name, tokens=p.tokens, seq_len=p.seq_len, global_rope_theta=p.global_rope_theta,
             local_rope_theta=p.local_rope_theta, lr=cfg.optim.lr * p.lr_scale,
-            lr_multiplier=phase_lr_multiplier(p, fresh_optimizer=fresh_optimizer and index == 0),
+            lr_multiplier=phase_lr_multiplier(
+                p, fresh_optimizer=(fresh_optimizer and index == 0) or p.reset_optimizer),
             global_batch=phase_batch_schedule(p, cfg.global_batch),
         ))
     return rows

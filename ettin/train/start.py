@@ -3,6 +3,7 @@ Composer), or scratch; and, after a phase ends, the next phase (one implementati
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,10 +31,22 @@ def resolve_start(cfg: TrainConfig) -> StartState:
     else:
         path = Path(cfg.resume) if cfg.resume != "auto" else checkpointer(cfg).latest()
         if path is not None:
-            return checkpointer(cfg).resume(path, phases)
+            return resume(cfg, path)
     if cfg.init:
         return init_state(cfg)
     return StartState()
+
+
+def resume(cfg: TrainConfig, path: Path) -> StartState:
+    """Continue from the checkpoint ``path``: mid-phase, or the next phase from a phase end, whose
+    ``reset_optimizer`` drops the carried Adam moments (the fresh-optimizer warmup then applies)."""
+    phases = cfg.phases_to_run()
+    start = checkpointer(cfg).resume(path, phases)
+    begins = start.loader_state is None and start.phase_index < len(phases)
+    if begins and cfg.phases[phases[start.phase_index]].reset_optimizer:
+        return replace(start, optimizer_state=None, fresh_optimizer=True,
+                       description=start.description + " (reset_optimizer: fresh Adam moments)")
+    return start
 
 
 def init_state(cfg: TrainConfig) -> StartState:
