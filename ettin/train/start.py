@@ -20,7 +20,6 @@ def checkpointer(cfg: TrainConfig) -> Checkpointer:
 
 
 def resolve_start(cfg: TrainConfig) -> StartState:
-    phases = cfg.phases_to_run()
     if cfg.resume == "never":
         existing = RunDir(cfg.run_dir).holds_a_run()
         if existing:
