@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from ettin.store.checkpoints import CheckpointError, list_checkpoints, load_weights, read_meta, safe_torch_load, write_checkpoint
 from ettin.train.checkpoint import Checkpointer
-from ettin.store.rundir import RunLock
+from ettin.store.rundir import RunLock, RunLockedError
 from ettin.train.config import ConfigError, compose
 from ettin.train.cli import dry_run_report
 from ettin.train.cli import main
@@ -117,6 +118,51 @@ def test_the_lock_is_exclusive_within_a_host(tmp_path):
             f"try: RunLock({str(tmp_path)!r}).acquire()\n"
             "except RunLockedError as e: print(e); sys.exit(7)")], capture_output=True, text=True)
         assert other.returncode == 7 and f"process {os.getpid()}" in other.stdout
+
+
+def test_an_unreadable_lock_is_refused_not_taken_over(tmp_path):
+    (tmp_path / "LOCK").write_text("")  # what a lock written in two steps looks like to a racing reader
+    with pytest.raises(RunLockedError, match="cannot be read as a run lock.*delete"):
+        RunLock(tmp_path).acquire()
+    assert (tmp_path / "LOCK").read_text() == ""
+
+
+def test_a_racing_reader_never_sees_the_lock_empty(tmp_path):
+    reader = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        f"path, empty, end = {str(tmp_path / 'LOCK')!r}, 0, time.time() + 1.5\n"
+        "while time.time() < end:\n"
+        "    try: text = open(path).read()\n"
+        "    except FileNotFoundError: continue\n"
+        "    empty += not text\n"
+        "print(empty)")], stdout=subprocess.PIPE, text=True)
+    while reader.poll() is None:
+        RunLock(tmp_path).acquire().release()
+    assert reader.stdout.read().strip() == "0"
+
+
+@pytest.mark.parametrize("host, job, incarnation, taken", [
+    ("here", "42", 0, False),    # another step of this job on this host, alive
+    ("there", "42", 0, False),   # another step of this job on another node
+    ("there", "42", 1, True),    # this job requeued onto another node: Slurm ended the first run
+    ("here", "42", 1, True),     # requeued onto the same node (the old PID may be reused)
+    ("there", "7", 1, False),    # another job
+])
+def test_a_live_lock_is_taken_over_only_by_a_later_incarnation_of_its_slurm_job(
+        tmp_path, monkeypatch, host, job, incarnation, taken):
+    here = socket.gethostname()
+    (tmp_path / "LOCK").write_text(json.dumps({
+        "pid": os.getppid(), "host": here if host == "here" else "node-elsewhere",
+        "slurm_job_id": job, "slurm_restart_count": 0}))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(incarnation))
+    if taken:
+        lock = RunLock(tmp_path).acquire()
+        assert lock.taken_over["slurm_job_id"] == job
+        lock.release()
+    else:
+        with pytest.raises(RunLockedError, match=f"process {os.getppid()}"):
+            RunLock(tmp_path).acquire()
 
 
 def test_temporary_folders_of_live_processes_are_left_alone(tmp_path):
