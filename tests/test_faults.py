@@ -81,6 +81,29 @@ def test_flipped_bytes_in_the_weights_are_found_by_the_hash_and_name_the_way_bac
     assert str(weights) in err and "sha256" in err and f"resume={earlier[-1]}" in err
 
 
+@pytest.mark.parametrize("make, expected", [
+    (lambda run: run / "nowhere", "no such file or folder"),
+    (lambda run: run / "config.yaml", "is not a complete checkpoint folder"),
+    (lambda run: run, "is a run directory: its latest checkpoint is resume="),
+    (lambda run: garbled_meta(list_checkpoints(run)[-1]), "meta.json is not a checkpoint's meta"),
+])
+def test_resume_from_something_not_a_checkpoint_names_it_and_what_a_checkpoint_holds(
+        tmp_path, data_dir, trained, capsys, make, expected):
+    run = finished_run(tmp_path, trained)
+    path = make(run)
+    assert main(args(tmp_path, data_dir, f"resume={path}")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"resume={path}" in err and expected in err
+    assert "Traceback" not in err
+    if "meta" not in expected:
+        assert "model.safetensors, optimizer.pt" in err
+
+
+def garbled_meta(checkpoint: Path) -> Path:
+    (checkpoint / "meta.json").write_text("{not json")
+    return checkpoint
+
+
 def test_unreadable_files_are_diagnosed_as_such(tmp_path):
     write_checkpoint(tmp_path, "pretrain-step0000001-tok000000000000100",
                      lambda d: (d / "model.safetensors").write_bytes(os.urandom(256)),
