@@ -66,6 +66,39 @@ def test_a_diverging_run_stops_with_an_error_and_keeps_its_finite_checkpoints(tm
         assert all(torch.isfinite(t).all() for t in load_weights(checkpoint).values()), checkpoint
 
 
+def test_a_checkpoint_due_before_the_next_log_step_stops_on_nan_without_saving(tmp_path, data_dir, trained,
+                                                                             capsys):
+    run = finished_run(tmp_path, trained)
+    # No log step in the extension phase: the check before the first interval checkpoint is the one.
+    code = main(args(tmp_path, data_dir, "phase_order=[pretrain,extension]", "optim.lr=1e6",
+                     "trainer.log_every_steps=100000", "phases.extension.tokens=40_000",
+                     "phases.extension.checkpoint_every_tokens=500"))
+    assert code == 3
+    assert "NaN/inf before the interval checkpoint at step" in capsys.readouterr().err
+    for checkpoint in list_checkpoints(run):  # the check kept every non-finite state out
+        assert all(torch.isfinite(t).all() for t in load_weights(checkpoint).values()), checkpoint
+
+
+def test_a_gradient_norm_alone_non_finite_stops_at_the_next_check():
+    from ettin.model.config import model_config
+    from ettin.model.modernbert import ModernBert
+    from ettin.train.step import NonFiniteLossError, StepSettings, TrainStep
+
+    torch.manual_seed(0)
+    model = ModernBert(model_config("tiny", vocab_size=64))
+    # The loss stays finite; only the gradient (and so its norm) is not.
+    model.decoder.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     StepSettings(lr=0.1, lr_multiplier=lambda tokens: 1.0, peak_lr=0.1))
+    ids = torch.randint(4, 64, (12,))
+    batch = {"input_ids": ids, "labels": ids, "cu_seqlens": torch.tensor([0, 12], dtype=torch.int32),
+             "max_seqlen": 12}
+    result = step([batch], tokens_before=0, targets=[12], rows=[1], with_grad_norm=True)
+    assert torch.isfinite(result.loss_sum) and not torch.isfinite(result.grad_norm)
+    with pytest.raises(NonFiniteLossError, match="NaN/inf before step 1"):
+        step.check_finite("step 1")
+
+
 def test_flipped_bytes_in_the_weights_are_found_by_the_hash_and_name_the_way_back(tmp_path, data_dir, trained,
                                                                                 capsys):
     run = finished_run(tmp_path, trained)
