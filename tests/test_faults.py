@@ -99,6 +99,24 @@ def test_a_gradient_norm_alone_non_finite_stops_at_the_next_check():
         step.check_finite("step 1")
 
 
+def test_the_schedule_printed_at_start_shows_the_fresh_optimizer_warmup_of_the_phase_it_enters(
+        tmp_path, data_dir, trained):
+    extension = ["phases.extension.tokens=12_000", "phases.extension.checkpoint_every_tokens=4_000",
+                 "phases.extension.warmup_tokens=0",
+                 "phases.extension.fresh_optimizer_warmup_tokens=6_000"]
+    first = [p for p in list_checkpoints(trained) if read_meta(p)["kind"] == "phase_end"][-1]
+    assert main(args(tmp_path, data_dir, "phase_order=[extension]", f"init={first}", *extension)) == 0
+    middle = next(p for p in list_checkpoints(tmp_path / "run") if read_meta(p)["kind"] == "interval")
+    assert read_meta(middle)["fresh_optimizer"]
+    # The same run resumed mid-way through its fresh phase, now the second of the phase order.
+    assert main(args(tmp_path, data_dir, "phase_order=[pretrain,extension]", f"resume={middle}",
+                     *extension)) == 0
+    table = (tmp_path / "run" / "train.log").read_text().rsplit("schedule:", 1)[1].split(" start: ")[0]
+    warmup = [line for line in table.splitlines() if "linear warmup" in line]
+    assert [line.split()[0] for line in warmup] == ["pretrain", "extension"], table
+    assert warmup[1].split()[1:4] == ["0", "-", "6k"], table
+
+
 def test_flipped_bytes_in_the_weights_are_found_by_the_hash_and_name_the_way_back(tmp_path, data_dir, trained,
                                                                                 capsys):
     run = finished_run(tmp_path, trained)

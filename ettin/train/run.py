@@ -60,7 +60,8 @@ def _train(cfg: TrainConfig) -> Path:
     start = resolve_start(cfg)
     if is_rank_zero():
         run_dir.config.write_text(to_yaml(cfg))
-    log.info("schedule:\n%s", schedule_table(schedule_rows(cfg, fresh_optimizer=start.fresh_optimizer)))
+    log.info("schedule:\n%s", schedule_table(schedule_rows(
+        cfg, fresh_optimizer_phase=start.phase_index if start.fresh_optimizer else None)))
     log.info("start: %s", start.description)
     final: Optional[Path] = None
     for index in range(start.phase_index, len(phases)):
@@ -86,16 +87,18 @@ def export_run(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def schedule_rows(cfg: TrainConfig, *, fresh_optimizer: bool = False) -> list[PhaseSchedule]:
-    """The phases' LR and batch schedules as run: the first phase's LR includes the fresh-optimizer
-    warmup when the run starts with fresh Adam moments."""
+def schedule_rows(cfg: TrainConfig, *, fresh_optimizer_phase: Optional[int] = None) -> list[PhaseSchedule]:
+    """The phases' LR and batch schedules as run. The phase at index ``fresh_optimizer_phase`` (the
+    one this start enters, when it enters it with fresh Adam moments) shows its fresh-optimizer
+    warmup; that is not always the first phase (a resume mid-way through a later phase that began
+    fresh)."""
     rows = []
     for index, name in enumerate(cfg.phases_to_run()):
         p = cfg.phases[name]
         rows.append(PhaseSchedule(
             name=name, tokens=p.tokens, seq_len=p.seq_len, global_rope_theta=p.global_rope_theta,
             local_rope_theta=p.local_rope_theta, lr=cfg.optim.lr * p.lr_scale,
-            lr_multiplier=phase_lr_multiplier(p, fresh_optimizer=fresh_optimizer and index == 0),
+            lr_multiplier=phase_lr_multiplier(p, fresh_optimizer=index == fresh_optimizer_phase),
             global_batch=phase_batch_schedule(p, cfg.global_batch),
         ))
     return rows
