@@ -117,6 +117,23 @@ def test_the_schedule_printed_at_start_shows_the_fresh_optimizer_warmup_of_the_p
     assert warmup[1].split()[1:4] == ["0", "-", "6k"], table
 
 
+def test_progress_to_a_stdout_that_is_not_a_terminal_is_plain_lines_at_an_interval(
+        tmp_path, data_dir, monkeypatch, capsys):
+    import re
+
+    from ettin.train import callbacks
+
+    monkeypatch.setattr(callbacks, "PLAIN_PROGRESS_EVERY_S", 0.0)  # a line at every step
+    assert main(args(tmp_path, data_dir)) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    lines = re.findall(r"^pretrain: (\S+)/(?:12k|13.02k) tokens \((\S+)%\), loss (\S+), (\S+) tok/s, ETA (\S+)$",
+                       out, re.MULTILINE)
+    assert len(lines) >= 3, out
+    assert lines[-1][1] == "100.0" and float(lines[-1][2]) > 0 and lines[-1][4] == "00:00:00"
+    assert float(lines[0][1]) < 100 and lines[0][4] != "?"
+
+
 def test_flipped_bytes_in_the_weights_are_found_by_the_hash_and_name_the_way_back(tmp_path, data_dir, trained,
                                                                                 capsys):
     run = finished_run(tmp_path, trained)

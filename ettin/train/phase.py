@@ -247,7 +247,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list, loggers: list) -> L.Trainer
 
 def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, sources: list) -> Path:
     """Train one phase from ``start`` on its checked ``sources``; returns the phase-end checkpoint."""
-    from ettin.train.callbacks import CheckpointCallback, TokenProgressBar, ValidationCallback
+    from ettin.train.callbacks import CheckpointCallback, ValidationCallback, progress_callback
     from ettin.train.loggers import build_loggers
     from ettin.train.preemption import Preempted, PreemptionHandler
     from ettin.train.start import checkpointer
@@ -267,7 +267,7 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
     preemption = PreemptionHandler(
         save_fn=lambda trainer: checkpoints.save(trainer.lightning_module, kind="preemption"),
         timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s))
-    progress = TokenProgressBar(phase, p.tokens, started_at.tokens)
+    progress = progress_callback(phase, p.tokens, started_at.tokens)
     trainer = build_trainer(cfg, callbacks=[validation, checkpoints, preemption, progress],
                             loggers=build_loggers(cfg, phase, OBJECTIVES[cfg.objective],
                                                   resume_step=started_at.step))
