@@ -326,3 +326,22 @@ def test_weights_of_another_shape_name_the_tensor_both_shapes_and_the_fix():
     with pytest.raises(ConfigError, match=r"tok_embeddings.weight has shape \(640, 64\) in the weights "
                                           r"but \(512, 64\) in the model; .*Set model.vocab_size=640"):
         load_model_state(model, other, "a test")
+
+
+def test_the_data_digest_observed_in_training_survives_a_resume_and_matches_the_other_objective(
+        tmp_path, data_dir, trained):
+    def digests(run: Path) -> list[tuple[int, str]]:
+        return [(read_meta(p)["tokens"], read_meta(p)["loader_state"]["data_digest"])
+                for p in list_checkpoints(run)]
+
+    original = digests(trained)
+    assert len(original) >= 3 and len({d for _, d in original}) == len(original)
+    # Resumed from its first interval checkpoint: the digest continues to the same phase end.
+    run = finished_run(tmp_path / "resumed", trained)
+    for later in list_checkpoints(run)[1:]:
+        shutil.rmtree(later)
+    assert main(args(tmp_path / "resumed", data_dir)) == 0
+    assert digests(run) == original
+    # An encoder on the same data is given the same rows (its rows close with [SEP]; not data).
+    assert main(args(tmp_path / "encoder", data_dir, "objective=mlm")) == 0
+    assert digests(tmp_path / "encoder" / "run") == original

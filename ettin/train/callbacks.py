@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
+from ettin.data.loader import add_digests
 from ettin.optim.schedule import format_tokens
 from ettin.store.fs import publishing
 from ettin.train.checkpoint import Checkpointer
@@ -212,8 +213,10 @@ class CheckpointCallback(EveryTokens):
 
     def save(self, module: "EttinModule", *, kind: str) -> Path:
         """Every rank calls this; rank 0 writes the checkpoint atomically."""
-        state = module.loader_state
-        module.check_finite(f"the {kind} checkpoint at step {state.step}")
+        module.check_finite(f"the {kind} checkpoint at step {module.loader_state.step}")
+        # The rows every rank was given: the ranks' digests add up (ettin.data.loader.rows_digest).
+        state = dataclasses.replace(module.loader_state, data_digest=add_digests(
+            *_all_gather(module.loader_state.data_digest)))
         rng = _all_gather(capture_rng())
         weights, optimizer_state = module.full_state()  # collective when the model is sharded
         path = self.run_dir.checkpoint(self.phase, state.step, state.tokens)

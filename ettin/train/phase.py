@@ -145,7 +145,9 @@ def build_module(cfg: TrainConfig, phase: str, model: ModernBert, start: StartSt
     from ettin.train.callbacks import restore_rng
     from ettin.train.module import EttinModule
 
-    loader_state = LoaderState(**start.loader_state) if start.loader_state else LoaderState()
+    # A checkpoint written before data digests resumes with the digest unknown, not restarted.
+    loader_state = LoaderState(**{"data_digest": None, **start.loader_state}) if start.loader_state \
+        else LoaderState()
 
     def start_rng(module: EttinModule) -> None:
         rank, world = module.global_rank, module.trainer.world_size
