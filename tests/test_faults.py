@@ -345,3 +345,66 @@ def test_the_data_digest_observed_in_training_survives_a_resume_and_matches_the_
     # An encoder on the same data is given the same rows (its rows close with [SEP]; not data).
     assert main(args(tmp_path / "encoder", data_dir, "objective=mlm")) == 0
     assert digests(tmp_path / "encoder" / "run") == original
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a .wandb file: wandb's LevelDB-style log (a 7-byte file header, 32 KiB
+    blocks of chunks, each with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle /
+    4 last) of wandb_internal_pb2.Record protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, records, chunk, block = path.read_bytes(), [], b"", 32768
+    offset = 7
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
+            continue
+        length, kind = int.from_bytes(data[offset + 4:offset + 6], "little"), data[offset + 6]
+        if kind == 0 and length == 0:
+            break
+        chunk += data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def test_wandb_offline_keeps_one_run_with_the_metrics_of_metrics_csv_across_a_resume(
+        tmp_path, data_dir, trained, monkeypatch):
+    import csv
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb_args = ["logging.wandb=true", "logging.wandb_mode=offline"]
+    assert main(args(tmp_path, data_dir, *wandb_args)) == 0
+    run = tmp_path / "run"
+    for later in list_checkpoints(run)[1:]:  # as if it crashed after its first checkpoint
+        shutil.rmtree(later)
+    assert main(args(tmp_path, data_dir, *wandb_args)) == 0
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2, files  # one per training (both in this process), the second resumed
+    ids, losses = set(), {}
+    for number, path in enumerate(files):
+        steps = []
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                ids.add(record.run.run_id)
+            elif kind == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                if "train/loss" in items:
+                    steps.append(int(items["trainer/global_step"]))
+                    losses[steps[-1]] = items["train/loss"]  # a resumed run redoes later steps
+        assert len(steps) == len(set(steps)), (path, steps)
+        if number:  # the resumed run logged the steps after its checkpoint, and only those
+            assert steps[0] == read_meta(list_checkpoints(run)[0])["step"] + 1, steps
+    assert ids == {"run"}
+    with (run / "logs" / "pretrain" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["train/loss"]]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps))
+    assert losses == {int(r["step"]): pytest.approx(float(r["train/loss"]), rel=1e-6) for r in rows}

@@ -17,6 +17,7 @@ from ettin.train.config import ConfigError, TrainConfig, to_yaml
 from ettin.train.environment import (environment_summary, git_commit, is_rank_zero,
                                      quiet_lightning_banners, set_cpu_threads, setup_logging,
                                      trainer_devices)
+from ettin.train.loggers import finish_wandb
 from ettin.train.phase import check_phases_data, resolve_tokenizer, run_phase
 from ettin.train.start import checkpointer, resolve_start
 from ettin.train.topology import check_topology
@@ -36,6 +37,7 @@ def train(cfg: TrainConfig) -> Path:
     try:
         return _train(cfg)
     finally:
+        finish_wandb()
         if lock is not None:
             lock.release()
 
