@@ -226,14 +226,14 @@ def test_load_weights_through_safetensors_fills_in_the_tied_weight(tmp_path):
 
 
 def test_load_weights_of_a_modernbert_saved_with_save_model(tmp_path):
-    model_module = pytest.importorskip("ettin.model.modernbert")
+    from ettin.model.modernbert import ModernBert
     from safetensors.torch import save_model
 
     from ettin.model.config import model_config
 
-    model = model_module.ModernBert(model_config("tiny", vocab_size=128))
+    model = ModernBert(model_config("tiny", vocab_size=128))
     save_model(model, str(tmp_path / "model.safetensors"))
-    again = model_module.ModernBert(model_config("tiny", vocab_size=128))
+    again = ModernBert(model_config("tiny", vocab_size=128))
     again.load_state_dict(load_weights(tmp_path))  # strict: every key present
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name

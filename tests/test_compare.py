@@ -20,7 +20,7 @@ import yaml
 from data_fixtures import build_tiny_prepared, data_root, tiny_prepared, tiny_tokenizer  # noqa: F401
 from ettin.report import identity, runs, scores
 from ettin.report.cli import default_out_dir, main, write_report
-from ettin.data.loader import StepBatches
+from ettin.data.loader import StepBatches, add_digests
 
 BATCH = 4
 STEPS = {"pretrain": 6, "decay": 3}
@@ -36,9 +36,11 @@ def loader_steps(prepared: Path, *, seed: int, phase: str, steps: int) -> list[d
 
 def make_run(root: Path, name: str, prepared: Path, *, objective: str = "mlm", seed: int = 21,
              loader_seed: int | None = None, val_tokens: bool = False, bad_samples: bool = False,
-             steps: dict = STEPS) -> Path:
+             steps: dict = STEPS, digest_every: int = 0) -> Path:
     """A run directory as ettin.train.run writes it: config.yaml, metrics.csv per phase (a train row per
-    step and a validation row at the end) and a phase-end checkpoint meta per phase."""
+    step and a validation row at the end) and a phase-end checkpoint meta per phase; with
+    ``digest_every``, interval checkpoint metas every so many steps too, and each meta's data digest
+    as the loader observes it in training."""
     run = root / name
     phases = list(steps)
     config = {
@@ -70,17 +72,26 @@ def make_run(root: Path, name: str, prepared: Path, *, objective: str = "mlm", s
             last = batches[-1].state
             writer.writerow({"step": len(batches) - 1, "val/loss": 4.5,
                              **({"val/tokens": last.tokens} if val_tokens else {})})
-        samples = last.samples + (1 if bad_samples else 0)
-        checkpoint = run / "checkpoints" / f"{phase}-step{last.step:07d}-tok{last.tokens:015d}"
-        checkpoint.mkdir(parents=True)
-        (checkpoint / "meta.json").write_text(json.dumps({
-            "run_name": name, "objective": objective, "phase": phase, "phase_index": index,
-            "phase_end": True, "step": last.step, "tokens": last.tokens,
-            "loader_state": {"step": last.step, "samples": samples, "tokens": last.tokens},
-            "model_config": {"hidden_size": 64, "num_hidden_layers": 2, "causal": objective == "clm"},
-            "git_commit": "abc",
-        }))
-        (checkpoint / "COMPLETE").write_text("")
+        digest = add_digests()
+        for number, batch in enumerate(batches, 1):
+            digest = add_digests(digest, batch.rows_digest)
+            end = number == len(batches)
+            if not (end or digest_every and number % digest_every == 0):
+                continue
+            state = batch.state
+            samples = state.samples + (1 if bad_samples and end else 0)
+            checkpoint = run / "checkpoints" / f"{phase}-step{state.step:07d}-tok{state.tokens:015d}"
+            checkpoint.mkdir(parents=True)
+            (checkpoint / "meta.json").write_text(json.dumps({
+                "run_name": name, "objective": objective, "phase": phase, "phase_index": index,
+                "phase_end": end, "kind": "phase_end" if end else "interval", "step": state.step,
+                "tokens": state.tokens,
+                "loader_state": {"step": state.step, "samples": samples, "tokens": state.tokens,
+                                 **({"data_digest": digest} if digest_every else {})},
+                "model_config": {"hidden_size": 64, "num_hidden_layers": 2, "causal": objective == "clm"},
+                "git_commit": "abc",
+            }))
+            (checkpoint / "COMPLETE").write_text("")
     return run
 
 
@@ -306,3 +317,23 @@ def test_weight_norms_split_every_weight_into_one_group(tmp_path, tiny_prepared)
     total = torch.sqrt(sum(p.double().pow(2).sum() for p in model.parameters()))
     assert float(np.sqrt(sum(row[g] ** 2 for g in groups))) == pytest.approx(float(total), rel=1e-9)
     assert all(row[g] > 0 for g in groups)
+
+
+def test_runs_with_observed_digests_compare_them_and_name_the_first_differing_interval(
+        tmp_path, data_root, tiny_prepared):
+    a = runs.load_run(make_run(tmp_path, "a", tiny_prepared, digest_every=2))
+    b = runs.load_run(make_run(tmp_path, "b", tiny_prepared, objective="clm", digest_every=2))
+    check = next(c for c in identity.identity_checks(a, b) if c.name == "sample order")
+    assert check.status == "identical" and "observed by the loaders" in check.how
+    assert "replay" not in check.how
+    other = build_tiny_prepared(data_root, "tiny-prepared-other-split", seed=5)
+    c = runs.load_run(make_run(tmp_path, "c", other, digest_every=2))
+    check = next(c for c in identity.identity_checks(a, c) if c.name == "sample order")
+    assert check.status == "differs" and check.a.startswith("first differing interval: steps 0-2 ")
+
+
+def test_a_run_without_observed_digests_falls_back_to_the_replay_and_says_so(tmp_path, tiny_prepared):
+    a = runs.load_run(make_run(tmp_path, "a", tiny_prepared, digest_every=2))
+    old = runs.load_run(make_run(tmp_path, "old", tiny_prepared))
+    check = next(c for c in identity.identity_checks(a, old) if c.name == "sample order")
+    assert check.status == "identical" and "replayed because no data digest observed" in check.how

@@ -95,3 +95,78 @@ def test_slurm_executor_on_the_local_cluster(cluster, single, tmp_path, tiny_tok
                      (tmp_path / "slurm.parts" / "logs").rglob("*.out")) if not out.exists() else ""
     assert (out / "COMPLETE").exists(), logs
     assert_same_folder(single, out)
+
+
+FAKE_SBATCH = """#!/bin/sh
+# Counts submissions; prints what sbatch prints; keeps the script and its arguments.
+n=$(( $(cat "$FAKE_SLURM/count" 2>/dev/null || echo 100) + 1 )); echo $n > "$FAKE_SLURM/count"
+for last in "$@"; do :; done; cp "$last" "$FAKE_SLURM/job-$n.sbatch"; echo "$@" > "$FAKE_SLURM/job-$n.args"
+echo "Submitted batch job $n"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch and squeue on PATH that only record and answer: ``queue`` is what squeue shows."""
+    folder = tmp_path / "fake-slurm"
+    folder.mkdir()
+    (folder / "sbatch").write_text(FAKE_SBATCH)
+    (folder / "squeue").write_text('#!/bin/sh\ncat "$FAKE_SLURM/queue" 2>/dev/null\n')
+    (folder / "scancel").write_text('#!/bin/sh\necho "$@" >> "$FAKE_SLURM/cancelled"\n')
+    for name in ("sbatch", "squeue", "scancel"):
+        (folder / name).chmod(0o755)
+    monkeypatch.setenv("FAKE_SLURM", str(folder))
+    monkeypatch.setenv("PATH", f"{folder}:{__import__('os').environ['PATH']}")
+    return folder
+
+
+def submissions(folder, after: int = 100) -> list[tuple[str, str]]:
+    """(script, arguments) of each job submitted after job ``after``."""
+    count = int((folder / "count").read_text())
+    return [((folder / f"job-{n}.sbatch").read_text(), (folder / f"job-{n}.args").read_text())
+            for n in range(after + 1, count + 1)]
+
+
+def test_a_slurm_relaunch_submits_no_task_that_is_queued_running_or_done(tmp_path, tiny_tokenizer,
+                                                                         fake_slurm):
+    args = ["input=builtin", f"output={tmp_path / 'out'}", f"tokenizer={tiny_tokenizer}", "max_seq_len=64",
+            "max_documents=300", "progress=false", "executor=slurm", "partition=debug", "tasks=4",
+            "sbatch_args=\"exclude=n1,n2 --qos=high --exclusive\""]
+    assert main(args) == 0
+    first = submissions(fake_slurm)
+    tokenize_script = first[0][0]
+    assert "#SBATCH --array=0-3" in tokenize_script
+    assert "#SBATCH --exclude=n1,n2" in tokenize_script and "#SBATCH --qos=high" in tokenize_script
+    assert "#SBATCH --exclusive\n" in tokenize_script
+    merge = next(n for n, (script, _) in enumerate(first, 101) if "logs/merge" in script)
+    assert "--dependency=afterok:101" in (fake_slurm / f"job-{merge}.args").read_text()
+
+    # Task 0 is done, task 1 runs, task 2 is queued, task 3 failed (gone from the queue); the merge
+    # job waits on a dependency that can never be satisfied now.
+    logs = tmp_path / "out.parts" / "logs"
+    (logs / "tokenize" / "completions").mkdir(parents=True)
+    (logs / "tokenize" / "completions" / "00000").write_text("")
+    (fake_slurm / "queue").write_text(f"101|1|None\n101|2|Priority\n{merge}|0|DependencyNeverSatisfied\n")
+    count = int((fake_slurm / "count").read_text())
+    assert main(args) == 0
+    again = submissions(fake_slurm, after=count)
+    assert json.loads((logs / "tokenize" / "ranks_to_run.json").read_text()) == [3]
+    assert "#SBATCH --array=0-0" in again[0][0]
+    assert (fake_slurm / "cancelled").read_text().split() == [str(merge)]
+    new_merge = next(n for n, (script, _) in enumerate(again, count + 1) if "logs/merge" in script)
+    # The new merge waits for the tasks still queued or running and for the resubmitted one.
+    assert f"--dependency=afterok:101:{count + 1}" in (fake_slurm / f"job-{new_merge}.args").read_text()
+
+
+def test_tasks_that_saw_another_input_are_not_merged(tmp_path):
+    from ettin.data.executor import MANIFEST, input_counts
+    from ettin.data.reading import PrepareError
+
+    for task, skipped in enumerate([{"empty": 2}, {"empty": 2}, {"empty": 3}]):
+        folder = tmp_path / f"task-{task:05d}"
+        folder.mkdir()
+        (folder / MANIFEST).write_text(json.dumps(
+            {"units": [], "unit_count": 5, "skips": {"documents": skipped, "files": {}}}))
+    assert input_counts(tmp_path, 2)["skips"]["documents"] == {"empty": 2}
+    with pytest.raises(PrepareError, match="tasks 2 saw another input than task 0.*input changed"):
+        input_counts(tmp_path, 3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from ettin.store.checkpoints import (CheckpointError, list_checkpoints, load_weights, read_meta,
                                      safe_torch_load, write_checkpoint)
 from ettin.train.checkpoint import Checkpointer
-from ettin.store.rundir import RunLock
+from ettin.store.rundir import RunLock, RunLockedError
 from ettin.train.config import ConfigError, compose
 from ettin.train.cli import dry_run_report
 from ettin.train.cli import main
@@ -66,6 +67,74 @@ def test_a_diverging_run_stops_with_an_error_and_keeps_its_finite_checkpoints(tm
         assert all(torch.isfinite(t).all() for t in load_weights(checkpoint).values()), checkpoint
 
 
+def test_a_checkpoint_due_before_the_next_log_step_stops_on_nan_without_saving(tmp_path, data_dir, trained,
+                                                                             capsys):
+    run = finished_run(tmp_path, trained)
+    # No log step in the extension phase: the check before the first interval checkpoint is the one.
+    code = main(args(tmp_path, data_dir, "phase_order=[pretrain,extension]", "optim.lr=1e6",
+                     "trainer.log_every_steps=100000", "phases.extension.tokens=40_000",
+                     "phases.extension.checkpoint_every_tokens=500"))
+    assert code == 3
+    assert "NaN/inf before the interval checkpoint at step" in capsys.readouterr().err
+    for checkpoint in list_checkpoints(run):  # the check kept every non-finite state out
+        assert all(torch.isfinite(t).all() for t in load_weights(checkpoint).values()), checkpoint
+
+
+def test_a_gradient_norm_alone_non_finite_stops_at_the_next_check():
+    from ettin.model.config import model_config
+    from ettin.model.modernbert import ModernBert
+    from ettin.train.step import NonFiniteLossError, StepSettings, TrainStep
+
+    torch.manual_seed(0)
+    model = ModernBert(model_config("tiny", vocab_size=64))
+    # The loss stays finite; only the gradient (and so its norm) is not.
+    model.decoder.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     StepSettings(lr=0.1, lr_multiplier=lambda tokens: 1.0, peak_lr=0.1))
+    ids = torch.randint(4, 64, (12,))
+    batch = {"input_ids": ids, "labels": ids, "cu_seqlens": torch.tensor([0, 12], dtype=torch.int32),
+             "max_seqlen": 12}
+    result = step([batch], tokens_before=0, targets=[12], rows=[1], with_grad_norm=True)
+    assert torch.isfinite(result.loss_sum) and not torch.isfinite(result.grad_norm)
+    with pytest.raises(NonFiniteLossError, match="NaN/inf before step 1"):
+        step.check_finite("step 1")
+
+
+def test_the_schedule_printed_at_start_shows_the_fresh_optimizer_warmup_of_the_phase_it_enters(
+        tmp_path, data_dir, trained):
+    extension = ["phases.extension.tokens=12_000", "phases.extension.checkpoint_every_tokens=4_000",
+                 "phases.extension.warmup_tokens=0",
+                 "phases.extension.fresh_optimizer_warmup_tokens=6_000"]
+    first = [p for p in list_checkpoints(trained) if read_meta(p)["kind"] == "phase_end"][-1]
+    assert main(args(tmp_path, data_dir, "phase_order=[extension]", f"init={first}", *extension)) == 0
+    middle = next(p for p in list_checkpoints(tmp_path / "run") if read_meta(p)["kind"] == "interval")
+    assert read_meta(middle)["fresh_optimizer"]
+    # The same run resumed mid-way through its fresh phase, now the second of the phase order.
+    assert main(args(tmp_path, data_dir, "phase_order=[pretrain,extension]", f"resume={middle}",
+                     *extension)) == 0
+    table = (tmp_path / "run" / "train.log").read_text().rsplit("schedule:", 1)[1].split(" start: ")[0]
+    warmup = [line for line in table.splitlines() if "linear warmup" in line]
+    assert [line.split()[0] for line in warmup] == ["pretrain", "extension"], table
+    assert warmup[1].split()[1:4] == ["0", "-", "6k"], table
+
+
+def test_progress_to_a_stdout_that_is_not_a_terminal_is_plain_lines_at_an_interval(
+        tmp_path, data_dir, monkeypatch, capsys):
+    import re
+
+    from ettin.train import callbacks
+
+    monkeypatch.setattr(callbacks, "PLAIN_PROGRESS_EVERY_S", 0.0)  # a line at every step
+    assert main(args(tmp_path, data_dir)) == 0
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    lines = re.findall(r"^pretrain: (\S+)/(?:12k|13.02k) tokens \((\S+)%\), loss (\S+), (\S+) tok/s, ETA (\S+)$",
+                       out, re.MULTILINE)
+    assert len(lines) >= 3, out
+    assert lines[-1][1] == "100.0" and float(lines[-1][2]) > 0 and lines[-1][4] == "00:00:00"
+    assert float(lines[0][1]) < 100 and lines[0][4] != "?"
+
+
 def test_flipped_bytes_in_the_weights_are_found_by_the_hash_and_name_the_way_back(tmp_path, data_dir, trained,
                                                                                 capsys):
     run = finished_run(tmp_path, trained)
@@ -79,6 +148,29 @@ def test_flipped_bytes_in_the_weights_are_found_by_the_hash_and_name_the_way_bac
     err = capsys.readouterr().err
     assert code == 2
     assert str(weights) in err and "sha256" in err and f"resume={earlier[-1]}" in err
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda run: run / "nowhere", "no such file or folder"),
+    (lambda run: run / "config.yaml", "is not a complete checkpoint folder"),
+    (lambda run: run, "is a run directory: its latest checkpoint is resume="),
+    (lambda run: garbled_meta(list_checkpoints(run)[-1]), "meta.json is not a checkpoint's meta"),
+])
+def test_resume_from_something_not_a_checkpoint_names_it_and_what_a_checkpoint_holds(
+        tmp_path, data_dir, trained, capsys, make, expected):
+    run = finished_run(tmp_path, trained)
+    path = make(run)
+    assert main(args(tmp_path, data_dir, f"resume={path}")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"resume={path}" in err and expected in err
+    assert "Traceback" not in err
+    if "meta" not in expected:
+        assert "model.safetensors, optimizer.pt" in err
+
+
+def garbled_meta(checkpoint: Path) -> Path:
+    (checkpoint / "meta.json").write_text("{not json")
+    return checkpoint
 
 
 def test_unreadable_files_are_diagnosed_as_such(tmp_path):
@@ -118,6 +210,51 @@ def test_the_lock_is_exclusive_within_a_host(tmp_path):
             f"try: RunLock({str(tmp_path)!r}).acquire()\n"
             "except RunLockedError as e: print(e); sys.exit(7)")], capture_output=True, text=True)
         assert other.returncode == 7 and f"process {os.getpid()}" in other.stdout
+
+
+def test_an_unreadable_lock_is_refused_not_taken_over(tmp_path):
+    (tmp_path / "LOCK").write_text("")  # what a lock written in two steps looks like to a racing reader
+    with pytest.raises(RunLockedError, match="cannot be read as a run lock.*delete"):
+        RunLock(tmp_path).acquire()
+    assert (tmp_path / "LOCK").read_text() == ""
+
+
+def test_a_racing_reader_never_sees_the_lock_empty(tmp_path):
+    reader = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        f"path, empty, end = {str(tmp_path / 'LOCK')!r}, 0, time.time() + 1.5\n"
+        "while time.time() < end:\n"
+        "    try: text = open(path).read()\n"
+        "    except FileNotFoundError: continue\n"
+        "    empty += not text\n"
+        "print(empty)")], stdout=subprocess.PIPE, text=True)
+    while reader.poll() is None:
+        RunLock(tmp_path).acquire().release()
+    assert reader.stdout.read().strip() == "0"
+
+
+@pytest.mark.parametrize("host, job, incarnation, taken", [
+    ("here", "42", 0, False),    # another step of this job on this host, alive
+    ("there", "42", 0, False),   # another step of this job on another node
+    ("there", "42", 1, True),    # this job requeued onto another node: Slurm ended the first run
+    ("here", "42", 1, True),     # requeued onto the same node (the old PID may be reused)
+    ("there", "7", 1, False),    # another job
+])
+def test_a_live_lock_is_taken_over_only_by_a_later_incarnation_of_its_slurm_job(
+        tmp_path, monkeypatch, host, job, incarnation, taken):
+    here = socket.gethostname()
+    (tmp_path / "LOCK").write_text(json.dumps({
+        "pid": os.getppid(), "host": here if host == "here" else "node-elsewhere",
+        "slurm_job_id": job, "slurm_restart_count": 0}))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(incarnation))
+    if taken:
+        lock = RunLock(tmp_path).acquire()
+        assert lock.taken_over["slurm_job_id"] == job
+        lock.release()
+    else:
+        with pytest.raises(RunLockedError, match=f"process {os.getppid()}"):
+            RunLock(tmp_path).acquire()
 
 
 def test_temporary_folders_of_live_processes_are_left_alone(tmp_path):
@@ -190,3 +327,85 @@ def test_weights_of_another_shape_name_the_tensor_both_shapes_and_the_fix():
     with pytest.raises(ConfigError, match=r"tok_embeddings.weight has shape \(640, 64\) in the weights "
                                           r"but \(512, 64\) in the model; .*Set model.vocab_size=640"):
         load_model_state(model, other, "a test")
+
+
+def test_the_data_digest_observed_in_training_survives_a_resume_and_matches_the_other_objective(
+        tmp_path, data_dir, trained):
+    def digests(run: Path) -> list[tuple[int, str]]:
+        return [(read_meta(p)["tokens"], read_meta(p)["loader_state"]["data_digest"])
+                for p in list_checkpoints(run)]
+
+    original = digests(trained)
+    assert len(original) >= 3 and len({d for _, d in original}) == len(original)
+    # Resumed from its first interval checkpoint: the digest continues to the same phase end.
+    run = finished_run(tmp_path / "resumed", trained)
+    for later in list_checkpoints(run)[1:]:
+        shutil.rmtree(later)
+    assert main(args(tmp_path / "resumed", data_dir)) == 0
+    assert digests(run) == original
+    # An encoder on the same data is given the same rows (its rows close with [SEP]; not data).
+    assert main(args(tmp_path / "encoder", data_dir, "objective=mlm")) == 0
+    assert digests(tmp_path / "encoder" / "run") == original
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a .wandb file: wandb's LevelDB-style log (a 7-byte file header, 32 KiB
+    blocks of chunks, each with a 7-byte header: crc32, length, type 1 full / 2 first / 3 middle /
+    4 last) of wandb_internal_pb2.Record protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, records, chunk, block = path.read_bytes(), [], b"", 32768
+    offset = 7
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
+            continue
+        length, kind = int.from_bytes(data[offset + 4:offset + 6], "little"), data[offset + 6]
+        if kind == 0 and length == 0:
+            break
+        chunk += data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def test_wandb_offline_keeps_one_run_with_the_metrics_of_metrics_csv_across_a_resume(
+        tmp_path, data_dir, trained, monkeypatch):
+    import csv
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb_args = ["logging.wandb=true", "logging.wandb_mode=offline"]
+    assert main(args(tmp_path, data_dir, *wandb_args)) == 0
+    run = tmp_path / "run"
+    for later in list_checkpoints(run)[1:]:  # as if it crashed after its first checkpoint
+        shutil.rmtree(later)
+    assert main(args(tmp_path, data_dir, *wandb_args)) == 0
+    files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2, files  # one per training (both in this process), the second resumed
+    ids, losses = set(), {}
+    for number, path in enumerate(files):
+        steps = []
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                ids.add(record.run.run_id)
+            elif kind == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                if "train/loss" in items:
+                    steps.append(int(items["trainer/global_step"]))
+                    losses[steps[-1]] = items["train/loss"]  # a resumed run redoes later steps
+        assert len(steps) == len(set(steps)), (path, steps)
+        if number:  # the resumed run logged the steps after its checkpoint, and only those
+            assert steps[0] == read_meta(list_checkpoints(run)[0])["step"] + 1, steps
+    assert ids == {"run"}
+    with (run / "logs" / "pretrain" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["train/loss"]]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps))
+    assert losses == {int(r["step"]): pytest.approx(float(r["train/loss"]), rel=1e-6) for r in rows}

@@ -256,10 +256,10 @@ def test_param_groups_on_a_small_module_with_a_tied_embedding():
 
 
 def test_param_groups_on_modernbert():
-    model_module = pytest.importorskip("ettin.model.modernbert")
+    from ettin.model.modernbert import ModernBert
     from ettin.model.config import model_config
 
-    model = model_module.ModernBert(model_config("tiny", vocab_size=128))
+    model = ModernBert(model_config("tiny", vocab_size=128))
     no_decay, decay = param_group_names(model)
     layers = model.config.num_hidden_layers
     expected_no_decay = (

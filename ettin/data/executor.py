@@ -2,7 +2,7 @@
 
 Stage 1 runs ``tasks`` datatrove tasks (``LocalPipelineExecutor`` here, ``SlurmPipelineExecutor``
 on a cluster: tasks x workers, ``skip_completed``, so a relaunch runs only the tasks that did not
-finish). Task t reads the input in its fixed order and tokenizes and chunks the units (groups of
+finish; on Slurm, nor those still queued or running: ettin/data/slurm_jobs.py). Task t reads the input in its fixed order and tokenizes and chunks the units (groups of
 documents, the same as a local preparation's) with number u % tasks == t, writing their samples
 with ``MDSWriter`` into ``<output>.parts/task-<t>/`` and what each unit held into a manifest. A task
 starts by removing what an earlier, killed attempt of it left, so nothing is written twice.
@@ -21,10 +21,11 @@ prepared separately (a mixture takes several folders). On a Spark cluster, strea
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -81,6 +82,25 @@ class TokenizeTask:
         publish(temp, final)
 
 
+def input_counts(work: Path, tasks: int) -> dict:
+    """The unit count and the skip lists of the input, from every task's manifest. Every task reads
+    the whole input (tokenizing only its share), so they must all have seen the same; tasks that
+    disagree read an input that changed between them, and their parts cannot be merged."""
+    seen = {}
+    for task in range(tasks):
+        manifest = json.loads((work / f"task-{task:05d}" / MANIFEST).read_text())
+        seen[task] = {"unit_count": manifest["unit_count"], "skips": manifest["skips"]}
+    differing = [t for t in seen if seen[t] != seen[0]]
+    if differing:
+        from ettin.data.reading import PrepareError
+
+        raise PrepareError(
+            f"tasks {', '.join(map(str, differing))} saw another input than task 0 (units and skipped "
+            f"documents/files: {seen[differing[0]]} vs {seen[0]}): the input changed while the tasks "
+            f"read it. Delete {work} and prepare again from an input that stays put.")
+    return seen[0]
+
+
 def merged_units(work: Path, tasks: int):
     """Stage 2's input: every task's units, in input order, as ``UnitResult``s."""
     from streaming.base.stream import Stream
@@ -101,11 +121,11 @@ def merged_units(work: Path, tasks: int):
                 documents=[tuple(d) for d in unit["documents"]])
 
     def results(skips: Skips) -> Iterator[UnitResult]:
-        first = json.loads((work / "task-00000" / MANIFEST).read_text())
-        skips.documents.update(first["skips"]["documents"])
-        skips.files.update(first["skips"]["files"])
+        counted = input_counts(work, tasks)
+        skips.documents.update(counted["skips"]["documents"])
+        skips.files.update(counted["skips"]["files"])
         streams = [task_units(t) for t in range(tasks)]
-        for number in range(first["unit_count"]):
+        for number in range(counted["unit_count"]):
             yield next(streams[number % tasks])
 
     return results
@@ -126,6 +146,21 @@ class MergeTask:
             write_folder(self.cfg, tokenizer, self.settings, self.output,
                          merged_units(work, self.cfg.tasks))
         shutil.rmtree(work, ignore_errors=True)
+
+
+def sbatch_options(text: Optional[str]) -> dict[str, str]:
+    """``sbatch_args``: sbatch options separated by spaces, each ``name=value``, ``--name=value`` or
+    ``--flag`` (values may hold commas: ``"exclude=n1,n2 --qos=high"``), as datatrove's dict."""
+    from ettin.data.reading import PrepareError
+
+    options = {}
+    for option in shlex.split(text or ""):
+        name, _, value = option.lstrip("-").partition("=")
+        if not name:
+            raise PrepareError(f"sbatch_args={text!r}: {option!r} names no option; give sbatch options "
+                               "separated by spaces, e.g. sbatch_args=\"exclude=n1,n2 --qos=high\"")
+        options[name] = value
+    return options
 
 
 def run_executor(cfg: PrepareConfig, tokenizer, settings: dict, output: Path) -> None:
@@ -149,21 +184,20 @@ def run_executor(cfg: PrepareConfig, tokenizer, settings: dict, output: Path) ->
         write_folder(cfg, tokenizer, settings, output, merged_units(work, cfg.tasks))
         shutil.rmtree(work, ignore_errors=True)
         return
-    from datatrove.executor import SlurmPipelineExecutor
+    from ettin.data.reading import PrepareError
+    from ettin.data.slurm_jobs import RelaunchSafeSlurmExecutor
 
     if not cfg.partition:
-        from ettin.data.reading import PrepareError
-
         raise PrepareError("executor=slurm needs partition=NAME")
-    extra = dict(item.split("=", 1) for item in cfg.sbatch_args.split(",")) if cfg.sbatch_args else {}
+    options = sbatch_options(cfg.sbatch_args)
     common = dict(partition=cfg.partition, time=cfg.time, cpus_per_task=cfg.cpus_per_task,
-                  mem_per_cpu_gb=cfg.mem_per_cpu_gb,
-                  skip_completed=True, sbatch_args=extra or None,
-                  job_name=f"ettin-prepare-{output.name}")
-    tokenize = SlurmPipelineExecutor([TokenizeTask(cfg, output)], tasks=cfg.tasks,
-                                     logging_dir=str(work / "logs" / "tokenize"), **common)
-    merge = SlurmPipelineExecutor([MergeTask(cfg, settings, output)], tasks=1, depends=tokenize,
-                                  logging_dir=str(work / "logs" / "merge"), **common)
+                  mem_per_cpu_gb=cfg.mem_per_cpu_gb, skip_completed=True,
+                  qos=options.pop("qos", "normal"),  # datatrove writes its own qos line last
+                  sbatch_args=options or None, job_name=f"ettin-prepare-{output.name}")
+    tokenize = RelaunchSafeSlurmExecutor([TokenizeTask(cfg, output)], tasks=cfg.tasks,
+                                         logging_dir=str(work / "logs" / "tokenize"), **common)
+    merge = RelaunchSafeSlurmExecutor([MergeTask(cfg, settings, output)], tasks=1, depends=tokenize,
+                                      logging_dir=str(work / "logs" / "merge"), **common)
     merge.run()  # submits the tokenize job first (depends), then the merge job after it
     print(f"submitted: {cfg.tasks} tokenize tasks, then a merge task; logs in {work / 'logs'}; "
           f"{output} appears when the merge job ends (run the same command again to resume)")

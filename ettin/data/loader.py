@@ -57,6 +57,33 @@ class LoaderState:
     step: int = 0
     samples: int = 0  # global positions consumed
     tokens: int = 0  # tokens of those samples (sum of min(length, seq_len)), all ranks together
+    # The rows delivered so far in the phase, observed (rows_digest): this rank's part while training,
+    # all ranks' in a checkpoint; None when a checkpoint written before digests was resumed.
+    data_digest: Optional[str] = "0" * 64
+
+
+DIGEST_MODULUS = 1 << 256
+
+
+def rows_digest(samples: Sequence[tuple[int, np.ndarray]], seq_len: int) -> str:
+    """The digest of rows as delivered: the sum (mod 2**256) over rows of sha256(global position,
+    the row's first ``seq_len - 1`` token ids). A sum, so ranks' parts add up to the same digest on
+    any world size, and steps add up to the phase's; each term names its position, so another
+    order is another digest. ``seq_len - 1`` tokens: what both runs of a pair read (an encoder's full
+    row ends one token early, to fit its closing [SEP])."""
+    total = 0
+    for position, row in samples:
+        kept = np.asarray(row[:seq_len - 1], dtype=np.int64)
+        term = hashlib.sha256(np.array([position, len(kept)], dtype=np.int64).tobytes() + kept.tobytes())
+        total += int.from_bytes(term.digest(), "big")
+    return f"{total % DIGEST_MODULUS:064x}"
+
+
+def add_digests(*digests: Optional[str]) -> Optional[str]:
+    """Digests of disjoint rows added up (None if any is unknown)."""
+    if any(d is None for d in digests):
+        return None
+    return f"{sum(int(d, 16) for d in digests) % DIGEST_MODULUS:064x}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,6 +560,7 @@ class StepBatch:
     targets: list[int] = field(default_factory=list)  # labelled positions per micro-batch
     row_lengths: list[list[int]] = field(default_factory=list)  # real tokens of each row
     rows: list[int] = field(default_factory=list)  # rows per micro-batch
+    rows_digest: str = "0" * 64  # of this rank's rows in the step (made on the host, by the loader)
 
     def count_on_host(self) -> "StepBatch":
         self.targets = [int((mb["labels"] != -100).sum()) for mb in self.micro_batches]
@@ -703,7 +731,8 @@ class StepBatches(IterableDataset):
                 else self.collator
             micro = [collate(group) for group in self.micro_batches(state, batch, samples)]
             after = LoaderState(state.step + 1, state.samples + batch, state.tokens + step_tokens)
-            yield StepBatch(micro, after, batch, step_tokens)
+            yield StepBatch(micro, after, batch, step_tokens,
+                            rows_digest=rows_digest(samples, self.seq_len))
 
 
 # ------------------------------------------------------------------------------------------------

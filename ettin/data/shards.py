@@ -64,7 +64,7 @@ class PrepareConfig:
     time: str = "24:00:00"  # executor=slurm: per task
     cpus_per_task: int = 1  # executor=slurm
     mem_per_cpu_gb: int = 2  # executor=slurm
-    sbatch_args: Optional[str] = None  # executor=slurm: extra "key=value,key=value" sbatch options
+    sbatch_args: Optional[str] = None  # executor=slurm: sbatch options separated by spaces: "exclude=n1,n2 --qos=high --exclusive"
 
 
 # ------------------------------------------------------------------------------------------------

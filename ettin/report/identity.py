@@ -107,9 +107,59 @@ def identity_checks(run_a: Run, run_b: Run, *, max_steps: int = MAX_REPLAY_STEPS
                                ("recorded at training" if recorded else "computed now (not recorded)")))
         checks.append(_compare("tokens seen", phase, _counters(run_a, phase), _counters(run_b, phase),
                                "loader counters of the phase-end checkpoint"))
-        checks.extend(order_checks(run_a, run_b, phase, max_steps=max_steps,
-                                   spread_positions=spread_positions))
+        observed = observed_order_check(run_a, run_b, phase)
+        if observed is not None:
+            checks.append(observed)
+            continue
+        replayed = order_checks(run_a, run_b, phase, max_steps=max_steps,
+                                spread_positions=spread_positions)
+        for check in replayed:
+            check.how = (f"{check.how}; replayed because {NO_OBSERVED_DIGESTS} (a run trained before "
+                         "data digests)")
+        checks.extend(replayed)
     return checks
+
+
+NO_OBSERVED_DIGESTS = "no data digest observed while training is recorded for both runs"
+SAVED_AT_INTERVALS = ("interval", "phase_end")  # preemption saves depend on the job, not the data
+
+
+def observed_digests(run: Run, phase: str) -> Optional[list[tuple[int, int, str]]]:
+    """(step, tokens, data digest) at each interval and phase-end checkpoint of the phase: the rows
+    the loader delivered up to there, digested while training (ettin.data.loader.rows_digest); None
+    when a checkpoint has none (trained before digests, or resumed from such a checkpoint)."""
+    found = []
+    for checkpoint in run.checkpoints:
+        if checkpoint.phase != phase or checkpoint.meta.get("kind", "phase_end") not in SAVED_AT_INTERVALS:
+            continue
+        digest = (checkpoint.meta.get("loader_state") or {}).get("data_digest")
+        if digest is None:
+            return None
+        found.append((checkpoint.step, checkpoint.tokens, digest))
+    return found or None
+
+
+def observed_order_check(run_a: Run, run_b: Run, phase: str) -> Optional[Check]:
+    """The rows both runs were given, compared checkpoint by checkpoint from the digests their loaders
+    observed; None when either run has none recorded (the caller replays instead)."""
+    da, db = observed_digests(run_a, phase), observed_digests(run_b, phase)
+    if da is None or db is None:
+        return None
+    how = ("data digests observed by the loaders while training (every row's position and token ids), "
+           "compared at each interval and phase-end checkpoint")
+    before = (0, 0)
+    for (step_a, tokens_a, digest_a), (step_b, tokens_b, digest_b) in zip(da, db):
+        if (tokens_a, digest_a) != (tokens_b, digest_b):
+            where = f"first differing interval: steps {before[0]}-{step_a} (tokens {before[1]:,}-"
+            return Check("sample order", phase, DIFFERS, f"{where}{tokens_a:,}), digest {digest_a[:12]}",
+                         f"{where}{tokens_b:,}), digest {digest_b[:12]}", how)
+        before = (step_a, tokens_a)
+    n = min(len(da), len(db))
+    last = da[n - 1]
+    if len(da) != len(db):
+        how += f" (the {n} both runs have; one run has more)"
+    return Check("sample order", phase, IDENTICAL, f"{n} checkpoints to {last[1]:,} tokens, digest "
+                 f"{last[2][:12]}", f"{n} checkpoints, the same digests", how)
 
 
 @dataclass

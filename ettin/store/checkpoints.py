@@ -163,10 +163,8 @@ def verify_checkpoint(path: Path | str) -> None:
 
 
 def fallback_hint(path: Path) -> str:
-    run_dir = path.parent.parent
-    earlier = [c for c in list_checkpoints(run_dir) if c != path]
-    earlier = [c for c in earlier if _order(read_meta(c)) < _order(read_meta(path))] if is_complete(path) \
-        else earlier
+    listed = list_checkpoints(path.parent.parent)  # oldest first; only readable, complete ones
+    earlier = listed[:listed.index(path)] if path in listed else listed
     if earlier:
         return (f"Resume from the previous complete checkpoint with resume={earlier[-1]} (or delete "
                 f"{path} and rerun: resume=auto then takes the latest good one).")

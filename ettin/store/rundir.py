@@ -118,11 +118,23 @@ class RunLockedError(RuntimeError):
 
 
 class RunLock:
-    """``RUN_DIR/LOCK`` holds the PID, host and SLURM job of the process training in the run.
+    """``RUN_DIR/LOCK`` holds the PID, host, SLURM job and incarnation of the process training in the
+    run. Created exclusively with its content in one step (:func:`create_exclusive`), so two processes
+    starting at once cannot both get it and no reader ever sees it empty.
 
-    A second process refuses to start, naming the holder. A lock whose process is gone (same host,
-    PID not alive) or that belongs to this SLURM job (a requeue, possibly on another node) is taken
-    over. Created exclusively, with its content, so two processes starting at once cannot both get it."""
+    A second process refuses to start, naming the holder. A lock is taken over only when its holder
+    is certainly gone:
+
+    - the holder is on this host and its PID is not alive; or
+    - the holder is an earlier incarnation of this same SLURM job (its ``SLURM_RESTART_COUNT`` is
+      lower than ours). Slurm ends every process of a job before it requeues it, so that holder is
+      gone wherever it ran, even if the requeued job lands on another node (where its PID cannot be
+      checked) or on the same node where its PID has been reused.
+
+    The same job in the same incarnation is not enough: that is another step of this very job (an
+    ``srun`` launched twice into one run directory), alive on another node or, if its PID lives, on
+    this one. A lock that cannot be read was not written by a RunLock (they are never empty or
+    partial): it is refused rather than guessed at, and the message says to delete it."""
 
     def __init__(self, run_dir: Path | str) -> None:
         self.path = RunDir(run_dir).lock
@@ -134,43 +146,53 @@ class RunLock:
         import time
 
         return {"pid": os.getpid(), "host": socket.gethostname(),
-                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()}
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+                "started": time.time()}
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = self._me()
         for _ in range(3):
-            # Created with its content in one step: a second process never reads it empty.
-            if not create_exclusive(self.path, json.dumps(me)):
-                holder = self._holder()
-                if holder is None or self._stale(holder, me):
-                    if not (holder and holder.get("pid") == me["pid"]):
-                        self.taken_over = holder or {"lock": "unreadable"}
-                    self.path.unlink(missing_ok=True)
-                    continue
+            if create_exclusive(self.path, json.dumps(me)):
+                self.held = True
+                return self
+            holder = self._holder()
+            if holder is None:
+                raise RunLockedError(
+                    f"{self.path} exists but cannot be read as a run lock (an ettin lock is never "
+                    f"empty or partial), so whether a process trains in {self.path.parent} is "
+                    f"unknown. If no process trains there, delete {self.path} and start again."
+                )
+            if not self._stale(holder, me):
+                job = holder.get("slurm_job_id")
                 raise RunLockedError(
                     f"{self.path.parent} is in use: process {holder['pid']} on {holder['host']}"
-                    f"{' (SLURM job ' + holder['slurm_job_id'] + ')' if holder.get('slurm_job_id') else ''}"
+                    f"{' (SLURM job ' + job + ')' if job else ''}"
                     f" is training in it. Wait for it to finish, stop it, or use another run_name; if "
                     f"that process is gone, delete {self.path}."
                 )
-            self.held = True
-            return self
+            if holder.get("pid") != me["pid"]:
+                self.taken_over = holder
+            self.path.unlink(missing_ok=True)
         raise RunLockedError(f"could not take {self.path}; delete it if no run uses {self.path.parent}")
 
     def _holder(self) -> Optional[dict]:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
+        return holder if isinstance(holder, dict) and "pid" in holder and "host" in holder else None
 
     @staticmethod
     def _stale(holder: dict, me: dict) -> bool:
-        if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+        same_host = holder["host"] == me["host"]
+        if same_host and holder["pid"] == me["pid"]:
             return True  # this process (a pair's second run, or a finished earlier call)
-        if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"]:
-            return True  # the same SLURM job, requeued
-        return holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1)))
+        if (me["slurm_job_id"] and holder.get("slurm_job_id") == me["slurm_job_id"]
+                and int(holder.get("slurm_restart_count") or 0) < me["slurm_restart_count"]):
+            return True  # an earlier incarnation of this requeued job: Slurm ended it
+        return same_host and not pid_alive(int(holder["pid"]))
 
     def release(self) -> None:
         if self.held and (self._holder() or {}).get("pid") == os.getpid():

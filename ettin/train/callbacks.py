@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
+from ettin.data.loader import add_digests
+from ettin.optim.schedule import format_tokens
 from ettin.store.fs import publishing
 from ettin.train.checkpoint import Checkpointer
 from ettin.train.config import TrainConfig, to_yaml
@@ -90,6 +94,62 @@ class TokenProgressBar(TQDMProgressBar):
         return dict(getattr(pl_module, "progress_metrics", {}))
 
 
+class PlainProgress(ProgressBar):
+    """The phase's progress as one plain line every ``every_s`` seconds (and at the phase's end), for
+    a stdout that is not a terminal (a Slurm log, a redirect): a redrawn bar there writes a
+    carriage-return frame per refresh, hundreds of kilobytes of them in a minute. A ProgressBar, so
+    Lightning adds no bar of its own."""
+
+    def __init__(self, phase: str, total_tokens: int, start_tokens: int, *, every_s: float) -> None:
+        super().__init__()
+        self.phase, self.total_tokens, self.start_tokens = phase, total_tokens, start_tokens
+        self.every_s = every_s
+        self._enabled = True
+        self._started = self._printed = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._started = self._printed = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._enabled and now - self._printed >= self.every_s:
+            self._printed = now
+            self.print_line(pl_module, now)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._enabled:
+            self.print_line(pl_module, time.perf_counter())
+
+    def print_line(self, pl_module, now: float) -> None:
+        tokens = pl_module.loader_state.tokens
+        total = max(self.total_tokens, tokens)  # the last step may overshoot the budget
+        rate = (tokens - self.start_tokens) / max(now - self._started, 1e-9)
+        left = total - tokens
+        eta = time.strftime("%H:%M:%S", time.gmtime(left / rate)) if rate > 0 else "?"
+        loss = getattr(pl_module, "progress_metrics", {}).get("loss")
+        print(f"{self.phase}: {format_tokens(tokens)}/{format_tokens(total)} tokens "
+              f"({100 * tokens / max(total, 1):.1f}%), loss "
+              f"{'-' if loss is None else f'{loss:.3f}'}, {format_tokens(rate)} tok/s, ETA {eta}",
+              flush=True)
+
+
+# How often a stdout that is not a terminal gets a progress line.
+PLAIN_PROGRESS_EVERY_S = 30.0
+
+
+def progress_callback(phase: str, total_tokens: int, start_tokens: int) -> ProgressBar:
+    """A redrawn bar on a terminal; one plain line every PLAIN_PROGRESS_EVERY_S seconds otherwise."""
+    if sys.stdout.isatty():
+        return TokenProgressBar(phase, total_tokens, start_tokens)
+    return PlainProgress(phase, total_tokens, start_tokens, every_s=PLAIN_PROGRESS_EVERY_S)
+
+
 class EveryTokens(L.Callback):
     """Calls ``fire(module)`` after each step that crosses a multiple of ``every_tokens`` of the
     phase's token clock (0: never), except the phase's last step (the phase end does its own)."""
@@ -153,8 +213,10 @@ class CheckpointCallback(EveryTokens):
 
     def save(self, module: "EttinModule", *, kind: str) -> Path:
         """Every rank calls this; rank 0 writes the checkpoint atomically."""
-        state = module.loader_state
-        module.check_finite(f"the {kind} checkpoint at step {state.step}")
+        module.check_finite(f"the {kind} checkpoint at step {module.loader_state.step}")
+        # The rows every rank was given: the ranks' digests add up (ettin.data.loader.rows_digest).
+        state = dataclasses.replace(module.loader_state, data_digest=add_digests(
+            *_all_gather(module.loader_state.data_digest)))
         rng = _all_gather(capture_rng())
         weights, optimizer_state = module.full_state()  # collective when the model is sharded
         path = self.run_dir.checkpoint(self.phase, state.step, state.tokens)

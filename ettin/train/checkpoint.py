@@ -18,6 +18,9 @@ from ettin.store.rundir import RunDir
 
 
 KINDS = ("interval", "phase_end", "preemption")
+# What a checkpoint folder holds, for the errors that meet something else where one was expected.
+HOLDS = (f"model.safetensors, optimizer.pt, rng.pt, config.yaml, {META} and {COMPLETE} (written last), "
+         "in RUN_DIR/checkpoints/<phase>-step<7 digits>-tok<15 digits>/")
 
 
 @dataclass
@@ -99,11 +102,32 @@ class Checkpointer:
             rng_states=safe_torch_load(path / "rng.pt")["rng"] if rng else None,
         )
 
+    @staticmethod
+    def start_meta(path: Path) -> dict:
+        """The meta of the checkpoint a run starts from, or an error naming ``path``, what it is and
+        what a checkpoint folder holds."""
+        if not path.exists():
+            raise CheckpointError(f"resume={path}: no such file or folder. Give a checkpoint folder "
+                                  f"(it holds {HOLDS}), or resume=auto for the run's latest.")
+        if not is_complete(path):
+            latest = RunDir(path).latest_checkpoint() if path.is_dir() else None
+            hint = (f"; {path} is a run directory: its latest checkpoint is resume={latest}" if latest
+                    else f". {fallback_hint(path)}" if path.parent.name == "checkpoints" else "")
+            raise CheckpointError(f"resume={path} is not a complete checkpoint folder (one holds "
+                                  f"{HOLDS}){hint}")
+        try:
+            meta = read_meta(path)
+            int(meta["step"]), int(meta["tokens"]), str(meta["phase"]), dict(meta["loader_state"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"resume={path}: {path / META} is not a checkpoint's meta "
+                                  f"({type(error).__name__}: {error}). {fallback_hint(path)}") from None
+        return meta
+
     def resume(self, path: Path | str, phases: list[str]) -> StartState:
         """The state to continue from ``path``: the same phase mid-way, or, from a phase end, the
         next phase (applied here, once: weights and optimizer moments carry over; token clock,
         schedule and data start afresh)."""
-        meta = read_meta(path)
+        meta = self.start_meta(Path(path))
         if meta["phase"] not in phases:
             raise CheckpointError(
                 f"checkpoint {path} is from phase {meta['phase']!r}, which this run does not include "

@@ -66,7 +66,9 @@ def dry_run_report(cfg: TrainConfig) -> str:
             f"optimizer steps (rows at full length; shorter documents mean more steps); "
             + cfg.micro_batches_described(name)
         )
-    lines += ["", schedule_table(schedule_rows(cfg)), "", *readiness(cfg)]
+    # As a new run starts: with fresh Adam moments unless init brings its optimizer state.
+    fresh = 0 if cfg.init_mode == "weights" else None
+    lines += ["", schedule_table(schedule_rows(cfg, fresh_optimizer_phase=fresh)), "", *readiness(cfg)]
     return "\n".join(lines)
 
 

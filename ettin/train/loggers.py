@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -84,3 +85,12 @@ def build_loggers(cfg, phase: str, objective, resume_step: int) -> list:
                                    id=cfg.run_name, resume="allow", save_dir=str(cfg.run_dir),
                                    offline=mode == "offline"))
     return loggers
+
+
+def finish_wandb() -> None:
+    """End this process's wandb run, if one is open: wandb keeps one run per process, so the next
+    run trained in this process (a pair's second run, a test's next call) would otherwise log into
+    it. The phases of one ettin run share its wandb run (the id is the run name)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

@@ -145,7 +145,9 @@ def build_module(cfg: TrainConfig, phase: str, model: ModernBert, start: StartSt
     from ettin.train.callbacks import restore_rng
     from ettin.train.module import EttinModule
 
-    loader_state = LoaderState(**start.loader_state) if start.loader_state else LoaderState()
+    # A checkpoint written before data digests resumes with the digest unknown, not restarted.
+    loader_state = LoaderState(**{"data_digest": None, **start.loader_state}) if start.loader_state \
+        else LoaderState()
 
     def start_rng(module: EttinModule) -> None:
         rank, world = module.global_rank, module.trainer.world_size
@@ -254,7 +256,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list, loggers: list) -> L.Trainer
 
 def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, sources: list) -> Path:
     """Train one phase from ``start`` on its checked ``sources``; returns the phase-end checkpoint."""
-    from ettin.train.callbacks import CheckpointCallback, TokenProgressBar, ValidationCallback
+    from ettin.train.callbacks import CheckpointCallback, ValidationCallback, progress_callback
     from ettin.train.loggers import build_loggers
     from ettin.train.preemption import Preempted, PreemptionHandler
     from ettin.train.start import checkpointer
@@ -274,7 +276,7 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
     preemption = PreemptionHandler(
         save_fn=lambda trainer: checkpoints.save(trainer.lightning_module, kind="preemption"),
         timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s))
-    progress = TokenProgressBar(phase, p.tokens, started_at.tokens)
+    progress = progress_callback(phase, p.tokens, started_at.tokens)
     trainer = build_trainer(cfg, callbacks=[validation, checkpoints, preemption, progress],
                             loggers=build_loggers(cfg, phase, cfg.phase_objective(phase),
                                                   resume_step=started_at.step))

@@ -18,6 +18,7 @@ from ettin.train.config import ConfigError, TrainConfig, to_yaml
 from ettin.train.environment import (environment_summary, git_commit, is_rank_zero,
                                      quiet_lightning_banners, set_cpu_threads, setup_logging,
                                      trainer_devices)
+from ettin.train.loggers import finish_wandb
 from ettin.train.phase import check_phases_data, resolve_tokenizer, run_phase
 from ettin.train.start import resolve_start, resume
 from ettin.train.topology import check_topology
@@ -37,6 +38,7 @@ def train(cfg: TrainConfig) -> Path:
     try:
         return _train(cfg)
     finally:
+        finish_wandb()
         if lock is not None:
             lock.release()
 
@@ -61,7 +63,8 @@ def _train(cfg: TrainConfig) -> Path:
     start = resolve_start(cfg)
     if is_rank_zero():
         run_dir.config.write_text(to_yaml(cfg))
-    log.info("schedule:\n%s", schedule_table(schedule_rows(cfg, fresh_optimizer=start.fresh_optimizer)))
+    log.info("schedule:\n%s", schedule_table(schedule_rows(
+        cfg, fresh_optimizer_phase=start.phase_index if start.fresh_optimizer else None)))
     log.info("start: %s", start.description)
     final: Optional[Path] = None
     for index in range(start.phase_index, len(phases)):
@@ -87,9 +90,11 @@ def export_run(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def schedule_rows(cfg: TrainConfig, *, fresh_optimizer: bool = False) -> list[PhaseSchedule]:
-    """The phases' LR and batch schedules as run: the first phase's LR includes the fresh-optimizer
-    warmup when the run starts with fresh Adam moments, and so does a phase's with reset_optimizer."""
+def schedule_rows(cfg: TrainConfig, *, fresh_optimizer_phase: Optional[int] = None) -> list[PhaseSchedule]:
+    """The phases' LR and batch schedules as run. The phase at index ``fresh_optimizer_phase`` (the
+    one this start enters, when it enters it with fresh Adam moments) shows its fresh-optimizer
+    warmup; that is not always the first phase (a resume mid-way through a later phase that began
+    fresh); a phase with ``reset_optimizer`` shows its warmup too."""
     rows = []
     for index, name in enumerate(cfg.phases_to_run()):
         p = cfg.phases[name]
@@ -97,7 +102,7 @@ def schedule_rows(cfg: TrainConfig, *, fresh_optimizer: bool = False) -> list[Ph
             name=name, tokens=p.tokens, seq_len=p.seq_len, global_rope_theta=p.global_rope_theta,
             local_rope_theta=p.local_rope_theta, lr=cfg.optim.lr * p.lr_scale,
             lr_multiplier=phase_lr_multiplier(
-                p, fresh_optimizer=(fresh_optimizer and index == 0) or p.reset_optimizer),
+                p, fresh_optimizer=index == fresh_optimizer_phase or p.reset_optimizer),
             global_batch=phase_batch_schedule(p, cfg.global_batch),
         ))
     return rows
