@@ -22,6 +22,7 @@ TINY = ["--device", "cpu", "--size", "tiny", "--batch", "3", "--seq-len", "160",
 PEERS = {"mlm": "ModernBertForMaskedLM", "clm": "ModernBertDecoderForCausalLM"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_model_bench_prints_the_ratio_and_the_loss_agreement(objective, tmp_path, capsys):
     out_file = tmp_path / "result.json"
@@ -71,6 +72,7 @@ def test_rounded_rate_check_holds_for_fast_and_slow_steps():
         assert_rounded_rate(round(4321 / 1.23456 * 1.01), 4321, round(1.23456 * 1e3, 2))
 
 
+@pytest.mark.slow
 def test_a_peer_with_different_weights_is_refused_before_timing(monkeypatch, capsys):
     build_peer = bench.peer_model
 
@@ -171,6 +173,7 @@ def small_corpus(monkeypatch):
     return documents
 
 
+@pytest.mark.slow
 def test_gpu_bench_quick_on_cpu_measures_every_planned_case(small_corpus, tmp_path, capsys):
     from ettin.bench import gpu as bench_gpu
 
@@ -236,6 +239,7 @@ def test_gpu_bench_skips_what_does_not_fit_the_budget_and_says_so(small_corpus, 
     assert "skipped: tiny@128 mlm rows   ours sdpa: time budget" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_gpu_bench_only_runs_the_matching_cases(small_corpus, tmp_path, capsys, monkeypatch):
     """...and times our side through training's own TrainStep."""
     from ettin.bench import gpu as bench_gpu
@@ -273,6 +277,7 @@ def test_packed_micro_batches_hold_whole_rows_up_to_the_budget():
     assert [len(g) for g in micro_batch_rows(rows, shape, "rows", 3)] == [2, 2, 2]
 
 
+@pytest.mark.slow
 def test_the_bench_imports_nothing_the_gpu_machine_lacks():
     """The GPU machine has torch, transformers and their dependencies only."""
     code = ("import sys, ettin.bench.model, ettin.bench.gpu; "

@@ -106,6 +106,7 @@ def _run_child(run_dir: Path, body: str) -> int:
     return subprocess.run([sys.executable, "-c", script], timeout=120).returncode
 
 
+@pytest.mark.slow
 def test_a_process_killed_inside_write_fn_leaves_the_previous_checkpoint(tmp_path):
     previous = _save(tmp_path, 1, 100)
     code = _run_child(tmp_path, """
@@ -126,6 +127,7 @@ def test_a_process_killed_inside_write_fn_leaves_the_previous_checkpoint(tmp_pat
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_a_process_killed_after_complete_but_before_the_rename(tmp_path):
     previous = _save(tmp_path, 1, 100)
     code = _run_child(tmp_path, """
@@ -142,6 +144,7 @@ def test_a_process_killed_after_complete_but_before_the_rename(tmp_path):
     assert latest_checkpoint(tmp_path) == previous
 
 
+@pytest.mark.slow
 def test_a_process_killed_while_replacing_a_same_named_checkpoint(tmp_path):
     first = _save(tmp_path, 2, 200)
     code = _run_child(tmp_path, """

@@ -111,6 +111,7 @@ def evaluation(names_kinds: dict, scores: dict) -> dict:
                        for name, kind in names_kinds.items()}}
 
 
+@pytest.mark.slow
 def test_a_pair_on_the_same_data_is_identical_everywhere(tmp_path, tiny_prepared):
     a = runs.load_run(make_run(tmp_path, "p-encoder", tiny_prepared))
     b = runs.load_run(make_run(tmp_path, "p-decoder", tiny_prepared, objective="clm"))

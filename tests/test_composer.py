@@ -304,6 +304,7 @@ def smoke_run(tmp_path_factory):
     return root, args, run_model_config(cfg, "pretrain", resolve_tokenizer(cfg))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["weights", "weights+optimizer"])
 def test_training_starts_from_a_composer_checkpoint(smoke_run, mode):
     from ettin.store.checkpoints import latest_checkpoint, load_weights, read_meta, safe_torch_load

@@ -37,6 +37,7 @@ def single(tmp_path_factory, tiny_tokenizer):
     return prepared(tmp_path_factory.mktemp("single"), tiny_tokenizer, "single", "num_proc=1")
 
 
+@pytest.mark.slow
 def test_local_executor_with_four_tasks_equals_one_process(single, tmp_path, tiny_tokenizer):
     out = prepared(tmp_path, tiny_tokenizer, "tasks", "executor=local", "tasks=4", "workers=2")
     assert_same_folder(single, out)
@@ -73,6 +74,8 @@ def test_a_failed_task_is_run_again_on_relaunch(single, tmp_path, tiny_tokenizer
 original_call = __import__("ettin.data.executor", fromlist=["TokenizeTask"]).TokenizeTask.__call__
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_slurm_executor_on_the_local_cluster(cluster, single, tmp_path, tiny_tokenizer,  # noqa: F811
                                              monkeypatch):
     """executor=slurm submits the tokenize tasks and the dependent merge job to the real local Slurm

@@ -134,6 +134,7 @@ def test_token_counter_counts_the_consumed_samples(tiny_prepared, tiny_tokenizer
         assert rows == step.global_batch
 
 
+@pytest.mark.slow
 def test_mixture_proportions_follow_the_token_weights(tiny_prepared, tiny_prepared_long):
     splits = [PreparedSplit(tiny_prepared, "train"), PreparedSplit(tiny_prepared_long, "train")]
     for weights in ([0.7, 0.3], [0.1, 0.9], [1, 1]):

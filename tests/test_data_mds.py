@@ -60,6 +60,7 @@ def expected_row(row, ids, seq_len, close_rows):
     return tuple(row)
 
 
+@pytest.mark.slow
 def test_rows_are_the_stored_rows_with_cls_put_in_front(released, ids, tmp_path):
     root, rows = released
     split = MDSSplit(str(root), "train", cache_dir=str(tmp_path), cls=ids.cls)
@@ -73,6 +74,7 @@ def test_rows_are_the_stored_rows_with_cls_put_in_front(released, ids, tmp_path)
     assert len(MDSSplit(str(root), "validation", cache_dir=str(tmp_path))) == len(rows["validation"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_an_epoch_of_batches_holds_every_row_once(released, ids, tmp_path, objective):
     """One source of N rows: the first N positions are a permutation of its rows, so the rows the
@@ -138,6 +140,7 @@ def test_a_remote_reads_as_the_local_folder_through_a_bounded_cache(released, id
     assert len(cached) < len(readers)  # some were evicted
 
 
+@pytest.mark.slow
 def test_index_command_writes_next_to_the_data_or_into_the_cache(released, tmp_path, capsys,
                                                                  monkeypatch):
     import shutil
@@ -175,6 +178,7 @@ def test_ids_beyond_the_tokenizer_are_refused_at_start(released, tmp_path):
         check_sources([{"path": str(root), "cache_dir": str(tmp_path)}], TINY_SEQ_LEN, small)
 
 
+@pytest.mark.slow
 def test_training_on_released_shards_sees_their_rows(released, ids, tiny_tokenizer, tmp_path,
                                                      monkeypatch):
     """python -m ettin.train on the released layout: the decoder's rows are the shards' rows with
@@ -262,6 +266,7 @@ def test_the_published_layout_reads_without_merged_indexes(published, tmp_path):
         MDSSplit(str(tmp_path / "merged" / "nothing"), "train", cache_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_training_on_the_published_layout_mixes_its_sources(published, ids, tiny_tokenizer,
                                                             tmp_path, monkeypatch):
     """python -m ettin.train with the released layout's source folders weighted as a mixture: it
@@ -329,6 +334,7 @@ def s3_bucket(monkeypatch):
     server.stop()
 
 
+@pytest.mark.slow
 def test_an_s3_root_streams_through_streamings_downloader(published, ids, s3_bucket, tmp_path,
                                                           monkeypatch):
     """The published layout uploaded to S3: the root is listed, every index.json and shard comes

@@ -140,6 +140,7 @@ def test_half_written_output_is_never_taken_as_finished(tmp_path, tiny_tokenizer
             assert again[name] == reference[name], name
 
 
+@pytest.mark.slow
 def test_output_does_not_depend_on_the_number_of_processes(data_root, tiny_prepared):
     two = build_tiny_prepared(data_root, "tiny-prepared-2proc", num_proc=2)
     for split in ("train", "validation"):

@@ -155,6 +155,7 @@ def test_a_folder_listing_a_step_twice_is_refused(released_order, ids, tmp_path)
         steps_of(copy, ids, tmp_path)
 
 
+@pytest.mark.slow
 def test_training_consumes_the_whole_order_and_ends_the_phase(released_order, ids, tiny_tokenizer,
                                                               tmp_path, monkeypatch):
     """python -m ettin.train on the released folders, the phase's tokens = the order's tokens: every

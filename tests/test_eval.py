@@ -214,6 +214,7 @@ def test_sentence_pairs_are_separated_by_sep_for_both_kinds(folders, kind):
     assert ids.count(sep) == (2 if kind == "encoder" else 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
 def test_classification_fine_tuning_learns_a_trivial_task(folders, tmp_path, kind):
     """The label is the repeated word, the length varies (padding on either side must not matter)."""
@@ -235,6 +236,7 @@ TASK_KEYS = {"category", "metric", "score", "higher_is_better", "smoke", "n_exam
              "split", "few_shot", "seed", "limit", "source", "seconds"}
 
 
+@pytest.mark.slow
 def test_evaluate_writes_the_eval_json_schema_for_an_encoder_and_a_decoder(folders, tmp_path):
     report = evaluate([folders["encoder"], folders["decoder"]], out=tmp_path, limit=4)
     assert json.loads((tmp_path / "eval.json").read_text()) == report
@@ -275,6 +277,7 @@ def test_a_run_directory_is_evaluated_through_its_export(tmp_path):
     assert (run / "hf" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_a_table_and_refuses_what_it_cannot_run(folders, tmp_path, capsys):
     assert main([str(folders["decoder"]), "--tasks", "smoke_cloze", "--limit", "4", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -63,6 +63,7 @@ def exported(request, tmp_path_factory, tokenizer_dir):
     return run, out, request.param
 
 
+@pytest.mark.slow
 def test_transformers_reproduces_the_exported_model(exported, capsys):
     run, out, objective = exported
     ours, _ = load_checkpoint_model(run / "checkpoints" / "pretrain-step0000010")
@@ -114,6 +115,7 @@ def test_bf16_export(tmp_path, tokenizer_dir):
     assert reloaded.dtype == torch.bfloat16  # the folder says bf16 and stores bf16
 
 
+@pytest.mark.slow
 def test_an_export_transformers_would_not_reproduce_never_replaces_a_good_one(tmp_path, tokenizer_dir,
                                                                               monkeypatch, capsys):
     run = make_run(tmp_path / "run", tokenizer_dir, objective="clm")
@@ -187,6 +189,7 @@ def test_config_and_card_name_the_objective_lora_targets_and_tools(exported):
     assert "MNTP" not in card
 
 
+@pytest.mark.slow
 def test_an_mntp_export_says_it_predicts_from_the_previous_position(tmp_path, tokenizer_dir):
     run = make_run(tmp_path / "run", tokenizer_dir, objective="mntp")
     assert main([str(run), str(tmp_path / "hf")]) == 0
@@ -197,6 +200,7 @@ def test_an_mntp_export_says_it_predicts_from_the_previous_position(tmp_path, to
     assert "position j - 1" in card and "fill-mask" in card
 
 
+@pytest.mark.slow
 def test_a_folder_that_is_not_an_export_is_never_deleted(tmp_path, tokenizer_dir, capsys):
     run = make_run(tmp_path / "run", tokenizer_dir, objective="mlm")
     precious = tmp_path / "precious"

@@ -70,6 +70,7 @@ def loss_and_grads(model: ModernBert, inputs: dict, causal: bool, **options):
 OBJECTIVES = [("mlm", False), ("clm", True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective, causal", OBJECTIVES)
 @pytest.mark.parametrize("chunk", [7, 10_000])  # several chunks and a remainder; one chunk
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -158,6 +159,7 @@ def test_linear_cross_entropy_against_torch():
         linear_cross_entropy(hidden, weight, None, targets, chunk=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_implementation", ["plain", "chunked"])
 @pytest.mark.parametrize("objective, causal", OBJECTIVES)
 def test_n_correct_counts_targets_whose_argmax_is_the_label(objective, causal, loss_implementation):
@@ -198,6 +200,7 @@ def training_step(model: ModernBert, optimizer, inputs: dict, causal: bool) -> N
     optimizer.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_implementation", ["plain", "chunked"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("objective, causal", OBJECTIVES)
@@ -247,6 +250,7 @@ def test_layout_uniform_from_shapes_equals_all_rows_full(lengths):
     assert layout.uniform == all(n == max(lengths) for n in lengths)
 
 
+@pytest.mark.slow
 def test_flex_block_masks_are_built_once_per_layer_kind(monkeypatch):
     """4 layers (global, sliding, sliding, global): two block masks per forward, whatever the
     number of layers; the output equals sdpa's."""
@@ -298,6 +302,7 @@ def test_bad_fast_path_arguments_are_clear_errors():
         model(inputs["input_ids"][None], labels=inputs["labels"][None], target_index=inputs["target_index"])
 
 
+@pytest.mark.slow
 def test_compiled_layers_trace_every_backend_without_graph_breaks():
     """Per-layer compilation (Dynamo's capture; its eager backend runs the captured graphs, so this
     takes seconds on CPU) gives the uncompiled logits for sdpa and flex, with no graph break: the
@@ -342,6 +347,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointed", [False, True])
 @pytest.mark.parametrize("objective, causal", OBJECTIVES)
 def test_compiled_layers_give_the_same_loss_and_gradients(objective, causal, checkpointed):

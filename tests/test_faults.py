@@ -52,6 +52,7 @@ def finished_run(tmp_path, trained) -> Path:
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_an_error_and_keeps_its_finite_checkpoints(tmp_path, data_dir, trained,
                                                                             capsys):
     run = finished_run(tmp_path, trained)
@@ -186,6 +187,7 @@ def test_unreadable_files_are_diagnosed_as_such(tmp_path):
     assert "arbitrary Python objects" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_second_process_in_the_same_run_is_refused_naming_the_holder(tmp_path, data_dir, capsys):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -203,6 +205,7 @@ def test_a_second_process_in_the_same_run_is_refused_naming_the_holder(tmp_path,
     assert not (tmp_path / "run" / "LOCK").exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_the_lock_is_exclusive_within_a_host(tmp_path):
     with RunLock(tmp_path):
         other = subprocess.run([sys.executable, "-c", (

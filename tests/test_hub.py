@@ -67,6 +67,7 @@ def test_encoder_folder_made_by_transformers_imports_with_its_logits(tmp_path):
     assert_same_on_real_tokens(ours, theirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("local_rope_theta", [GSSG["global_rope_theta"], 20.0])
 def test_decoder_folder_made_by_transformers_imports_with_its_logits(tmp_path, local_rope_theta, ettin_log):
     """The decoder's window is whatever transformers derives on reload, and 4.x decoders apply the
@@ -134,6 +135,7 @@ def test_a_resized_vocabulary_names_the_tensor_both_shapes_and_the_fix(tmp_path)
         load_hf(tmp_path, vocab_size=128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hf_class", [ModernBertForMaskedLM, ModernBertDecoderForCausalLM])
 def test_a_folder_in_the_transformers_5_layout_imports_its_thetas_and_layer_pattern(tmp_path, hf_class):
     """transformers 5.x writes only layer_types and rope_parameters (no global_rope_theta,

@@ -175,6 +175,7 @@ def test_parity_batches_cover_both_sdpa_paths_for_sliding_layers():
         assert 2 * pattern["window"] + 1 < max(SHORT)  # the window is narrower than the sequence
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hf_attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pattern", list(LAYER_PATTERNS))
@@ -275,6 +276,7 @@ def observed_visibility(qkv: torch.Tensor, layout: Layout, sliding: bool, backen
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize(

@@ -67,6 +67,7 @@ def test_the_notebooks_are_committed_without_outputs():
         assert len(tagged) == 1 and code.index(tagged[0]) == 0, f"{path.name}: one parameters cell, first"
 
 
+@pytest.mark.slow
 def test_pair_report_notebook_runs_on_the_smoke_pair(smoke_pair, monkeypatch):
     encoder, decoder = smoke_pair
     monkeypatch.setenv("ETTIN_RUN_A", str(encoder))
@@ -78,6 +79,7 @@ def test_pair_report_notebook_runs_on_the_smoke_pair(smoke_pair, monkeypatch):
     assert "sample order" in tables and ">differs<" not in tables and "nb-decoder" in tables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["encoder", "decoder"])
 def test_checkpoint_analysis_notebook_runs_on_each_model(smoke_pair, side, monkeypatch):
     run = smoke_pair[0] if side == "encoder" else smoke_pair[1]

@@ -18,6 +18,7 @@ def test_every_size_and_family_ships_a_recipe():
     assert expected <= set(available_recipes())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [f"{f}_{s}" for f in FAMILIES for s in SIZES])
 def test_recipe_builds_its_model_on_meta_with_the_right_parameter_count(recipe):
     cfg = compose(recipe)

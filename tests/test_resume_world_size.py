@@ -68,6 +68,7 @@ def workspace(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["two", "fsdp", "fsdp-packed"])
 def test_one_and_two_processes_train_alike(workspace, run):
     one, two = losses(workspace / "runs" / "one", "pretrain"), losses(workspace / "runs" / run, "pretrain")
@@ -76,6 +77,7 @@ def test_one_and_two_processes_train_alike(workspace, run):
     assert read_meta(list_checkpoints(workspace / "runs" / run)[0])["world_size"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved_by, resumed_on", [("two", "1"), ("one", "2"), ("fsdp", "1"),
                                                   ("one", "2-fsdp")])
 def test_resume_on_another_world_size_continues_the_same_run(workspace, saved_by, resumed_on):

@@ -179,6 +179,8 @@ def _log(run_dir: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_a_trivial_job_runs_through_the_template_and_appends_its_log(cluster, tmp_path):
     run_dir = tmp_path / "hello"
     program = ("import os; print('task', os.environ['SLURM_PROCID'], 'of', os.environ['SLURM_NTASKS'], "
@@ -313,6 +315,8 @@ def test_requeue_mid_run_resumes_and_ends_with_the_uninterrupted_loss(ettin_runs
 # -- the tiny Lightning jobs: the same machinery without ettin.train.run ----------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_preempted_tiny_lightning_job_checkpoints_requeues_and_resumes(cluster, tiny_jobs):
     """Batch shell -> srun -> every task; the handler saves at a step boundary and requeues; the
     same job resumes in the same run dir and ends with exactly the weights of a straight run."""
@@ -340,6 +344,8 @@ def test_preempted_tiny_lightning_job_checkpoints_requeues_and_resumes(cluster, 
     assert logged == list(range(TINY_STEPS))  # every step ran exactly once across the two jobs
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_a_rank_that_hangs_alone_does_not_hang_the_job(cluster, tiny_jobs):
     """Rank 1 stops answering; rank 0's collective times out (the process-group timeout), it exits
     non-zero and srun --kill-on-bad-exit ends rank 1: the job fails in seconds instead of never."""

@@ -62,6 +62,7 @@ def cross_entropies(model, batch) -> torch.Tensor:
     return F.cross_entropy(out.logits[keep], batch["labels"][keep], reduction="none")
 
 
+@pytest.mark.slow
 def test_token_normalisation_equals_one_full_batch_mean_loss():
     def mean_over_all_targets(model):
         return torch.cat([cross_entropies(model, b) for b in BATCHES]).mean()
@@ -139,6 +140,7 @@ def test_a_restored_optimizer_takes_this_phases_hyperparameters_and_the_recipes_
     assert torch.equal(restored.state[decay["params"][0]]["exp_avg"], torch.ones(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["tokens", "micro_batch"])
 def test_a_step_never_waits_on_the_device(monkeypatch, normalization):
     """No host sync inside a step (without the grad norm of log steps), with the real optimizer:

@@ -80,6 +80,7 @@ def straight_run(workspace):
     return trained(workspace, "straight", "phase_order=[pretrain]", "objective=mlm")
 
 
+@pytest.mark.slow
 def test_default_run_trains_and_exports_a_pair(workspace, pair_run):
     out = pair_run
     from transformers import pipeline
@@ -104,6 +105,7 @@ def test_default_run_trains_and_exports_a_pair(workspace, pair_run):
     assert set(results["models"]) == {"pair-encoder", "pair-decoder"}
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_repeats_the_same_losses_bitwise(workspace, monkeypatch, straight_run):
     args = ["phase_order=[pretrain]", "objective=mlm", "pair=false"]
     reference = straight_run
@@ -133,6 +135,7 @@ def test_resume_after_a_crash_repeats_the_same_losses_bitwise(workspace, monkeyp
     assert logged_steps(crashing.run_dir) == logged_steps(reference.run_dir)  # steps continue
 
 
+@pytest.mark.slow
 def test_phase_transition_keeps_weights_and_resets_the_clock(phases_run):
     cfg = phases_run
     ends = {read_meta(c)["phase"]: c for c in list_checkpoints(cfg.run_dir) if read_meta(c)["phase_end"]}
@@ -149,12 +152,14 @@ def test_phase_transition_keeps_weights_and_resets_the_clock(phases_run):
     assert sorted(p.name for p in list_checkpoints(cfg.run_dir)) == before
 
 
+@pytest.mark.slow
 def test_single_phase_from_another_runs_checkpoint(workspace, phases_run):
     source = phases_run.run_dir
     cfg = trained(workspace, "ext-only", "objective=clm", "phase=extension", f"init={source}")
     assert read_meta(latest_checkpoint(cfg.run_dir))["phase"] == "extension"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, init_run, objective", [
     ("encoder_from_decoder_150m", "phases", "mntp"),
     ("decoder_from_encoder_150m", "straight", "clm"),
@@ -175,6 +180,7 @@ def test_cross_objective_training_runs_both_directions(workspace, request, recip
     assert meta["model_config"]["causal"] == (objective == "clm")
 
 
+@pytest.mark.slow
 def test_training_starts_from_a_hugging_face_folder(workspace, pair_run):
     """init=<folder transformers loads>: the exported decoder of the default run continues training,
     with a fresh optimizer that warms up (the phase has no warmup of its own) and decays weights
@@ -191,6 +197,7 @@ def test_training_starts_from_a_hugging_face_folder(workspace, pair_run):
     assert lrs[0] < 1e-6 * peak and max(lrs) > 0.5 * peak  # ramps up from ~0, then the schedule
 
 
+@pytest.mark.slow
 def test_packed_micro_batches_train_as_rows_do(workspace, monkeypatch):
     """pack_micro_batches=true: a micro-batch takes whole chunks up to micro_batch x seq_len tokens,
     so short documents give it more rows than micro_batch (off: micro_batch rows). Under tokens loss
@@ -220,6 +227,7 @@ def test_packed_micro_batches_train_as_rows_do(workspace, monkeypatch):
     assert max(abs(a - b) for (_, a), (_, b) in zip(runs[True], runs[False])) <= 1e-4
 
 
+@pytest.mark.slow
 def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch):
     """The whole loop as Lightning runs it, from one step's start to the next one's: the training step,
     the callbacks, the progress bar and Lightning's own bookkeeping. Between log steps nothing reads a
@@ -287,6 +295,7 @@ def test_only_log_steps_read_values_back_from_the_device(workspace, monkeypatch)
             assert "_local_scalar_dense" in syncs, step
 
 
+@pytest.mark.slow
 def test_data_prepared_with_another_tokenizer_is_refused(workspace, straight_run, capsys):
     prepared = sorted((workspace / "data").glob("builtin-*"))
     other = workspace / "data" / "other-tokenizer"

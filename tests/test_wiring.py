@@ -72,6 +72,7 @@ def expected_lr(phase: str, tokens_before: float) -> float:
     return start * (final + (1 - final) * (1 - math.sqrt(progress)))
 
 
+@pytest.mark.slow
 def test_the_lr_logged_and_given_to_the_optimizer_follows_the_schedule_at_every_step(recorded):
     cfg, _, _, optimizer_lrs = recorded
     logged = []
@@ -86,6 +87,7 @@ def test_the_lr_logged_and_given_to_the_optimizer_follows_the_schedule_at_every_
     assert optimizer_lrs == pytest.approx(logged, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_training_batches_are_masked_at_the_phase_rate_and_validation_at_the_eval_rate(recorded):
     cfg, _, forwards, _ = recorded
     ids = special_ids(load_tokenizer(str(cfg.run_dir / "tokenizer")))
@@ -105,6 +107,7 @@ def test_training_batches_are_masked_at_the_phase_rate_and_validation_at_the_eva
     assert cfg.phases["pretrain"].mask_rate == 0.30 and cfg.trainer.val_mask_rate == 0.15
 
 
+@pytest.mark.slow
 def test_each_phase_builds_its_model_with_its_thetas_and_feeds_it_its_sequence_length(recorded):
     cfg, models, forwards, _ = recorded
     assert len(models) == len(PHASES)
@@ -117,6 +120,7 @@ def test_each_phase_builds_its_model_with_its_thetas_and_feeds_it_its_sequence_l
         assert cfg.phases[phase].seq_len == expected[phase][2]
 
 
+@pytest.mark.slow
 def test_validation_is_a_curve_in_metrics_csv(recorded):
     cfg, _, _, _ = recorded
     pretrain = rows(cfg, "pretrain")
@@ -127,6 +131,7 @@ def test_validation_is_a_curve_in_metrics_csv(recorded):
     assert last["val/loss"] and float(last["val/tokens"]) >= PHASES["pretrain"]
 
 
+@pytest.mark.slow
 def test_the_chunked_loss_trains_like_the_plain_one(tmp_path):
     """trainer.loss_implementation=chunked (never [targets x vocab] logits in memory) reaches the
     model and gives the plain loss's training run, to float rounding."""
