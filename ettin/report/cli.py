@@ -1,4 +1,4 @@
-"""python -m ettin.compare RUN_A RUN_B [--out DIR] [--eval EVAL_JSON]
+"""python -m ettin.compare RUN_A RUN_B [--out DIR] [--eval EVAL_JSON]  |  --suite SUITE_DIR
 
 The report of two runs: an encoder and a decoder trained as a pair, or any two runs (then an A/B
 comparison, labelled by run name). Writes ``report.md``, a self-contained ``report.html`` and the PNG
@@ -226,8 +226,10 @@ def render_html(blocks: Sequence[tuple], out: Path, *, title: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ettin.compare", description=__doc__.split("\n\n")[1])
-    parser.add_argument("run_a", type=Path, help="a run directory (runs/<run name>)")
-    parser.add_argument("run_b", type=Path, help="another run directory")
+    parser.add_argument("run_a", type=Path, nargs="?", help="a run directory (runs/<run name>)")
+    parser.add_argument("run_b", type=Path, nargs="?", help="another run directory")
+    parser.add_argument("--suite", type=Path, help="a suite directory (python -m ettin.suite): rebuild "
+                                                   "its report from the members' runs and eval.json")
     parser.add_argument("--out", type=Path, help="where to write the report (default: next to RUN_A, "
                                                  "named after the pair)")
     parser.add_argument("--eval", type=Path, dest="evaluation",
@@ -236,10 +238,33 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="steps per phase whose samples are replayed and compared "
                              f"(default {identity.MAX_REPLAY_STEPS}; more steps are sampled)")
     args = parser.parse_args(argv)
+    if args.suite is not None:
+        return suite_report(args.suite)
+    if args.run_a is None or args.run_b is None:
+        parser.error("give two run directories, or --suite DIR")
     out = args.out or default_out_dir(args.run_a, args.run_b)
     try:
         report = write_report(args.run_a, args.run_b, out, args.evaluation, max_steps=args.max_steps)
     except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {report}\n        {report.with_suffix('.html')}")
+    return 0
+
+
+def suite_report(directory: Path) -> int:
+    from ettin.cluster.suite import SuiteError, eval_file, recorded_members
+    from ettin.report.suite import write_suite_report
+
+    try:
+        members = recorded_members(directory)
+        files = [eval_file(directory, m["name"]) for m in members]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise SuiteError(f"no evaluation for {', '.join(missing)}; run python -m ettin.suite "
+                             "(the same command that made the suite) to evaluate every member")
+        report = write_suite_report(directory, members, files)
+    except (SuiteError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"report: {report}\n        {report.with_suffix('.html')}")
