@@ -25,6 +25,7 @@ USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [
   suite_dir=DIR    the suite directory (default runs/<family>-suite)
   eval_tasks=T     the tasks every member is evaluated on (default: offline for smoke, else ettin-paper)
   eval_limit=N     at most N examples per task
+  launcher=local   (default; the only one implemented) members one after another on this machine
   status           print each member's state (done, running, queued, failed, stopped, not started),
                    tokens and last loss; train nothing
 Any other key=value is a python -m ettin.train override applied to every member.
@@ -69,6 +70,11 @@ def parse(argv: list[str]) -> SuiteArgs:
             args.cross = value.lower() == "true"
         elif key == "suite_dir":
             args.suite_dir = Path(value)
+        elif key == "launcher":
+            if value != "local":
+                raise SuiteError(f"launcher={value}: only launcher=local is implemented; submit a "
+                                 "member to Slurm with python -m ettin.launch -- recipe=... "
+                                 "output_dir=SUITE_DIR run_name=MEMBER")
         elif key == "eval_tasks":
             args.eval_tasks = value
         elif key == "eval_limit":

@@ -314,11 +314,14 @@ def run_local(suite: Suite, python: str = sys.executable) -> dict[str, int]:
             exits[member.name] = -1
             _write_record(suite, exits)
             continue
-        log = suite.log(member)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as out:
-            exits[member.name] = subprocess.run(
-                [python, "-m", "ettin.train", *member.argv()], stdout=out, stderr=subprocess.STDOUT,
-            ).returncode
+        exits[member.name] = run_training(member.argv(), suite.log(member), python)
         _write_record(suite, exits)
     return exits
+
+
+def run_training(argv: Sequence[str], log: Path, python: str = sys.executable) -> int:
+    """One ``python -m ettin.train ARGV`` with its output appended to ``log``; its exit status."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        return subprocess.run([python, "-m", "ettin.train", *argv], stdout=out,
+                              stderr=subprocess.STDOUT).returncode
