@@ -26,7 +26,7 @@ USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [
   eval_tasks=T     the tasks every member is evaluated on (default: offline for smoke, else ettin-paper)
   eval_limit=N     at most N examples per task
   launcher=local   (default; the only one implemented) members one after another on this machine
-  status           print each member's state (done, running, queued, failed, stopped, not started),
+  status           print each member's state (done, running, failed, stopped, not started),
                    tokens and last loss; train nothing
 Any other key=value is a python -m ettin.train override applied to every member.
 """
@@ -85,7 +85,8 @@ def parse(argv: list[str]) -> SuiteArgs:
 
 
 def evaluate_members(suite: Suite, tasks: str, limit: Optional[int]) -> list[Path]:
-    """Each member's eval.json on the same tasks (generated with the same seed), evaluated once."""
+    """Each member's eval.json on the same tasks (generated with the same seed), evaluated once per
+    tasks and limit."""
     import json
 
     from ettin.evaluation import evaluate
@@ -93,9 +94,10 @@ def evaluate_members(suite: Suite, tasks: str, limit: Optional[int]) -> list[Pat
     files = []
     for member in suite.members:
         done = eval_file(suite.directory, member.name)
-        if not (done.is_file() and json.loads(done.read_text()).get("tasks") == tasks):
+        asked = {"tasks": tasks, "limit": limit}
+        if not (done.is_file() and json.loads(done.read_text()).get("asked") == asked):
             result = evaluate([suite.directory / member.name], tasks=tasks, out=done.parent, limit=limit)
-            done.write_text(json.dumps({**result, "tasks": tasks}, indent=2) + "\n")
+            done.write_text(json.dumps({**result, "asked": asked}, indent=2) + "\n")
         files.append(done)
     return files
 

@@ -34,7 +34,7 @@ ROLES = ("encoder", "decoder", "encoder_from_decoder", "decoder_from_encoder")
 BASE = {"encoder_from_decoder": "decoder", "decoder_from_encoder": "encoder"}
 # The recipe families a suite can be made of: recipe= of python -m ettin.suite.
 FAMILIES = ("ettin", "smoke")
-STATES = ("done", "running", "queued", "failed", "stopped", "not started")
+STATES = ("done", "running", "failed", "stopped", "not started")
 SUITE_FILE = "suite.json"
 
 
@@ -63,8 +63,7 @@ class Member:
         return [f"recipe={self.recipe}", *self.overrides]
 
     def config(self) -> TrainConfig:
-        recipe, *_ = self.argv()
-        return compose(recipe.split("=", 1)[1], list(self.overrides))
+        return compose(self.recipe, list(self.overrides))
 
 
 @dataclass(frozen=True)
@@ -265,8 +264,10 @@ def _progress(run_dir: Path, phases: list[str]) -> tuple[int, Optional[float]]:
     return tokens, loss
 
 
-def status(suite: Suite, queued: Sequence[str] = ()) -> list[MemberStatus]:
-    """Each member's state; ``queued`` names the members with a Slurm job waiting."""
+def status(suite: Suite) -> list[MemberStatus]:
+    """Each member's state: done (its last phase ended), running (a live process holds its lock),
+    failed (its last local run exited non-zero, or its base did not finish), stopped (trained in,
+    unfinished: the next run resumes it) or not started."""
     exits = json.loads(suite.record.read_text()).get("exits", {}) if suite.record.is_file() else {}
     rows = []
     for member in suite.members:
@@ -275,8 +276,6 @@ def status(suite: Suite, queued: Sequence[str] = ()) -> list[MemberStatus]:
             state = "done"
         elif _training_now(run_dir):
             state = "running"
-        elif member.name in queued:
-            state = "queued"
         elif exits.get(member.name, 0) != 0:
             state = "failed"
         elif RunDir(run_dir).holds_a_run():

@@ -131,7 +131,7 @@ SIZES: dict[str, Size] = {
                  batch_warmup_tokens=0, batch_warmup_min=8, cross_batch_warmup_min=8,
                  micro_batch=MicroBatches(8, 8, 8, 8)),
     "micro": Size(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                  parameters=None, lr=0.0015, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
+                  parameters=None, lr=0.003, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
                   batch_warmup_tokens=0, batch_warmup_min=8, cross_batch_warmup_min=8,
                   micro_batch=MicroBatches(8, 8, 8, 8)),
     "17m": Size(num_hidden_layers=7, hidden_size=256, intermediate_size=384, num_attention_heads=4,
