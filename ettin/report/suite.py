@@ -16,6 +16,7 @@ import pandas as pd
 
 from ettin.model.config import size_row
 from ettin.report import identity, plots, runs, scores
+from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
 
 COLUMNS = ["member", "size", "parameters", "objective", "origin", "series", "task", "category",
            "metric", "score", "direction"]
@@ -73,8 +74,6 @@ def identity_table(directory: Path, members: Sequence[dict]) -> pd.DataFrame:
 def write_suite_report(directory: Path | str, members: Sequence[dict],
                        eval_files: Sequence[Path | str]) -> Path:
     """suite.csv, report.md, report.html and the ladder plot in ``directory/report``; returns report.md."""
-    from ettin.report.cli import SMOKE_WARNING, _image, render_html, render_markdown
-
     directory = Path(directory)
     out = directory / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +95,7 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
         ("h2", "Scores against parameters"),
         ("p", "Per task and per category average, each series' score against the parameter count "
               "(log axis): encoders, decoders, encoder-from-decoder, decoder-from-encoder."),
-        _image(plots.plot_ladder(ladder), out, "ladder.png", "scores against parameters"),
+        image(plots.plot_ladder(ladder), out, "ladder.png", "scores against parameters"),
         ("table", ladder.pivot_table(index=["task", "metric", "direction"],
                                      columns=["series", "size"], values="score")
          .round(4).reset_index().pipe(_flat_columns)),
