@@ -30,7 +30,7 @@ def run_suite(*args: str) -> tuple[int, str, str]:
 
 
 def test_members_come_in_ladder_order_with_cross_members_after_their_base(tmp_path):
-    suite = plan(tmp_path / "s", "smoke", cross=True, overrides=["phases.pretrain.tokens=1000"])
+    suite = plan(tmp_path / "s", "smoke", cross=True, overrides=["phases.pretrain.tokens=30000"])
     assert [m.name for m in suite.members] == [
         "encoder_tiny", "decoder_tiny", "encoder_from_decoder_tiny", "decoder_from_encoder_tiny",
         "encoder_micro", "decoder_micro", "encoder_from_decoder_micro", "decoder_from_encoder_micro"]
@@ -38,8 +38,8 @@ def test_members_come_in_ladder_order_with_cross_members_after_their_base(tmp_pa
     cfg = cross.config()
     assert cfg.objective == "mntp" and cfg.init == str((tmp_path / "s" / "decoder_micro").resolve())
     assert cfg.phase_order == ["cross"] and cross.base == "decoder_micro" and cross.origin == "cross"
-    assert "phases.pretrain.tokens=1000" not in cross.overrides  # it has no pretrain phase
-    assert suite.member("encoder_tiny").config().phases["pretrain"].tokens == 1000
+    assert "phases.pretrain.tokens=30000" not in cross.overrides  # it has no pretrain phase
+    assert suite.member("encoder_tiny").config().phases["pretrain"].tokens == 30000
     ettin = plan(tmp_path / "e", "ettin")
     assert [m.name for m in ettin.members][:2] == ["encoder_17m", "decoder_17m"] and len(ettin.members) == 12
 
@@ -84,7 +84,7 @@ def test_the_smoke_suite_trains_skips_reports_and_refuses_other_data(tmp_path):
     assert code == 0
     lines = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert {m: lines[m][1] for m in members} == {m: "done" for m in members}
-    assert int(lines["encoder_micro"][2].replace(",", "")) >= 20_000
+    assert int(lines["encoder_micro"][2].replace(",", "")) > 12_000  # past its pretrain phase
 
     # A report rebuilt from the runs alone.
     (suite_dir / "report" / "suite.csv").unlink()
