@@ -17,9 +17,9 @@ def test_every_combination_is_a_member_named_from_what_varies():
     members, shared = sweep_members(["optim.lr=1e-3,3e-3", "phases.pretrain.tokens=1000,2000",
                                      "trainer.num_workers=0", "data.pretrain=[{path: builtin}]"])
     assert shared == ["trainer.num_workers=0", "data.pretrain=[{path: builtin}]"]
-    assert [m.name for m in members] == ["lr-1e-3_tokens-1000", "lr-1e-3_tokens-2000",
-                                         "lr-3e-3_tokens-1000", "lr-3e-3_tokens-2000"]
-    assert members[1].overrides == ("optim.lr=1e-3", "phases.pretrain.tokens=2000")
+    assert [m.name for m in members] == ["lr-0.001_tokens-1000", "lr-0.001_tokens-2000",
+                                         "lr-0.003_tokens-1000", "lr-0.003_tokens-2000"]
+    assert members[1].overrides == ("optim.lr=0.001", "phases.pretrain.tokens=2000")  # as Hydra reads them
 
 
 @pytest.mark.slow
