@@ -64,7 +64,7 @@ def rows(cfg, phase):
 
 def expected_lr(phase: str, tokens_before: float) -> float:
     """The Ettin schedule of the smoke phases, written out independently of ettin.optim.schedule."""
-    peak = 3e-3
+    peak = 1.5e-3  # the tiny row's lr
     if phase == "pretrain":  # linear warmup over 20k tokens from 1e-10, then flat
         return peak * (1e-10 + (1 - 1e-10) * min(1.0, tokens_before / 20_000))
     start, final = (peak, 0.5) if phase == "extension" else (0.5 * peak, 0.04)

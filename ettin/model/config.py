@@ -122,13 +122,18 @@ class Size:
                     num_attention_heads=self.num_attention_heads)
 
 
-# The one table of sizes. "tiny" is for tests and the offline default run; it keeps every architectural
+# The one table of sizes. "tiny" and "micro" are the smoke sizes (no published parameter count): tests,
+# the offline default run (tiny) and the offline suite's two rungs. They keep every architectural
 # feature (global and sliding layers, a window shorter than the sequences it sees).
 SIZES: dict[str, Size] = {
     "tiny": Size(num_hidden_layers=4, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                 parameters=None, lr=0.003, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
+                 parameters=None, lr=0.0015, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
                  batch_warmup_tokens=0, batch_warmup_min=8, cross_batch_warmup_min=8,
                  micro_batch=MicroBatches(8, 8, 8, 8)),
+    "micro": Size(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                  parameters=None, lr=0.003, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
+                  batch_warmup_tokens=0, batch_warmup_min=8, cross_batch_warmup_min=8,
+                  micro_batch=MicroBatches(8, 8, 8, 8)),
     "17m": Size(num_hidden_layers=7, hidden_size=256, intermediate_size=384, num_attention_heads=4,
                 parameters=16_913_600, lr=0.003, weight_decay=0.0003,
                 pretrain_warmup_tokens=4_000_000_000, batch_warmup_tokens=125_000_000_000,

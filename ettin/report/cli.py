@@ -1,4 +1,4 @@
-"""python -m ettin.compare RUN_A RUN_B [--out DIR] [--eval EVAL_JSON]
+"""python -m ettin.compare RUN_A RUN_B [--out DIR] [--eval EVAL_JSON]  |  --suite SUITE_DIR
 
 The report of two runs: an encoder and a decoder trained as a pair, or any two runs (then an A/B
 comparison, labelled by run name). Writes ``report.md``, a self-contained ``report.html`` and the PNG
@@ -12,8 +12,6 @@ loss, learning rate, global batch and throughput on one cumulative token axis.
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import sys
 import time
 from pathlib import Path
@@ -22,11 +20,8 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from ettin.report import identity, plots, runs, scores
+from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
 from ettin.report.runs import RunError
-
-SMOKE_WARNING = ("These are smoke tasks: small generated offline tasks that check the pipeline end to "
-                 "end. Their scores say nothing about how encoders and decoders compare; evaluate on "
-                 "the standard suites for that.")
 
 
 def default_out_dir(run_a: Path, run_b: Path) -> Path:
@@ -103,7 +98,7 @@ def report_blocks(a: runs.Run, b: runs.Run, out: Path, evaluation: Optional[dict
                             + ("" if paired else " Both runs are the same kind, so the paper's "
                                "direction is not tested here.")))
         blocks.append(("table", _scores_for_display(table, a.name, b.name)))
-        blocks.append(_image(plots.plot_scores(table, [a.name, b.name]), out, "scores.png",
+        blocks.append(image(plots.plot_scores(table, [a.name, b.name]), out, "scores.png",
                              "evaluation scores, winner starred"))
 
     blocks.append(("h2", "Training curves"))
@@ -111,11 +106,11 @@ def report_blocks(a: runs.Run, b: runs.Run, out: Path, evaluation: Optional[dict
         blocks.append(("p", f"Each loss is its own objective's ({a.objective.upper()} vs "
                             f"{b.objective.upper()}): compare how the curves move, not their levels. "
                             "Phase boundaries are dotted; tokens are cumulative over phases."))
-    blocks.append(_image(plots.plot_losses([a, b]), out, "loss.png", "train and validation loss"))
+    blocks.append(image(plots.plot_losses([a, b]), out, "loss.png", "train and validation loss"))
     blocks.append(("table", final_losses(a, b)))
-    blocks.append(_image(plots.plot_schedule([a, b]), out, "schedule.png",
+    blocks.append(image(plots.plot_schedule([a, b]), out, "schedule.png",
                          "learning rate and global batch"))
-    blocks.append(_image(plots.plot_throughput([a, b]), out, "throughput.png", "throughput"))
+    blocks.append(image(plots.plot_throughput([a, b]), out, "throughput.png", "throughput"))
     return blocks
 
 
@@ -169,66 +164,15 @@ def _scores_for_display(table: pd.DataFrame, name_a: str, name_b: str) -> pd.Dat
     return shown.rename(columns={"higher_is_better": "better"}).drop(columns=["smoke"])
 
 
-def _image(figure, out: Path, name: str, alt: str) -> tuple:
-    figure.savefig(out / name, dpi=110)
-    return ("image", name, alt)
-
-
-def _markdown_cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(blocks: Sequence[tuple]) -> str:
-    lines: list[str] = []
-    for block in blocks:
-        kind = block[0]
-        if kind == "h1":
-            lines += [f"# {block[1]}", ""]
-        elif kind == "h2":
-            lines += [f"## {block[1]}", ""]
-        elif kind == "p":
-            lines += [block[1], ""]
-        elif kind == "table":
-            table: pd.DataFrame = block[1]
-            lines.append("| " + " | ".join(_markdown_cell(c) for c in table.columns) + " |")
-            lines.append("|" + "---|" * len(table.columns))
-            for row in table.itertuples(index=False):
-                lines.append("| " + " | ".join(_markdown_cell(v) for v in row) + " |")
-            lines.append("")
-        elif kind == "image":
-            lines += [f"![{block[2]}]({block[1]})", ""]
-    return "\n".join(lines)
-
-
-def render_html(blocks: Sequence[tuple], out: Path, *, title: str) -> str:
-    """One file: the plots are embedded (base64 PNG), so it can be mailed or attached alone."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:0.85em;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}"
-             "img{max-width:100%}</style></head><body>"]
-    for block in blocks:
-        kind = block[0]
-        if kind in ("h1", "h2"):
-            parts.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
-        elif kind == "p":
-            parts.append(f"<p>{html.escape(block[1])}</p>")
-        elif kind == "table":
-            parts.append(block[1].to_html(index=False, escape=True, border=0))
-        elif kind == "image":
-            data = base64.b64encode((out / block[1]).read_bytes()).decode()
-            parts.append(f"<p><img alt='{html.escape(block[2])}' src='data:image/png;base64,{data}'></p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 # ------------------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ettin.compare", description=__doc__.split("\n\n")[1])
-    parser.add_argument("run_a", type=Path, help="a run directory (runs/<run name>)")
-    parser.add_argument("run_b", type=Path, help="another run directory")
+    parser.add_argument("run_a", type=Path, nargs="?", help="a run directory (runs/<run name>)")
+    parser.add_argument("run_b", type=Path, nargs="?", help="another run directory")
+    parser.add_argument("--suite", type=Path, help="a suite directory (python -m ettin.suite): rebuild "
+                                                   "its report from the members' runs and eval.json")
     parser.add_argument("--out", type=Path, help="where to write the report (default: next to RUN_A, "
                                                  "named after the pair)")
     parser.add_argument("--eval", type=Path, dest="evaluation",
@@ -237,10 +181,33 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="steps per phase whose samples are replayed and compared "
                              f"(default {identity.MAX_REPLAY_STEPS}; more steps are sampled)")
     args = parser.parse_args(argv)
+    if args.suite is not None:
+        return suite_report(args.suite)
+    if args.run_a is None or args.run_b is None:
+        parser.error("give two run directories, or --suite DIR")
     out = args.out or default_out_dir(args.run_a, args.run_b)
     try:
         report = write_report(args.run_a, args.run_b, out, args.evaluation, max_steps=args.max_steps)
     except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {report}\n        {report.with_suffix('.html')}")
+    return 0
+
+
+def suite_report(directory: Path) -> int:
+    from ettin.cluster.suite import SuiteError, eval_file, recorded_members
+    from ettin.report.suite import write_suite_report
+
+    try:
+        members = recorded_members(directory)
+        files = [eval_file(directory, m["name"]) for m in members]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise SuiteError(f"no evaluation for {', '.join(missing)}; run python -m ettin.suite "
+                             "(the same command that made the suite) to evaluate every member")
+        report = write_suite_report(directory, members, files)
+    except (SuiteError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"report: {report}\n        {report.with_suffix('.html')}")

@@ -116,6 +116,32 @@ def plot_scores(table: pd.DataFrame, names: Sequence[str]):
     return figure
 
 
+SERIES_ORDER = ("encoders", "decoders", "encoder-from-decoder", "decoder-from-encoder")
+
+
+def plot_ladder(table: pd.DataFrame):
+    """One panel per task (and category average): score against parameters on a log axis, one line
+    per series of the suite (``ettin.report.suite``'s table)."""
+    tasks = list(dict.fromkeys(table["task"]))
+    cols = min(3, max(1, len(tasks)))
+    rows = max(1, math.ceil(len(tasks) / cols))
+    figure, axes = _figure(rows, cols, width=3.4 * cols, height=2.8)
+    for axis, task in zip(axes, tasks):
+        rows_of_task = table[table["task"] == task]
+        for color, series in zip(COLORS, SERIES_ORDER):
+            points = rows_of_task[rows_of_task["series"] == series].sort_values("parameters")
+            if len(points):
+                axis.plot(points["parameters"], points["score"], marker="o", color=color, label=series)
+        first = rows_of_task.iloc[0]
+        axis.set_xscale("log")
+        axis.set_xlabel("parameters", fontsize=8)
+        axis.set_title(f"{task}\n{first['metric']}, {first['direction']} is better", fontsize=8)
+        axis.legend(fontsize=6)
+    for axis in axes[len(tasks):]:
+        axis.set_visible(False)
+    return figure
+
+
 # ------------------------------------------------------------------------------------------------
 # Evaluation results
 

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ettin.cluster.sweep import is_multirun, run_sweep, sweep_members
 from ettin.optim.schedule import phase_batch_schedule
 from ettin.store.checkpoints import CheckpointError
 from ettin.store.rundir import RunDir, RunLockedError
@@ -36,6 +37,8 @@ USAGE = """usage: python -m ettin.train [recipe=NAME] [key=value ...]
   init_revision=R  a hub revision of init (e.g. step599525, ext1000, decay100)
   resume=auto      (default) continue from the run's latest complete checkpoint; resume=never
                    refuses a run directory that already holds a run; resume=PATH one checkpoint
+  -m key=a,b ...   a sweep: one run per combination under <output_dir>/<run_name>-sweep/, one after
+                   another, and sweep.csv (status, final train and validation loss per phase)
 Any other key of the resolved config can be overridden the Hydra way (e.g. trainer.devices=2).
 """
 
@@ -121,6 +124,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE.format(recipes=", ".join(available_recipes())))
         return 0
+    if is_multirun(argv):
+        return sweep([a for a in argv if a not in ("-m", "--multirun")])
     recipe, overrides = parse_argv(argv)
     try:
         cfg = compose(recipe, overrides)
@@ -149,6 +154,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     if is_rank_zero():
         print(summary(finals, time.perf_counter() - started, report))
     return 0
+
+
+def sweep(argv: list[str]) -> int:
+    """One run per combination of the swept values, one after another, and sweep.csv."""
+    from hydra.errors import HydraException
+
+    recipe, overrides = parse_argv(argv)
+    try:
+        members, shared = sweep_members(overrides)
+        cfg = compose(recipe, shared)
+        for member in members:  # every combination composes before any trains
+            compose(recipe, [*shared, *member.overrides])
+    except (ConfigError, HydraException) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    root = Path(cfg.output_dir) / f"{cfg.run_name}-sweep"
+    table = run_sweep(root, members, [f"recipe={recipe}", *shared])
+    print(table.read_text(), end="")
+    failed = [line.split(",")[0] for line in table.read_text().splitlines()[1:] if ",failed" in line]
+    print(f"sweep: {table} ({len(members) - len(failed)} of {len(members)} members done"
+          + (f"; failed: {', '.join(failed)}; see the log named in their status)" if failed else ")"))
+    return 1 if failed else 0
 
 
 def summary(finals: list[tuple[TrainConfig, Path]], seconds: float, report: Optional[Path] = None) -> str:

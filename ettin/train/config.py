@@ -90,6 +90,9 @@ class TrainerConfig:
     # [targets x vocab] in memory (CLM at 8K). auto: chunked on GPU, plain on CPU.
     loss_implementation: str = "auto"
     num_workers: int = 2
+    # Torch threads per process on CPU; None: the process's share of the cores. The smoke recipes
+    # use 1 (the data loader's worker takes the other core of a 2-core machine).
+    cpu_threads: Optional[int] = None
     log_every_steps: int = 10
     # Validation samples in all, not per device: the same samples whatever the micro-batch size or
     # the number of devices.

@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -34,12 +34,13 @@ def trainer_devices(accelerator: str, devices: Any) -> tuple[str, int]:
     return accelerator, int(devices)
 
 
-def set_cpu_threads(accelerator: str, devices: int) -> None:
-    """On CPU, each process of a run gets its share of the cores (torch's default takes them all in
-    every process, and oversubscribed OpenMP threads slow everything on the machine 10x or more)."""
+def set_cpu_threads(accelerator: str, devices: int, threads: Optional[int] = None) -> None:
+    """On CPU, each process of a run gets ``threads`` threads, by default its share of the cores
+    (torch's default takes them all in every process, and oversubscribed OpenMP threads slow
+    everything on the machine 10x or more)."""
     if accelerator == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // max(devices, 1)))
+        torch.set_num_threads(threads or max(1, cores // max(devices, 1)))
 
 
 def setup_logging(log_file: Path) -> None:

@@ -49,7 +49,7 @@ def _train(cfg: TrainConfig) -> Path:
     accelerator, devices = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     check_topology(devices * cfg.trainer.num_nodes, devices_per_node=devices,
                    num_nodes=cfg.trainer.num_nodes)  # prints one line per rank
-    set_cpu_threads(accelerator, devices)
+    set_cpu_threads(accelerator, devices, cfg.trainer.cpu_threads)
     warnings.filterwarnings("ignore", message=PYTREE_WARNING)
     log.info("environment: %s", json.dumps(environment_summary()))
     log.info("resolved config:\n%s", to_yaml(cfg))

@@ -1,0 +1,326 @@
+"""A suite: Ettin's ladder in one directory. Every size's encoder and decoder (the native members),
+and with ``cross=true`` the two cross-objective members of each size, each started from its base.
+
+    SUITE_DIR/
+      suite.json          the recipe family, the data every member trains on, and each member's
+                          last local exit status
+      <member>/           a normal run directory (python -m ettin.train output_dir=SUITE_DIR
+                          run_name=<member> ...); members are <role>_<size>, e.g. encoder_17m
+      logs/<member>.log   what the member's training printed (local runs)
+      eval/<member>/eval.json   the member's scores (every member on the same tasks)
+      report/             suite.csv, report.md, report.html (ettin.report.suite)
+
+A member is composed exactly as ``python -m ettin.train`` composes it (``compose``), so the suite adds
+no training logic: locally each member is one ``python -m ettin.train`` process after the other.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ettin.store.checkpoints import latest_checkpoint, read_meta
+from ettin.store.fs import pid_alive, write_text
+from ettin.store.rundir import RunDir
+from ettin.train.config import ConfigError, TrainConfig, compose
+
+# The paper's four series; a cross member starts from the final weights of its base.
+ROLES = ("encoder", "decoder", "encoder_from_decoder", "decoder_from_encoder")
+BASE = {"encoder_from_decoder": "decoder", "decoder_from_encoder": "encoder"}
+# The recipe families a suite can be made of: recipe= of python -m ettin.suite.
+FAMILIES = ("ettin", "smoke")
+STATES = ("done", "running", "failed", "stopped", "not started")
+SUITE_FILE = "suite.json"
+
+
+class SuiteError(ValueError):
+    """A suite that cannot run; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # <role>_<size>, also the run name
+    role: str  # one of ROLES
+    size: str
+    recipe: str
+    overrides: tuple[str, ...]  # what python -m ettin.train gets after recipe=
+
+    @property
+    def origin(self) -> str:
+        return "cross" if self.role in BASE else "native"
+
+    @property
+    def base(self) -> Optional[str]:
+        """The member this one starts from (its size's other native member), if it is a cross one."""
+        return f"{BASE[self.role]}_{self.size}" if self.role in BASE else None
+
+    def argv(self) -> list[str]:
+        return [f"recipe={self.recipe}", *self.overrides]
+
+    def config(self) -> TrainConfig:
+        return compose(self.recipe, list(self.overrides))
+
+
+@dataclass(frozen=True)
+class Suite:
+    directory: Path
+    family: str
+    members: tuple[Member, ...]
+
+    def member(self, name: str) -> Member:
+        return next(m for m in self.members if m.name == name)
+
+    @property
+    def record(self) -> Path:
+        return self.directory / SUITE_FILE
+
+    def log(self, member: Member) -> Path:
+        return self.directory / "logs" / f"{member.name}.log"
+
+
+def eval_file(directory: Path | str, member: str) -> Path:
+    """Where a member's evaluation lives: ``SUITE_DIR/eval/<member>/eval.json``."""
+    return Path(directory) / "eval" / member / "eval.json"
+
+
+def family_sizes(family: str) -> list[str]:
+    """Ettin's six sizes (a published parameter count), or the smoke sizes (the others)."""
+    from ettin.model.config import SIZES
+
+    smoke = family == "smoke"
+    return [name for name, row in SIZES.items() if (row.parameters is None) == smoke]
+
+
+def _smoke_member(role: str, size: str) -> tuple[str, list[str]]:
+    objective = {"encoder": "mlm", "decoder": "clm", "encoder_from_decoder": "mntp",
+                 "decoder_from_encoder": "clm"}[role]
+    recipe = "smoke_cross" if role in BASE else "smoke"
+    return recipe, [f"size={size}", f"objective={objective}", "pair=false", "eval_at_end=false"]
+
+
+def plan(directory: Path | str, family: str = "ettin", sizes: Optional[Sequence[str]] = None,
+         cross: bool = False, overrides: Sequence[str] = ()) -> Suite:
+    """The members of a suite, bases before their cross members, each composed once to check it."""
+    directory = Path(directory).resolve()
+    if family not in FAMILIES:
+        raise SuiteError(f"recipe={family!r} is not a suite family; choose one of {', '.join(FAMILIES)}")
+    known = family_sizes(family)
+    sizes = list(known if not sizes else sizes)
+    unknown = [s for s in sizes if s not in known]
+    if unknown:
+        raise SuiteError(f"size(s) {', '.join(unknown)} are not {family} sizes; choose from "
+                         f"{', '.join(known)} (sizes=[{','.join(known[:2])}])")
+    reserved = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in
+                ("output_dir", "run_name", "size", "objective", "pair", "init", "recipe")]
+    if reserved:
+        raise SuiteError(f"{', '.join(reserved)}: the suite sets these for each member; drop them "
+                         "(sizes=[...] chooses the sizes, recipe= the family)")
+    members = []
+    for size in sizes:
+        for role in ROLES if cross else ROLES[:2]:
+            name = f"{role}_{size}"
+            if family == "smoke":
+                recipe, own = _smoke_member(role, size)
+            else:
+                recipe, own = name, []
+            own += [f"output_dir={directory}", f"run_name={name}"]
+            if role in BASE:
+                own.append(f"init={directory / f'{BASE[role]}_{size}'}")
+            try:
+                phases = compose(recipe, own).phases
+                member = Member(name, role, size, recipe, tuple(own + _overrides_for(phases, overrides)))
+                member.config()
+            except ConfigError as error:
+                raise SuiteError(f"member {name} does not compose: {error}") from None
+            members.append(member)
+    return Suite(directory, family, tuple(members))
+
+
+def _overrides_for(phases: dict, overrides: Sequence[str]) -> list[str]:
+    """The overrides that apply to a member: all but those of a phase it does not have (a cross
+    member has only its cross phase, a native one no cross phase)."""
+    kept = []
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~").split(".")
+        if key[0] == "phases" and len(key) > 1 and key[1] not in phases:
+            continue
+        kept.append(item)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a member has trained on, and whether the suite directory holds the same
+
+
+def training_identity(cfg: TrainConfig) -> dict:
+    """What must be the same for a member found in the directory: its recipe, tokenizer and data."""
+    return {"recipe": cfg.recipe, "tokenizer": cfg.tokenizer, "data_dir": cfg.data_dir,
+            "data": {phase: [asdict(s) for s in sources] for phase, sources in sorted(cfg.data.items())}}
+
+
+def _recorded_identity(run_dir: Path) -> Optional[dict]:
+    from omegaconf import OmegaConf
+
+    path = RunDir(run_dir).config
+    if not path.is_file():
+        return None
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    return {"recipe": data.get("recipe"), "tokenizer": data.get("tokenizer"),
+            "data_dir": data.get("data_dir"),
+            "data": {phase: list(sources) for phase, sources in sorted(data.get("data", {}).items())}}
+
+
+def check_directory(suite: Suite) -> None:
+    """Refuse a directory made by another recipe family, or whose members trained on other data."""
+    if suite.record.is_file():
+        family = json.loads(suite.record.read_text()).get("family")
+        if family != suite.family:
+            raise SuiteError(f"{suite.directory} holds a recipe={family} suite, not recipe="
+                             f"{suite.family}; use another suite directory (suite_dir=...) or "
+                             f"recipe={family}")
+    for member in suite.members:
+        recorded = _recorded_identity(suite.directory / member.name)
+        if recorded is None:
+            continue
+        wanted = training_identity(member.config())
+        different = [f"{key}: {recorded.get(key)!r} there, {wanted[key]!r} now"
+                     for key in wanted if recorded.get(key) != wanted[key]]
+        if different:
+            raise SuiteError(f"member {member.name} in {suite.directory} trained with another "
+                             f"recipe or data ({'; '.join(different)}); use another suite directory "
+                             "or the same recipe and data")
+
+
+def _write_record(suite: Suite, exits: dict[str, int]) -> None:
+    previous = json.loads(suite.record.read_text()).get("exits", {}) if suite.record.is_file() else {}
+    suite.directory.mkdir(parents=True, exist_ok=True)
+    write_text(suite.record, json.dumps(
+        {"family": suite.family, "members": [
+            {"name": m.name, "role": m.role, "size": m.size, "origin": m.origin} for m in suite.members],
+         "exits": {**previous, **exits}}, indent=2) + "\n")
+
+
+def recorded_members(directory: Path | str) -> list[dict]:
+    """The members suite.json lists (name, role, size, origin), for a report of existing runs."""
+    record = Path(directory) / SUITE_FILE
+    if not record.is_file():
+        raise SuiteError(f"{directory} is not a suite directory (no {SUITE_FILE}); make one with "
+                         "python -m ettin.suite")
+    return json.loads(record.read_text())["members"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    member: Member
+    state: str  # one of STATES
+    tokens: int  # trained so far, all phases
+    last_loss: Optional[float]  # the last logged train loss
+    log: Path
+
+
+def finished(member: Member) -> bool:
+    """Whether the member's last phase has its phase-end checkpoint."""
+    latest = latest_checkpoint(member_dir(member))
+    if latest is None:
+        return False
+    meta = read_meta(latest)
+    return bool(meta.get("phase_end")) and meta.get("phase") == member.config().phases_to_run()[-1]
+
+
+def member_dir(member: Member) -> Path:
+    return Path(dict(o.split("=", 1) for o in member.overrides if "=" in o)["output_dir"]) / member.name
+
+
+def _training_now(run_dir: Path) -> bool:
+    lock = RunDir(run_dir).lock
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(holder.get("slurm_job_id")) or pid_alive(int(holder.get("pid", -1)))
+
+
+def _progress(run_dir: Path, phases: list[str]) -> tuple[int, Optional[float]]:
+    """Tokens trained over the phases (the last logged count of each) and the last train loss."""
+    tokens, loss = 0, None
+    for phase in phases:
+        path = RunDir(run_dir).metrics(phase)
+        if not path.is_file():
+            continue
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+        if rows:
+            tokens += int(float(rows[-1]["train/tokens"]))
+            loss = float(rows[-1]["train/loss"])
+    return tokens, loss
+
+
+def status(suite: Suite) -> list[MemberStatus]:
+    """Each member's state: done (its last phase ended), running (a live process holds its lock),
+    failed (its last local run exited non-zero, or its base did not finish), stopped (trained in,
+    unfinished: the next run resumes it) or not started."""
+    exits = json.loads(suite.record.read_text()).get("exits", {}) if suite.record.is_file() else {}
+    rows = []
+    for member in suite.members:
+        run_dir = member_dir(member)
+        if finished(member):
+            state = "done"
+        elif _training_now(run_dir):
+            state = "running"
+        elif exits.get(member.name, 0) != 0:
+            state = "failed"
+        elif RunDir(run_dir).holds_a_run():
+            state = "stopped"
+        else:
+            state = "not started"
+        tokens, loss = _progress(run_dir, member.config().phases_to_run())
+        rows.append(MemberStatus(member, state, tokens, loss, suite.log(member)))
+    return rows
+
+
+def status_table(rows: Sequence[MemberStatus]) -> str:
+    lines = [f"{'member':<28} {'state':<12} {'tokens':>14} {'last loss':>9}  log"]
+    for r in rows:
+        loss = f"{r.last_loss:.3f}" if r.last_loss is not None else "-"
+        lines.append(f"{r.member.name:<28} {r.state:<12} {r.tokens:>14,} {loss:>9}  {r.log}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running locally
+
+
+def run_local(suite: Suite, python: str = sys.executable) -> dict[str, int]:
+    """Every unfinished member, one ``python -m ettin.train`` after the other (a finished one is
+    skipped, an unfinished one resumes). A failing member does not stop the others; a cross member
+    whose base did not finish is not started (exit status -1 in the record)."""
+    check_directory(suite)
+    _write_record(suite, {})
+    exits: dict[str, int] = {}
+    for member in suite.members:
+        if finished(member):
+            continue
+        if member.base and not finished(suite.member(member.base)):
+            exits[member.name] = -1
+            _write_record(suite, exits)
+            continue
+        exits[member.name] = run_training(member.argv(), suite.log(member), python)
+        _write_record(suite, exits)
+    return exits
+
+
+def run_training(argv: Sequence[str], log: Path, python: str = sys.executable) -> int:
+    """One ``python -m ettin.train ARGV`` with its output appended to ``log``; its exit status."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        return subprocess.run([python, "-m", "ettin.train", *argv], stdout=out,
+                              stderr=subprocess.STDOUT).returncode

@@ -1,0 +1,116 @@
+"""The suite report: every member's score on the same tasks against its parameter count, in the
+paper's four series (encoders, decoders, encoder-from-decoder, decoder-from-encoder), per task and per
+category average, and the data-identity checks of each size's members.
+
+    write_suite_report(SUITE_DIR, members, eval_files)  ->  SUITE_DIR/report/{suite.csv, report.md,
+                                                            report.html, ladder.png}
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from ettin.model.config import size_row
+from ettin.report import identity, plots, runs, scores
+from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
+
+COLUMNS = ["member", "size", "parameters", "objective", "origin", "series", "task", "category",
+           "metric", "score", "direction"]
+# A member's series: its kind (from its objective) and whether it was trained natively.
+SERIES = {("encoder", "native"): "encoders", ("decoder", "native"): "decoders",
+          ("encoder", "cross"): "encoder-from-decoder", ("decoder", "cross"): "decoder-from-encoder"}
+
+
+def suite_table(members: Sequence[dict], evaluation: dict) -> pd.DataFrame:
+    """One row per member x task. Parameters: the size table's published count, else the count of
+    the evaluated model (smoke sizes)."""
+    rows = []
+    for member in members:
+        result = evaluation["models"].get(member["name"])
+        if result is None:
+            raise runs.RunError(f"the evaluation has no results for member {member['name']}; "
+                                "evaluate it (python -m ettin.suite ... evaluates every member)")
+        parameters = size_row(member["size"]).parameters or result.get("parameters")
+        series = SERIES[(result["kind"], member["origin"])]
+        for task, score in sorted(result["tasks"].items()):
+            rows.append([member["name"], member["size"], parameters, result["objective"],
+                         member["origin"], series, task, score["category"], score["metric"],
+                         score["score"], "higher" if score["higher_is_better"] else "lower"])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def category_averages(table: pd.DataFrame) -> pd.DataFrame:
+    """Each member's mean score per task category (the rows a 'task' of the ladder plot)."""
+    averaged = (table.groupby(["member", "size", "parameters", "objective", "origin", "series",
+                               "category", "direction"], as_index=False)["score"].mean())
+    averaged["task"] = "average: " + averaged["category"]
+    averaged["metric"] = "mean score"
+    return averaged[COLUMNS]
+
+
+def identity_table(directory: Path, members: Sequence[dict]) -> pd.DataFrame:
+    """Per size, the native pair and the cross pair compared check by check (same data, same order,
+    same schedule)."""
+    frames = []
+    by_name = {m["name"]: m for m in members}
+    sizes = list(dict.fromkeys(m["size"] for m in members))
+    for size in sizes:
+        for pair in (("encoder", "decoder"), ("encoder_from_decoder", "decoder_from_encoder")):
+            names = [f"{role}_{size}" for role in pair]
+            if not all(n in by_name for n in names):
+                continue
+            a, b = (runs.load_run(directory / n) for n in names)
+            table = identity.checks_table(identity.identity_checks(a, b))
+            table.insert(0, "members", f"{names[0]} vs {names[1]}")
+            table.insert(0, "size", size)
+            frames.append(table)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_suite_report(directory: Path | str, members: Sequence[dict],
+                       eval_files: Sequence[Path | str]) -> Path:
+    """suite.csv, report.md, report.html and the ladder plot in ``directory/report``; returns report.md."""
+    directory = Path(directory)
+    out = directory / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation = scores.load_evaluation(*eval_files)
+    table = suite_table(members, evaluation)
+    table.to_csv(out / "suite.csv", index=False)
+    ladder = pd.concat([table, category_averages(table)], ignore_index=True)
+    checks = identity_table(directory, members)
+    differs = int((checks["status"] == identity.DIFFERS).sum()) if len(checks) else 0
+    title = f"ettin suite report: {directory.resolve().name}"
+    blocks: list[tuple] = [
+        ("h1", title),
+        ("p", f"{len(members)} members of {directory.resolve()}, evaluated on the suite "
+              f"{evaluation.get('suite')!r}. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."),
+    ]
+    if scores.is_smoke(evaluation):
+        blocks.append(("p", f"WARNING: {SMOKE_WARNING}"))
+    blocks += [
+        ("h2", "Scores against parameters"),
+        ("p", "Per task and per category average, each series' score against the parameter count "
+              "(log axis): encoders, decoders, encoder-from-decoder, decoder-from-encoder."),
+        image(plots.plot_ladder(ladder), out, "ladder.png", "scores against parameters"),
+        ("table", ladder.pivot_table(index=["task", "metric", "direction"],
+                                     columns=["series", "size"], values="score")
+         .round(4).reset_index().pipe(_flat_columns)),
+        ("h2", "Data and schedule identity across members"),
+        ("p", f"{len(checks)} checks, {differs} differ. Each size's encoder and decoder (and its two "
+              "cross members) must have seen the same data in the same order under the same "
+              "schedule."),
+        ("table", checks),
+    ]
+    (out / "report.md").write_text(render_markdown(blocks))
+    (out / "report.html").write_text(render_html(blocks, out, title=title))
+    return out / "report.md"
+
+
+def _flat_columns(table: pd.DataFrame) -> pd.DataFrame:
+    table.columns = [" ".join(str(p) for p in c if p) if isinstance(c, tuple) else c
+                     for c in table.columns]
+    return table

@@ -1,0 +1,118 @@
+"""python -m ettin.suite: the members of a ladder, the local run (skip finished members, resume the
+rest), status, the suite report and its rebuild by python -m ettin.compare --suite, and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from ettin.cluster.suite import SuiteError, plan
+from ettin.report.cli import main as compare_main
+from ettin.suite import main as suite_main
+
+# Short phases for every member (an override of a phase a member lacks is not applied to it).
+SHORT = ["phases.pretrain.tokens=12_000", "phases.pretrain.warmup_tokens=2_000",
+         "phases.pretrain.checkpoint_every_tokens=0", "phases.pretrain.val_every_tokens=0",
+         "phases.extension.tokens=4_000", "phases.decay.tokens=4_000", "phases.cross.tokens=4_000",
+         "phases.cross.warmup_tokens=1_000", "phases.cross.decay_tokens=2_000",
+         "trainer.num_workers=0", "trainer.log_every_steps=2", "eval_limit=8"]
+
+
+def run_suite(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = suite_main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_members_come_in_ladder_order_with_cross_members_after_their_base(tmp_path):
+    suite = plan(tmp_path / "s", "smoke", cross=True, overrides=["phases.pretrain.tokens=30000"])
+    assert [m.name for m in suite.members] == [
+        "encoder_tiny", "decoder_tiny", "encoder_from_decoder_tiny", "decoder_from_encoder_tiny",
+        "encoder_micro", "decoder_micro", "encoder_from_decoder_micro", "decoder_from_encoder_micro"]
+    cross = suite.member("encoder_from_decoder_micro")
+    cfg = cross.config()
+    assert cfg.objective == "mntp" and cfg.init == str((tmp_path / "s" / "decoder_micro").resolve())
+    assert cfg.phase_order == ["cross"] and cross.base == "decoder_micro" and cross.origin == "cross"
+    assert "phases.pretrain.tokens=30000" not in cross.overrides  # it has no pretrain phase
+    assert suite.member("encoder_tiny").config().phases["pretrain"].tokens == 30000
+    ettin = plan(tmp_path / "e", "ettin")
+    assert [m.name for m in ettin.members][:2] == ["encoder_17m", "decoder_17m"] and len(ettin.members) == 12
+
+
+def test_bad_input_names_the_problem_and_the_fix(tmp_path):
+    with pytest.raises(SuiteError, match="choose from tiny, micro"):
+        plan(tmp_path, "smoke", sizes=["huge"])
+    with pytest.raises(SuiteError, match="not a suite family"):
+        plan(tmp_path, "encoder_17m")
+    with pytest.raises(SuiteError, match="run_name.*the suite sets these"):
+        plan(tmp_path, "smoke", overrides=["run_name=x"])
+
+
+@pytest.mark.slow
+def test_the_smoke_suite_trains_skips_reports_and_refuses_other_data(tmp_path):
+    suite_dir, data = tmp_path / "suite", tmp_path / "data"
+    common = ["recipe=smoke", "sizes=[micro]", "cross=true", f"suite_dir={suite_dir}",
+              f"data_dir={data}", *SHORT]
+    code, out, err = run_suite(*common)
+    assert code == 0, err
+    members = ["encoder_micro", "decoder_micro", "encoder_from_decoder_micro", "decoder_from_encoder_micro"]
+    table = pd.read_csv(suite_dir / "report" / "suite.csv")
+    assert list(table.columns[:6]) == ["member", "size", "parameters", "objective", "origin", "series"]
+    assert sorted(set(table["member"])) == sorted(members)
+    assert set(table["series"]) == {"encoders", "decoders", "encoder-from-decoder", "decoder-from-encoder"}
+    assert table.groupby("member")["task"].nunique().nunique() == 1  # every member on the same tasks
+    assert (table["parameters"] > 0).all()
+    report = (suite_dir / "report" / "report.md").read_text()
+    assert "ladder.png" in report and ", 0 differ." in report
+    assert "encoder_micro vs decoder_micro" in report
+    assert "encoder_from_decoder_micro vs decoder_from_encoder_micro" in report
+
+    # Again: every member is done, nothing is trained (no log grows, no checkpoint is added).
+    logs = {m: (suite_dir / "logs" / f"{m}.log").stat().st_size for m in members}
+    checkpoints = sorted(p.name for p in suite_dir.glob("*/checkpoints/*"))
+    code, out, err = run_suite(*common)
+    assert code == 0, err
+    assert logs == {m: (suite_dir / "logs" / f"{m}.log").stat().st_size for m in members}
+    assert checkpoints == sorted(p.name for p in suite_dir.glob("*/checkpoints/*"))
+
+    code, out, _ = run_suite(*common, "status")
+    assert code == 0
+    lines = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert {m: lines[m][1] for m in members} == {m: "done" for m in members}
+    assert int(lines["encoder_micro"][2].replace(",", "")) > 12_000  # past its pretrain phase
+
+    # A report rebuilt from the runs alone.
+    (suite_dir / "report" / "suite.csv").unlink()
+    assert compare_main(["--suite", str(suite_dir)]) == 0
+    assert pd.read_csv(suite_dir / "report" / "suite.csv").equals(table)
+
+    # The same directory with other data, or as another family, is refused, naming the difference.
+    code, _, err = run_suite(*[a for a in common if not a.startswith("data_dir")],
+                             f"data_dir={tmp_path / 'other'}")
+    assert code == 2 and "data_dir" in err and "other" in err
+    code, _, err = run_suite("recipe=ettin", f"suite_dir={suite_dir}")
+    assert code == 2 and "recipe=smoke suite" in err
+
+
+@pytest.mark.slow
+def test_a_failing_member_does_not_stop_the_others_and_its_cross_member_waits(tmp_path):
+    suite_dir = tmp_path / "suite"
+    # The decoder's data does not exist: it fails; the encoder still trains; the encoder-from-decoder
+    # member is not started and says why.
+    code, out, err = run_suite("recipe=smoke", "sizes=[micro]", "cross=true", f"suite_dir={suite_dir}",
+                               f"data_dir={tmp_path / 'data'}", *SHORT, "objective=clm")
+    assert code == 2 and "objective" in err  # the suite sets the objective itself
+    (tmp_path / "broken").mkdir()
+    code, out, err = run_suite("recipe=smoke", "sizes=[micro]", "cross=true", f"suite_dir={suite_dir}",
+                               f"data_dir={tmp_path / 'data'}", *SHORT,
+                               "tokenizer=" + str(tmp_path / "broken"))
+    assert code == 1
+    record = json.loads((suite_dir / "suite.json").read_text())["exits"]
+    assert record["encoder_micro"] != 0 and record["decoder_micro"] != 0
+    assert "encoder_from_decoder_micro: failed (its base did not finish)" in err
+    assert str(suite_dir / "logs" / "encoder_micro.log") in err
