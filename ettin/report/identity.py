@@ -7,6 +7,8 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -174,6 +176,35 @@ class Replay:
     total_samples: Optional[int]
 
 
+def replayed_sources(sources: list[dict]) -> list:
+    """The phase's sources as they trained: every recorded DataSource field (format, column,
+    cache_dir, ...), not only the path and weight."""
+    from dataclasses import fields
+
+    from ettin.data.source import DataSource
+
+    known = {f.name for f in fields(DataSource)}
+    return [DataSource(**{k: v for k, v in s.items() if k in known}) for s in sources]
+
+
+def run_collator(run: Run, phase: str):
+    """The collator the run trained the phase with (its objective, its tokenizer): it decides how a
+    row is fitted (an MDS row without [CLS] gets one, an encoder row is closed with [SEP]), so the
+    replayed token counts are the ones training counted. None when the run recorded no tokenizer."""
+    from ettin.data.tokenizer import load_tokenizer
+    from ettin.objectives import OBJECTIVES
+
+    tokenizer = next((c.meta.get("tokenizer") for c in reversed(run.checkpoints)
+                      if c.meta.get("tokenizer")), None)
+    if tokenizer is None or not Path(tokenizer).exists():
+        return None
+    objective = next((c.meta.get("objective") for c in run.checkpoints if c.phase == phase),
+                     run.objective)
+    p = run.phase_config(phase)
+    return OBJECTIVES[objective].collator(load_tokenizer(tokenizer), mask_rate=p.mask_rate,
+                                          seed=int(recorded_seed(run)))
+
+
 def replay(run: Run, phase: str, *, max_steps: int = MAX_REPLAY_STEPS,
            spread_positions: int = SPREAD_POSITIONS, max_samples: int = MAX_REPLAY_SAMPLES) -> Replay:
     """Replay the loader's order (a function of seed, phase and global sample index) for the first
@@ -196,8 +227,9 @@ def replay(run: Run, phase: str, *, max_steps: int = MAX_REPLAY_STEPS,
                 batch_warmup_tokens=int(values["batch_warmup_tokens"]),
                 batch_warmup_min=int(values["batch_warmup_min"]))
     try:
-        batches = StepBatches([(s["path"], s["weight"]) for s in sources], split="train",
-                              seq_len=p.seq_len, collator=None, global_batch_at=phase_batch_schedule(p, int(values["global_batch"])),
+        batches = StepBatches(replayed_sources(sources), split="train", seq_len=p.seq_len,
+                              collator=run_collator(run, phase),
+                              global_batch_at=phase_batch_schedule(p, int(values["global_batch"])),
                               micro_batch_size=p.micro_batch, seed=recorded_seed(run), phase=phase)
     except (FileNotFoundError, ValueError) as error:
         raise RunError(f"cannot replay {run.name} phase {phase}: {error}") from None

@@ -323,9 +323,8 @@ def data_sources(run: Run, phase: str) -> Optional[list[dict]]:
     ettin.train.run resolves it) with the fingerprint computed now from the folder's summary.json."""
     recorded = recorded_data(run, phase)
     if recorded and recorded.get("sources") is not None:
-        return [{"path": str(s.get("path")), "weight": float(s.get("weight", 1.0)),
-                 "format": s.get("format", "prepared"), "fingerprint": s.get("fingerprint"),
-                 "recorded": True} for s in recorded["sources"]]
+        return [{**s, "path": str(s.get("path")), "weight": float(s.get("weight", 1.0)),
+                 "format": s.get("format", "prepared"), "recorded": True} for s in recorded["sources"]]
     from ettin.data.corpus import builtin_data_path
     from ettin.data.loader import prepared_fingerprint
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -88,9 +88,9 @@ def data_identity(cfg: TrainConfig, phase: str, sources: list) -> dict:
     return {
         "seed": cfg.seed, "phase": phase, "seq_len": p.seq_len, "global_batch": cfg.global_batch,
         "batch_warmup_tokens": p.batch_warmup_tokens, "batch_warmup_min": p.batch_warmup_min,
-        "sources": [{"path": s.path if "://" in s.path else str(Path(s.path).resolve()),
-                     "weight": s.weight, "format": s.format, "fingerprint": prepared_fingerprint(s.path)}
-                    for s in sources],
+        # Every field of each source (the replay of ettin.compare rebuilds them as they trained).
+        "sources": [{**asdict(s), "path": s.path if "://" in s.path else str(Path(s.path).resolve()),
+                     "fingerprint": prepared_fingerprint(s.path)} for s in sources],
     }
 
 
