@@ -23,6 +23,7 @@ from test_eval import folders  # noqa: F401  the tiny encoder and decoder saved 
 
 from ettin.evaluation.models import EvalError
 from ettin.evaluation import evaluate
+from ettin.evaluation.registry import CODESEARCHNET_LANGUAGES
 from ettin.evaluation.runners import msmarco_finetune
 
 STRING = Value("string")
@@ -94,6 +95,29 @@ CACHED.update({  # the paper's retrieval: sentence-transformers' hard triplets, 
                            Features({"query-id": STRING, "corpus-id": STRING, "score": Value("int64")}),
                            ("train", "dev", "test"), lambda i: {"query-id": f"q{i}", "corpus-id": f"d{i}", "score": 1}),
 })
+
+
+def _mteb_retrieval_configs(name: str, subset: str, splits: tuple[str, ...], id_column: str) -> dict:
+    """One hf subset of an mteb 2.x retrieval dataset: its SUBSET-corpus, -queries and -qrels configs, each
+    with the task's splits, document i relevant to query i."""
+    folder = f"mteb___{name}"
+    return {
+        f"{name}-{subset}-corpus": (folder, f"{subset}-corpus", name,
+                                    Features({id_column: STRING, "title": STRING, "text": STRING}), splits,
+                                    lambda i: {id_column: f"{subset}-d{i}", "title": "", "text": _text(i, 40)}),
+        f"{name}-{subset}-queries": (folder, f"{subset}-queries", name, Features({id_column: STRING, "text": STRING}),
+                                     splits, lambda i: {id_column: f"{subset}-q{i}", "text": _text(i, 3)}),
+        f"{name}-{subset}-qrels": (folder, f"{subset}-qrels", name, Features(
+            {"query-id": STRING, "corpus-id": STRING, "score": Value("int64")}), splits,
+            lambda i: {"query-id": f"{subset}-q{i}", "corpus-id": f"{subset}-d{i}", "score": 1}),
+    }
+
+
+MLDR, CODESEARCHNET = "multi_long_doc_retrieval", "code_search_net_retrieval"  # mteb/MultiLongDocRetrieval, ...
+for language in ("en", "de"):  # two of MLDR's 13 languages: the paper's English one is read, German is not
+    CACHED.update(_mteb_retrieval_configs(MLDR, language, ("dev", "test", "train"), "id"))
+for language in CODESEARCHNET_LANGUAGES:
+    CACHED.update(_mteb_retrieval_configs(CODESEARCHNET, language, ("test",), "_id"))
 
 
 def write_cached_dataset(cache: Path, task: str, rows: int = 16) -> Path:
@@ -184,7 +208,8 @@ def test_a_dataset_missing_from_the_offline_cache_is_one_error_naming_it_and_the
 
 def test_prefetch_loads_every_dataset_of_the_tasks_and_the_hub_models_and_refuses_offline(monkeypatch):
     from ettin.evaluation import offline
-    from ettin.evaluation.registry import PAPER_GENERATIVE, PAPER_GLUE, PAPER_RETRIEVAL, Dataset, resolve_tasks
+    from ettin.evaluation.registry import (PAPER_GENERATIVE, PAPER_GLUE, PAPER_RETRIEVAL, PAPER_RETRIEVAL_TASKS,
+                                           Dataset, resolve_tasks)
 
     tasks = resolve_tasks("ettin-paper")
     with pytest.raises(EvalError, match="--prefetch downloads; unset HF_HUB_OFFLINE"):
@@ -208,7 +233,8 @@ def test_prefetch_loads_every_dataset_of_the_tasks_and_the_hub_models_and_refuse
     lines = offline.prefetch(tasks, ["jhu-clsp/ettin-decoder-150m@step599525"])
     assert mteb_loaded == ["ArguAna"] and "mteb MTEB(eng, v2) ArguAna: mteb/arguana @ c22ab2a" in lines
     assert loaded == [*(t.datasets[0] for t in PAPER_GENERATIVE),
-                      *(Dataset("nyu-mll/glue", t.name) for t in PAPER_GLUE), *PAPER_RETRIEVAL.datasets]
+                      *(Dataset("nyu-mll/glue", t.name) for t in PAPER_GLUE),
+                      *(d for t in PAPER_RETRIEVAL_TASKS for d in t.datasets)]
     assert [str(d) for d in PAPER_RETRIEVAL.datasets] == [
         "sentence-transformers/msmarco-co-condenser-margin-mse-sym-mnrl-mean-v1 (triplet-hard)",
         "mteb/msmarco (corpus)", "mteb/msmarco (queries)", "mteb/msmarco (default)"]
@@ -259,3 +285,32 @@ def test_mteb_eng_v2_scores_the_msmarco_fine_tuned_model_made_once(folders, cach
     with pytest.raises(EvalError, match=r"mteb task MSMARCO could not read its dataset 'mteb/msmarco'.*"
                                         r"python -m ettin.eval --prefetch --tasks mteb_v2_eng"):
         evaluate([folders["encoder"]], tasks="mteb_v2_eng", out=tmp_path / "again", limit=4, console=io.StringIO())
+
+
+@pytest.mark.slow
+def test_mldr_and_codesearchnet_score_the_msmarco_fine_tuned_model_through_mteb_offline(folders, cache,  # noqa: F811
+                                                                                       tmp_path):
+    """The encoder table's MLDR (English subset of mteb's MultiLongDocRetrieval, test split) and
+    CodeSearchNet (mteb's CodeSearchNetRetrieval, the mean over its six languages): the real mteb tasks read
+    the datasets cache, after one MS MARCO fine-tune shared by both."""
+    write_cached_dataset(cache, "msmarco-triplets", rows=40)
+    for config in [c for c in CACHED if c.startswith((MLDR, CODESEARCHNET))]:
+        write_cached_dataset(cache, config, rows=6)
+    shutil.rmtree(cache / f"mteb___{CODESEARCHNET}" / "ruby-qrels")
+    with pytest.raises(EvalError) as missing:  # the offline check names the configuration and the fix
+        evaluate([folders["encoder"]], tasks="mldr,codesearchnet", limit=4)
+    assert "'mteb/CodeSearchNetRetrieval' (config 'ruby-qrels')" in str(missing.value)
+    assert f"python -m ettin.eval --prefetch --tasks mldr,codesearchnet {folders['encoder']}" in str(missing.value)
+    write_cached_dataset(cache, f"{CODESEARCHNET}-ruby-qrels", rows=6)
+    tasks = evaluate([folders["encoder"]], tasks="mldr,codesearchnet", out=tmp_path, limit=4,
+                     console=io.StringIO())["models"]["tiny-encoder"]["tasks"]
+    max_length = json.loads((folders["encoder"] / "config.json").read_text())["max_position_embeddings"]
+    for name, mteb_task, subsets in (("mldr", "MultiLongDocRetrieval", ["en"]),
+                                     ("codesearchnet", "CodeSearchNetRetrieval", list(CODESEARCHNET_LANGUAGES))):
+        result = tasks[name]
+        assert (result["metric"], result["split"], result["mteb_task"], result["library"]) == (
+            "ndcg@10", "test", mteb_task, "sentence-transformers")
+        assert list(result["mteb_subsets"]) == subsets and result["n_examples"] == 6 * len(subsets)
+        assert result["score"] == pytest.approx(sum(result["mteb_subsets"].values()) / len(subsets))
+        assert result["mteb_scores"]["ndcg_at_10"] == pytest.approx(result["score"]) and 0.0 < result["score"] <= 1.0
+        assert (result["n_train_examples"], result["max_seq_length"]) == (16, max_length)

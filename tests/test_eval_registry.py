@@ -12,7 +12,7 @@ from ettin.evaluation.models import EvalModel, resolve_model
 from ettin.evaluation.offline import lm_eval_datasets
 from ettin.evaluation.models import ettin_size
 from ettin.evaluation.paper import comparison_rows, paper_scores
-from ettin.evaluation.registry import MTEB_MSMARCO_REVISION, PAPER_GENERATIVE, SUITES, TASKS, resolve_tasks
+from ettin.evaluation.registry import PAPER_GENERATIVE, PAPER_RETRIEVAL_TASKS, SUITES, TASKS, resolve_tasks
 
 # The paper's decoder table, column by column (ARC = arc_challenge, WSC = wsc273: docs/evaluation.md)
 PAPER_DECODER_TASKS = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm", "lambada_openai": "acc",
@@ -37,9 +37,11 @@ def test_ettin_paper_is_exactly_the_papers_tasks_zero_shot_with_their_metrics():
             (64, 512, 5e-6, 0.06)}
         assert {"learning_rate": 5e-5, "epochs": 1.0} in [{k: s[k] for k in ("learning_rate", "epochs")}
                                                           for s in settings]
-    (retrieval,) = [t for t in tasks if t.category == "retrieval"]  # MS MARCO fine-tune, MS MARCO dev nDCG@10
-    assert (retrieval.name, retrieval.metric, retrieval.split, retrieval.mteb_task) == ("msmarco", "ndcg@10", "dev",
-                                                                                       "MSMARCO")
+    # the MS MARCO fine-tune, then nDCG@10 on MS MARCO dev, MLDR's English test set and CodeSearchNet's test set
+    assert [(t.name, t.metric, t.split, t.mteb_task, t.mteb_subsets) for t in tasks if t.category == "retrieval"] == [
+        ("msmarco", "ndcg@10", "dev", "MSMARCO", ()), ("mldr", "ndcg@10", "test", "MultiLongDocRetrieval", ("en",)),
+        ("codesearchnet", "ndcg@10", "test", "CodeSearchNetRetrieval",
+         ("python", "javascript", "go", "ruby", "java", "php"))]
     assert [(t.name, t.library, t.mteb_benchmark) for t in tasks if t.category == "embedding"] == [
         ("mteb_v2_eng", "mteb", "MTEB(eng, v2)")]
     assert resolve_tasks("offline") == [TASKS[t] for t in SUITES["offline"]]
@@ -52,7 +54,15 @@ def test_registered_datasets_are_the_ones_lm_eval_loads():
         assert lm_eval_datasets(task.name) == task.datasets, task.name
     import mteb
 
-    assert mteb.get_task("MSMARCO").metadata.dataset == {"path": "mteb/msmarco", "revision": MTEB_MSMARCO_REVISION}
+    for task in PAPER_RETRIEVAL_TASKS:  # mteb's own dataset, revision, main score and subsets
+        metadata = mteb.get_task(task.mteb_task).metadata
+        assert {(d.id, d.revision) for d in task.datasets if d.id.startswith("mteb/")} == {
+            (metadata.dataset["path"], metadata.dataset["revision"])}
+        assert metadata.main_score == "ndcg_at_10" and task.split in metadata.eval_splits
+        assert set(task.mteb_subsets) <= set(metadata.hf_subsets_to_langscripts), task.name
+    assert [str(d) for d in TASKS["mldr"].datasets] == [
+        "mteb/MultiLongDocRetrieval (en-corpus)", "mteb/MultiLongDocRetrieval (en-queries)",
+        "mteb/MultiLongDocRetrieval (en-qrels)"]
 
 
 def test_an_unknown_task_is_an_error_listing_close_names():
@@ -73,6 +83,10 @@ def test_list_tasks_prints_every_suite_and_task_with_how_it_is_scored(capsys):
     assert lines["hellaswag"].split()[1:6] == ["generation", "lm-eval", "acc_norm", "higher", "better"]
     assert "Rowan/hellaswag" in lines["hellaswag"]
     assert "nyu-mll/glue (mnli)" in lines["mnli"] and "validation_matched" in lines["mnli"]
+    assert lines["mldr"].split()[1:4] == ["retrieval", "sentence-transformers", "ndcg@10"]
+    assert "mteb/MultiLongDocRetrieval (en-corpus, en-queries, en-qrels)" in lines["mldr"]
+    assert "mteb/CodeSearchNetRetrieval (python-corpus, python-queries, python-qrels, javascript-corpus" in \
+        lines["codesearchnet"]
     assert "none (generated offline)" in lines["smoke_lm"] and "lower better" in lines["smoke_lm"]
     assert set(TASKS) <= set(lines)
 
@@ -121,6 +135,10 @@ def test_released_ids_and_ettin_shapes_are_compared_with_the_paper():
     rows = {task: (ours, paper) for _, task, ours, paper, _ in comparison_rows(report)}
     assert rows == {"mteb_v2_eng": (50.0, 54.0), "mteb_v2_eng_clustering": (40.0, 41.5),
                     "mteb_v2_eng_retrieval": (45.0, 45.7)}
+    # MLDR and CodeSearchNet are tasks of ours, beside the encoder table's columns of the same name
+    report["models"]["jhu-clsp/ettin-decoder-150m"]["tasks"] = {"mldr": {"score": 0.3}, "codesearchnet": {"score": 0.7}}
+    rows = {task: (ours, paper) for _, task, ours, paper, _ in comparison_rows(report)}
+    assert rows == {"mldr": (30.0, 31.8), "codesearchnet": (70.0, 76.3)}
 
 
 def test_a_sweep_reports_its_best_setting_and_records_every_setting(monkeypatch, tmp_path):

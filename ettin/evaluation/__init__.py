@@ -34,8 +34,8 @@ from ettin.evaluation.offline import check_cached, is_offline, prefetch_command
 from ettin.evaluation.registry import (LM_EVAL, MTEB, PAPER_RETRIEVAL, SENTENCE_TRANSFORMERS,
                                        TRANSFORMERS, Task, resolve_tasks, suite_name)
 from ettin.evaluation.runners import (MsmarcoSettings, RetrievalSettings, finetune_classification, harness_model,
-                                      harness_model_args, msmarco_finetune, mteb_benchmark_tasks, mteb_main_score,
-                                      mteb_task_score, paper_retrieval_encoder, retrieval_ndcg_at_10,
+                                      harness_model_args, msmarco_finetune, mteb_benchmark_tasks, mteb_queries,
+                                      mteb_task, mteb_task_score, paper_retrieval_encoder, retrieval_ndcg_at_10,
                                       run_harness_task)
 
 log = logging.getLogger("ettin")
@@ -162,16 +162,21 @@ def _msmarco_encoder(model: EvalModel, limit: Optional[int], seed: int, work: Pa
 
 
 def _paper_retrieval(task: Task, model: EvalModel, limit: Optional[int], seed: int, work: Path) -> dict:
-    """The paper's MS MARCO fine-tune, then mteb's task (MS MARCO dev nDCG@10)."""
-    from datasets import load_dataset
-
+    """The paper's MS MARCO fine-tune, then one mteb task (MS MARCO dev, MLDR, CodeSearchNet): its main
+    score on the task's split, the mean over the subsets scored (CodeSearchNet's six languages)."""
     encoder, trained = _msmarco_encoder(model, limit, seed, work)
-    score, scores = mteb_main_score(encoder, task.mteb_task)
-    qrels = next(d for d in task.datasets if d.config == "default")
-    queries = len(set(load_dataset(qrels.id, qrels.config, revision=qrels.revision, split=task.split)["query-id"]))
-    return {"metric": task.metric, "score": score, "n_examples": queries, "n_train_examples": trained,
-            "settings": vars(MsmarcoSettings()), "mteb_task": task.mteb_task, "mteb_version": version("mteb"),
-            "mteb_scores": {k: v for k, v in scores.items() if k.startswith(("ndcg_at", "recall_at", "mrr_at"))}}
+    evaluated = mteb_task(task.mteb_task, task.split, task.mteb_subsets)
+    score, scores = mteb_task_score(encoder, evaluated)
+    by_subset = {subset["hf_subset"]: subset for subset in scores[task.split]}
+    cutoffs = [k for k in next(iter(by_subset.values())) if k.startswith(("ndcg_at", "recall_at", "mrr_at"))]
+    return {"metric": task.metric, "score": score, "n_examples": mteb_queries(evaluated, task.split),
+            "n_train_examples": trained, "settings": vars(MsmarcoSettings()),
+            # documents and queries are cut at the encoder's length (the model's own maximum, as the
+            # paper's script leaves it): MLDR's documents are long, so it matters there
+            "max_seq_length": encoder.max_seq_length, "mteb_task": task.mteb_task,
+            "mteb_version": version("mteb"),
+            "mteb_subsets": {name: subset["main_score"] for name, subset in by_subset.items()},
+            "mteb_scores": {k: sum(s[k] for s in by_subset.values()) / len(by_subset) for k in cutoffs}}
 
 
 def _mteb_benchmark(task: Task, model: EvalModel, limit: Optional[int], seed: int, work: Path) -> dict:
@@ -179,19 +184,19 @@ def _mteb_benchmark(task: Task, model: EvalModel, limit: Optional[int], seed: in
     task type (the paper's clustering and retrieval columns) and every task's score."""
     encoder, trained = _msmarco_encoder(model, limit, seed, work)
     scores, types = {}, {}
-    for mteb_task in mteb_benchmark_tasks(task.mteb_benchmark):
-        name = mteb_task.metadata.name
+    for member in mteb_benchmark_tasks(task.mteb_benchmark):
+        name = member.metadata.name
         try:
-            scores[name] = mteb_task_score(encoder, mteb_task)
+            scores[name] = mteb_task_score(encoder, member)[0]
         except Exception as error:
             if not is_offline():
                 raise
-            dataset = mteb_task.metadata.dataset
+            dataset = member.metadata.dataset
             raise EvalError(f"task {task.name}: mteb task {name} could not read its dataset {dataset['path']!r} "
                             f"(revision {dataset.get('revision')!r}) offline ({type(error).__name__}: {error}); on a "
                             f"machine with internet and the same HF_HOME run: "
                             f"{prefetch_command([task], [str(model.path)])}") from None
-        types.setdefault(mteb_task.metadata.type, []).append(scores[name])
+        types.setdefault(member.metadata.type, []).append(scores[name])
     return {"metric": task.metric, "score": sum(scores.values()) / len(scores), "n_examples": len(scores),
             "mean_by_type": {kind: sum(values) / len(values) for kind, values in sorted(types.items())},
             "task_scores": scores, "n_train_examples": trained, "mteb_benchmark": task.mteb_benchmark}

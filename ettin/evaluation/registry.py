@@ -89,6 +89,7 @@ class Task:
     grid: Optional[FinetuneGrid] = None
     train_split: str = "train"
     mteb_task: str = ""  # retrieval scored by mteb's task of this name (after the paper's MS MARCO fine-tune)
+    mteb_subsets: tuple[str, ...] = ()  # the mteb task's hf subsets scored (their mean); () for one "default"
     mteb_benchmark: str = ""  # an mteb benchmark (its tasks' datasets are mteb's: --prefetch asks mteb)
 
 
@@ -143,26 +144,54 @@ SMOKE = (
 MSMARCO_POOL = Task("msmarco_pool", "retrieval", SENTENCE_TRANSFORMERS, "ndcg@10", True, "validation",
                     (Dataset("microsoft/ms_marco", "v1.1"),), source="ettin (small-pool protocol, not the paper's)")
 
+def _mteb_retrieval_datasets(path: str, revision: str, subsets: tuple[str, ...]) -> tuple[Dataset, ...]:
+    """The hub configs mteb's retrieval loader reads (mteb.abstasks.retrieval_dataset_loaders): per hf
+    subset ``SUBSET-corpus``, ``SUBSET-queries`` and ``SUBSET-qrels``; a task without subsets has
+    ``corpus``, ``queries`` and ``default`` (the qrels)."""
+    if not subsets:
+        return tuple(Dataset(path, config, revision) for config in ("corpus", "queries", "default"))
+    return tuple(Dataset(path, f"{subset}-{part}", revision) for subset in subsets
+                 for part in ("corpus", "queries", "qrels"))
+
+
+def _paper_retrieval(name: str, split: str, mteb_task: str, path: str, revision: str,
+                     subsets: tuple[str, ...] = (), extra: tuple[Dataset, ...] = ()) -> Task:
+    return Task(name, "retrieval", SENTENCE_TRANSFORMERS, "ndcg@10", True, split,
+                (*extra, *_mteb_retrieval_datasets(path, revision, subsets)),
+                source=f"{PAPER}; retrieval_eval/train_st.py; mteb {mteb_task}", mteb_task=mteb_task,
+                mteb_subsets=subsets)
+
+
 # The paper's retrieval (JHU-CLSP/ettin-encoder-vs-decoder retrieval_eval/train_st.py): fine-tune on MS
-# MARCO hard triplets with CachedMultipleNegativesRankingLoss for 1 epoch, then MS MARCO dev nDCG@10 through
-# mteb's MSMARCO task (its pinned revision of mteb/msmarco: 8.8M passages).
+# MARCO hard triplets with CachedMultipleNegativesRankingLoss for 1 epoch, then nDCG@10 through mteb's
+# tasks, each at the revision mteb pins: MS MARCO dev (8.8M passages; the scaling figure) and the encoder
+# table's MLDR (English: mteb's MultiLongDocRetrieval, subset en; its test split, 800 queries over 200k
+# long Wikipedia articles) and CodeSearchNet (mteb's CodeSearchNetRetrieval: the mean over its six
+# languages, test split).
 MTEB_MSMARCO_REVISION = "c5a29a104738b98a9e76336939199e264163d4a0"
+MTEB_MLDR_REVISION = "837028901907a7d419b4ab906f28e011ce1cc824"
+MTEB_CODESEARCHNET_REVISION = "68e8f0731a656fa4bd5b7c81936d95ad48a39bfe"
+CODESEARCHNET_LANGUAGES = ("python", "javascript", "go", "ruby", "java", "php")
 MSMARCO_TRIPLETS = Dataset("sentence-transformers/msmarco-co-condenser-margin-mse-sym-mnrl-mean-v1", "triplet-hard")
-PAPER_RETRIEVAL = Task(
-    "msmarco", "retrieval", SENTENCE_TRANSFORMERS, "ndcg@10", True, "dev",
-    (MSMARCO_TRIPLETS, *(Dataset("mteb/msmarco", c, MTEB_MSMARCO_REVISION) for c in ("corpus", "queries", "default"))),
-    source=f"{PAPER}; retrieval_eval/train_st.py; mteb MSMARCO", mteb_task="MSMARCO")
+PAPER_RETRIEVAL = _paper_retrieval("msmarco", "dev", "MSMARCO", "mteb/msmarco", MTEB_MSMARCO_REVISION,
+                                   extra=(MSMARCO_TRIPLETS,))
+PAPER_MLDR = _paper_retrieval("mldr", "test", "MultiLongDocRetrieval", "mteb/MultiLongDocRetrieval",
+                              MTEB_MLDR_REVISION, ("en",))
+PAPER_CODESEARCHNET = _paper_retrieval("codesearchnet", "test", "CodeSearchNetRetrieval",
+                                       "mteb/CodeSearchNetRetrieval", MTEB_CODESEARCHNET_REVISION,
+                                       CODESEARCHNET_LANGUAGES)
 
 # The encoder table's MTEB columns: the MS MARCO fine-tuned model (above) on mteb's MTEB(eng, v2), the
 # mean of its 41 tasks' main scores, and the means of its clustering and retrieval tasks.
 PAPER_MTEB = Task("mteb_v2_eng", "embedding", MTEB, "mean_main_score", True, "mteb's per task",
                   source=f"{PAPER}; mteb.get_benchmark('MTEB(eng, v2)')", mteb_benchmark="MTEB(eng, v2)")
 
-TASKS: dict[str, Task] = {t.name: t for t in (*SMOKE, *PAPER_GENERATIVE, *PAPER_GLUE, PAPER_RETRIEVAL,
+PAPER_RETRIEVAL_TASKS = (PAPER_RETRIEVAL, PAPER_MLDR, PAPER_CODESEARCHNET)
+TASKS: dict[str, Task] = {t.name: t for t in (*SMOKE, *PAPER_GENERATIVE, *PAPER_GLUE, *PAPER_RETRIEVAL_TASKS,
                                               PAPER_MTEB, MSMARCO_POOL)}
 SUITES: dict[str, tuple[str, ...]] = {
     "offline": tuple(t.name for t in SMOKE),
-    "ettin-paper": tuple(t.name for t in (*PAPER_GENERATIVE, *PAPER_GLUE, PAPER_RETRIEVAL, PAPER_MTEB)),
+    "ettin-paper": tuple(t.name for t in (*PAPER_GENERATIVE, *PAPER_GLUE, *PAPER_RETRIEVAL_TASKS, PAPER_MTEB)),
 }
 
 
@@ -211,7 +240,11 @@ def suite_name(spec: str | list[str]) -> str:
 def _datasets_described(task: Task) -> str:
     if task.mteb_benchmark:
         return f"those of mteb's {task.mteb_benchmark}"
-    return "; ".join(map(str, task.datasets)) or "none (generated offline)"
+    configs: dict[str, list[str]] = {}  # one entry per dataset id, its configs in order
+    for dataset in task.datasets:
+        configs.setdefault(dataset.id, []).extend([dataset.config] if dataset.config else [])
+    return "; ".join(f"{id} ({', '.join(names)})" if names else id for id, names in configs.items()) \
+        or "none (generated offline)"
 
 
 def list_tasks() -> str:

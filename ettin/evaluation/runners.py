@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -240,19 +240,20 @@ def msmarco_finetune(encoder, triplets, *, settings: MsmarcoSettings, train_rows
     return len(train)
 
 
-def mteb_main_score(encoder, task_name: str) -> tuple[float, dict]:
-    """mteb's main score of ``encoder`` on its task ``task_name`` (mteb 2.x ``mteb.evaluate``; no result
-    cache, so a score is never another model's), and the split's full scores."""
+def mteb_task(name: str, split: Optional[str] = None, subsets: Sequence[str] = ()):
+    """mteb's task ``name``, cut to one evaluation split and to some of its hf subsets (e.g. MLDR's
+    ``en``) when given, with its data loaded (from the datasets cache, at the revision mteb pins)."""
     import mteb
 
-    (task,) = mteb.get_tasks(tasks=[task_name])
-    result = mteb.evaluate(encoder, tasks=[task], cache=None, show_progress_bar=False)
-    if result.exceptions:
-        raise RuntimeError(f"mteb {task_name}: {result.exceptions[0]}")
-    (task_result,) = result.task_results
-    (split,) = task.metadata.eval_splits
-    (scores,) = task_result.scores[split]
-    return float(scores["main_score"]), scores
+    task = mteb.get_task(name, eval_splits=[split] if split else None, hf_subsets=list(subsets) or None)
+    task.load_data()
+    return task
+
+
+def mteb_queries(task, split: str) -> int:
+    """The queries a loaded mteb retrieval task evaluates on ``split`` (those with relevance judgements),
+    over its subsets."""
+    return sum(len(task.dataset[subset][split]["queries"]) for subset in task.hf_subsets)
 
 
 def mteb_benchmark_tasks(name: str) -> list:
@@ -261,11 +262,14 @@ def mteb_benchmark_tasks(name: str) -> list:
     return list(mteb.get_benchmark(name).tasks)
 
 
-def mteb_task_score(encoder, task) -> float:
-    """mteb's main score of ``encoder`` on one mteb task (averaged over the splits and subsets the task
-    evaluates; no result cache)."""
+def mteb_task_score(encoder, task) -> tuple[float, dict[str, list[dict]]]:
+    """mteb's main score of ``encoder`` on one mteb task (the mean over the splits and subsets the task
+    evaluates; mteb 2.x ``mteb.evaluate`` with no result cache, so a score is never another model's),
+    and mteb's scores ``{split: [one dict per subset]}``."""
     import mteb
 
     result = mteb.evaluate(encoder, tasks=[task], cache=None, show_progress_bar=False)
+    if result.exceptions:
+        raise RuntimeError(f"mteb {task.metadata.name}: {result.exceptions[0]}")
     (task_result,) = result.task_results
-    return float(task_result.get_score())
+    return float(task_result.get_score()), task_result.scores
