@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from data_fixtures import build_tiny_prepared, data_root, tiny_prepared, tiny_tokenizer  # noqa: F401
-from ettin.report import identity, runs, scores
-from ettin.report.cli import default_out_dir, main, write_report
+from ettin.report import identity, plots, runs, scores
+from ettin.report.cli import CHECKPOINT_EVAL, default_out_dir, main, write_report
 from ettin.data.loader import StepBatches, add_digests
 
 BATCH = 4
@@ -271,6 +271,48 @@ def test_write_report_writes_markdown_html_and_plots(tmp_path, tiny_prepared):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in text
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "src='loss.png'" not in page
+    assert "Scores over training" not in text and not list(out.glob("scores-over-tokens-*"))  # no checkpoint scored
+
+
+def test_checkpoint_scores_are_drawn_per_task_on_the_token_axis_of_the_losses(tmp_path, tiny_prepared):
+    """What python -m ettin.eval RUN_A RUN_B --checkpoints all --out DIR/checkpoint-eval writes (a model
+    RUN@CHECKPOINT per checkpoint) is found, and each task's figure plots exactly those scores at the
+    checkpoints' cumulative token counts (the phases' tokens read from the checkpoint metas)."""
+    a = make_run(tmp_path, "p-encoder", tiny_prepared, digest_every=2)
+    b = make_run(tmp_path, "p-decoder", tiny_prepared, objective="clm", digest_every=2)
+    expected, names_kinds, nli, lm = {}, {}, {}, {}
+    for offset_kind, run in ((0.0, a), (0.5, b)):
+        metas = sorted((json.loads(m.read_text()) for m in (run / "checkpoints").glob("*/meta.json")),
+                       key=lambda meta: (meta["phase_index"], meta["step"]))
+        pretrain_tokens = max(m["tokens"] for m in metas if m["phase"] == "pretrain")
+        for index, (folder, meta) in enumerate(sorted(
+                ((f"{m['phase']}-step{m['step']:07d}-tok{m['tokens']:015d}", m) for m in metas),
+                key=lambda item: (item[1]["phase_index"], item[1]["step"]))):
+            name = f"{run.name}@{folder}"
+            names_kinds[name] = "encoder" if run == a else "decoder"
+            nli[name], lm[name] = 0.1 * index + offset_kind, 9.0 - index
+            tokens = meta["tokens"] + (pretrain_tokens if meta["phase"] == "decay" else 0)
+            expected.setdefault(run.name, []).append((tokens, nli[name]))
+    assert [len(points) for points in expected.values()] == [5, 5]  # steps 2, 4, 6 of pretrain; 2, 3 of decay
+    names_kinds[f"{a.name}@pretrain-step0000099"] = "encoder"  # a checkpoint the run no longer has: left out
+    nli[f"{a.name}@pretrain-step0000099"] = 1.0
+    evaluated = evaluation(names_kinds, {"nli": ("classification", "accuracy", True, nli),
+                                         "smoke_lm": ("language_modeling", "word_perplexity", False, lm)})
+    out = default_out_dir(a, b)
+    (out / CHECKPOINT_EVAL).mkdir(parents=True)
+    (out / CHECKPOINT_EVAL / "eval.json").write_text(json.dumps(evaluated))
+    text = write_report(a, b, out).read_text()
+    assert "## Scores over training" in text and "Only checkpoints were evaluated" in text
+    for task in ("nli", "smoke_lm"):
+        assert f"(scores-over-tokens-{task}.png)" in text
+        assert (out / f"scores-over-tokens-{task}.png").read_bytes()[:4] == b"\x89PNG"
+    pair = [runs.load_run(a), runs.load_run(b)]
+    table = scores.checkpoint_scores(scores.load_evaluation(out / CHECKPOINT_EVAL / "eval.json"), pair)
+    axis = plots.plot_scores_over_tokens(table, "nli", pair).axes[0]
+    plotted = {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in axis.get_lines()
+               if not line.get_label().startswith("_")}  # the phase boundaries are unlabelled lines
+    assert plotted == {run.label: expected[run.name] for run in pair}
+    assert axis.get_xlabel() == "tokens (cumulative over phases)" and axis.get_ylabel() == "accuracy (higher is better)"
 
 
 def test_two_runs_of_one_objective_are_an_ab_comparison(tmp_path, tiny_prepared):

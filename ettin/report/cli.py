@@ -5,13 +5,16 @@ comparison, labelled by run name). Writes ``report.md``, a self-contained ``repo
 plots into DIR (default: a folder next to RUN_A named after the pair, ``<name>-report`` for the
 ``<name>-encoder`` / ``<name>-decoder`` pair of ``python -m ettin.train``): the data and schedule
 identity of the two runs, proven from their metadata and a replay of the loader's order; evaluation
-scores side by side (from ``--eval``, else ``RUN/eval.json`` or ``DIR/eval.json`` when present);
-loss, learning rate, global batch and throughput on one cumulative token axis.
+scores side by side (from ``--eval``, else ``RUN/eval.json``, ``DIR/eval.json`` or
+``DIR/checkpoint-eval/eval.json`` when present); each task's score at the evaluated checkpoints
+(``python -m ettin.eval RUN --checkpoints ...``), and loss, learning rate, global batch and throughput,
+on one cumulative token axis.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,25 +36,31 @@ def default_out_dir(run_a: Path, run_b: Path) -> Path:
     return run_a.parent / f"{a}-vs-{b}"
 
 
+# Where the report looks for the checkpoints' evaluation: python -m ettin.eval RUN_A RUN_B --checkpoints
+# every:K --out DIR/checkpoint-eval (its own folder: an eval.json holds only the models of its command).
+CHECKPOINT_EVAL = "checkpoint-eval"
+
+
 def find_evaluation(run_a: Path, run_b: Path, out_dir: Path) -> list[Path]:
     """The eval.json files that may hold the pair's scores, in the order they are merged."""
-    return [p for p in (run_a / "eval.json", run_b / "eval.json", out_dir / "eval.json") if p.is_file()]
+    return [p for p in (run_a / "eval.json", run_b / "eval.json", out_dir / "eval.json",
+                        out_dir / CHECKPOINT_EVAL / "eval.json") if p.is_file()]
 
 
 def write_report(run_a: Path | str, run_b: Path | str, out_dir: Path | str,
-                 evaluation: dict | Path | str | None = None, *,
+                 evaluation: dict | Path | str | Sequence[dict | Path | str] | None = None, *,
                  max_steps: int = identity.MAX_REPLAY_STEPS) -> Path:
-    """Write report.md, report.html and the plots of two runs into ``out_dir``; returns report.md."""
+    """Write report.md, report.html and the plots of two runs into ``out_dir``; returns report.md.
+    ``evaluation``: eval.json files or dicts (merged); None: those ``find_evaluation`` finds."""
     a, b = runs.load_run(run_a), runs.load_run(run_b)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if evaluation is None:
-        found = find_evaluation(a.path, b.path, out)
-        evaluation_sources = [str(p) for p in found]
-        evaluation = scores.load_evaluation(*found) if found else None
+        given = find_evaluation(a.path, b.path, out)
     else:
-        evaluation_sources = [str(evaluation)] if isinstance(evaluation, (str, Path)) else ["given"]
-        evaluation = scores.load_evaluation(evaluation)
+        given = list(evaluation) if isinstance(evaluation, (list, tuple)) else [evaluation]
+    evaluation_sources = [str(g) if isinstance(g, (str, Path)) else "given" for g in given]
+    evaluation = scores.load_evaluation(*given)
     blocks = report_blocks(a, b, out, evaluation, evaluation_sources, max_steps=max_steps)
     markdown = render_markdown(blocks)
     (out / "report.md").write_text(markdown)
@@ -69,9 +78,8 @@ def _title(a: runs.Run, b: runs.Run) -> str:
 
 def report_blocks(a: runs.Run, b: runs.Run, out: Path, evaluation: Optional[dict],
                   evaluation_sources: Sequence[str], *, max_steps: int) -> list[tuple]:
-    paired = a.kind != b.kind
     blocks: list[tuple] = [("h1", _title(a, b))]
-    kind = ("an encoder/decoder pair" if paired else
+    kind = ("an encoder/decoder pair" if a.kind != b.kind else
             f"an A/B comparison of two {a.kind}s (labelled by run name)")
     blocks.append(("p", f"A = {a.label} at {a.path.resolve()}; B = {b.label} at {b.path.resolve()}. "
                         f"This is {kind}. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."))
@@ -83,23 +91,17 @@ def report_blocks(a: runs.Run, b: runs.Run, out: Path, evaluation: Optional[dict
     blocks.append(("table", identity.checks_table(checks)))
 
     blocks.append(("h2", "Evaluation"))
+    over_training = scores.checkpoint_scores(evaluation, [a, b])
     if evaluation is None:
-        blocks.append(("p", "No evaluation found (looked for eval.json in both run folders and in "
-                            f"{out}). Evaluate both with: python -m ettin.eval {a.path} {b.path}, "
-                            "then pass the file with --eval."))
+        blocks.append(("p", "No evaluation found (looked for eval.json in both run folders, in "
+                            f"{out} and in {out / CHECKPOINT_EVAL}). Evaluate both with: python -m ettin.eval "
+                            f"{a.path} {b.path}, then pass the file with --eval."))
     else:
         if scores.is_smoke(evaluation):
             blocks.append(("p", f"WARNING: {SMOKE_WARNING}"))
-        table = scores.score_table(evaluation, a.name, b.name)
-        blocks.append(("p", f"Suite {evaluation.get('suite')!r}, created {evaluation.get('created')}, "
-                            f"from {', '.join(evaluation_sources)}. The winner follows each metric's "
-                            "direction; the Ettin paper found encoders ahead on classification and "
-                            "retrieval and decoders ahead on generation."
-                            + ("" if paired else " Both runs are the same kind, so the paper's "
-                               "direction is not tested here.")))
-        blocks.append(("table", _scores_for_display(table, a.name, b.name)))
-        blocks.append(image(plots.plot_scores(table, [a.name, b.name]), out, "scores.png",
-                             "evaluation scores, winner starred"))
+        blocks += pair_scores(evaluation, evaluation_sources, a, b, out, checkpoints_only=len(over_training) > 0
+                              and not scores.has_pair_scores(evaluation, [a.name, b.name]))
+    blocks += scores_over_training(over_training, [a, b], out)
 
     blocks.append(("h2", "Training curves"))
     if a.objective != b.objective:
@@ -111,6 +113,40 @@ def report_blocks(a: runs.Run, b: runs.Run, out: Path, evaluation: Optional[dict
     blocks.append(image(plots.plot_schedule([a, b]), out, "schedule.png",
                          "learning rate and global batch"))
     blocks.append(image(plots.plot_throughput([a, b]), out, "throughput.png", "throughput"))
+    return blocks
+
+
+def pair_scores(evaluation: dict, sources: Sequence[str], a: runs.Run, b: runs.Run, out: Path, *,
+                checkpoints_only: bool) -> list[tuple]:
+    """The two final models' scores side by side, each task's winner and the paper's direction."""
+    if checkpoints_only:
+        return [("p", f"Only checkpoints were evaluated (from {', '.join(sources)}); the final models' scores "
+                      f"side by side need: python -m ettin.eval {a.path} {b.path}.")]
+    table = scores.score_table(evaluation, a.name, b.name)
+    return [("p", f"Suite {evaluation.get('suite')!r}, created {evaluation.get('created')}, from "
+                  f"{', '.join(sources)}. The winner follows each metric's direction; the Ettin paper found "
+                  "encoders ahead on classification and retrieval and decoders ahead on generation."
+                  + ("" if a.kind != b.kind else " Both runs are the same kind, so the paper's direction is "
+                     "not tested here.")),
+            ("table", _scores_for_display(table, a.name, b.name)),
+            image(plots.plot_scores(table, [a.name, b.name]), out, "scores.png", "evaluation scores, winner starred")]
+
+
+def scores_over_training(table: pd.DataFrame, pair: Sequence[runs.Run], out: Path) -> list[tuple]:
+    """Each task's score at the evaluated checkpoints on the token axis, one figure per task with the runs as
+    series, and the numbers; nothing when no checkpoint was evaluated."""
+    if not len(table):
+        return []
+    blocks: list[tuple] = [("h2", "Scores over training"), (
+        "p", "Each evaluated checkpoint (python -m ettin.eval RUN --checkpoints ...) at its cumulative token "
+             "count, the axis of the loss curves.")]
+    for task in dict.fromkeys(table["task"]):
+        blocks.append(image(plots.plot_scores_over_tokens(table, task, pair), out,
+                            f"scores-over-tokens-{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}.png",
+                            f"{task} over training"))
+    numbers = table.pivot_table(index=["run", "checkpoint", "total_tokens"], columns="task", values="score",
+                                sort=False).reset_index()
+    blocks.append(("table", numbers.rename_axis(None, axis=1)))
     return blocks
 
 
@@ -175,8 +211,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                    "its report from the members' runs and eval.json")
     parser.add_argument("--out", type=Path, help="where to write the report (default: next to RUN_A, "
                                                  "named after the pair)")
-    parser.add_argument("--eval", type=Path, dest="evaluation",
-                        help="an eval.json of python -m ettin.eval with both runs' scores")
+    parser.add_argument("--eval", type=Path, dest="evaluation", action="append",
+                        help="an eval.json of python -m ettin.eval with the runs' (or their checkpoints') "
+                             "scores; repeat to merge several")
     parser.add_argument("--max-steps", type=int, default=identity.MAX_REPLAY_STEPS,
                         help="steps per phase whose samples are replayed and compared "
                              f"(default {identity.MAX_REPLAY_STEPS}; more steps are sampled)")

@@ -116,6 +116,22 @@ def plot_scores(table: pd.DataFrame, names: Sequence[str]):
     return figure
 
 
+def plot_scores_over_tokens(table: pd.DataFrame, task: str, runs: Sequence[Run]):
+    """One task's score at each evaluated checkpoint against the cumulative token count (the loss plots'
+    axis, phase boundaries dotted), one series per run (``scores.checkpoint_scores``' table)."""
+    figure, (axis,) = _figure()
+    points = table[table["task"] == task]
+    for color, run in zip(COLORS, runs):
+        mine = points[points["run"] == run.name]
+        if len(mine):
+            axis.plot(mine["total_tokens"], mine["score"], "o-", color=color, label=run.label)
+    first = points.iloc[0]
+    direction = "higher" if first["higher_is_better"] else "lower"
+    _finish(axis, runs, f"{task} ({first['category']}) over training", f"{first['metric']} ({direction} is better)",
+            True)
+    return figure
+
+
 SERIES_ORDER = ("encoders", "decoders", "encoder-from-decoder", "decoder-from-encoder")
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pandas as pd
 
-from ettin.report.runs import RunError
+from ettin.report.runs import Run, RunError
 
 
 EVAL_FORMAT = "ettin-eval/1"
@@ -98,6 +98,30 @@ def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.Data
         rows.append([task, first.get("category"), first.get("metric"), higher, score_a, score_b,
                      winner, paper, agrees, bool((ta or {}).get("smoke") or (tb or {}).get("smoke"))])
     return pd.DataFrame(rows, columns=columns)
+
+
+CHECKPOINT_COLUMNS = ["run", "checkpoint", "total_tokens", "task", "category", "metric", "higher_is_better",
+                      "score"]
+
+
+def checkpoint_scores(evaluation: Optional[dict], runs: Sequence[Run]) -> pd.DataFrame:
+    """Every score of the runs' checkpoints in the evaluation, at each checkpoint's cumulative token count
+    (the loss plots' axis). ``python -m ettin.eval RUN --checkpoints ...`` names a checkpoint's model
+    ``RUN@CHECKPOINT``; models of checkpoints the run no longer has are left out (no token count)."""
+    rows = []
+    models = (evaluation or {}).get("models", {})
+    for run in runs:
+        for checkpoint in run.checkpoints:
+            for task, result in models.get(f"{run.name}@{checkpoint.path.name}", {}).get("tasks", {}).items():
+                rows.append([run.name, checkpoint.path.name, checkpoint.total_tokens, task, result.get("category"),
+                             result.get("metric"), bool(result.get("higher_is_better", True)), result["score"]])
+    table = pd.DataFrame(rows, columns=CHECKPOINT_COLUMNS)
+    return table.sort_values(["task", "run", "total_tokens"], kind="stable", ignore_index=True)
+
+
+def has_pair_scores(evaluation: Optional[dict], names: Sequence[str]) -> bool:
+    """Whether the evaluation scores either run's final model (not only checkpoints)."""
+    return bool(evaluation) and any(name in evaluation["models"] for name in names)
 
 
 # ------------------------------------------------------------------------------------------------
