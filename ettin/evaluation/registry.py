@@ -243,8 +243,8 @@ def _datasets_described(task: Task) -> str:
     configs: dict[str, list[str]] = {}  # one entry per dataset id, its configs in order
     for dataset in task.datasets:
         configs.setdefault(dataset.id, []).extend([dataset.config] if dataset.config else [])
-    return "; ".join(f"{id} ({', '.join(names)})" if names else id for id, names in configs.items()) \
-        or "none (generated offline)"
+    return "; ".join(f"{dataset_id} ({', '.join(names)})" if names else dataset_id
+                     for dataset_id, names in configs.items()) or "none (generated offline)"
 
 
 def list_tasks() -> str:

@@ -116,7 +116,9 @@ def checkpoint_scores(evaluation: Optional[dict], runs: Sequence[Run]) -> pd.Dat
                 rows.append([run.name, checkpoint.path.name, checkpoint.total_tokens, task, result.get("category"),
                              result.get("metric"), bool(result.get("higher_is_better", True)), result["score"]])
     table = pd.DataFrame(rows, columns=CHECKPOINT_COLUMNS)
-    return table.sort_values(["task", "run", "total_tokens"], kind="stable", ignore_index=True)
+    order = {run.name: position for position, run in enumerate(runs)}  # the runs in the order given
+    return table.sort_values(["task", "run", "total_tokens"], key=lambda column: column.map(order)
+                             if column.name == "run" else column, kind="stable", ignore_index=True)
 
 
 def has_pair_scores(evaluation: Optional[dict], names: Sequence[str]) -> bool:
