@@ -39,6 +39,9 @@ def smoke_pair(tmp_path_factory) -> tuple[Path, Path]:
                                                    "smoke": True, "n_examples": 10, "library": "test"}
                                             for task, (c, *s) in scores.items()}}
                              for index, (run, side) in enumerate(zip(runs, ("encoder", "decoder")))}}
+    for run in runs:  # and every checkpoint, as python -m ettin.eval RUN --checkpoints all names them
+        for checkpoint in sorted((run / "checkpoints").iterdir()):
+            evaluation["models"][f"{run.name}@{checkpoint.name}"] = evaluation["models"][run.name]
     (root / "eval.json").write_text(json.dumps(evaluation))
     return runs[0], runs[1]
 
@@ -74,7 +77,7 @@ def test_pair_report_notebook_runs_on_the_smoke_pair(smoke_pair, monkeypatch):
     monkeypatch.setenv("ETTIN_RUN_B", str(decoder))
     monkeypatch.setenv("ETTIN_EVAL", str(encoder.parent.parent / "eval.json"))
     notebook = execute("pair_report.ipynb")
-    assert len(outputs(notebook, "image/png")) == 4  # loss, schedule, throughput, scores
+    assert len(outputs(notebook, "image/png")) == 6  # loss, schedule, throughput, scores, nli and cloze over training
     tables = "\n".join(outputs(notebook, "text/html"))
     assert "sample order" in tables and ">differs<" not in tables and "nb-decoder" in tables
 
