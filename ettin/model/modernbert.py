@@ -59,8 +59,8 @@ LOSS_IMPLEMENTATIONS = ("plain", "chunked")
 @dataclass
 class ModelOutput:
     """Without labels: ``logits`` [B, T, V] for padded input, [N, V] for flat input. With labels:
-    ``logits`` [n_targets, V] of the labelled positions in stream order (None under the chunked
-    loss), ``loss``, ``targets`` (the labels of those positions, [n_targets]; ``targets.numel()``
+    ``logits`` [n_targets, V] of the labelled positions in ``target_index``'s order (stream order
+    unless grouped; None under the chunked loss), ``loss``, ``targets`` (the labels of those positions, [n_targets]; ``targets.numel()``
     is the count, known without a sync) and ``n_correct`` (0-dim int64 tensor: targets whose
     largest logit is the label, for masked accuracy without indexing on the host).
     ``group_loss`` / ``group_correct`` [groups]: the summed loss and the correct count of each
@@ -691,9 +691,6 @@ class ModernBert(nn.Module):
                   start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed cross-entropy, correct count) of targets ``start:end``; ``logits`` None under the
         chunked loss."""
-        if start == end:  # a group without targets in this batch
-            zero = selected.new_zeros((), dtype=torch.float32)
-            return zero, zero.long()
         if logits is None:
             return linear_cross_entropy(selected[start:end], self.decoder.weight, self.decoder.bias,
                                         targets[start:end], self.loss_chunk_tokens)

@@ -24,6 +24,10 @@ room for it. Decoder rows are used as prepared: BOS (``[CLS]``) first, EOS only 
 
 Every random choice derives from (seed, global sample index) alone, so a resumed run masks exactly
 as an uninterrupted one, whatever the number of workers or ranks.
+
+An objective mix (``MixedCollator``) collates each row with the collator of the objective that
+``mix_choice`` draws for it from (seed, global sample index), and adds each row's attention direction
+(``causal``) and the targets of each objective (``target_groups``) for the model.
 """
 
 from __future__ import annotations
