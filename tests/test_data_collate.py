@@ -49,7 +49,7 @@ def test_mntp_labels_sit_one_position_before_the_masked_token():
     mntp = MNTPCollator(IDS, vocab_size=V, mask_rate=0.3, seed=5)
     row = np.arange(10, 60)
     row[0] = 0
-    (a_in, a_lab), (b_in, b_lab) = mlm.mask(17, row), mntp.mask(17, row)
+    (a_in, a_lab), (b_in, b_lab) = mlm.example(17, row), mntp.example(17, row)
     assert np.array_equal(a_in, b_in)
     assert np.array_equal(b_lab, np.append(a_lab[1:], X))
     selected = np.flatnonzero(a_lab != X)
@@ -73,7 +73,7 @@ def test_mlm_statistics_over_200k_tokens():
         rows.append((index, np.concatenate(([0], body, [1]))))
     inputs, labels, originals = [], [], []
     for index, row in rows:
-        i, l = collate.mask(index, row)
+        i, l = collate.example(index, row)
         inputs.append(i), labels.append(l), originals.append(row)
     inputs, labels, originals = map(np.concatenate, (inputs, labels, originals))
     assert len(originals) >= 200_000

@@ -121,13 +121,13 @@ def test_a_restored_optimizer_takes_this_phases_hyperparameters_and_the_recipes_
     """Moments carry over from the previous phase; weight decay, betas, eps do not, and max_lr (the
     weight-decay scale of StableAdamW) is the recipe's peak even when the phase starts at half of it."""
     from ettin.train.module import EttinModule
-    from ettin.objectives import OBJECTIVES
+    from ettin.objectives import ObjectiveMix
 
     def module(optimizer_state=None, **optim):
         settings = StepSettings(lr=optim.get("lr", 1e-3), peak_lr=2e-3, lr_multiplier=lambda t: 1.0,
                                 weight_decay=optim.get("weight_decay", 1e-5),
                                 betas=optim.get("betas", (0.9, 0.98)), eps=optim.get("eps", 1e-6))
-        return EttinModule(tiny_model(), objective=OBJECTIVES["mlm"], settings=settings,
+        return EttinModule(tiny_model(), objective=ObjectiveMix.of({"mlm": 1.0}), settings=settings,
                            phase_tokens=100, loader_state=LoaderState(), optimizer_state=optimizer_state)
 
     previous = module(weight_decay=0.5, betas=(0.5, 0.5), eps=1e-3).configure_optimizers()
@@ -172,9 +172,9 @@ def test_ranks_are_summed_without_a_barrier(monkeypatch):
     import torch.distributed as dist
 
     from ettin.train.module import EttinModule
-    from ettin.objectives import OBJECTIVES
+    from ettin.objectives import ObjectiveMix
 
-    module = EttinModule(tiny_model(), objective=OBJECTIVES["mlm"],
+    module = EttinModule(tiny_model(), objective=ObjectiveMix.of({"mlm": 1.0}),
                          settings=StepSettings(lr=1e-3, lr_multiplier=lambda t: 1.0, peak_lr=1e-3),
                          phase_tokens=100, loader_state=LoaderState())
     module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(

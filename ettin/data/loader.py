@@ -558,14 +558,22 @@ class StepBatch:
     global_batch: int  # sequences in the step, all ranks
     step_tokens: int  # tokens in the step, all ranks
     targets: list[int] = field(default_factory=list)  # labelled positions per micro-batch
+    # Per micro-batch, the labelled positions of each target group (an objective mix's members;
+    # one group, all of them, otherwise).
+    group_targets: list[list[int]] = field(default_factory=list)
     row_lengths: list[list[int]] = field(default_factory=list)  # real tokens of each row
     rows: list[int] = field(default_factory=list)  # rows per micro-batch
+    # Each row's attention direction per micro-batch (an objective mix); None: the model's own.
+    row_causal: list[Optional[list[bool]]] = field(default_factory=list)
     rows_digest: str = "0" * 64  # of this rank's rows in the step (made on the host, by the loader)
 
     def count_on_host(self) -> "StepBatch":
         self.targets = [int((mb["labels"] != -100).sum()) for mb in self.micro_batches]
+        self.group_targets = [list(mb.get("target_groups", [n]))
+                              for mb, n in zip(self.micro_batches, self.targets)]
         self.row_lengths = [_row_lengths(mb) for mb in self.micro_batches]
         self.rows = [len(lengths) for lengths in self.row_lengths]
+        self.row_causal = [_row_causal(mb, rows) for mb, rows in zip(self.micro_batches, self.rows)]
         return self
 
     @property
@@ -574,8 +582,17 @@ class StepBatch:
         return self.state.tokens - self.step_tokens
 
     def pin_memory(self) -> "StepBatch":  # the DataLoader pins what has this method
-        return replace(self, micro_batches=[{k: v.pin_memory() for k, v in mb.items()}
+        # Tensors only: max_seqlen, target_groups and a shared direction are host values.
+        return replace(self, micro_batches=[{k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                                             for k, v in mb.items()}
                                             for mb in self.micro_batches])
+
+
+def _row_causal(micro_batch: dict, rows: int) -> Optional[list[bool]]:
+    causal = micro_batch.get("causal")
+    if causal is None:
+        return None
+    return causal.tolist() if isinstance(causal, torch.Tensor) else [bool(causal)] * rows
 
 
 def _row_lengths(micro_batch: dict) -> list[int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Sequence
 
 import torch
 
@@ -50,20 +51,24 @@ def attention_pairs(n: int, window: int | None, causal: bool) -> int:
     return (2 * w + 1) * n - w * (w + 1)
 
 
-def forward_flops(config: ModelConfig, seq_lens: list[int], n_targets: int, causal: bool) -> float:
+def forward_flops(config: ModelConfig, seq_lens: list[int], n_targets: int,
+                  causal: bool | Sequence[bool]) -> float:
+    """``causal``: the direction of every sequence, or of each (an objective mix)."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     layers = config.num_hidden_layers
     n_global = sum(config.is_global_layer(k) for k in range(layers))
     tokens = sum(seq_lens)
+    directions = [causal] * len(seq_lens) if isinstance(causal, bool) else causal
     pairs = sum(
-        n_global * attention_pairs(n, None, causal)
-        + (layers - n_global) * attention_pairs(n, config.window, causal)
-        for n in seq_lens
+        n_global * attention_pairs(n, None, c)
+        + (layers - n_global) * attention_pairs(n, config.window, c)
+        for n, c in zip(seq_lens, directions, strict=True)
     )
     return 2.0 * tokens * layers * (4 * h * h + 3 * h * i) + 4.0 * h * pairs + 2.0 * n_targets * (h * h + h * v)
 
 
-def training_flops(config: ModelConfig, seq_lens: list[int], n_targets: int, causal: bool) -> float:
+def training_flops(config: ModelConfig, seq_lens: list[int], n_targets: int,
+                   causal: bool | Sequence[bool]) -> float:
     return 3.0 * forward_flops(config, seq_lens, n_targets, causal)
 
 

@@ -36,10 +36,11 @@ rows of logits at once, which is what lets CLM at 8k context fit (the logits alo
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,15 +59,19 @@ LOSS_IMPLEMENTATIONS = ("plain", "chunked")
 @dataclass
 class ModelOutput:
     """Without labels: ``logits`` [B, T, V] for padded input, [N, V] for flat input. With labels:
-    ``logits`` [n_targets, V] of the labelled positions in stream order (None under the chunked
-    loss), ``loss``, ``targets`` (the labels of those positions, [n_targets]; ``targets.numel()``
+    ``logits`` [n_targets, V] of the labelled positions in ``target_index``'s order (stream order
+    unless grouped; None under the chunked loss), ``loss``, ``targets`` (the labels of those positions, [n_targets]; ``targets.numel()``
     is the count, known without a sync) and ``n_correct`` (0-dim int64 tensor: targets whose
-    largest logit is the label, for masked accuracy without indexing on the host)."""
+    largest logit is the label, for masked accuracy without indexing on the host).
+    ``group_loss`` / ``group_correct`` [groups]: the summed loss and the correct count of each
+    target group (``target_groups``; one group, all targets, without it)."""
 
     logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None
     targets: Optional[torch.Tensor] = None
     n_correct: Optional[torch.Tensor] = None
+    group_loss: Optional[torch.Tensor] = None
+    group_correct: Optional[torch.Tensor] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,13 +84,18 @@ class Layout:
     Masks are built once per forward pass (``prepare``, before the layers, so a compiled layer only
     reads them) and shared by all layers of the same type. ``n_tokens`` (the stream's length, from
     the input's shape) saves reading ``cu_seqlens[-1]`` back from the device.
+
+    ``causal``: one direction for every sequence (a bool: the uniform fast paths), or a bool tensor
+    [sequences] giving each its own (an objective mix): a query then sees the keys of its own
+    sequence, all of them in a bidirectional sequence, those at or before it in a causal one.
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, window: int,
-                 n_tokens: Optional[int] = None) -> None:
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool | torch.Tensor,
+                 window: int, n_tokens: Optional[int] = None) -> None:
         self.cu_seqlens = cu_seqlens.to(torch.int32)
         self.max_seqlen = int(max_seqlen)
-        self.causal = causal
+        self.mixed = isinstance(causal, torch.Tensor)
+        self.causal = causal.to(device=cu_seqlens.device, dtype=torch.bool) if self.mixed else bool(causal)
         self.window = window
         self.lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         n = int(cu_seqlens[-1]) if n_tokens is None else n_tokens
@@ -98,6 +108,14 @@ class Layout:
         # seqs * max_seqlen (shapes only, no sync).
         self.uniform = n == len(self.lengths) * self.max_seqlen
         self._cache: dict = {}
+
+    def causal_of(self, sequence: torch.Tensor) -> bool | torch.Tensor:
+        """The direction of the sequences indexed by ``sequence`` (any shape; indices outside the
+        batch, the band's stream padding, read as causal, which only hides keys)."""
+        if not self.mixed:
+            return self.causal
+        inside = (sequence >= 0) & (sequence < len(self.lengths))
+        return ~inside | self.causal[sequence.clamp(0, len(self.lengths) - 1)]
 
     def prepare(self, backend: str, sliding_kinds) -> None:
         """Build the masks that layers of each kind (``sliding`` True / False) will read."""
@@ -128,12 +146,13 @@ class Layout:
 
     def _grid_mask(self, sliding: bool) -> Optional[torch.Tensor]:
         t = self.max_seqlen
-        if self.uniform and not sliding and not self.causal:
+        if self.uniform and not sliding and self.causal is False:
             return None
         idx = torch.arange(t, device=self.lengths.device)
-        pattern = allowed_pairs(idx[:, None], idx[None, :], self.causal, self.window if sliding else None)
+        causal = self.causal[:, None, None] if self.mixed else self.causal
+        pattern = allowed_pairs(idx[:, None], idx[None, :], causal, self.window if sliding else None)
         if self.uniform:
-            return pattern[None, None]
+            return pattern[:, None] if self.mixed else pattern[None, None]
         # Keys must be real tokens. Padded query rows see only themselves so no row is empty (an
         # empty softmax row is NaN); their outputs are never read.
         real_key = idx[None, None, :] < self.lengths[:, None, None]
@@ -153,7 +172,7 @@ class Layout:
         def build():
             w, n = self.window, len(self.sequence)
             block = 2 * (w + 1)
-            keys = block + (w if self.causal else 2 * w)
+            keys = block + (w if self.causal is True else 2 * w)
             n_blocks = -(-n // block)
             device = self.sequence.device
             q = torch.arange(n_blocks * block, device=device).view(n_blocks, block, 1)
@@ -169,7 +188,7 @@ class Layout:
             q_seq, q_pos = sequence_and_position(q)
             k_seq, k_pos = sequence_and_position(k)
             # Stream padding after the end sees itself, so no softmax row is empty.
-            mask = (q_seq == k_seq) & allowed_pairs(q_pos, k_pos, self.causal, w)
+            mask = (q_seq == k_seq) & allowed_pairs(q_pos, k_pos, self.causal_of(q_seq), w)
             return block, keys, mask[:, None]
 
         return self.cached("band", build)
@@ -184,10 +203,13 @@ class Layout:
             n = len(self.sequence)
             sequence, positions = self.sequence, self.positions
             causal, window = self.causal, (self.window if sliding else None)
+            mixed = self.mixed
 
             def mask_mod(b, h, q, kv):
                 allowed = sequence[q] == sequence[kv]
-                if causal:
+                if mixed:
+                    allowed = allowed & ((kv <= q) | ~causal[sequence[q]])
+                elif causal:
                     allowed = allowed & (kv <= q)
                 if window is not None:
                     allowed = allowed & ((positions[q] - positions[kv]).abs() <= window)
@@ -199,10 +221,16 @@ class Layout:
         return self.cached(("flex", sliding), build)
 
 
-def allowed_pairs(q: torch.Tensor, k: torch.Tensor, causal: bool, window: Optional[int]) -> torch.Tensor:
-    """Whether the query at position q may see the key at position k (same sequence assumed)."""
-    allowed = torch.ones(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)
-    if causal:
+def allowed_pairs(q: torch.Tensor, k: torch.Tensor, causal: bool | torch.Tensor,
+                  window: Optional[int]) -> torch.Tensor:
+    """Whether the query at position q may see the key at position k (same sequence assumed);
+    ``causal`` a bool, or a bool tensor broadcasting against q and k (each query's direction)."""
+    shape = torch.broadcast_shapes(q.shape, k.shape,
+                                   causal.shape if isinstance(causal, torch.Tensor) else ())
+    allowed = torch.ones(shape, dtype=torch.bool, device=q.device)
+    if isinstance(causal, torch.Tensor):
+        allowed &= (k <= q) | ~causal
+    elif causal:
         allowed &= k <= q
     if window is not None:
         allowed &= (q - k).abs() <= window
@@ -234,7 +262,7 @@ def grid_attention(qkv, layout: Layout, sliding: bool, eager: bool, dropout: flo
     else:
         grid = qkv.new_zeros(seqs * t, 3, heads, dim).index_copy_(0, index, qkv).view(seqs, t, 3, heads, dim)
     q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # each [seqs, heads, T, dim]
-    is_causal = layout.causal and layout.uniform and not sliding
+    is_causal = layout.causal is True and layout.uniform and not sliding
     out = dot_product_attention(q, k, v, layout.grid_mask(sliding), is_causal, eager, dropout)
     out = out.transpose(1, 2).reshape(seqs * t, heads, dim)
     return out if layout.uniform else out.index_select(0, index)
@@ -302,6 +330,10 @@ def flex_attention(qkv, layout: Layout, sliding: bool, dropout: float) -> torch.
 def flash_attention(qkv, layout: Layout, sliding: bool, dropout: float) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
+    if layout.mixed:  # one causal flag per kernel call
+        raise ValueError(
+            "attn_implementation='flash' cannot give the sequences of one batch different attention "
+            "directions (an objective mix); use attn_implementation='sdpa' or 'flex'")
     dtype = qkv.dtype
     if dtype not in (torch.float16, torch.bfloat16):  # flash-attn computes in 16 bits only
         qkv = qkv.to(torch.bfloat16)
@@ -592,19 +624,28 @@ class ModernBert(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,
         max_seqlen: Optional[int] = None,
         target_index: Optional[torch.Tensor] = None,
-        causal: Optional[bool] = None,
+        target_groups: Optional[Sequence[int]] = None,
+        causal: Optional[bool | torch.Tensor] = None,
         loss_reduction: str = "mean",
     ) -> ModelOutput:
         """Padded ([B, T] + attention_mask) or flat (input_ids [N] + cu_seqlens) input; see
         docs/design.md. With labels only labelled positions reach the head. Flat input may come
         with ``max_seqlen`` (the longest row) and ``target_index`` (the stream positions whose
-        label is not -100, ascending): given both, nothing is read back from the device."""
+        label is not -100, ascending): given both, nothing is read back from the device.
+
+        ``causal``: one direction for all rows, or a bool tensor [rows] (each row's own).
+        ``target_groups``: the number of targets in each group (an objective of a mix), when
+        ``target_index`` lists the groups' positions one group after another (each ascending); the
+        output then holds each group's summed loss and correct count."""
         causal = self.config.causal if causal is None else causal
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', not {loss_reduction!r}")
         if target_index is not None and (labels is None or cu_seqlens is None):
             raise ValueError("target_index indexes the labels of the flat stream: pass it with "
                              "labels and cu_seqlens (flat input), or leave it out")
+        if target_groups is not None and target_index is None:
+            raise ValueError("target_groups counts the targets of target_index group by group: pass "
+                             "it with target_index, or leave it out")
         keep = None
         if cu_seqlens is None:
             padded_shape = input_ids.shape
@@ -632,14 +673,27 @@ class ModernBert(nn.Module):
             target_index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         targets = labels.index_select(0, target_index)
         selected = self.head(hidden.index_select(0, target_index))
-        if self.loss_implementation == "chunked":
-            logits = None
-            loss, n_correct = linear_cross_entropy(selected, self.decoder.weight, self.decoder.bias,
-                                                   targets, self.loss_chunk_tokens)
-        else:
-            logits = self.decoder(selected)
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-            n_correct = (logits.detach().argmax(-1) == targets).sum()
+        groups = [len(targets)] if target_groups is None else [int(g) for g in target_groups]
+        if sum(groups) != len(targets):
+            raise ValueError(f"target_groups {groups} must add up to the {len(targets)} targets")
+        bounds = list(zip(itertools.accumulate([0, *groups[:-1]]), itertools.accumulate(groups)))
+        logits = None if self.loss_implementation == "chunked" else self.decoder(selected)
+        sums = [self._loss_sum(selected, logits, targets, start, end) for start, end in bounds]
+        group_loss = torch.stack([loss for loss, _ in sums])
+        group_correct = torch.stack([correct for _, correct in sums])
+        loss, n_correct = group_loss.sum(), group_correct.sum()
         if loss_reduction == "mean":  # 0 rather than NaN for a batch without targets
             loss = loss / max(targets.numel(), 1)
-        return ModelOutput(logits=logits, loss=loss, targets=targets, n_correct=n_correct)
+        return ModelOutput(logits=logits, loss=loss, targets=targets, n_correct=n_correct,
+                           group_loss=group_loss, group_correct=group_correct)
+
+    def _loss_sum(self, selected: torch.Tensor, logits: Optional[torch.Tensor], targets: torch.Tensor,
+                  start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy, correct count) of targets ``start:end``; ``logits`` None under the
+        chunked loss."""
+        if logits is None:
+            return linear_cross_entropy(selected[start:end], self.decoder.weight, self.decoder.bias,
+                                        targets[start:end], self.loss_chunk_tokens)
+        logits, targets = logits[start:end], targets[start:end]
+        return (F.cross_entropy(logits.float(), targets, reduction="sum"),
+                (logits.detach().argmax(-1) == targets).sum())

@@ -3,16 +3,18 @@ collator (the labels), the metrics and what an export of the model is; the loss 
 cross-entropy over labelled positions for all of them.
 
 A new objective is one ``register(Objective(...))`` with its collator class (ettin.objectives.collate
-holds the collators). May import: ettin.data (tokenizer ids); nothing of training.
+holds the collators). A phase trains an ``ObjectiveMix``: one objective, or several with weights
+(GPT-BERT's 15 MLM rows to 1 CLM row), each row of a batch training one of them with its own attention
+direction. May import: ettin.data (tokenizer ids); nothing of training.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
-from ettin.objectives.collate import CLMCollator, MaskRate, MLMCollator, MNTPCollator
+from ettin.objectives.collate import CLMCollator, MaskRate, MixedCollator, MLMCollator, MNTPCollator
 
 SIDES = {"encoder": "ModernBertForMaskedLM", "decoder": "ModernBertDecoderForCausalLM"}
 
@@ -70,6 +72,119 @@ class Objective:
         else:
             out[f"{prefix}/perplexity"] = math.exp(min(loss, 30.0))
         return out
+
+
+class MixError(ValueError):
+    """An objective mix that cannot train; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ObjectiveMix:
+    """The objectives a phase trains and their weights; one objective is a mix of one.
+
+    Each row of a batch trains one member, drawn from its global sample index with the normalised
+    weights (``collate.mix_choice``), so the assignment is the same on every rank and after a
+    resume. The loss is each member's mean over its targets, summed with the normalised weights.
+    ``side`` is what the model is when it is not training a row: its default direction and the
+    transformers class an export loads as (``export_as``, or the side all members share)."""
+
+    members: tuple[Objective, ...]
+    given_weights: tuple[float, ...]  # as configured (for display)
+    side: str
+
+    @classmethod
+    def of(cls, weights: dict[str, float], export_as: Optional[str] = None) -> "ObjectiveMix":
+        if not weights:
+            raise MixError("an objective mix needs at least one objective, e.g. {mlm: 15, clm: 1}")
+        for name, weight in weights.items():
+            if name not in OBJECTIVES:
+                raise MixError(f"objective {name!r} of the mix is unknown; choose from "
+                               f"{', '.join(OBJECTIVES)}")
+            if not weight > 0:
+                raise MixError(f"objective {name!r} has weight {weight} in the mix; weights must be "
+                               "positive (leave an objective out rather than weigh it 0)")
+        members = tuple(OBJECTIVES[name] for name in weights)
+        sides = {m.side for m in members}
+        if export_as is not None and export_as not in SIDES:
+            raise MixError(f"export_as={export_as!r}; choose one of {', '.join(SIDES)}")
+        if export_as is not None and export_as not in sides:
+            raise MixError(f"export_as={export_as} but no objective of {cls._describe(weights)} is a "
+                           f"{export_as} objective; choose export_as={' or '.join(sorted(sides))}")
+        if export_as is None and len(sides) > 1:
+            raise MixError(f"the mix {cls._describe(weights)} trains both an encoder objective and a "
+                           "decoder objective: set export_as=encoder or export_as=decoder to say "
+                           "which model it is (its export class)")
+        return cls(members, tuple(float(w) for w in weights.values()), export_as or sides.pop())
+
+    @staticmethod
+    def _describe(weights: dict[str, float]) -> str:
+        return "+".join(f"{name}:{weight:g}" for name, weight in weights.items())
+
+    @property
+    def name(self) -> str:
+        """``mlm`` for one objective, ``mlm:15+clm:1`` for a mix."""
+        if not self.mixed:
+            return self.members[0].name
+        return self._describe({m.name: w for m, w in zip(self.members, self.given_weights)})
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.members) > 1
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Normalised: they sum to 1."""
+        total = sum(self.given_weights)
+        return tuple(w / total for w in self.given_weights)
+
+    @property
+    def objective(self) -> Objective:
+        """What the model is (its direction, the export's class and recorded objective): the
+        heaviest member on the mix's side."""
+        return max((m for m in self.members if m.side == self.side),
+                   key=lambda m: self.given_weights[self.members.index(m)])
+
+    def collator(self, tokenizer, *, mask_rate: float | MaskRate, seed: int):
+        """The training collator: a member's own for one objective, else each row by its member."""
+        collators = [m.collator(tokenizer, mask_rate=mask_rate, seed=seed) for m in self.members]
+        if not self.mixed:
+            return collators[0]
+        return MixedCollator(collators, self.weights, [m.causal for m in self.members], seed=seed)
+
+    def targets_per_row(self, seq_len: int, mask_rate: float) -> float:
+        """Labelled positions of a full row, on average over the mix (for FLOP estimates)."""
+        return sum(w * m.targets_per_row(seq_len, mask_rate) for m, w in zip(self.members, self.weights))
+
+    def metric_names(self, prefix: str) -> list[str]:
+        if not self.mixed:
+            return self.members[0].metric_names(prefix)
+        return [f"{prefix}/loss"] + [n for m in self.members for n in m.metric_names(f"{prefix}/{m.name}")]
+
+    def train_metric_names(self) -> list[str]:
+        return self.members[0].train_metric_names() if not self.mixed else self.metric_names("train")
+
+    def metrics(self, prefix: str, loss_sums: Sequence[float], correct: Sequence[float],
+                targets: Sequence[float]) -> dict[str, float]:
+        """One objective: its figures (``{prefix}/loss``, ...). A mix: ``{prefix}/loss``, the weighted
+        sum of the members' mean losses (what the step minimises: a member without targets adds
+        nothing), and each member's figures under ``{prefix}/<objective>/``."""
+        if not self.mixed:
+            return self.members[0].metrics(prefix, loss_sums[0] / max(targets[0], 1.0), correct[0],
+                                           targets[0])
+        out = {f"{prefix}/loss": sum(w * s / max(t, 1.0) for w, s, t in zip(self.weights, loss_sums, targets))}
+        for member, s, c, t in zip(self.members, loss_sums, correct, targets):
+            if t > 0:
+                out.update(member.metrics(f"{prefix}/{member.name}", s / t, c, t))
+        return out
+
+
+def resolve_mix(phase_mix: Optional[dict], phase_objective: Optional[str], run_mix: Optional[dict],
+                run_objective: str, export_as: Optional[str] = None) -> ObjectiveMix:
+    """What a phase trains: its own mix or objective, else the run's mix or objective (a config's
+    fields, for training and for the report of a finished run alike)."""
+    weights = phase_mix or ({phase_objective: 1.0} if phase_objective else None) \
+        or run_mix or {run_objective: 1.0}
+    return ObjectiveMix.of(dict(weights), export_as if len(weights) > 1 else None)
 
 
 OBJECTIVES: dict[str, Objective] = {}

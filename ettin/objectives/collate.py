@@ -24,6 +24,10 @@ room for it. Decoder rows are used as prepared: BOS (``[CLS]``) first, EOS only 
 
 Every random choice derives from (seed, global sample index) alone, so a resumed run masks exactly
 as an uninterrupted one, whatever the number of workers or ranks.
+
+An objective mix (``MixedCollator``) collates each row with the collator of the objective that
+``mix_choice`` draws for it from (seed, global sample index), and adds each row's attention direction
+(``causal``) and the targets of each objective (``target_groups``) for the model.
 """
 
 from __future__ import annotations
@@ -126,6 +130,14 @@ class _Collator:
         loader asks each step): the same one unless a rate changes over the phase."""
         return self
 
+    def example(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
+        """(model input, labels) of one row; a function of (index, tokens) and the settings only."""
+        raise NotImplementedError
+
+    def __call__(self, samples: Sequence[Sample]) -> dict:
+        pairs = [self.example(index, tokens) for index, tokens in samples]
+        return batch_tensors([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id, self.unpadded)
+
 
 class CLMCollator(_Collator):
     """Next-token prediction within each row (a row is one document's chunk). ``vocab_size``: the
@@ -141,9 +153,9 @@ class CLMCollator(_Collator):
         labels[-1] = IGNORE_INDEX
         return labels
 
-    def __call__(self, samples: Sequence[Sample]) -> dict:
-        rows = [self.row(tokens) for _, tokens in samples]
-        return batch_tensors(rows, [self.labels(r) for r in rows], self.pad_id, self.unpadded)
+    def example(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
+        row = self.row(tokens)
+        return row, self.labels(row)
 
 
 class MLMCollator(_Collator):
@@ -181,7 +193,7 @@ class MLMCollator(_Collator):
         step.mask_rate = self.schedule.at(tokens_before)
         return step
 
-    def mask(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
+    def example(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
         """(model input, labels) of one row; a function of (seed, index, tokens) only."""
         row = self.row(tokens)
         rng = np.random.default_rng([self.seed, int(index)])
@@ -198,11 +210,6 @@ class MLMCollator(_Collator):
             labels = np.append(labels[1:], IGNORE_INDEX)
         return inputs, labels
 
-    def __call__(self, samples: Sequence[Sample]) -> dict:
-        pairs = [self.mask(index, tokens) for index, tokens in samples]
-        return batch_tensors([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id,
-                             self.unpadded)
-
 
 class MNTPCollator(MLMCollator):
     """Masked next-token prediction (LLM2Vec): MLM masking, but a masked token at position j is the
@@ -210,3 +217,57 @@ class MNTPCollator(MLMCollator):
     target has a position before it."""
 
     shift = 1
+
+
+# A stream of its own for the objective of each row: never the masks' ``[seed, index]`` stream.
+MIX_STREAM = 0x6D6978
+
+
+def mix_choice(seed: int, index: int, cumulative: np.ndarray) -> int:
+    """The member of a mix that row ``index`` trains: a uniform draw seeded by (seed, index) alone,
+    against the members' cumulative normalised weights, so every rank, worker and resume agrees."""
+    draw = np.random.default_rng([MIX_STREAM, int(seed), int(index)]).random()
+    return min(int(np.searchsorted(cumulative, draw, side="right")), len(cumulative) - 1)
+
+
+class MixedCollator:
+    """Each row collated by one member collator, chosen from its global sample index (``mix_choice``
+    with ``weights``), in one batch: the model's keyword arguments plus ``causal`` (each row's
+    direction from ``causal``; a bool when the rows share one, so the model keeps its uniform fast
+    paths) and ``target_groups`` (the targets of each member, ``target_index`` listing them member
+    by member). Unpadded rows only (target_index is the flat stream's)."""
+
+    def __init__(self, collators: Sequence[_Collator], weights: Sequence[float],
+                 causal: Sequence[bool], seed: int) -> None:
+        if not all(c.unpadded for c in collators):
+            raise ValueError("an objective mix collates unpadded rows only")
+        weights = np.asarray(weights, dtype=np.float64)
+        self.collators, self.directions, self.seed = list(collators), list(causal), int(seed)
+        self.cumulative = np.cumsum(weights / weights.sum())
+        self.ids, self.unpadded = collators[0].ids, True
+        self.vocab_size = collators[0].vocab_size
+        # The loader cuts full rows one token short when any member closes its rows with [SEP].
+        self.close_rows = any(c.close_rows for c in collators)
+
+    def choice(self, index: int) -> int:
+        return mix_choice(self.seed, index, self.cumulative)
+
+    def at_tokens(self, tokens_before: int) -> "MixedCollator":
+        step = copy.copy(self)
+        step.collators = [c.at_tokens(tokens_before) for c in self.collators]
+        return step
+
+    def __call__(self, samples: Sequence[Sample]) -> dict:
+        members = [self.choice(index) for index, _ in samples]
+        pairs = [self.collators[m].example(index, tokens) for m, (index, tokens) in zip(members, samples)]
+        batch = batch_tensors([p[0] for p in pairs], [p[1] for p in pairs], self.collators[0].pad_id,
+                              unpadded=True)
+        starts = batch["cu_seqlens"][:-1].numpy()
+        member_of_target = np.asarray(members)[np.searchsorted(starts, batch["target_index"].numpy(),
+                                                               side="right") - 1]
+        order = np.argsort(member_of_target, kind="stable")  # member by member, each ascending
+        batch["target_index"] = batch["target_index"][torch.from_numpy(order)]
+        batch["target_groups"] = np.bincount(member_of_target, minlength=len(self.collators)).tolist()
+        directions = [self.directions[m] for m in members]
+        batch["causal"] = directions[0] if len(set(directions)) == 1 else torch.tensor(directions)
+        return batch

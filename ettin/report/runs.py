@@ -67,17 +67,34 @@ class Run:
     def objective(self) -> str:
         return str(self.config.get("objective"))
 
+    def phase_mix(self, phase: str):
+        """The ObjectiveMix ``phase`` trained (its own objective or mix, else the run's); None when
+        the config names objectives this ettin does not know."""
+        from ettin.objectives import MixError, resolve_mix
+
+        p = self.config.get("phases", {}).get(phase) or {}
+        try:
+            return resolve_mix(p.get("objective_mix"), p.get("objective"), self.config.get("objective_mix"),
+                               self.objective, self.config.get("export_as"))
+        except MixError:
+            return None
+
     def phase_objective(self, phase: str) -> str:
-        """The objective ``phase`` trained with: its own (``phases.<phase>.objective``), else the run's."""
-        return str((self.config.get("phases", {}).get(phase) or {}).get("objective") or self.objective)
+        """What ``phase`` trained: its objective (``mlm``) or mix (``mlm:15+clm:1``)."""
+        mix = self.phase_mix(phase)
+        return mix.name if mix is not None else \
+            str((self.config.get("phases", {}).get(phase) or {}).get("objective") or self.objective)
 
     @property
     def kind(self) -> str:
-        from ettin.objectives import OBJECTIVES
+        # What the run's final model is: its last phase's objective (or mix's export side) decides.
+        mix = self.phase_mix(self.phases[-1]) if self.phases else None
+        if mix is None:
+            from ettin.objectives import OBJECTIVES
 
-        # What the run's final model is: its last phase's objective decides.
-        objective = OBJECTIVES.get(self.phase_objective(self.phases[-1]) if self.phases else self.objective)
-        return "decoder" if objective is not None and objective.causal else "encoder"
+            objective = OBJECTIVES.get(self.objective)
+            return "decoder" if objective is not None and objective.causal else "encoder"
+        return mix.side
 
     @property
     def label(self) -> str:
@@ -249,7 +266,10 @@ def checkpoint_losses(run: Run, *, max_samples: int = 32) -> pd.DataFrame:
     sources = data_sources(run, phase)
     tokenizer = load_tokenizer(run.checkpoints[-1].meta["tokenizer"])
     mask_rate = float((run.config.get("trainer") or {}).get("val_mask_rate", 0.15))
-    collator = OBJECTIVES[run.phase_objective(phase)].collator(tokenizer, mask_rate=mask_rate, seed=int(recorded_seed(run)))
+    # A mix's model is scored as what it is (its export side's objective).
+    mix = run.phase_mix(phase)
+    objective = mix.objective if mix is not None else OBJECTIVES[run.phase_objective(phase)]
+    collator = objective.collator(tokenizer, mask_rate=mask_rate, seed=int(recorded_seed(run)))
     batches = validation_batches([(s["path"], s["weight"]) for s in sources], seq_len=p.seq_len,
                                  collator=collator, batch_size=p.micro_batch, max_samples=max_samples)
     rows = []

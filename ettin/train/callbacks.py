@@ -185,7 +185,7 @@ class ValidationCallback(EveryTokens):
     def validate(self, module: "EttinModule") -> dict[str, float]:
         if self.batches is None:
             self.batches = self.make_batches(module)
-        if not self.batches:  # e.g. a replayed released data order, which has no validation split
+        if not any(self.batches):  # e.g. a replayed released data order: no validation split
             return {}
         metrics = module.evaluate(self.batches)
         module.log_metrics({**metrics, "val/tokens": float(module.loader_state.tokens)})
@@ -227,7 +227,10 @@ class CheckpointCallback(EveryTokens):
                 optimizer_state=optimizer_state, rng_states=rng, config_yaml=to_yaml(self.cfg),
                 meta={
                     "run_name": self.cfg.run_name, "recipe": self.cfg.recipe,
-                    "objective": self.cfg.phase_objective(self.phase).name, "world_size": module.trainer.world_size,
+                    # The objective the model is (its export), and what the phase trained.
+                    "objective": self.cfg.phase_objective(self.phase).name,
+                    "objective_mix": self.cfg.phase_mix(self.phase).name,
+                    "world_size": module.trainer.world_size,
                     "model_config": dataclasses.asdict(module.model.config),
                     "tokenizer": str(self.tokenizer_dir()), "git_commit": git_commit(),
                     "fresh_optimizer": self.fresh_optimizer, "data": self.data_identity,

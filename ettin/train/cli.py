@@ -51,19 +51,23 @@ def dry_run_report(cfg: TrainConfig) -> str:
     lines = [f"recipe {cfg.recipe} (run {cfg.run_name}, objective {cfg.objective})", "", to_yaml(cfg)]
     for name in cfg.phases_to_run():
         p = cfg.phases[name]
-        objective = cfg.phase_objective(name)
+        mix = cfg.phase_mix(name)
         config = cfg.model_config(name)
         with torch.device("meta"):
             model = ModernBert(config)
-        # Targets (and the head's FLOPs) at the phase's mean rate: linear in tokens, so FLOPs are too.
+        # Targets (and the head's FLOPs) at the phase's mean rate: linear in tokens, so FLOPs are too;
+        # a mix's rows train each objective in its weight's share.
         mask_rate = phase_mask_rate(cfg, name)
-        n_targets = objective.targets_per_row(p.seq_len, mask_rate.mean)
-        flops = training_flops(config, [p.seq_len], n_targets, config.causal) / p.seq_len
+        flops = sum(w * training_flops(config, [p.seq_len], m.targets_per_row(p.seq_len, mask_rate.mean),
+                                       m.causal)
+                    for m, w in zip(mix.members, mix.weights)) / p.seq_len
         steps = steps_for(p.tokens, p.seq_len, phase_batch_schedule(p, cfg.global_batch))
-        masking = (f"mask rate {mask_rate.start:.0%} -> {mask_rate.end:.0%}, {n_targets} targets per "
-                   "full row on average" if objective.masked else f"{n_targets} targets per full row")
+        targets = f"{round(mix.targets_per_row(p.seq_len, mask_rate.mean), 1):g} targets per full row"
+        masked = any(m.masked for m in mix.members)
+        masking = (f"mask rate {mask_rate.start:.0%} -> {mask_rate.end:.0%}, " if masked else "") + targets \
+            + (" on average" if masked or mix.mixed else "")
         lines.append(
-            f"phase {name}: objective {objective.name} ({masking}), "
+            f"phase {name}: objective {mix.name} ({masking}), "
             f"{model.num_parameters():,} parameters, {flops / 1e9:.3f} GFLOP per "
             f"token (training, full {p.seq_len}-token rows), {p.tokens:,} tokens, >= {steps:,} "
             f"optimizer steps (rows at full length; shorter documents mean more steps); "

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ettin import CONF_DIR, RECIPES_DIR
 from ettin.model.config import SIZES, ModelConfig, model_config, size_value
 from ettin.data.source import DataSource
-from ettin.objectives import OBJECTIVES, Objective
+from ettin.objectives import OBJECTIVES, MixError, Objective, ObjectiveMix, resolve_mix
 
 
 LR_SCHEDULES = ("wsd", "one_minus_sqrt")
@@ -51,6 +51,9 @@ class PhaseConfig:
     # The phase's objective (a name in ettin.objectives.OBJECTIVES); None: the run's ``objective``.
     # Attention direction, collator, metrics, validation and the export class follow it.
     objective: Optional[str] = None
+    # The phase's objective mix (GPT-BERT), objective name -> weight, e.g. {mlm: 15, clm: 1}: each row
+    # trains one of them (docs/recipes.md). Empty: ``objective``, else the run's objective_mix/objective.
+    objective_mix: dict[str, float] = field(default_factory=dict)
     # true: the phase starts with fresh Adam moments (and fresh_optimizer_warmup_tokens) instead of
     # the previous phase's, e.g. when the objective changes (Gisserot-Boukhlef et al. 2025).
     reset_optimizer: bool = False
@@ -116,6 +119,10 @@ class TrainConfig:
     output_dir: str = "runs"
     size: str = "???"
     objective: str = "???"
+    # Every phase's objective mix unless the phase names its own objective or mix (docs/recipes.md,
+    # objective mix); export_as (encoder | decoder) says which model a mix spanning both sides is.
+    objective_mix: dict[str, float] = field(default_factory=dict)
+    export_as: Optional[str] = None
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the size row
     tokenizer: str = "???"
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -172,9 +179,15 @@ class TrainConfig:
             return f"packed micro-batches of up to {p.micro_batch * p.seq_len:,} tokens"
         return f"micro-batches of {p.micro_batch} rows"
 
+    def phase_mix(self, phase: str) -> ObjectiveMix:
+        """What ``phase`` trains: its own mix or objective, else the run's mix or objective."""
+        p = self.phases[phase]
+        return resolve_mix(p.objective_mix, p.objective, self.objective_mix, self.objective, self.export_as)
+
     def phase_objective(self, phase: str) -> Objective:
-        """The objective ``phase`` trains with: its own, else the run's."""
-        return OBJECTIVES[self.phases[phase].objective or self.objective]
+        """The objective ``phase``'s model is (its direction, its export): the phase's objective, or
+        its mix's (``ObjectiveMix.objective``)."""
+        return self.phase_mix(phase).objective
 
     def model_config(self, phase: str) -> ModelConfig:
         p = self.phases[phase]
@@ -215,9 +228,11 @@ def compose(recipe: str, overrides: list[str] = ()) -> TrainConfig:
     choices = available_recipes()
     if recipe not in choices:
         raise ConfigError(f"unknown recipe {recipe!r}; available recipes: {', '.join(choices)}")
-    # `model` holds ModelConfig fields over the size row (any field, checked by model_config): set
-    # them as plain overrides, which Hydra only accepts for keys the recipe already has.
-    overrides = [f"++{o}" if o.startswith("model.") else o for o in overrides]
+    # `model` holds ModelConfig fields over the size row (any field, checked by model_config), an
+    # objective mix any objective names: set them as plain overrides, which Hydra only accepts for
+    # keys the recipe already has.
+    overrides = [f"++{o}" if o.startswith("model.") or o.split("=", 1)[0].endswith("objective_mix")
+                 else o for o in overrides]
     try:
         with initialize_config_dir(str(RECIPES_DIR), version_base=None):
             raw = hydra_compose(
@@ -293,6 +308,11 @@ def check(cfg: TrainConfig) -> None:
             f"phase={cfg.phase!r} is not a phase of this recipe; choose one of "
             f"{', '.join(cfg.phase_order)}"
         )
+    if cfg.export_as is not None and cfg.export_as not in ("encoder", "decoder"):
+        raise ConfigError(f"export_as={cfg.export_as!r}; choose encoder or decoder")
+    if cfg.objective_mix and cfg.pair:
+        raise ConfigError("objective_mix trains one model on both objectives, not a pair: set "
+                          "pair=false (and export_as=encoder|decoder for the model it is)")
     for name in cfg.phases_to_run():
         p = cfg.phases[name]
         if p.lr_schedule not in LR_SCHEDULES:
@@ -309,7 +329,8 @@ def check(cfg: TrainConfig) -> None:
         if p.objective is not None and p.objective not in OBJECTIVES:
             raise ConfigError(f"phases.{name}.objective={p.objective!r} is unknown; choose one of "
                               f"{', '.join(OBJECTIVES)} (or leave it unset for the run's objective)")
-        if cfg.phase_objective(name).masked:
+        check_mix(cfg, name)
+        if any(m.masked for m in cfg.phase_mix(name).members):
             for key, rate in (("mask_rate", p.mask_rate), ("final_mask_rate", p.final_mask_rate)):
                 if rate is not None and not 0.0 < rate < 1.0:
                     raise ConfigError(f"phases.{name}.{key}={rate} must be in (0, 1)")
@@ -328,6 +349,27 @@ def check(cfg: TrainConfig) -> None:
         cfg.model_config(cfg.phases_to_run()[0])
     except (TypeError, ValueError, KeyError) as error:
         raise ConfigError(f"model: {error}") from None
+
+
+def check_mix(cfg: TrainConfig, phase: str) -> None:
+    p = cfg.phases[phase]
+    if p.objective and p.objective_mix:
+        raise ConfigError(f"phases.{phase} sets both objective and objective_mix; keep one")
+    where = f"phases.{phase}.objective_mix" if p.objective_mix else "objective_mix"
+    try:
+        mix = cfg.phase_mix(phase)
+    except MixError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    if not mix.mixed:
+        return
+    if cfg.optim.loss_normalization != "tokens":
+        raise ConfigError(f"{where} normalises each objective over the step's targets: set "
+                          "optim.loss_normalization=tokens")
+    attn = cfg.model.get("attn_implementation", ModelConfig.attn_implementation)
+    if attn == "flash" and len({m.causal for m in mix.members}) > 1:
+        raise ConfigError(f"{where} ({mix.name}) gives the rows of a micro-batch different attention "
+                          "directions, which flash-attn's kernel cannot: set "
+                          "model.attn_implementation=sdpa or flex")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

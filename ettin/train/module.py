@@ -1,7 +1,8 @@
 """The LightningModule: one for every objective.
 
-The objective (ettin.objectives) has chosen the attention direction (the model's ``causal``), the
-collator (the labels) and the metrics; the step itself is ettin.train.step.TrainStep, a plain object.
+The objective mix (ettin.objectives.ObjectiveMix: one objective, or several with weights) has chosen
+the attention direction (the model's ``causal``, or each row's in a mix), the collator (the labels),
+the weights of the loss and the metrics; the step itself is ettin.train.step.TrainStep, a plain object.
 Lightning runs the loop, the processes, precision and the callbacks (checkpoints, validation:
 ettin.train.callbacks; preemption: ettin.train.preemption); distribution is applied from outside
 (ettin.parallel.distributed sets ``parallel``).
@@ -22,7 +23,7 @@ import torch
 from ettin.parallel.distributed import Parallel
 from ettin.model.flops import training_flops
 from ettin.model.modernbert import ModernBert
-from ettin.objectives import Objective
+from ettin.objectives import ObjectiveMix
 from ettin.optim.stable_adamw import StableAdamW, param_groups
 from ettin.data.loader import LoaderState, StepBatch, add_digests
 from ettin.train.step import StepResult, StepSettings, TrainStep
@@ -38,7 +39,7 @@ class EttinModule(L.LightningModule):
         self,
         model: ModernBert,
         *,
-        objective: Objective,
+        objective: ObjectiveMix,
         settings: StepSettings,
         phase_tokens: int,
         loader_state: LoaderState,
@@ -97,7 +98,8 @@ class EttinModule(L.LightningModule):
         # On the run's step counter (not Lightning's, which restarts at 0 on resume).
         log_now = batch.state.step % self.log_every_steps == 0
         result = self.train_step(batch.micro_batches, tokens_before=batch.tokens_before,
-                                 targets=batch.targets, rows=batch.rows, with_grad_norm=log_now)
+                                 targets=batch.targets, rows=batch.rows,
+                                 group_targets=batch.group_targets, with_grad_norm=log_now)
         self.loader_state = replace(batch.state, data_digest=add_digests(self.loader_state.data_digest,
                                                                          batch.rows_digest))
         self._count_work(batch)
@@ -131,16 +133,19 @@ class EttinModule(L.LightningModule):
         # Tokens a mask could select: an encoder row holds exactly two that it never selects, its
         # [CLS] and its closing [SEP] (ettin.objectives.collate).
         maskable = sum(map(sum, batch.row_lengths)) - 2 * sum(batch.rows)
-        totals = self._sum_over_ranks(torch.stack([
-            result.loss_sum, result.correct, torch.full((), float(maskable), device=result.loss_sum.device)]))
-        # One read from the device for all of them.
-        loss_sum, correct, maskable, targets, norm = torch.stack([
-            totals[0], totals[1], totals[2], result.global_targets.float(),
-            result.grad_norm.float().to(totals.device)]).tolist()
-        loss = loss_sum / max(targets, 1.0)
-        metrics = self.objective.metrics("train", loss, correct, targets)
-        if self.objective.masked:  # the step's realised masked fraction (a scheduled rate shows)
-            metrics["train/mask_rate"] = targets / max(maskable, 1.0)
+        device, groups = result.loss_sum.device, len(result.loss_sum)
+        totals = self._sum_over_ranks(torch.cat([
+            result.loss_sum, result.correct, torch.full((1,), float(maskable), device=device)]))
+        # One read from the device for all of them (per target group: loss, correct, targets).
+        values = torch.cat([totals, result.global_targets.float(),
+                            result.grad_norm.float().to(device).reshape(1)]).tolist()
+        loss_sums, correct = values[:groups], values[groups:2 * groups]
+        maskable, targets, norm = values[2 * groups], values[2 * groups + 1:-1], values[-1]
+        metrics = self.objective.metrics("train", loss_sums, correct, targets)
+        loss = metrics["train/loss"]
+        if "train/mask_rate" in self.objective.train_metric_names():
+            # The step's realised masked fraction (a scheduled rate shows).
+            metrics["train/mask_rate"] = targets[0] / max(maskable, 1.0)
         metrics.update({
             "train/lr": result.lr,
             "train/grad_norm": norm,
@@ -166,15 +171,24 @@ class EttinModule(L.LightningModule):
             logger.log_metrics(metrics, step=self.loader_state.step)
 
     def _count_work(self, batch: StepBatch) -> None:
-        causal = self.model.config.causal
-        for lengths, n_targets in zip(batch.row_lengths, batch.targets):
+        for lengths, n_targets, causal in zip(batch.row_lengths, batch.targets, batch.row_causal):
             self._window_tokens += sum(lengths)
-            self._window_flops += training_flops(self.model.config, lengths, n_targets, causal)
+            self._window_flops += training_flops(self.model.config, lengths, n_targets,
+                                                 self.model.config.causal if causal is None else causal)
 
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, batches) -> dict[str, float]:
-        """Mean loss and the objective's figure over ``batches``, summed over ranks."""
+    def evaluate(self, batches_by_objective: list[list]) -> dict[str, float]:
+        """Each objective of the mix over its validation batches (in the mix's order; the same rows
+        collated by each objective's collator), summed over ranks: the mix's metrics."""
+        totals = torch.stack([self._evaluate(batches, member.causal) for member, batches
+                              in zip(self.objective.members, batches_by_objective, strict=True)])
+        loss_sums, targets, correct = self._sum_over_ranks(totals).t().tolist()
+        return self.objective.metrics("val", loss_sums, correct, targets)
+
+    def _evaluate(self, batches, causal: bool) -> torch.Tensor:
+        """(loss sum, targets, correct) of this rank's ``batches`` in the objective's direction
+        ``causal``, on the device."""
         was_training = self.model.training
         self.model.eval()
         totals = torch.zeros(3, device=self.device)  # loss sum, targets, correct
@@ -188,15 +202,13 @@ class EttinModule(L.LightningModule):
                 extra = self.trainer.strategy.batch_to_device(batches[0])
                 for _ in range(most - len(batches)):
                     with self.trainer.precision_plugin.forward_context():
-                        self.model(**extra, loss_reduction="sum")
+                        self.model(**extra, causal=causal, loss_reduction="sum")
         for batch in batches:
             batch = self.trainer.strategy.batch_to_device(batch)
             with self.trainer.precision_plugin.forward_context():
-                out = self.model(**batch, loss_reduction="sum")
+                out = self.model(**batch, causal=causal, loss_reduction="sum")
             totals += torch.stack([out.loss.float(),
                                    torch.full((), float(out.targets.numel()), device=self.device),
                                    out.n_correct.float()])
         self.model.train(was_training)
-        totals = self._sum_over_ranks(totals)
-        loss_sum, targets, correct = (float(t) for t in totals)
-        return self.objective.metrics("val", loss_sum / max(targets, 1.0), correct, targets)
+        return totals

@@ -135,7 +135,7 @@ def step_settings(cfg: TrainConfig, phase: str, *, fresh_optimizer: bool) -> Ste
         lr=cfg.optim.lr * p.lr_scale, peak_lr=cfg.optim.lr,
         lr_multiplier=phase_lr_multiplier(p, fresh_optimizer=fresh_optimizer),
         weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-        loss_normalization=cfg.optim.loss_normalization,
+        loss_normalization=cfg.optim.loss_normalization, group_weights=cfg.phase_mix(phase).weights,
     )
 
 
@@ -158,7 +158,7 @@ def build_module(cfg: TrainConfig, phase: str, model: ModernBert, start: StartSt
 
     accelerator, _ = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     return EttinModule(
-        model, objective=cfg.phase_objective(phase),
+        model, objective=cfg.phase_mix(phase),
         settings=step_settings(cfg, phase, fresh_optimizer=start.fresh_optimizer),
         phase_tokens=cfg.phases[phase].tokens, loader_state=loader_state,
         optimizer_state=start.optimizer_state,
@@ -195,7 +195,7 @@ class PhaseData(L.LightningDataModule):
         cfg, p = self.cfg, self.cfg.phases[self.phase]
         return StepBatches(
             self.sources, split="train", seq_len=p.seq_len,
-            collator=cfg.phase_objective(self.phase).collator(
+            collator=cfg.phase_mix(self.phase).collator(
                 self.tokenizer, mask_rate=phase_mask_rate(cfg, self.phase), seed=cfg.seed),
             global_batch_at=phase_batch_schedule(p, cfg.global_batch), micro_batch_size=p.micro_batch,
             rank=rank, world_size=world_size, seed=cfg.seed, phase=self.phase,
@@ -217,13 +217,15 @@ class PhaseData(L.LightningDataModule):
 
 
 def phase_validation_batches(cfg: TrainConfig, phase: str, tokenizer, sources: list, *, rank: int,
-                             world_size: int) -> list:
-    """The phase's fixed validation set for this rank (the same samples and masks every time)."""
+                             world_size: int) -> list[list]:
+    """The phase's fixed validation set for this rank (the same samples and masks every time), as
+    each objective of its mix collates it: every objective is measured on all validation rows."""
     p = cfg.phases[phase]
-    collator = cfg.phase_objective(phase).collator(tokenizer, mask_rate=cfg.trainer.val_mask_rate,
-                                                   seed=cfg.seed)
-    return validation_batches(sources, seq_len=p.seq_len, collator=collator, batch_size=p.micro_batch,
-                              max_samples=cfg.trainer.val_samples, rank=rank, world_size=world_size)
+    return [validation_batches(sources, seq_len=p.seq_len, batch_size=p.micro_batch,
+                               collator=objective.collator(tokenizer, mask_rate=cfg.trainer.val_mask_rate,
+                                                           seed=cfg.seed),
+                               max_samples=cfg.trainer.val_samples, rank=rank, world_size=world_size)
+            for objective in cfg.phase_mix(phase).members]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,12 +280,13 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
         timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s))
     progress = progress_callback(phase, p.tokens, started_at.tokens)
     trainer = build_trainer(cfg, callbacks=[validation, checkpoints, preemption, progress],
-                            loggers=build_loggers(cfg, phase, cfg.phase_objective(phase),
+                            loggers=build_loggers(cfg, phase, cfg.phase_mix(phase),
                                                   resume_step=started_at.step))
     log.info("phase %s: %s", phase, start.description)
-    log.info("model: %s, %s parameters, attention backend %s, %s; %s",
+    log.info("model: %s, %s parameters, attention backend %s, %s, objective %s; %s",
              cfg.size, f"{model.num_parameters():,}", model.config.attn_implementation,
-             "causal" if model.config.causal else "bidirectional", cfg.micro_batches_described(phase))
+             "causal" if model.config.causal else "bidirectional", cfg.phase_mix(phase).name,
+             cfg.micro_batches_described(phase))
     trainer.fit(module, datamodule=PhaseData(cfg, phase, tokenizer, sources, started_at))
     if preemption.preempted:
         raise Preempted(f"preempted in phase {phase}; the checkpoint is saved and the job requeued")

@@ -11,6 +11,11 @@ Loss normalisation (``optim.loss_normalization``):
 ranks; ``micro_batch`` keeps that average, as Composer did. The loss reported is always the token mean,
 so runs compare whatever they normalise by. Nothing in a step waits on the device (no host sync):
 counts come from the host, the global target count stays a device tensor.
+
+An objective mix (GPT-BERT) has one target group per objective: each group is normalised on its
+own (its loss over its targets of the whole step, as above) and the groups' means are summed with
+the mix's normalised weights (``StepSettings.group_weights``). One objective is one group of
+weight 1, the case above.
 """
 
 from __future__ import annotations
@@ -39,11 +44,15 @@ class StepSettings:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     loss_normalization: str = "tokens"
+    group_weights: tuple[float, ...] = (1.0,)  # an objective mix's normalised weights, in its order
 
     def __post_init__(self) -> None:
         if self.loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"loss_normalization={self.loss_normalization!r}: one of "
                              f"{', '.join(LOSS_NORMALIZATIONS)}")
+        if len(self.group_weights) > 1 and self.loss_normalization != "tokens":
+            raise ValueError("an objective mix normalises each objective over the step's targets: "
+                             "use loss_normalization='tokens'")
 
     def lr_at(self, tokens_before: int) -> float:
         """The LR of the step that starts after ``tokens_before`` tokens of the phase."""
@@ -52,11 +61,18 @@ class StepSettings:
 
 @dataclass
 class StepResult:
-    loss_sum: torch.Tensor  # summed cross-entropy of this rank's targets (0-dim, on the device)
+    """Per target group ([groups] tensors on the device; one group without a mix)."""
+
+    loss_sum: torch.Tensor  # summed cross-entropy of this rank's targets
     correct: torch.Tensor  # this rank's targets predicted right (argmax)
-    global_targets: torch.Tensor  # summed over ranks, 0-dim on the device
+    global_targets: torch.Tensor  # summed over ranks
     lr: float
     grad_norm: Optional[torch.Tensor]  # only when asked for (it costs a pass over the gradients)
+
+
+def on_device(values, device) -> torch.Tensor:
+    """A 1-d float tensor of host numbers, filled on the device (no host-to-device copy)."""
+    return torch.stack([torch.full((), float(v), device=device) for v in values])
 
 
 class NonFiniteLossError(RuntimeError):
@@ -96,33 +112,41 @@ class TrainStep:
         self.nonfinite: Optional[torch.Tensor] = None
 
     def __call__(self, micro_batches: list[dict], *, tokens_before: int, targets: list[int],
-                 rows: list[int], with_grad_norm: bool = False) -> StepResult:
+                 rows: list[int], group_targets: Optional[list[list[int]]] = None,
+                 with_grad_norm: bool = False) -> StepResult:
         """``targets``/``rows``: labelled positions and sequences of each micro-batch, counted on the
-        host (so nothing here waits on the device to know them)."""
+        host (so nothing here waits on the device to know them); ``group_targets``: each
+        micro-batch's targets per group (None: one group)."""
         device = next(iter(micro_batches[0].values())).device
-        local_targets = sum(targets)
+        group_targets = [[n] for n in targets] if group_targets is None else group_targets
+        weights = self.settings.group_weights
+        local_targets = [float(sum(g)) for g in zip(*group_targets)]
+        if len(local_targets) != len(weights):
+            raise ValueError(f"micro-batches of {len(local_targets)} target groups for "
+                             f"{len(weights)} group weights")
         # torch.full fills on the device; torch.tensor(x, device=...) would copy from host memory,
         # which waits for the device's queue to drain.
-        global_targets = self.sum_over_ranks(torch.full((), float(local_targets), device=device))
+        global_targets = self.sum_over_ranks(on_device(local_targets, device))
+        group_weights = on_device(weights, device)
         lr = self.settings.lr_at(tokens_before)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
+        loss_sum = torch.zeros(len(weights), device=device)
+        correct = torch.zeros(len(weights), device=device)
         last = len(micro_batches) - 1
         for index, micro_batch in enumerate(micro_batches):
             with self.gradient_sync(index == last):
                 with self.forward_context():
                     out = self.network(**micro_batch, loss_reduction="sum")
-                self.backward(out.loss * self._scale(targets[index], rows[index], global_targets,
-                                                     sum(rows)))
-            loss_sum += out.loss.detach().float()
-            correct += out.n_correct.float()  # counted on the device: no sync
+                scale = self._scale(targets[index], rows[index], global_targets, sum(rows))
+                self.backward((out.group_loss * group_weights * scale).sum())
+            loss_sum += out.group_loss.detach().float()
+            correct += out.group_correct.float()  # counted on the device: no sync
 
         norm = grad_norm(p for g in self.optimizer.param_groups for p in g["params"]) \
             if with_grad_norm else None
-        bad = ~torch.isfinite(loss_sum)
+        bad = ~torch.isfinite(loss_sum).all()
         if norm is not None:
             bad |= ~torch.isfinite(norm)
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
