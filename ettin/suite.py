@@ -16,6 +16,7 @@ way a failed member is seen and resubmitted before any report claims the ladder)
 from __future__ import annotations
 
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,8 @@ from ettin.cluster.launch import LaunchError, launcher_options, slurm_args, slur
 from ettin.cluster.suite import (FAMILIES, Suite, SuiteError, check_directory, eval_file, plan,
                                  recorded_members, run_local, status, status_table, submit_slurm)
 
-USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [cross=true] [key=value ...] [status]
+USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [cross=true]
+                            [launcher=local|slurm] [slurm.KEY=VALUE ...] [key=value ...] [status]
 
   recipe=FAMILY    {families} (default ettin: recipes <role>_<size>; smoke: the offline one)
   sizes=[A,B]      the sizes (default: the family's all)
@@ -38,7 +40,8 @@ USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [
                    are neither done, queued nor running, and once all are done evaluates and reports
   slurm.KEY=VALUE  with launcher=slurm: python -m ettin.launch's --KEY options, e.g.
                    slurm.gpus_per_node=4 slurm.nodes=1 slurm.partition=gpu slurm.account=ACC
-                   slurm.time=24:00:00 (all: {slurm_options})
+                   slurm.time=24:00:00; all of them:
+{slurm_options}
   status           print each member's state (done, queued, running, failed, stopped, not started),
                    tokens and last loss; train nothing
 Any other key=value is a python -m ettin.train override applied to every member.
@@ -116,8 +119,9 @@ def evaluate_members(suite: Suite, tasks: str, limit: Optional[int]) -> list[Pat
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE.format(families=", ".join(FAMILIES),
-                           slurm_options=", ".join(f"slurm.{k}" for k in slurm_option_names())))
+        options = textwrap.fill(", ".join(f"slurm.{k}" for k in slurm_option_names()), width=100,
+                                initial_indent=" " * 19, subsequent_indent=" " * 19)
+        print(USAGE.format(families=", ".join(FAMILIES), slurm_options=options))
         return 0
     try:
         args = parse(argv)
