@@ -1,23 +1,32 @@
-"""python -m ettin.suite [recipe=ettin|smoke] [sizes=[...]] [cross=true] [key=value ...] [status]
+"""python -m ettin.suite [recipe=ettin|smoke] [sizes=[...]] [cross=true] [launcher=slurm slurm.KEY=V ...]
+[key=value ...] [status]
 
 The Ettin ladder as one command: every size's encoder and decoder (and with ``cross=true`` the
 encoder-from-decoder and decoder-from-encoder of each size, after their base) trained as members of
 one suite directory, then every member evaluated on the same tasks and the suite report written.
 Running it again skips finished members and resumes unfinished ones; ``status`` prints each member's
 state, tokens and last loss. See ettin/cluster/suite.py for the directory's layout.
+
+With ``launcher=slurm`` the command submits the members as job arrays and returns; the same command
+again submits only the members that are neither done nor queued nor running, and once every member
+is done it evaluates them and writes the report here (evaluation is short next to training, and this
+way a failed member is seen and resubmitted before any report claims the ladder).
 """
 
 from __future__ import annotations
 
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ettin.cluster.launch import LaunchError, launcher_options, slurm_args, slurm_option_names
 from ettin.cluster.suite import (FAMILIES, Suite, SuiteError, check_directory, eval_file, plan,
-                                 recorded_members, run_local, status, status_table)
+                                 recorded_members, run_local, status, status_table, submit_slurm)
 
-USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [cross=true] [key=value ...] [status]
+USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [cross=true]
+                            [launcher=local|slurm] [slurm.KEY=VALUE ...] [key=value ...] [status]
 
   recipe=FAMILY    {families} (default ettin: recipes <role>_<size>; smoke: the offline one)
   sizes=[A,B]      the sizes (default: the family's all)
@@ -25,8 +34,15 @@ USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [
   suite_dir=DIR    the suite directory (default runs/<family>-suite)
   eval_tasks=T     the tasks every member is evaluated on (default: offline for smoke, else ettin-paper)
   eval_limit=N     at most N examples per task
-  launcher=local   (default; the only one implemented) members one after another on this machine
-  status           print each member's state (done, running, failed, stopped, not started),
+  launcher=local   (default) members one after another on this machine
+  launcher=slurm   submit the members as Slurm job arrays (native members, then the cross members
+                   after their bases) and return; the same command again submits only members that
+                   are neither done, queued nor running, and once all are done evaluates and reports
+  slurm.KEY=VALUE  with launcher=slurm: python -m ettin.launch's --KEY options, e.g.
+                   slurm.gpus_per_node=4 slurm.nodes=1 slurm.partition=gpu slurm.account=ACC
+                   slurm.time=24:00:00; all of them:
+{slurm_options}
+  status           print each member's state (done, queued, running, failed, stopped, not started),
                    tokens and last loss; train nothing
 Any other key=value is a python -m ettin.train override applied to every member.
 """
@@ -41,6 +57,8 @@ class SuiteArgs:
     eval_tasks: Optional[str] = None
     eval_limit: Optional[int] = None
     show_status: bool = False
+    launcher: str = "local"
+    slurm: dict[str, str] = field(default_factory=dict)  # slurm.KEY=VALUE
     overrides: list[str] = field(default_factory=list)
 
     @property
@@ -54,6 +72,7 @@ class SuiteArgs:
 
 def parse(argv: list[str]) -> SuiteArgs:
     args = SuiteArgs()
+    args.launcher, args.slurm, argv = launcher_options(argv)
     for item in argv:
         key, sep, value = item.partition("=")
         if item == "status":
@@ -70,11 +89,6 @@ def parse(argv: list[str]) -> SuiteArgs:
             args.cross = value.lower() == "true"
         elif key == "suite_dir":
             args.suite_dir = Path(value)
-        elif key == "launcher":
-            if value != "local":
-                raise SuiteError(f"launcher={value}: only launcher=local is implemented; submit a "
-                                 "member to Slurm with python -m ettin.launch -- recipe=... "
-                                 "output_dir=SUITE_DIR run_name=MEMBER")
         elif key == "eval_tasks":
             args.eval_tasks = value
         elif key == "eval_limit":
@@ -105,7 +119,9 @@ def evaluate_members(suite: Suite, tasks: str, limit: Optional[int]) -> list[Pat
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE.format(families=", ".join(FAMILIES)))
+        options = textwrap.fill(", ".join(f"slurm.{k}" for k in slurm_option_names()), width=100,
+                                initial_indent=" " * 19, subsequent_indent=" " * 19)
+        print(USAGE.format(families=", ".join(FAMILIES), slurm_options=options))
         return 0
     try:
         args = parse(argv)
@@ -114,25 +130,45 @@ def main(argv: Optional[list[str]] = None) -> int:
             check_directory(suite)
             print(status_table(status(suite)))
             return 0
+        if args.launcher == "slurm":
+            return submitted(suite, submit_slurm(suite, slurm_args(args.slurm)), args)
         exits = run_local(suite)
-    except SuiteError as error:
+        rows = status(suite)
+    except (SuiteError, LaunchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = status(suite)
     print(status_table(rows))
     unfinished = [r for r in rows if r.state != "done"]
     if unfinished:
         for r in unfinished:
             why = ("its base did not finish" if exits.get(r.member.name) == -1
-                   else f"exit status {exits.get(r.member.name)}; log {r.log}")
+                   else f"its Slurm job trains it; log {r.log}" if r.member.name not in exits
+                   else f"exit status {exits[r.member.name]}; log {r.log}")
             print(f"{r.member.name}: {r.state} ({why})", file=sys.stderr)
         print("run the same command again to resume the unfinished members", file=sys.stderr)
         return 1
+    return report(suite, args)
+
+
+def submitted(suite: Suite, jobs: list[str], args: SuiteArgs) -> int:
+    """After a Slurm submission: the members' states; the report once every member is done."""
+    rows = status(suite)
+    print(status_table(rows))
+    if all(r.state == "done" for r in rows):
+        return report(suite, args)
+    print(f"submitted job array(s) {', '.join(jobs)}" if jobs else "nothing to submit: every "
+          "unfinished member is queued or running", file=sys.stderr)
+    print("run the same command again once they have finished: it resubmits members that did not "
+          "finish, then evaluates every member and writes the suite report", file=sys.stderr)
+    return 0
+
+
+def report(suite: Suite, args: SuiteArgs) -> int:
     from ettin.report.suite import write_suite_report
 
-    report = write_suite_report(suite.directory, recorded_members(suite.directory),
-                                evaluate_members(suite, args.tasks, args.eval_limit))
-    print(f"suite report: {report}\n              {report.with_suffix('.html')}")
+    written = write_suite_report(suite.directory, recorded_members(suite.directory),
+                                 evaluate_members(suite, args.tasks, args.eval_limit))
+    print(f"suite report: {written}\n              {written.with_suffix('.html')}")
     return 0
 
 

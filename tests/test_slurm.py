@@ -67,10 +67,11 @@ def test_launch_dry_run_passes_the_overrides_through_and_sets_the_world(tmp_path
     assert code == 0
     assert f"#SBATCH --output={tmp_path.resolve()}/big/slurm.log" in out
     assert "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=4" in out
-    command = next(line for line in out.splitlines() if " -m ettin.train " in line)
-    assert command.strip().endswith(
+    command = next(line for line in out.splitlines() if line.startswith("RUN_NAME=big RUN_DIR="))
+    assert command.endswith(
         f"-m ettin.train recipe=smoke output_dir={tmp_path} run_name=big optim.lr=1e-3 "
-        "trainer.num_nodes=2 trainer.devices=4 trainer.accelerator=gpu &")
+        "trainer.num_nodes=2 trainer.devices=4 trainer.accelerator=gpu)")
+    assert '"${COMMAND[@]}" &' in out and "#SBATCH --array" not in out and "exec >>" not in out
     assert not (tmp_path / "big").exists()  # a dry run writes nothing
 
 

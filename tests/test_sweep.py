@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+from pathlib import Path
 
 import pytest
 
@@ -22,20 +23,34 @@ def test_every_combination_is_a_member_named_from_what_varies():
     assert members[1].overrides == ("optim.lr=0.001", "phases.pretrain.tokens=2000")  # as Hydra reads them
 
 
-@pytest.mark.slow
-def test_a_failing_member_does_not_stop_the_others(tmp_path):
+def sweep(argv: list[str]) -> tuple[int, str, dict[str, dict]]:
+    """(exit status, what it printed, sweep.csv's rows by member)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["-m", f"output_dir={tmp_path}", f"data_dir={tmp_path / 'data'}", "pair=false",
-                     "run_name=s", f"tokenizer={tmp_path / 'missing'},builtin",
-                     "phase_order=[pretrain]", "phases.pretrain.tokens=8_000",
-                     "phases.pretrain.warmup_tokens=1_000", "trainer.num_workers=0",
-                     "trainer.log_every_steps=2", "export_at_end=false", "eval_at_end=false"])
+        code = main(argv)
+    with (Path(argv[1].split("=", 1)[1]) / "s-sweep" / "sweep.csv").open() as f:
+        return code, out.getvalue(), {r["member"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_a_failing_member_does_not_stop_the_others_and_a_rerun_skips_finished_ones(tmp_path):
+    argv = ["-m", f"output_dir={tmp_path}", f"data_dir={tmp_path / 'data'}", "pair=false",
+            "run_name=s", f"tokenizer={tmp_path / 'missing'},builtin",
+            "phase_order=[pretrain]", "phases.pretrain.tokens=8_000",
+            "phases.pretrain.warmup_tokens=1_000", "trainer.num_workers=0",
+            "trainer.log_every_steps=2", "export_at_end=false", "eval_at_end=false"]
+    code, out, rows = sweep(argv)
     assert code == 1
-    with (tmp_path / "s-sweep" / "sweep.csv").open() as f:
-        rows = {r["member"]: r for r in csv.DictReader(f)}
     failed, done = rows.values()
     assert failed["member"].startswith("tokenizer-") and done["member"] == "tokenizer-builtin"
     assert failed["status"].startswith("failed (exit 2; log ") and "logs" in failed["status"]
     assert done["status"] == "done" and float(done["pretrain val loss"]) > 0
-    assert "failed:" in out.getvalue()
+    assert "failed:" in out
+
+    # Again: the finished member is not run (its log does not grow), the failed one runs again.
+    logs = tmp_path / "s-sweep" / "logs"
+    sizes = {name: (logs / f"{name}.log").stat().st_size for name in rows}
+    code, out, again = sweep(argv)
+    assert code == 1 and again == rows
+    assert (logs / "tokenizer-builtin.log").stat().st_size == sizes["tokenizer-builtin"]
+    assert (logs / f"{failed['member']}.log").stat().st_size > sizes[failed["member"]]

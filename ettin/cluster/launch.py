@@ -11,6 +11,13 @@ so a requeued job, or the same command submitted again, continues the same run. 
 ``trainer.devices`` and ``trainer.accelerator`` are added to match the allocation.
 
 Inside the job, the training process checks the topology itself (ettin.train.topology).
+
+The same rendering makes job arrays (``array_spec``): the members of a suite or a sweep, one array
+task each, every task a run exactly as ``python -m ettin.launch`` would submit it alone (same
+allocation, topology check, preemption and requeue). The options are the same, spelled
+``slurm.gpus_per_node=4`` after ``launcher=slurm`` (``slurm_args``). Each submitted run records its
+job in ``RUN_DIR/slurm_job``, so a second submission leaves queued and running runs alone
+(``queue_states``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,13 +47,23 @@ class LaunchError(ValueError):
 # Rendering
 
 
-@dataclass
-class JobSpec:
-    """What one sbatch job of a run looks like."""
+@dataclass(frozen=True)
+class ArrayTask:
+    """One run of a job array: its name, its run dir and the command every one of its tasks runs."""
 
     run_name: str
     run_dir: Path
-    command: list[str]  # what every task runs
+    command: list[str]
+
+
+@dataclass
+class JobSpec:
+    """What one sbatch job of a run looks like; with ``array``, one job array of several runs (then
+    ``run_name`` names the array and ``run_dir`` is where its script and Slurm's own log go)."""
+
+    run_name: str
+    run_dir: Path
+    command: list[str]  # what every task runs (a single run; empty for an array)
     nodes: int = 1
     tasks_per_node: int = 1
     gpus_per_node: int = 0  # 0: CPU tasks
@@ -59,6 +76,8 @@ class JobSpec:
     workdir: Path = field(default_factory=Path.cwd)
     sbatch_args: list[str] = field(default_factory=list)  # extra "#SBATCH <arg>" lines
     env: dict[str, str] = field(default_factory=dict)  # extra exported variables
+    array: list[ArrayTask] = field(default_factory=list)  # one array task per run, in index order
+    after: list[str] = field(default_factory=list)  # jobs that must complete successfully first
 
     @property
     def script_path(self) -> Path:
@@ -81,20 +100,39 @@ def _plain_path(path: Path, what: str) -> str:
     return text
 
 
+def _task_lines(spec: JobSpec, run_dir: Path) -> str:
+    """Shell lines setting RUN_NAME, RUN_DIR and COMMAND: the run's, or for an array the one its task
+    index chooses (whose output then goes to that run's slurm.log, as a single run's does)."""
+    def assign(name: str, directory: Path, command: list[str]) -> str:
+        return (f"RUN_NAME={shlex.quote(name)} RUN_DIR={_plain_path(directory.resolve(), 'run dir')}"
+                f" COMMAND=({shlex.join(command)})")
+
+    if not spec.array:
+        return assign(spec.run_name, run_dir, spec.command)
+    cases = [f"    {index}) {assign(task.run_name, task.run_dir, task.command)} ;;"
+             for index, task in enumerate(spec.array)]
+    return "\n".join(['case "$SLURM_ARRAY_TASK_ID" in', *cases,
+                      '    *) echo "array task $SLURM_ARRAY_TASK_ID has no run" >&2; exit 2 ;;', "esac",
+                      'exec >>"$RUN_DIR/slurm.log" 2>&1'])
+
+
 def render(spec: JobSpec, template: Optional[str] = None) -> str:
     """The sbatch script for ``spec``; lines whose value is empty (e.g. no --account) are dropped."""
     if spec.nodes < 1 or spec.tasks_per_node < 1:
         raise LaunchError("nodes and tasks per node must be at least 1")
     if spec.signal_lead_s < 1:
         raise LaunchError("the signal lead must be at least 1 second")
+    if bool(spec.command) == bool(spec.array):
+        raise LaunchError("a job runs either one command or an array of runs")
     run_dir = spec.run_dir if spec.run_dir.is_absolute() else spec.workdir / spec.run_dir
+    # Slurm expands %A (array job) and %a (task index) in --output; the path itself holds no '%'.
+    log = (f"{_plain_path(run_dir.resolve(), 'array dir')}/%A_%a.log" if spec.array
+           else _plain_path(RunDir(run_dir.resolve()).slurm_log, "log path"))
     for key, value in spec.env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise LaunchError(f"--env {key}=...: not a valid variable name")
     values: dict[str, Optional[str]] = {
         "job_name": spec.job_name,
-        "run_name": spec.run_name,
-        "run_dir": _plain_path(run_dir.resolve(), "run dir"),
         "nodes": str(spec.nodes),
         "tasks_per_node": str(spec.tasks_per_node),
         "gpus_per_node": str(spec.gpus_per_node) if spec.gpus_per_node else None,
@@ -104,11 +142,14 @@ def render(spec: JobSpec, template: Optional[str] = None) -> str:
         "qos": spec.qos,
         "time": spec.time,
         "workdir": _plain_path(spec.workdir.resolve(), "working directory"),
-        "log": _plain_path(RunDir(run_dir.resolve()).slurm_log, "log path"),
+        "array": f"0-{len(spec.array) - 1}" if spec.array else None,
+        "dependency": "afterok:" + ":".join(spec.after) if spec.after else None,
+        "kill_on_invalid_dep": "yes" if spec.after else None,
+        "log": log,
+        "task": _task_lines(spec, run_dir),
         "signal_lead": str(spec.signal_lead_s),
         "extra_sbatch": "\n".join(f"#SBATCH {arg}" for arg in spec.sbatch_args) or None,
         "extra_env": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()) or None,
-        "command": shlex.join(spec.command),
     }
     text = TEMPLATE.read_text() if template is None else template
     lines = []
@@ -124,21 +165,62 @@ def render(spec: JobSpec, template: Optional[str] = None) -> str:
 
 
 def write_script(spec: JobSpec) -> Path:
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    # An array task appends to its run dir's slurm.log from its first line: the dirs exist first.
+    for run_dir in [spec.run_dir, *(task.run_dir for task in spec.array)]:
+        run_dir.mkdir(parents=True, exist_ok=True)
     spec.script_path.write_text(render(spec))
     spec.script_path.chmod(0o755)
     return spec.script_path
 
 
 def submit(spec: JobSpec, *, sbatch: str = "sbatch") -> str:
-    """Write the script into the run dir and submit it; returns the job id."""
+    """Write the script into the run dir and submit it; returns the job id. The run records it in
+    its run dir (each run of an array its task's id, ``<job>_<index>``)."""
     if shutil.which(sbatch) is None:
         raise LaunchError(f"{sbatch} not found: run this on a SLURM login node (or use --dry-run)")
     script = write_script(spec)
     result = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True)
     if result.returncode != 0:
         raise LaunchError(f"sbatch failed ({result.returncode}): {result.stderr.strip()}")
-    return result.stdout.strip().split(";")[0]
+    job = result.stdout.strip().split(";")[0]
+    if not spec.array:
+        RunDir(spec.run_dir).slurm_job.write_text(f"{job}\n")
+    for index, task in enumerate(spec.array):
+        RunDir(task.run_dir).slurm_job.write_text(f"{job}_{index}\n")
+    return job
+
+
+def recorded_job(run_dir: Path) -> Optional[str]:
+    """The Slurm job (array task) last submitted for the run, if any."""
+    path = RunDir(run_dir).slurm_job
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def queue_states() -> Optional[dict[str, str]]:
+    """This user's jobs still in the Slurm queue, array tasks one by one: {id: state}, each task
+    under both its ``<job>_<index>`` and its own job id (the one a run lock records). None where
+    Slurm is not installed; an error where the controller does not answer (whether a run is queued
+    is then unknown, and guessing could submit it twice)."""
+    if shutil.which("squeue") is None:
+        return None
+    result = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i|%A|%T"], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise LaunchError(f"squeue failed ({result.returncode}): {result.stderr.strip()}; whether "
+                          "runs are queued is unknown: try again when the Slurm controller answers")
+    states = {}
+    for line in result.stdout.split():
+        task, job, state = line.split("|")
+        states[task] = states[job] = state
+    return states
+
+
+def queue_state(job: Optional[str], states: Optional[dict[str, str]]) -> Optional[str]:
+    """queued (pending, also after a requeue), running, or None when the job is not in the queue."""
+    state = (states or {}).get(job or "")
+    if state is None:
+        return None
+    return "queued" if state.startswith(("PENDING", "REQUEUE")) else "running"
 
 
 def active_jobs(job_name: str) -> list[str]:
@@ -167,8 +249,9 @@ def _build_spec(args: argparse.Namespace, overrides: list[str]) -> JobSpec:
     from ettin.train.config import ConfigError, compose, parse_argv
 
     if (args.gpus_per_node is None) == (args.cpus_per_node is None):
-        raise LaunchError("give exactly one of --gpus-per-node G (GPU training, one task per GPU) "
-                          "or --cpus-per-node T (T CPU tasks per node)")
+        raise LaunchError("give exactly one of --gpus-per-node G (slurm.gpus_per_node=G: GPU training, "
+                          "one task per GPU) or --cpus-per-node T (slurm.cpus_per_node=T: T CPU tasks "
+                          "per node)")
     tasks = args.gpus_per_node if args.gpus_per_node is not None else args.cpus_per_node
     if tasks < 1:
         raise LaunchError("--gpus-per-node / --cpus-per-node must be at least 1")
@@ -220,8 +303,73 @@ def _build_spec(args: argparse.Namespace, overrides: list[str]) -> JobSpec:
     )
 
 
-def parser() -> argparse.ArgumentParser:
+def array_spec(name: str, directory: Path, args: argparse.Namespace, runs: Sequence[Sequence[str]],
+                after: Sequence[str] = ()) -> JobSpec:
+    """One job array of ``runs`` (each a python -m ettin.train ARGV), every task allocated and checked
+    as ``python -m ettin.launch`` would submit that run alone; ``directory`` gets the script and
+    Slurm's own log; the array waits for every job of ``after`` to complete successfully."""
+    if not runs:
+        raise LaunchError("an array needs at least one run")
+    specs = [_build_spec(args, list(argv)) for argv in runs]
+    return replace(specs[0], run_name=name, run_dir=Path(directory), command=[],
+                   cpus_per_task=max(s.cpus_per_task or 1 for s in specs), after=list(after),
+                   array=[ArrayTask(s.run_name, s.run_dir, s.command) for s in specs])
+
+
+# ``launcher=slurm slurm.KEY=VALUE``: ettin.launch's own options (--KEY-WITH-HYPHENS VALUE), for the
+# commands that submit arrays; those that only make sense for a single submission are not offered.
+NOT_FOR_ARRAYS = ("dry_run", "force", "help")
+LAUNCHERS = ("local", "slurm")
+
+
+def slurm_option_names() -> list[str]:
+    return [name for name in vars(parser().parse_args([])) if name not in NOT_FOR_ARRAYS]
+
+
+def slurm_args(options: dict[str, str]) -> argparse.Namespace:
+    """``{"gpus_per_node": "4", "time": "24:00:00"}`` (from slurm.KEY=VALUE) as ettin.launch parses
+    ``--gpus-per-node 4 --time 24:00:00``, so both commands accept and check the same options."""
+    known = slurm_option_names()
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        raise LaunchError(f"{', '.join('slurm.' + k for k in unknown)}: not a Slurm option; choose "
+                          f"from {', '.join('slurm.' + k for k in known)}")
+    argv = []
+    for key, value in options.items():
+        option = "--" + key.replace("_", "-")
+        argv += [f"{option}={v}" for v in value.strip("[]").split(",")] if key in ("sbatch_arg", "env") \
+            else [f"{option}={value}"]
+    try:
+        return parser(exit_on_error=False).parse_args(argv)
+    except argparse.ArgumentError as error:
+        name = (error.argument_name or "").split("/")[0].lstrip("-").replace("-", "_")
+        raise LaunchError(f"slurm.{name}: {error.message}") from None
+
+
+def launcher_options(items: Sequence[str]) -> tuple[str, dict[str, str], list[str]]:
+    """(the launcher, its slurm.KEY=VALUE options, the other items) of a command line; refuses an
+    unknown launcher and Slurm options without launcher=slurm, naming the fix."""
+    launcher, options, rest = "local", {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep and key == "launcher":
+            launcher = value
+        elif sep and key.startswith("slurm."):
+            options[key[len("slurm."):]] = value
+        else:
+            rest.append(item)
+    if launcher not in LAUNCHERS:
+        raise LaunchError(f"launcher={launcher}: choose one of {', '.join(LAUNCHERS)} (local: one run "
+                          "after another here; slurm: one job array)")
+    if options and launcher != "slurm":
+        raise LaunchError(f"{', '.join('slurm.' + k for k in options)} given with launcher={launcher}: "
+                          "add launcher=slurm to submit to Slurm, or drop the slurm.* options")
+    return launcher, options, rest
+
+
+def parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        exit_on_error=exit_on_error,
         prog="python -m ettin.launch",
         description="Render slurm/ettin.sbatch into the run dir and submit it. Everything after -- "
                     "goes to python -m ettin.train unchanged (recipe=NAME and Hydra overrides).",

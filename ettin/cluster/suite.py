@@ -5,13 +5,17 @@ and with ``cross=true`` the two cross-objective members of each size, each start
       suite.json          the recipe family, the data every member trains on, and each member's
                           last local exit status
       <member>/           a normal run directory (python -m ettin.train output_dir=SUITE_DIR
-                          run_name=<member> ...); members are <role>_<size>, e.g. encoder_17m
+                          run_name=<member> ...); members are <role>_<size>, e.g. encoder_17m; on
+                          Slurm also slurm_job (its array task) and slurm.log (what it printed)
       logs/<member>.log   what the member's training printed (local runs)
+      slurm/native/, slurm/cross/   each array's launch.sbatch and Slurm's own messages per task
       eval/<member>/eval.json   the member's scores (every member on the same tasks)
       report/             suite.csv, report.md, report.html (ettin.report.suite)
 
 A member is composed exactly as ``python -m ettin.train`` composes it (``compose``), so the suite adds
-no training logic: locally each member is one ``python -m ettin.train`` process after the other.
+no training logic: locally each member is one ``python -m ettin.train`` process after the other; on
+Slurm (``submit_slurm``) the native members are one job array and the cross members a second one that
+waits for their bases.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ettin.cluster.launch import array_spec, queue_state, queue_states, recorded_job, submit
 from ettin.store.checkpoints import latest_checkpoint, read_meta
 from ettin.store.fs import pid_alive, write_text
 from ettin.store.rundir import RunDir
@@ -34,7 +39,7 @@ ROLES = ("encoder", "decoder", "encoder_from_decoder", "decoder_from_encoder")
 BASE = {"encoder_from_decoder": "decoder", "decoder_from_encoder": "encoder"}
 # The recipe families a suite can be made of: recipe= of python -m ettin.suite.
 FAMILIES = ("ettin", "smoke")
-STATES = ("done", "running", "failed", "stopped", "not started")
+STATES = ("done", "queued", "running", "failed", "stopped", "not started")
 SUITE_FILE = "suite.json"
 
 
@@ -229,24 +234,35 @@ class MemberStatus:
 
 def finished(member: Member) -> bool:
     """Whether the member's last phase has its phase-end checkpoint."""
-    latest = latest_checkpoint(member_dir(member))
+    return run_finished(member_dir(member), member.config())
+
+
+def run_finished(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether the run's last phase has its phase-end checkpoint (a suite's or a sweep's member is
+    then skipped by the next run of the same command)."""
+    latest = latest_checkpoint(run_dir)
     if latest is None:
         return False
     meta = read_meta(latest)
-    return bool(meta.get("phase_end")) and meta.get("phase") == member.config().phases_to_run()[-1]
+    return bool(meta.get("phase_end")) and meta.get("phase") == cfg.phases_to_run()[-1]
 
 
 def member_dir(member: Member) -> Path:
     return Path(dict(o.split("=", 1) for o in member.overrides if "=" in o)["output_dir"]) / member.name
 
 
-def _training_now(run_dir: Path) -> bool:
+def _training_now(run_dir: Path, queue: Optional[dict[str, str]]) -> bool:
+    """A live process holds the run's lock: a Slurm job still in the queue (any Slurm job where the
+    queue cannot be read here), or a live local process."""
     lock = RunDir(run_dir).lock
     try:
         holder = json.loads(lock.read_text())
     except (OSError, ValueError):
         return False
-    return bool(holder.get("slurm_job_id")) or pid_alive(int(holder.get("pid", -1)))
+    job = holder.get("slurm_job_id")
+    if job:
+        return queue is None or job in queue
+    return pid_alive(int(holder.get("pid", -1)))
 
 
 def _progress(run_dir: Path, phases: list[str]) -> tuple[int, Optional[float]]:
@@ -264,26 +280,38 @@ def _progress(run_dir: Path, phases: list[str]) -> tuple[int, Optional[float]]:
     return tokens, loss
 
 
+def run_state(run_dir: Path, cfg: TrainConfig, queue: Optional[dict[str, str]],
+              exit_status: int = 0) -> str:
+    """done (its last phase ended), queued or running (its Slurm job is pending or running), running
+    (a live process holds its lock), failed (its last local run exited non-zero, or its Slurm job
+    left the queue with the run unfinished), stopped (trained in, unfinished: the next run resumes
+    it) or not started."""
+    if run_finished(run_dir, cfg):
+        return "done"
+    job = recorded_job(run_dir)
+    in_queue = queue_state(job, queue)
+    if in_queue:
+        return in_queue
+    if _training_now(run_dir, queue):
+        return "running"
+    if exit_status != 0 or (job and queue is not None):  # a job that left a readable queue
+        return "failed"
+    return "stopped" if RunDir(run_dir).holds_a_run() else "not started"
+
+
 def status(suite: Suite) -> list[MemberStatus]:
-    """Each member's state: done (its last phase ended), running (a live process holds its lock),
-    failed (its last local run exited non-zero, or its base did not finish), stopped (trained in,
-    unfinished: the next run resumes it) or not started."""
+    """Each member's state (``run_state``; a cross member not started because its base did not
+    finish is failed), tokens and last loss, and where its log is."""
     exits = json.loads(suite.record.read_text()).get("exits", {}) if suite.record.is_file() else {}
+    queue = queue_states()
     rows = []
     for member in suite.members:
         run_dir = member_dir(member)
-        if finished(member):
-            state = "done"
-        elif _training_now(run_dir):
-            state = "running"
-        elif exits.get(member.name, 0) != 0:
-            state = "failed"
-        elif RunDir(run_dir).holds_a_run():
-            state = "stopped"
-        else:
-            state = "not started"
-        tokens, loss = _progress(run_dir, member.config().phases_to_run())
-        rows.append(MemberStatus(member, state, tokens, loss, suite.log(member)))
+        cfg = member.config()
+        state = run_state(run_dir, cfg, queue, exits.get(member.name, 0))
+        tokens, loss = _progress(run_dir, cfg.phases_to_run())
+        log = RunDir(run_dir).slurm_log if recorded_job(run_dir) else suite.log(member)
+        rows.append(MemberStatus(member, state, tokens, loss, log))
     return rows
 
 
@@ -305,17 +333,52 @@ def run_local(suite: Suite, python: str = sys.executable) -> dict[str, int]:
     whose base did not finish is not started (exit status -1 in the record)."""
     check_directory(suite)
     _write_record(suite, {})
+    queue = queue_states()
     exits: dict[str, int] = {}
     for member in suite.members:
-        if finished(member):
-            continue
+        if finished(member) or queue_state(recorded_job(member_dir(member)), queue):
+            continue  # done, or its Slurm job will train it
         if member.base and not finished(suite.member(member.base)):
             exits[member.name] = -1
             _write_record(suite, exits)
             continue
+        RunDir(member_dir(member)).slurm_job.unlink(missing_ok=True)  # trained here from now on
         exits[member.name] = run_training(member.argv(), suite.log(member), python)
         _write_record(suite, exits)
     return exits
+
+
+# ---------------------------------------------------------------------------------------------------
+# On Slurm
+
+
+def submit_slurm(suite: Suite, slurm) -> list[str]:
+    """The unfinished members that no queued or running job trains, as at most two job arrays (one
+    task per member, each a run as ``python -m ettin.launch`` would submit it with the same
+    ``slurm`` options): the native members, then the cross members, whose array waits (afterok) for
+    every unfinished base's array task. Returns the submitted job ids; nothing when every member is
+    done or in the queue.
+
+    afterok rather than aftercorr: aftercorr pairs tasks by index, but a cross member's base may sit
+    in an earlier submission's array or be done already, so index pairing breaks on a resubmission of
+    some members; naming every base's task is exact. The cost: a cross member waits for all the
+    bases of its array, which train side by side anyway."""
+    check_directory(suite)
+    queue = queue_states()
+    todo = [m for m in suite.members
+            if not finished(m) and not queue_state(recorded_job(member_dir(m)), queue)]
+    _write_record(suite, {m.name: 0 for m in todo})  # a past local failure no longer says the state
+    jobs = []
+    for origin in ("native", "cross"):
+        members = [m for m in todo if m.origin == origin]
+        if not members:
+            continue
+        bases = {suite.member(m.base) for m in members if m.base}
+        after = sorted(recorded_job(member_dir(b)) for b in bases if not finished(b))
+        spec = array_spec(f"{suite.directory.name}-{origin}", suite.directory / "slurm" / origin,
+                          slurm, [m.argv() for m in members], after)
+        jobs.append(submit(spec))
+    return jobs
 
 
 def run_training(argv: Sequence[str], log: Path, python: str = sys.executable) -> int:

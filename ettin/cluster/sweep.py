@@ -1,11 +1,15 @@
 """python -m ettin.train -m key=a,b other=c,d ...: one run per combination of the swept values
-(Hydra's sweep syntax, parsed by Hydra), each a normal run directory under one sweep root, run one
-after another (one ``python -m ettin.train`` each, so a failing member does not stop the others), and
+(Hydra's sweep syntax, parsed by Hydra), each a normal run directory under one sweep root, and
 ``sweep.csv`` at the root: member, overrides, status, final train and validation loss per phase.
+Locally the members run one after another (one ``python -m ettin.train`` each, so a failing member
+does not stop the others); with ``launcher=slurm`` they are one job array (``submit_sweep``), as a
+suite's members are. Either way a finished member (the suite's rule: its last phase's phase-end
+checkpoint) is skipped by the next run of the same command, and on Slurm so is a queued or running one.
 
     <output_dir>/<run_name>-sweep/
       <member>/            the run; named from the overrides that vary, e.g. lr-0.001_tokens-20000
-      logs/<member>.log    what its training printed
+      logs/<member>.log    what its training printed (local); on Slurm <member>/slurm.log
+      slurm/sweep/         the array's launch.sbatch and Slurm's own messages per task
       sweep.csv
 """
 
@@ -19,14 +23,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ettin.cluster.suite import run_training
+from ettin.cluster.launch import array_spec, queue_states, recorded_job, submit
+from ettin.cluster.suite import run_finished, run_state, run_training
 from ettin.store.rundir import RunDir
+from ettin.train.config import TrainConfig, compose
 
 
 @dataclass(frozen=True)
 class SweepMember:
     name: str
     overrides: tuple[str, ...]  # the swept key=value pairs of this member
+
+
+@dataclass(frozen=True)
+class Sweep:
+    root: Path
+    recipe: str
+    shared: tuple[str, ...]  # the overrides every member gets
+    members: tuple[SweepMember, ...]
+
+    def argv(self, member: SweepMember) -> list[str]:
+        """What python -m ettin.train gets for the member."""
+        return [f"recipe={self.recipe}", *self.shared, *member.overrides, f"output_dir={self.root}",
+                f"run_name={member.name}"]
+
+    def config(self, member: SweepMember) -> TrainConfig:
+        return compose(self.recipe, self.argv(member)[1:])
+
+    def log(self, member: SweepMember) -> Path:
+        return self.root / "logs" / f"{member.name}.log"
 
 
 def is_multirun(argv: Sequence[str]) -> bool:
@@ -46,6 +71,18 @@ def sweep_members(overrides: Sequence[str]) -> tuple[list[SweepMember], list[str
             shared.append(text)
     members = [SweepMember(member_name(combo), combo) for combo in itertools.product(*axes)]
     return members, shared
+
+
+def plan_sweep(recipe: str, overrides: Sequence[str]) -> Sweep:
+    """The sweep's members under ``<output_dir>/<run_name>-sweep``; every combination composes
+    before any trains (ConfigError or Hydra's error otherwise)."""
+    members, shared = sweep_members(overrides)
+    cfg = compose(recipe, shared)
+    sweep = Sweep(Path(cfg.output_dir).resolve() / f"{cfg.run_name}-sweep", recipe, tuple(shared),
+                  tuple(members))
+    for member in members:
+        sweep.config(member)
+    return sweep
 
 
 def member_name(combo: Sequence[str]) -> str:
@@ -70,20 +107,47 @@ def final_losses(run_dir: Path) -> dict[str, str]:
     return losses
 
 
-def run_sweep(root: Path, members: Sequence[SweepMember], shared: Sequence[str],
-              python: str = sys.executable) -> Path:
-    """Every member, one after another; returns sweep.csv."""
-    rows = []
-    for member in members:
-        log = root / "logs" / f"{member.name}.log"
-        argv = [*shared, *member.overrides, f"output_dir={root}", f"run_name={member.name}"]
-        code = run_training(argv, log, python)
-        rows.append({"member": member.name, "overrides": " ".join(member.overrides),
-                     "status": "done" if code == 0 else f"failed (exit {code}; log {log})",
-                     **final_losses(root / member.name)})
+def run_sweep(sweep: Sweep, python: str = sys.executable) -> Path:
+    """Every unfinished member, one after another; returns sweep.csv."""
+    statuses = {}
+    for member in sweep.members:
+        if run_finished(sweep.root / member.name, sweep.config(member)):
+            statuses[member.name] = "done"
+            continue
+        code = run_training(sweep.argv(member), sweep.log(member), python)
+        statuses[member.name] = "done" if code == 0 else f"failed (exit {code}; log {sweep.log(member)})"
+    return write_table(sweep, statuses)
+
+
+def submit_sweep(sweep: Sweep, slurm) -> tuple[list[str], Path]:
+    """The members that are neither done nor queued nor running, as one job array (``slurm``:
+    python -m ettin.launch's options); (the submitted job ids, sweep.csv with every member's state)."""
+    queue = queue_states()
+    todo = [m for m in sweep.members
+            if run_state(sweep.root / m.name, sweep.config(m), queue) not in ("done", "queued", "running")]
+    jobs = []
+    if todo:
+        spec = array_spec(sweep.root.name, sweep.root / "slurm" / "sweep", slurm,
+                          [sweep.argv(m) for m in todo])
+        jobs.append(submit(spec))
+        queue = queue_states()
+    statuses = {}
+    for member in sweep.members:
+        run_dir = sweep.root / member.name
+        state = run_state(run_dir, sweep.config(member), queue)
+        statuses[member.name] = (state if state == "done" else
+                                 f"{state} (job {recorded_job(run_dir)}; log {RunDir(run_dir).slurm_log})")
+    return jobs, write_table(sweep, statuses)
+
+
+def write_table(sweep: Sweep, statuses: dict[str, str]) -> Path:
+    """sweep.csv: each member's overrides, status and final losses."""
+    rows = [{"member": m.name, "overrides": " ".join(m.overrides), "status": statuses[m.name],
+             **final_losses(sweep.root / m.name)} for m in sweep.members]
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with (root / "sweep.csv").open("w", newline="") as f:
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    with (sweep.root / "sweep.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    return root / "sweep.csv"
+    return sweep.root / "sweep.csv"

@@ -5,6 +5,7 @@
       LOCK                       the process training in it (RunLock)
       train.log, slurm.log       the training's log; the Slurm job's output (appended on requeue)
       launch.sbatch              the job script python -m ettin.launch rendered and submitted
+      slurm_job                  the Slurm job (array task: <job>_<index>) last submitted for the run
       tokenizer/                 the run's copy of its tokenizer (checkpoints point at it)
       checkpoints/<phase>-step<7 digits>-tok<15 digits>/   (ettin.store.checkpoints)
       logs/<phase>/metrics.csv   train rows and the validation curve, one continuous file per phase
@@ -65,6 +66,10 @@ class RunDir:
     @property
     def launch_script(self) -> Path:
         return self.path / "launch.sbatch"
+
+    @property
+    def slurm_job(self) -> Path:
+        return self.path / "slurm_job"
 
     @property
     def tokenizer(self) -> Path:

@@ -7,6 +7,7 @@ a tiny encoder and decoder on the built-in corpus, on CPU, exported as Hugging F
 
 from __future__ import annotations
 
+import csv
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from ettin.cluster.sweep import is_multirun, run_sweep, sweep_members
+from ettin.cluster.launch import LaunchError, launcher_options, slurm_args
+from ettin.cluster.sweep import is_multirun, plan_sweep, run_sweep, submit_sweep
 from ettin.optim.schedule import phase_batch_schedule
 from ettin.store.checkpoints import CheckpointError
 from ettin.store.rundir import RunDir, RunLockedError
@@ -38,7 +40,12 @@ USAGE = """usage: python -m ettin.train [recipe=NAME] [key=value ...]
   resume=auto      (default) continue from the run's latest complete checkpoint; resume=never
                    refuses a run directory that already holds a run; resume=PATH one checkpoint
   -m key=a,b ...   a sweep: one run per combination under <output_dir>/<run_name>-sweep/, one after
-                   another, and sweep.csv (status, final train and validation loss per phase)
+                   another, and sweep.csv (status, final train and validation loss per phase); the
+                   same command again skips finished members
+  -m ... launcher=slurm [slurm.KEY=VALUE ...]   the sweep as one Slurm job array (one task per
+                   member; slurm.KEY: python -m ettin.launch's --KEY options, e.g.
+                   slurm.gpus_per_node=4 slurm.partition=gpu slurm.time=24:00:00); the same command
+                   again submits only members neither done, queued nor running
 Any other key of the resolved config can be overridden the Hydra way (e.g. trainer.devices=2).
 """
 
@@ -130,6 +137,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if is_multirun(argv):
         return sweep([a for a in argv if a not in ("-m", "--multirun")])
+    launcher = [a for a in argv if a.startswith(("launcher=", "slurm."))]
+    if launcher:
+        print(f"error: {' '.join(launcher)}: a launcher submits sweeps (-m); submit one run with "
+              "python -m ettin.launch --gpus-per-node G ... -- recipe=...", file=sys.stderr)
+        return 2
     recipe, overrides = parse_argv(argv)
     try:
         cfg = compose(recipe, overrides)
@@ -161,23 +173,30 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def sweep(argv: list[str]) -> int:
-    """One run per combination of the swept values, one after another, and sweep.csv."""
+    """One run per combination of the swept values, one after another (or one Slurm job array with
+    launcher=slurm), and sweep.csv."""
     from hydra.errors import HydraException
 
-    recipe, overrides = parse_argv(argv)
     try:
-        members, shared = sweep_members(overrides)
-        cfg = compose(recipe, shared)
-        for member in members:  # every combination composes before any trains
-            compose(recipe, [*shared, *member.overrides])
-    except (ConfigError, HydraException) as error:
+        launcher, options, argv = launcher_options(argv)
+        recipe, overrides = parse_argv(argv)
+        plan = plan_sweep(recipe, overrides)
+        if launcher == "slurm":
+            jobs, table = submit_sweep(plan, slurm_args(options))
+        else:
+            table = run_sweep(plan)
+    except (ConfigError, HydraException, LaunchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    root = Path(cfg.output_dir) / f"{cfg.run_name}-sweep"
-    table = run_sweep(root, members, [f"recipe={recipe}", *shared])
     print(table.read_text(), end="")
-    failed = [line.split(",")[0] for line in table.read_text().splitlines()[1:] if ",failed" in line]
-    print(f"sweep: {table} ({len(members) - len(failed)} of {len(members)} members done"
+    with table.open() as f:
+        statuses = {row["member"]: row["status"] for row in csv.DictReader(f)}
+    if launcher == "slurm":
+        print(f"sweep: {table} ({'submitted job array ' + jobs[0] if jobs else 'nothing to submit'}; "
+              "the same command again resubmits members that did not finish and updates sweep.csv)")
+        return 0
+    failed = [member for member, status in statuses.items() if status.startswith("failed")]
+    print(f"sweep: {table} ({len(statuses) - len(failed)} of {len(statuses)} members done"
           + (f"; failed: {', '.join(failed)}; see the log named in their status)" if failed else ")"))
     return 1 if failed else 0
 
