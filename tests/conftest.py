@@ -2,6 +2,7 @@
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +22,25 @@ def ettin_log(caplog):
     yield caplog
     logger.removeHandler(caplog.handler)
     logger.setLevel(previous)
+
+
+# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) hands each worker one group of tests at a
+# time. A group is a file, so a file's module fixtures are built once; the files that submit to the
+# local Slurm cluster are one group, so their jobs never wait behind each other's and one worker
+# starts and stops the cluster. The longest groups start first, so the two workers end together.
+SLURM_FILES = ("test_slurm.py", "test_slurm_arrays.py", "test_data_executor.py")
+LONGEST_FIRST = ("test_smoke_learns.py", "slurm", "test_suite.py", "test_resume_world_size.py",
+                 "test_train.py", "test_sweep.py", "test_notebooks.py", "test_eval_offline.py")
+
+
+def test_group(item: pytest.Item) -> str:
+    name = Path(str(item.fspath)).name
+    return "slurm" if name in SLURM_FILES else name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(test_group(item), len(rank)))  # stable: file order otherwise
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(test_group(item)))

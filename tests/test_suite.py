@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from ettin.cluster.suite import SuiteError, plan
+from ettin.report.suite import COLUMNS, paper_points
+from ettin.report.plots import plot_ladder
 from ettin.report.cli import main as compare_main
 from ettin.suite import main as suite_main
 
@@ -116,3 +119,30 @@ def test_a_failing_member_does_not_stop_the_others_and_its_cross_member_waits(tm
     assert record["encoder_micro"] != 0 and record["decoder_micro"] != 0
     assert "encoder_from_decoder_micro: failed (its base did not finish)" in err
     assert str(suite_dir / "logs" / "encoder_micro.log") in err
+
+
+def test_the_papers_scores_are_drawn_beside_the_native_members_of_ettin_sizes():
+    published = json.loads((Path(__file__).resolve().parents[1] / "ettin" / "evaluation" /
+                            "paper_scores.json").read_text())["models"]
+    # encoder_17m and decoder_17m scored on a task each table reports and one it does not; a smoke
+    # size and a cross member (the paper's tables have neither) on the same tasks.
+    rows = []
+    for member, size, params, series in (("encoder_17m", "17m", 17e6, "encoders"),
+                                         ("decoder_17m", "17m", 17e6, "decoders"),
+                                         ("encoder_tiny", "tiny", 2.8e5, "encoders"),
+                                         ("encoder_from_decoder_17m", "17m", 17e6, "encoder-from-decoder")):
+        for task in ("mnli", "piqa", "smoke_cloze"):
+            rows.append([member, size, params, "x", "x", series, task, "c", "acc", 0.5, "higher"])
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    paper = paper_points(table)
+    assert sorted(zip(paper["series"], paper["task"])) == [("decoders", "piqa"), ("encoders", "mnli")]
+    expected = {("encoders", "mnli"): published["encoder-17m"]["scores"]["mnli"] / 100,
+                ("decoders", "piqa"): published["decoder-17m"]["scores"]["piqa"] / 100}
+    assert {(s, t): v for s, t, v in zip(paper["series"], paper["task"], paper["score"])} == expected
+    assert all(paper["source"].str.startswith("arXiv 2507.11412"))
+
+    figure = plot_ladder(table, paper)
+    panel = next(a for a in figure.axes if a.get_title().startswith("mnli"))
+    hollow = [line for line in panel.get_lines() if line.get_label() == "encoders (paper)"]
+    assert [(x, y) for line in hollow for x, y in line.get_xydata()] == [(17e6, expected[("encoders", "mnli")])]
+    assert [t.get_text() for t in panel.get_xticklabels()] == ["280k", "17M"]

@@ -4,7 +4,7 @@ figures never disagree)."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pandas as pd
 
@@ -135,9 +135,12 @@ def plot_scores_over_tokens(table: pd.DataFrame, task: str, runs: Sequence[Run])
 SERIES_ORDER = ("encoders", "decoders", "encoder-from-decoder", "decoder-from-encoder")
 
 
-def plot_ladder(table: pd.DataFrame):
+def plot_ladder(table: pd.DataFrame, paper: Optional[pd.DataFrame] = None):
     """One panel per task (and category average): score against parameters on a log axis, one line
-    per series of the suite (``ettin.report.suite``'s table)."""
+    per series of the suite (``ettin.report.suite``'s table); ``paper``'s rows (the Ettin paper's
+    scores at the same sizes and tasks) as hollow points in their series' colour."""
+    from matplotlib.ticker import NullFormatter
+
     tasks = list(dict.fromkeys(table["task"]))
     cols = min(3, max(1, len(tasks)))
     rows = max(1, math.ceil(len(tasks) / cols))
@@ -148,14 +151,32 @@ def plot_ladder(table: pd.DataFrame):
             points = rows_of_task[rows_of_task["series"] == series].sort_values("parameters")
             if len(points):
                 axis.plot(points["parameters"], points["score"], marker="o", color=color, label=series)
+            if paper is not None:
+                published = paper[(paper["task"] == task) & (paper["series"] == series)]
+                if len(published):
+                    axis.plot(published["parameters"], published["score"], linestyle="none", marker="o",
+                              markerfacecolor="none", color=color, label=f"{series} (paper)")
         first = rows_of_task.iloc[0]
         axis.set_xscale("log")
+        # Ticks at the ladder's own sizes: a log axis over a narrow range labels its minor ticks into
+        # an unreadable pile.
+        counts = sorted(set(table["parameters"]))
+        axis.set_xticks(counts, [_count(c) for c in counts], fontsize=6)
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel("parameters", fontsize=8)
         axis.set_title(f"{task}\n{first['metric']}, {first['direction']} is better", fontsize=8)
         axis.legend(fontsize=6)
     for axis in axes[len(tasks):]:
         axis.set_visible(False)
     return figure
+
+
+def _count(n: float) -> str:
+    """277120 -> 277k, 17_000_000 -> 17M."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:g}"
 
 
 # ------------------------------------------------------------------------------------------------

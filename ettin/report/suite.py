@@ -4,6 +4,9 @@ category average, and the data-identity checks of each size's members.
 
     write_suite_report(SUITE_DIR, members, eval_files)  ->  SUITE_DIR/report/{suite.csv, report.md,
                                                             report.html, ladder.png}
+
+The Ettin paper's scores (ettin/evaluation/paper_scores.json) are drawn beside the native members of
+Ettin's sizes wherever the paper reports the same task.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from ettin.evaluation.paper import paper_entry
 from ettin.model.config import size_row
 from ettin.report import identity, plots, runs, scores
 from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
@@ -52,6 +56,24 @@ def category_averages(table: pd.DataFrame) -> pd.DataFrame:
     return averaged[COLUMNS]
 
 
+PAPER_COLUMNS = ["series", "size", "parameters", "task", "score", "source"]
+KIND_OF_SERIES = {"encoders": "encoder", "decoders": "decoder"}  # the series the paper's tables report
+
+
+def paper_points(table: pd.DataFrame) -> pd.DataFrame:
+    """The paper's score for each native member's size and each task the suite scored, on our scale
+    (the paper's percentages / 100), with its citation; empty for sizes the paper does not have."""
+    rows = []
+    natives = table[table["series"].isin(list(KIND_OF_SERIES))]
+    for (series, size, parameters), scored in natives.groupby(["series", "size", "parameters"]):
+        published = paper_entry(KIND_OF_SERIES[series], size) or {}
+        for task in sorted(set(scored["task"]) & set(published)):
+            percent, source = published[task]
+            rows.append([series, size, parameters, task, percent / 100,
+                         f"arXiv {source['arxiv']} {source['version']}, {source['table']}"])
+    return pd.DataFrame(rows, columns=PAPER_COLUMNS)
+
+
 def identity_table(directory: Path, members: Sequence[dict]) -> pd.DataFrame:
     """Per size, the native pair and the cross pair compared check by check (same data, same order,
     same schedule)."""
@@ -81,6 +103,7 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
     table = suite_table(members, evaluation)
     table.to_csv(out / "suite.csv", index=False)
     ladder = pd.concat([table, category_averages(table)], ignore_index=True)
+    paper = paper_points(table)
     checks = identity_table(directory, members)
     differs = int((checks["status"] == identity.DIFFERS).sum()) if len(checks) else 0
     title = f"ettin suite report: {directory.resolve().name}"
@@ -95,10 +118,11 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
         ("h2", "Scores against parameters"),
         ("p", "Per task and per category average, each series' score against the parameter count "
               "(log axis): encoders, decoders, encoder-from-decoder, decoder-from-encoder."),
-        image(plots.plot_ladder(ladder), out, "ladder.png", "scores against parameters"),
+        image(plots.plot_ladder(ladder, paper), out, "ladder.png", "scores against parameters"),
         ("table", ladder.pivot_table(index=["task", "metric", "direction"],
                                      columns=["series", "size"], values="score")
          .round(4).reset_index().pipe(_flat_columns)),
+        *_paper_blocks(table, paper),
         ("h2", "Data and schedule identity across members"),
         ("p", f"{len(checks)} checks, {differs} differ. Each size's encoder and decoder (and its two "
               "cross members) must have seen the same data in the same order under the same "
@@ -108,6 +132,18 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
     (out / "report.md").write_text(render_markdown(blocks))
     (out / "report.html").write_text(render_html(blocks, out, title=title))
     return out / "report.md"
+
+
+def _paper_blocks(table: pd.DataFrame, paper: pd.DataFrame) -> list[tuple]:
+    """Ours beside the paper's where both exist (hollow points in the plot)."""
+    if paper.empty:
+        return [("p", "The Ettin paper reports none of these tasks at these sizes (its scores are "
+                      "drawn where a member has an Ettin size and the paper reports the task).")]
+    ours = table[["series", "size", "task", "score"]].rename(columns={"score": "ours"})
+    both = paper.rename(columns={"score": "paper"}).merge(ours, on=["series", "size", "task"])
+    both["ours - paper"] = both["ours"] - both["paper"]
+    return [("h2", "Beside the Ettin paper"),
+            ("table", both[["series", "size", "task", "ours", "paper", "ours - paper", "source"]].round(4))]
 
 
 def _flat_columns(table: pd.DataFrame) -> pd.DataFrame:
