@@ -160,6 +160,26 @@ def test_other_data_shows_as_a_different_fingerprint_and_order(tmp_path, data_ro
     assert statuses(checks, "sample order")["pretrain"] == "differs"
 
 
+def test_the_suite_compares_each_sizes_data_with_the_first_sizes(tmp_path, data_root, tiny_prepared):
+    from ettin.report.suite import ACROSS_SIZES, identity_table
+
+    other = build_tiny_prepared(data_root, "tiny-prepared-other-split", seed=5)
+    for name, prepared in (("encoder_tiny", tiny_prepared), ("decoder_tiny", tiny_prepared),
+                           ("encoder_micro", tiny_prepared), ("encoder_17m", other)):
+        make_run(tmp_path, name, prepared, objective="clm" if name.startswith("decoder") else "mlm")
+    members = [{"name": n, "size": n.split("_")[1]} for n in
+               ("encoder_tiny", "decoder_tiny", "encoder_micro", "encoder_17m")]
+    table = identity_table(tmp_path, members)
+    across = table[table["size"] == "across sizes"]
+    assert set(across["check"]) == set(ACROSS_SIZES)
+    status = {(m, c): s for m, c, s in zip(across["members"], across["check"], across["status"])}
+    assert {c: status[("encoder_tiny vs encoder_micro", c)] for c in ACROSS_SIZES} == dict.fromkeys(
+        ACROSS_SIZES, identity.IDENTICAL)
+    assert {c: status[("encoder_tiny vs encoder_17m", c)] for c in ACROSS_SIZES} == dict.fromkeys(
+        ACROSS_SIZES, identity.DIFFERS)
+    assert set(table[table["size"] == "tiny"]["members"]) == {"encoder_tiny vs decoder_tiny"}
+
+
 def test_a_run_whose_records_disagree_with_the_replay_is_caught(tmp_path, tiny_prepared):
     # Trained on seed 7 but config.yaml says 21: the replay (seed 21) misses its logged token clock.
     a = runs.load_run(make_run(tmp_path, "a", tiny_prepared))

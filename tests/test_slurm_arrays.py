@@ -119,6 +119,18 @@ def test_a_second_submission_submits_only_what_no_job_trains(tmp_path, monkeypat
     assert "#SBATCH --array=0-0" in (bin_dir / "104.submitted").read_text().splitlines()
 
 
+def test_a_suite_that_never_submitted_does_not_ask_a_controller_that_is_down(tmp_path, monkeypatch):
+    from ettin.cluster.launch import LaunchError
+
+    bin_dir = fake_slurm(tmp_path, monkeypatch)
+    (bin_dir / "squeue").write_text("#!/bin/bash\necho 'Unable to contact slurm controller' >&2\nexit 1\n")
+    suite = plan(tmp_path / "s", "smoke", ["micro"], overrides=["trainer.num_workers=0"])
+    assert [r.state for r in status(suite)] == ["not started", "not started"]  # local: Slurm unused
+    assert submit_slurm(suite, CPU) == ["101"]  # no job of it can be queued yet
+    with pytest.raises(LaunchError, match="squeue failed.*try again when the Slurm controller answers"):
+        status(suite)  # now a job of it may be queued: guessing could train a member twice
+
+
 def test_a_sweep_on_slurm_is_one_array_and_a_second_submission_submits_nothing(tmp_path, monkeypatch):
     bin_dir = fake_slurm(tmp_path, monkeypatch)
     argv = ["-m", f"output_dir={tmp_path}", "run_name=s", "pair=false", "optim.lr=1e-3,2e-3",

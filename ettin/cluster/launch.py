@@ -30,7 +30,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from ettin.store.rundir import RunDir
 
@@ -196,12 +196,13 @@ def recorded_job(run_dir: Path) -> Optional[str]:
     return (path.read_text().strip() or None) if path.is_file() else None
 
 
-def queue_states() -> Optional[dict[str, str]]:
+def queue_states(run_dirs: Iterable[Path]) -> Optional[dict[str, str]]:
     """This user's jobs still in the Slurm queue, array tasks one by one: {id: state}, each task
     under both its ``<job>_<index>`` and its own job id (the one a run lock records). None where
-    Slurm is not installed; an error where the controller does not answer (whether a run is queued
+    Slurm is not installed or none of ``run_dirs`` was ever submitted (a local suite or sweep never
+    needs the controller); an error where the controller does not answer (whether a run is queued
     is then unknown, and guessing could submit it twice)."""
-    if shutil.which("squeue") is None:
+    if shutil.which("squeue") is None or not any(recorded_job(d) for d in run_dirs):
         return None
     result = subprocess.run(["squeue", "-h", "-r", "--me", "-o", "%i|%A|%T"], capture_output=True,
                             text=True)

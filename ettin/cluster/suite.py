@@ -303,7 +303,7 @@ def status(suite: Suite) -> list[MemberStatus]:
     """Each member's state (``run_state``; a cross member not started because its base did not
     finish is failed), tokens and last loss, and where its log is."""
     exits = json.loads(suite.record.read_text()).get("exits", {}) if suite.record.is_file() else {}
-    queue = queue_states()
+    queue = queue_states(member_dir(m) for m in suite.members)
     rows = []
     for member in suite.members:
         run_dir = member_dir(member)
@@ -333,7 +333,7 @@ def run_local(suite: Suite, python: str = sys.executable) -> dict[str, int]:
     whose base did not finish is not started (exit status -1 in the record)."""
     check_directory(suite)
     _write_record(suite, {})
-    queue = queue_states()
+    queue = queue_states(member_dir(m) for m in suite.members)
     exits: dict[str, int] = {}
     for member in suite.members:
         if finished(member) or queue_state(recorded_job(member_dir(member)), queue):
@@ -364,7 +364,7 @@ def submit_slurm(suite: Suite, slurm) -> list[str]:
     some members; naming every base's task is exact. The cost: a cross member waits for all the
     bases of its array, which train side by side anyway."""
     check_directory(suite)
-    queue = queue_states()
+    queue = queue_states(member_dir(m) for m in suite.members)
     todo = [m for m in suite.members
             if not finished(m) and not queue_state(recorded_job(member_dir(m)), queue)]
     _write_record(suite, {m.name: 0 for m in todo})  # a past local failure no longer says the state

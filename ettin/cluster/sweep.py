@@ -122,7 +122,7 @@ def run_sweep(sweep: Sweep, python: str = sys.executable) -> Path:
 def submit_sweep(sweep: Sweep, slurm) -> tuple[list[str], Path]:
     """The members that are neither done nor queued nor running, as one job array (``slurm``:
     python -m ettin.launch's options); (the submitted job ids, sweep.csv with every member's state)."""
-    queue = queue_states()
+    queue = queue_states(sweep.root / m.name for m in sweep.members)
     todo = [m for m in sweep.members
             if run_state(sweep.root / m.name, sweep.config(m), queue) not in ("done", "queued", "running")]
     jobs = []
@@ -130,7 +130,7 @@ def submit_sweep(sweep: Sweep, slurm) -> tuple[list[str], Path]:
         spec = array_spec(sweep.root.name, sweep.root / "slurm" / "sweep", slurm,
                           [sweep.argv(m) for m in todo])
         jobs.append(submit(spec))
-        queue = queue_states()
+        queue = queue_states(sweep.root / m.name for m in sweep.members)
     statuses = {}
     for member in sweep.members:
         run_dir = sweep.root / member.name
