@@ -12,6 +12,35 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+class Crash(Exception):
+    """The process dies between two steps (nothing after the last checkpoint is saved)."""
+
+
+@pytest.fixture
+def crash_at_tokens(monkeypatch):
+    """``crash_at_tokens(cfg, tokens)``: train ``cfg`` until its loader has read ``tokens`` of the
+    phase, then die between two steps, as a killed process would; training is restored after."""
+    from ettin.train.module import EttinModule
+    from ettin.train.run import train
+
+    original = EttinModule.training_step
+
+    def crash_at(cfg, tokens: int) -> None:
+        def step_or_crash(self, batch, batch_idx):
+            if self.loader_state is not None and self.loader_state.tokens >= tokens:
+                raise Crash
+            return original(self, batch, batch_idx)
+
+        monkeypatch.setattr(EttinModule, "training_step", step_or_crash)
+        try:
+            with pytest.raises(Crash):
+                train(cfg)
+        finally:
+            monkeypatch.setattr(EttinModule, "training_step", original)
+
+    return crash_at
+
+
 @pytest.fixture
 def ettin_log(caplog):
     """What the "ettin" logger says during a test (it does not propagate once a run set it up)."""

@@ -359,27 +359,13 @@ def test_a_mixed_phase_logs_each_objective_and_exports_the_chosen_class(mixed_ru
     assert type(model).__name__ == "ModernBertForMaskedLM"
 
 
-def test_resume_in_the_middle_of_a_mixed_phase_is_bit_identical(workspace, monkeypatch, mixed_run):
+def test_resume_in_the_middle_of_a_mixed_phase_is_bit_identical(workspace, crash_at_tokens, mixed_run):
     from ettin.store.checkpoints import read_meta
     from ettin.train.checkpoint import Checkpointer
-    from ettin.train.module import EttinModule
     from ettin.train.run import train
 
     crashing = config(workspace, "mixed-crash", *MIXED_PHASE)
-    original = EttinModule.training_step
-
-    class Crash(Exception):
-        pass
-
-    def crash(self, batch, batch_idx):
-        if self.loader_state.tokens >= 15_000:
-            raise Crash
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(EttinModule, "training_step", crash)
-    with pytest.raises(Crash):
-        train(crashing)
-    monkeypatch.setattr(EttinModule, "training_step", original)
+    crash_at_tokens(crashing, 15_000)
     assert 0 < read_meta(Checkpointer(crashing.run_dir).latest())["tokens"] < 30_000
     train(crashing)
     for column in ("train/loss", "train/mlm/loss", "train/clm/loss", "train/clm/perplexity"):

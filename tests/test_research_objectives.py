@@ -16,7 +16,6 @@ from ettin.train.checkpoint import Checkpointer
 from ettin.train.cli import dry_run_report
 from ettin.train.config import compose
 from ettin.train.merge import MergeError, merge
-from ettin.train.module import EttinModule
 from ettin.train.run import train
 
 SHORT = ["pair=false", "trainer.log_every_steps=1", "trainer.num_workers=0", "eval_at_end=false",
@@ -131,22 +130,9 @@ def test_dry_run_estimates_follow_the_schedule(workspace):
     assert line(annealed).split("),", 1)[1] == line(fixed).split("),", 1)[1]
 
 
-def test_resume_inside_an_annealed_phase_is_bit_identical(workspace, monkeypatch, annealed_run):
+def test_resume_inside_an_annealed_phase_is_bit_identical(workspace, crash_at_tokens, annealed_run):
     crashing = config(workspace, "annealed-crash", *ANNEALED)
-    original = EttinModule.training_step
-
-    class Crash(Exception):
-        pass
-
-    def crash(self, batch, batch_idx):
-        if self.loader_state.tokens >= 25_000:
-            raise Crash
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(EttinModule, "training_step", crash)
-    with pytest.raises(Crash):
-        train(crashing)
-    monkeypatch.setattr(EttinModule, "training_step", original)
+    crash_at_tokens(crashing, 25_000)
     assert 0 < read_meta(Checkpointer(crashing.run_dir).latest())["tokens"] < 40_000
     train(crashing)  # resume=auto, in the middle of the schedule
     for column in ("train/loss", "train/mask_rate"):

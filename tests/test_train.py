@@ -106,26 +106,13 @@ def test_default_run_trains_and_exports_a_pair(workspace, pair_run):
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_repeats_the_same_losses_bitwise(workspace, monkeypatch, straight_run):
+def test_resume_after_a_crash_repeats_the_same_losses_bitwise(workspace, crash_at_tokens, straight_run):
     args = ["phase_order=[pretrain]", "objective=mlm", "pair=false"]
     reference = straight_run
     expected = losses(reference.run_dir, "pretrain")
 
     crashing = compose("smoke", run_args(workspace, "crashing", *args))
-    original = EttinModule.training_step
-
-    class Crash(Exception):
-        """The process dies between two steps (nothing after the last checkpoint is saved)."""
-
-    def crash_after_checkpoint(self, batch, batch_idx):
-        if self.loader_state is not None and self.loader_state.tokens >= 30_000:
-            raise Crash
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(EttinModule, "training_step", crash_after_checkpoint)
-    with pytest.raises(Crash):
-        train(crashing)
-    monkeypatch.setattr(EttinModule, "training_step", original)
+    crash_at_tokens(crashing, 30_000)
     resumed_from = read_meta(latest_checkpoint(crashing.run_dir))
     assert 0 < resumed_from["tokens"] < 60_000 and not resumed_from["phase_end"]
     train(crashing)  # resume=auto
