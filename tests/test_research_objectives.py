@@ -164,22 +164,102 @@ def test_merged_weights_are_the_weighted_mean_and_the_merge_exports_and_trains(w
     assert read_meta(Checkpointer(cfg.run_dir).latest())["tokens"] >= 40_000
 
 
+def saved_copy(source: Path, folder: Path, *, weights: dict | None = None, **meta_changes) -> Path:
+    """A checkpoint of ``source``'s run state saved in ``folder`` with other weights or meta."""
+    loaded = Checkpointer(source.parent.parent).load(source)
+    meta = {k: v for k, v in loaded.meta.items()
+            if k not in ("phase", "phase_index", "kind", "phase_end", "step", "tokens", "loader_state", "sha256")}
+    return Checkpointer(folder).save(
+        phase="pretrain", phase_index=0, kind="interval", loader_state=loaded.meta["loader_state"],
+        model_state=weights or dict(loaded.model_state), optimizer_state=loaded.optimizer_state,
+        rng_states=loaded.rng_states, config_yaml=(source / "config.yaml").read_text(),
+        meta={**meta, **meta_changes})
+
+
 def test_merging_different_vocabularies_is_refused_naming_both(workspace, annealed_run, tmp_path):
     source = list_checkpoints(annealed_run.run_dir)[0]
-    loaded = Checkpointer(annealed_run.run_dir).load(source)
-    weights = dict(loaded.model_state)
+    weights = dict(Checkpointer(annealed_run.run_dir).load(source).model_state)
     key = "model.embeddings.tok_embeddings.weight"
     weights[key] = weights[key][:-64].clone()
     weights["decoder.bias"] = weights["decoder.bias"][:-64].clone()
-    meta = {k: v for k, v in loaded.meta.items()
-            if k not in ("phase", "phase_index", "kind", "phase_end", "step", "tokens", "loader_state", "sha256")}
-    other = Checkpointer(tmp_path / "other").save(
-        phase="pretrain", phase_index=0, kind="interval", loader_state=loaded.meta["loader_state"],
-        model_state=weights, optimizer_state=loaded.optimizer_state, rng_states=loaded.rng_states,
-        config_yaml="", meta=meta)
+    other = saved_copy(source, tmp_path / "other", weights=weights)
     with pytest.raises(MergeError, match="different vocabularies") as error:
         merge([source, other], tmp_path / "out", export=False)
     assert str(source) in str(error.value) and str(other) in str(error.value)
+
+
+def test_merging_checkpoints_of_different_tokenizers_of_one_size_is_refused(annealed_run, tmp_path):
+    import json
+    import shutil
+
+    source = list_checkpoints(annealed_run.run_dir)[0]
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(read_meta(source)["tokenizer"], tokenizer)
+    backend = json.loads((tokenizer / "tokenizer.json").read_text())
+    vocab = backend["model"]["vocab"]  # two ordinary tokens swap ids: the same size, other ids
+    (a, ia), (b, ib) = sorted(vocab.items(), key=lambda item: item[1])[300:302]
+    vocab[a], vocab[b] = ib, ia
+    (tokenizer / "tokenizer.json").write_text(json.dumps(backend))
+    other = saved_copy(source, tmp_path / "other", tokenizer=str(tokenizer))
+    with pytest.raises(MergeError, match="different tokenizers"):
+        merge([source, other], tmp_path / "out", export=False)
+
+
+def test_merging_different_objectives_is_refused_unless_asked_and_then_said(annealed_run, tmp_path,
+                                                                            capsys):
+    from ettin.train.merge import main
+
+    source = list_checkpoints(annealed_run.run_dir)[0]
+    other = saved_copy(source, tmp_path / "other", objective="clm")
+    with pytest.raises(MergeError, match="different objectives.*--mixed-objectives"):
+        merge([source, other], tmp_path / "refused", export=False)
+    assert main([str(source), str(other), "--out", str(tmp_path / "out"), "--mixed-objectives"]) == 0
+    assert "merged different objectives (mlm, clm) as asked" in capsys.readouterr().out
+    assert [m["objective"] for m in read_meta(list_checkpoints(tmp_path / "out")[0])["merged_from"]] \
+        == ["mlm", "clm"]
+
+
+@pytest.mark.parametrize("weights", ["nan,1", "inf,1", "-1,2", "0,0"])
+def test_merge_weights_that_are_not_finite_or_sum_to_zero_are_refused_with_one_line(
+        annealed_run, tmp_path, capsys, weights):
+    from ettin.train.merge import main
+
+    sources = [str(c) for c in list_checkpoints(annealed_run.run_dir)[:2]]
+    assert main([*sources, "--out", str(tmp_path / "out"), "--weights", weights]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --weights") and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_with_non_finite_weights_is_refused_naming_it(annealed_run, tmp_path):
+    source = list_checkpoints(annealed_run.run_dir)[0]
+    weights = dict(Checkpointer(annealed_run.run_dir).load(source).model_state)
+    weights["decoder.bias"] = weights["decoder.bias"].clone()
+    weights["decoder.bias"][3] = float("nan")
+    other = saved_copy(source, tmp_path / "other", weights=weights)
+    with pytest.raises(MergeError, match=f"{other} holds non-finite weights.*decoder.bias"):
+        merge([source, other], tmp_path / "out", export=False)
+
+
+def test_a_merge_whose_export_check_fails_publishes_nothing_and_the_retry_succeeds(
+        annealed_run, tmp_path, monkeypatch):
+    import ettin.train.merge as merging
+    from ettin.model.export import ExportError
+
+    sources = list_checkpoints(annealed_run.run_dir)[:2]
+    real = merging.export_checkpoint
+
+    def failing(*args, **kwargs):
+        raise ExportError("the reloaded export differs")
+
+    monkeypatch.setattr(merging, "export_checkpoint", failing)
+    with pytest.raises(ExportError):
+        merge(sources, tmp_path / "out")
+    assert list_checkpoints(tmp_path / "out") == [] and not (tmp_path / "out" / "hf").exists()
+    monkeypatch.setattr(merging, "export_checkpoint", real)
+    checkpoint = merge(sources, tmp_path / "out")
+    assert list_checkpoints(tmp_path / "out") == [checkpoint]
+    assert (tmp_path / "out" / "hf" / "config.json").is_file()
 
 
 def test_the_pair_report_shows_each_phase_objective(tmp_path):
