@@ -280,3 +280,15 @@ def test_no_shared_memory_or_files_left_behind(tiny_prepared, tiny_tokenizer):
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not {n for n in after - before if "torch" not in n}  # nothing of ours (torch cleans its own)
     assert sorted(p.relative_to(tiny_prepared) for p in tiny_prepared.rglob("*")) == listing
+
+
+def test_the_rows_digest_changes_when_the_same_rows_come_in_another_order():
+    from ettin.data.loader import add_digests, rows_digest
+
+    rows = [np.arange(5, 15), np.arange(20, 26), np.arange(7, 9)]
+    in_order = rows_digest(list(enumerate(rows)), seq_len=16)
+    swapped = rows_digest(list(enumerate([rows[1], rows[0], rows[2]])), seq_len=16)
+    assert swapped != in_order
+    # Positions name the rows, so the parts of two ranks (or two steps) add up to the whole.
+    assert add_digests(rows_digest([(0, rows[0]), (2, rows[2])], 16), rows_digest([(1, rows[1])], 16)) \
+        == in_order

@@ -124,6 +124,7 @@ def merged_units(work: Path, tasks: int):
         counted = input_counts(work, tasks)
         skips.documents.update(counted["skips"]["documents"])
         skips.files.update(counted["skips"]["files"])
+        skips.rows.update(counted["skips"].get("rows", {}))
         streams = [task_units(t) for t in range(tasks)]
         for number in range(counted["unit_count"]):
             yield next(streams[number % tasks])

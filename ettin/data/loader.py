@@ -142,7 +142,9 @@ class PreparedSplit:
     """One split of a prepared folder: sample lengths (memory-mapped ``lengths.npy``) and a reader
     over its MDS shards (memory-mapped, read-only, opened lazily in the process that reads)."""
 
-    def __init__(self, path: str | os.PathLike, split: str) -> None:
+    def __init__(self, path: str | os.PathLike, split: str, check_hashes: bool = True) -> None:
+        """``check_hashes``: check every shard's sha256 unless this machine already checked that
+        file at its current size and modification time (``verify_hashes``)."""
         self.root = require_prepared(path)
         self.split = split
         self.summary = json.loads((self.root / "summary.json").read_text())
@@ -167,6 +169,7 @@ class PreparedSplit:
                 "samples": int(shard["samples"]),
                 "columns": names, "encodings": shard["column_encodings"],
                 "sizes": shard["column_sizes"],
+                "sha256": (shard["raw_data"].get("hashes") or {}).get("sha256"),
             })
         self.starts = np.cumsum([0] + [s["samples"] for s in self.shards])
         if self.starts[-1] != len(self.lengths):
@@ -179,6 +182,52 @@ class PreparedSplit:
                     f"has {size:,} bytes instead of {shard['bytes']:,} (truncated or damaged)"
                 raise self.damaged(f"shard {shard['file']} {state}")
         self._maps: OrderedDict = OrderedDict()
+        if check_hashes:
+            self.verify_hashes()
+
+    def verify_hashes(self, recheck: bool = False) -> int:
+        """Check every shard's sha256 against the index (MDSWriter wrote it at preparation): a shard
+        whose bytes changed (token ids shifted, a bad copy) is refused with the command to prepare
+        it again. A shard checked before on this machine is only compared by size and modification
+        time (recorded in ``$ETTIN_CACHE_DIR/verified``), unless ``recheck``. Returns the bytes
+        hashed; folders prepared before shards had hashes are not checked (a warning says so)."""
+        from ettin.data.mds import default_cache_dir
+        from ettin.store.fs import write_text
+
+        unhashed = [s["file"].name for s in self.shards if not s["sha256"]]
+        if unhashed:
+            logging.getLogger("ettin").warning(
+                "%s/%s: %d shards have no sha256 (prepared by an older ettin): their bytes are not "
+                "checked; prepare the folder again to have them checked", self.root, self.split,
+                len(unhashed))
+        record = default_cache_dir() / "verified" / (
+            hashlib.blake2b(str((self.root / self.split).resolve()).encode(), digest_size=8).hexdigest()
+            + ".json")
+        try:
+            checked = {} if recheck else json.loads(record.read_text())
+        except (OSError, ValueError):
+            checked = {}
+        hashed = 0
+        for shard in self.shards:
+            if not shard["sha256"]:
+                continue
+            stat = shard["file"].stat()
+            seen = [stat.st_size, stat.st_mtime_ns, shard["sha256"]]
+            if checked.get(shard["file"].name) == seen:
+                continue
+            digest = hashlib.sha256()
+            with shard["file"].open("rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            hashed += stat.st_size
+            if digest.hexdigest() != shard["sha256"]:
+                raise self.damaged(f"shard {shard['file']} does not have the sha256 its index lists "
+                                   "(its bytes changed after preparation: shifted or corrupt token "
+                                   "ids)")
+            checked[shard["file"].name] = seen
+        if hashed:
+            write_text(record, json.dumps(checked) + "\n")
+        return hashed
 
     def damaged(self, problem: str) -> ValueError:
         settings = self.summary.get("settings", {}) if hasattr(self, "summary") else {}
@@ -505,7 +554,20 @@ def open_released_order(source: DataSource, ids):
         raise ValueError(f"source {source.path} has order_batches={source.order_batches!r}; choose "
                          f"{' or '.join(GROUPINGS)} (this run's batch schedule, or the released steps)")
     return ReleasedOrder(source.path, pad=None if ids is None else ids.pad,
-                         from_step=source.from_step, cache_dir=source.cache_dir)
+                         from_step=source.from_step, from_folder=source.from_folder,
+                         cache_dir=source.cache_dir)
+
+
+def check_released_continuation(init: str, revision: str, sources, tokenizer) -> None:
+    """A run that starts from a released model revision on a released data order must start at the
+    folder that came after that revision (ettin/data/released_order.py check_continuation)."""
+    from ettin.data.released_order import check_continuation
+    from ettin.data.tokenizer import special_ids
+
+    for source in normalize_sources(sources):
+        if source_format(source) == "order":
+            order = open_released_order(source, special_ids(tokenizer))
+            check_continuation(init, revision, source, [f.name for f in order.folders])
 
 
 def _check_mds_tokenizer(split, ids, vocab_size: Optional[int]) -> None:

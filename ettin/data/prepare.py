@@ -11,7 +11,9 @@ train on the very same shards.
                                  + lengths.npy (int32, the length of every sample, in order)
     DIR/tokenizer/               the tokenizer used (training loads it from here)
     DIR/summary.json             settings, documents/chunks/tokens per split and source, skipped
-                                 documents and files and why, bytes on disk, time
+                                 documents, files and rows and why (a malformed .jsonl/.csv row:
+                                 its file, line number and reason; the rest of the file is kept),
+                                 bytes on disk, time
     DIR/COMPLETE                 written last, inside a temporary folder that is then renamed to
                                  DIR: a folder without it is never taken as finished
 
@@ -206,6 +208,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{val['tokens']:,} tokens; skipped {sum(skipped['documents'].values()):,} documents "
           f"{skipped['documents'] or ''} and {skipped['files_count']} files; "
           f"{summary['bytes_on_disk']['total'] / 1e6:.1f} MB; {summary['seconds']} s")
+    for file, rows in skipped.get("rows", {}).items():  # malformed rows, the rest of the file kept
+        lines = ", ".join(rows["lines"]) + (", ..." if rows["count"] > len(rows["lines"]) else "")
+        print(f"skipped {rows['count']:,} malformed rows of {file} (lines {lines}); the rest of the "
+              "file was prepared")
     return 0
 
 

@@ -22,18 +22,36 @@ class Document:
     text: str
 
 
+LISTED_ROWS = 20  # skipped rows named (line and reason) per file; all are counted
+
+
 @dataclass
 class Skips:
-    """Documents and files left out, and why (reported in summary.json)."""
+    """Documents, rows and files left out, and why (reported in summary.json and on the console)."""
 
     documents: dict = field(default_factory=dict)  # reason -> count
     files: dict = field(default_factory=dict)  # path -> reason
+    rows: dict = field(default_factory=dict)  # path -> {"count": n, "lines": {line: reason}}
+    strict: bool = False  # a malformed row is an error instead of a counted skip
 
     def document(self, reason: str) -> None:
         self.documents[reason] = self.documents.get(reason, 0) + 1
 
     def file(self, path: str, reason: str) -> None:
         self.files[str(path)] = reason
+
+    def row(self, path: Path, line: int, reason: str) -> None:
+        """A malformed row of a .jsonl/.csv file (``line``: its first line, from 1), left out while
+        the rest of the file is kept."""
+        if self.strict:
+            raise PrepareError(f"{path} line {line}: {reason}. Fix or remove the row, or run with "
+                               "strict=false to skip malformed rows (they are counted in "
+                               "summary.json).")
+        entry = self.rows.setdefault(str(path), {"count": 0, "lines": {}})
+        entry["count"] += 1
+        if len(entry["lines"]) < LISTED_ROWS:
+            entry["lines"][str(line)] = reason
+            print(f"warning: skipped {path} line {line}: {reason}", file=sys.stderr)
 
 
 class PrepareError(ValueError):
@@ -48,9 +66,11 @@ class PrepareError(ValueError):
 def read_documents(spec: str, text_column: str = "text", *, text_unit: str = "document",
                    split: str = "train", hub_config: Optional[str] = None,
                    skips: Optional[Skips] = None, strict: bool = False) -> Iterator[Document]:
-    """The documents of ``spec`` in a fixed order; empty documents and unreadable files are counted
-    in ``skips`` and left out (``strict``: unreadable files raise)."""
+    """The documents of ``spec`` in a fixed order; empty documents, malformed .jsonl/.csv rows and
+    unreadable files are counted in ``skips`` and left out (``strict``: malformed rows and unreadable
+    files raise)."""
     skips = Skips() if skips is None else skips
+    skips.strict = strict
     if text_unit not in TEXT_UNITS:
         raise PrepareError(f"text_unit={text_unit!r}; choose one of {', '.join(TEXT_UNITS)}")
     counter = iter(range(1 << 62))
@@ -88,7 +108,7 @@ def read_documents(spec: str, text_column: str = "text", *, text_unit: str = "do
             if TEXT_SUFFIXES[file.suffix.lower()] == "text":
                 yield from _text_file(file, source, text_unit, emit)
             else:
-                yield from _table_file(file, source, text_column, emit)
+                yield from _table_file(file, source, text_column, emit, skips)
         except PrepareError:
             raise
         except (OSError, ValueError) as error:  # undecodable bytes, malformed json/csv/parquet
@@ -146,11 +166,14 @@ def _text_file(file: Path, source: str, unit: str, emit) -> Iterator[Document]:
             yield from emit(source, paragraph)
 
 
-def _table_file(file: Path, source: str, column: str, emit) -> Iterator[Document]:
+def _table_file(file: Path, source: str, column: str, emit, skips: Skips) -> Iterator[Document]:
     import datasets
 
     if file.suffix.lower() == ".jsonl":
-        yield from _json_lines(file, source, column, emit)
+        yield from _json_lines(file, source, column, emit, skips)
+        return
+    if file.suffix.lower() == ".csv":
+        yield from _csv_rows(file, source, column, emit, skips)
         return
     kind = TEXT_SUFFIXES[file.suffix.lower()]
     # streaming=True reads the file in place: no Arrow copy in the datasets cache.
@@ -167,21 +190,78 @@ def _table_file(file: Path, source: str, column: str, emit) -> Iterator[Document
             yield from emit(source, text)
 
 
-def _json_lines(file: Path, source: str, column: str, emit) -> Iterator[Document]:
-    """A .jsonl file line by line (Arrow's reader gives up on a whole file when one row's value
-    has another type: such a row is a counted skip here)."""
+def _decoded_lines(file: Path, skips: Skips) -> Iterator[tuple[int, str]]:
+    """(line number from 1, text) of every line; a line that is not UTF-8 is a counted skip (the
+    lines after it are kept)."""
+    with file.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                skips.row(file, number, f"not UTF-8 text (invalid byte at offset {error.start})")
+
+
+def _json_lines(file: Path, source: str, column: str, emit, skips: Skips) -> Iterator[Document]:
+    """A .jsonl file line by line: a line that is not a JSON object is a counted skip named by its
+    line number (Arrow's reader gives up on the whole file; the rows after it are kept here)."""
     import json
 
-    with file.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines):
-            if not line.strip():
-                continue
+    checked = False
+    for number, line in _decoded_lines(file, skips):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            if number == 0 and (not isinstance(row, dict) or column not in row):
-                names = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                raise PrepareError(f"{file} has no column {column!r} (columns: {names}); set "
-                                   "text_column=NAME")
-            yield from emit(source, row.get(column) if isinstance(row, dict) else None)
+        except ValueError as error:
+            skips.row(file, number, f"not JSON ({str(error).splitlines()[0][:200]})")
+            continue
+        if not isinstance(row, dict):
+            skips.row(file, number, f"a JSON {type(row).__name__}, not an object")
+            continue
+        if not checked and column not in row:  # the first row names the file's columns
+            raise PrepareError(f"{file} has no column {column!r} (columns: {', '.join(row)}); set "
+                               "text_column=NAME")
+        checked = True
+        yield from emit(source, row.get(column))
+
+
+def _csv_rows(file: Path, source: str, column: str, emit, skips: Skips) -> Iterator[Document]:
+    """A .csv file (header line, then rows; quoted fields may span lines): a row with another number
+    of fields than the header is a counted skip named by its first line number."""
+    import csv
+
+    numbered = _decoded_lines(file, skips)
+    current = [0]
+
+    def lines() -> Iterator[str]:
+        for number, text in numbered:
+            current[0] = number
+            yield text
+
+    csv.field_size_limit(2**31 - 1)  # a document may be longer than the module's 128 kB default
+    reader = csv.reader(lines())
+    header = next(reader, None)
+    if header is None:
+        return
+    if column not in header:
+        raise PrepareError(f"{file} has no column {column!r} (columns: {', '.join(header)}); set "
+                           "text_column=NAME")
+    position = header.index(column)
+    while True:
+        first_line = current[0] + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            skips.row(file, first_line, f"not a CSV row ({error})")
+            continue
+        if not row:  # a blank line
+            continue
+        if len(row) != len(header):
+            skips.row(file, first_line, f"{len(row)} fields where the header has {len(header)}")
+            continue
+        yield from emit(source, row[position])
 
 
 def _looks_like_hub_id(spec: str) -> bool:

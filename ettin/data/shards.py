@@ -32,6 +32,7 @@ CHUNKINGS = ("balanced", "ettin")
 UNIT_CHARS = 1 << 18  # documents are tokenized in units of about 256k characters
 UNIT_DOCS = 2048
 MAX_LISTED = 50  # longest lists (files, sources) kept whole in the summary
+SHARD_HASHES = ["sha256"]
 
 
 @dataclass
@@ -54,7 +55,7 @@ class PrepareConfig:
     seed: int = 42  # decides which documents are held out
     num_proc: int = 0  # tokenizer processes; 0 = one per CPU core (fewer for a small input)
     shard_size_mb: int = 64
-    strict: bool = False  # an unreadable file is an error instead of a counted skip
+    strict: bool = False  # a malformed row or an unreadable file is an error instead of a counted skip
     overwrite: bool = False  # replace a finished folder prepared with other settings
     progress: bool = True
     executor: str = "none"  # none (num_proc processes here) | local | slurm (datatrove; ettin/data/executor.py)
@@ -386,9 +387,12 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path,
         total = len(_all_documents(str(stdlib_root())))
     progress = tqdm(total=total, desc=f"tokenizing {cfg.input}", unit=" docs", dynamic_ncols=True,
                     disable=None if cfg.progress else True, file=sys.stderr)
-    with _encoded_writer(columns=columns, out=str(temp / "train"), size_limit=size_limit) as train, \
-            _encoded_writer(columns=columns, out=str(temp / "validation"),
-                            size_limit=size_limit) as val:
+    # sha256 of every shard in index.json (streaming's own field): checked when a run opens the
+    # folder and by python -m ettin.data.verify.
+    with _encoded_writer(columns=columns, out=str(temp / "train"), size_limit=size_limit,
+                         hashes=SHARD_HASHES) as train, \
+            _encoded_writer(columns=columns, out=str(temp / "validation"), size_limit=size_limit,
+                            hashes=SHARD_HASHES) as val:
         writers = {"train": train, "validation": val}
         if unit_results is None:
             results = _ordered_map(_tokenize_unit, _timed(document_units(cfg, skips), timings, "read"),
@@ -430,7 +434,7 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path,
         if len(arrays["validation"]):  # a corpus of a single document: train on it
             shutil.rmtree(temp / "train")
             os.replace(temp / "validation", temp / "train")
-            MDSWriter(columns=columns, out=str(temp / "validation")).finish()
+            MDSWriter(columns=columns, out=str(temp / "validation"), hashes=SHARD_HASHES).finish()
             arrays = {"train": arrays["validation"], "validation": np.zeros(0, np.int32)}
             stats = {"train": stats["validation"], "validation": {
                 "documents": 0, "chunks": 0, "tokens": 0, "document_tokens": 0, "sources": {}}}
@@ -467,7 +471,8 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path,
                      "documents_longer_than_a_chunk": long_documents,
                      "tails_rebalanced": rebalanced, "dtype": dtype},
         "skipped": {"documents": skips.documents, "files": skipped_files,
-                    "files_count": len(skips.files)},
+                    "files_count": len(skips.files), "rows": skips.rows,
+                    "rows_count": sum(entry["count"] for entry in skips.rows.values())},
         "bytes_on_disk": {s: _bytes(temp / s) for s in (*SPLITS, "tokenizer")},
         "seconds": round(seconds, 2),
         "seconds_in_main_process": {k: round(v, 2) for k, v in timings.items()},
