@@ -26,31 +26,44 @@ def ids(tiny_tokenizer):
     return special_ids(load_tokenizer(tiny_tokenizer))
 
 
-@pytest.fixture(scope="module")
-def released_order(tmp_path_factory, ids):
-    """The order's root and, per folder, its released steps' rows (unpadded), as written."""
+def write_order(root, ids, sizes_per_folder: dict, files: dict, seed: int = 0) -> dict:
+    """A data order in the published layout under ``root``: per folder, its steps' rows (unpadded),
+    as written; ``files``: folder -> (first, last) step of each file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("order") / "ettin-data-order"
+    rng = np.random.default_rng(seed)
     folders = {}
-    for folder, sizes in FOLDERS.items():
+    for folder, sizes in sizes_per_folder.items():
         steps = {}
         for step, batch in enumerate(sizes, start=1):
             steps[step] = [[ids.cls, *rng.integers(5, 500, int(rng.integers(1, WIDTH - 2))).tolist(),
                             ids.sep] for _ in range(batch)]
         folders[folder] = steps
         (root / folder).mkdir(parents=True)
-        for first, last in FILES[folder]:
-            rows = [r + [ids.pad] * (WIDTH - len(r)) for s in range(first, last + 1) for r in steps[s]]
-            numbers = [s for s in range(first, last + 1) for _ in steps[s]]
-            table = pa.Table.from_arrays(
-                [pa.array(rows, type=pa.list_(pa.uint16())), pa.array(numbers, type=pa.uint64())],
-                names=["input_ids", "step"], metadata={b"sequence_length": str(WIDTH).encode()})
-            pq.write_table(table, root / folder / f"steps_{first:06d}_to_{last:06d}.parquet",
-                           compression="ZSTD")
-    return root, folders
+        for first, last in files[folder]:
+            write_file(root / folder / f"steps_{first:06d}_to_{last:06d}.parquet", ids,
+                       {s: steps[s] for s in range(first, last + 1)})
+    return folders
+
+
+def write_file(path, ids, steps: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [r + [ids.pad] * (WIDTH - len(r)) for s in sorted(steps) for r in steps[s]]
+    numbers = [s for s in sorted(steps) for _ in steps[s]]
+    table = pa.Table.from_arrays(
+        [pa.array(rows, type=pa.list_(pa.uint16())), pa.array(numbers, type=pa.uint64())],
+        names=["input_ids", "step"], metadata={b"sequence_length": str(WIDTH).encode()})
+    pq.write_table(table, path, compression="ZSTD")
+
+
+@pytest.fixture(scope="module")
+def released_order(tmp_path_factory, ids):
+    """The order's root and, per folder, its released steps' rows (unpadded), as written."""
+    root = tmp_path_factory.mktemp("order") / "ettin-data-order"
+    return root, write_order(root, ids, FOLDERS, FILES)
 
 
 def all_rows(folders) -> list:
@@ -62,9 +75,9 @@ def folder_tokens(folders) -> list[int]:
 
 
 def steps_of(root, ids, tmp_path, *, state=None, rank=0, world_size=1, from_step=None,
-             grouping="schedule", batch=BATCH):
+             grouping="schedule", batch=BATCH, from_folder=None):
     source = [{"path": f"{root}/checkpoint_*", "format": "order", "from_step": from_step,
-               "order_batches": grouping, "cache_dir": str(tmp_path)}]
+               "from_folder": from_folder, "order_batches": grouping, "cache_dir": str(tmp_path)}]
     return StepBatches(source, seq_len=WIDTH, collator=CLMCollator(ids),
                        global_batch_at=lambda tokens: batch, micro_batch_size=3, seed=0,
                        state=state, rank=rank, world_size=world_size)
@@ -192,3 +205,114 @@ def test_training_consumes_the_whole_order_and_ends_the_phase(released_order, id
     too_long = [a.replace(f"tokens={total}", f"tokens={total + 1}") for a in args]
     assert main([*too_long[:2], "run_name=too-long", *too_long[3:]]) == 2
     assert not seen
+
+
+def test_folders_are_replayed_checkpoint_then_ext_then_decay(ids, tmp_path):
+    from ettin.data.released_order import ReleasedOrder
+
+    # Names sort decay < ext < checkpoint_000010 < ...: the training order is none of those.
+    sizes = {"decay_000001": [2], "ext_000001": [3], "checkpoint_000002": [2], "checkpoint_000001": [1]}
+    folders = write_order(tmp_path / "order", ids, sizes, {f: [(1, 1)] for f in sizes})
+    order = ReleasedOrder(str(tmp_path / "order"), pad=ids.pad, cache_dir=str(tmp_path / "cache"))
+    expected = [r for name in ("checkpoint_000001", "checkpoint_000002", "ext_000001", "decay_000001")
+                for r in folders[name][1]]
+    assert [r.tolist() for r in order.read(0, order.rows)] == expected
+    assert [name for name, _ in order.folder_ends()] == ["checkpoint_000001", "checkpoint_000002",
+                                                         "ext_000001", "decay_000001"]
+
+
+def copy_of_order(released_order, tmp_path):
+    import shutil
+
+    root, _ = released_order
+    shutil.copytree(root, tmp_path / "order")
+    return tmp_path / "order"
+
+
+def test_a_missing_file_is_refused_at_start(released_order, ids, tmp_path):
+    copy = copy_of_order(released_order, tmp_path)
+    (copy / "checkpoint_000001" / "steps_000001_to_000002.parquet").unlink()
+    with pytest.raises(ValueError, match="checkpoint_000001 has no file for steps 1 to 2"):
+        steps_of(copy, ids, tmp_path)
+
+
+def test_a_file_missing_a_step_is_refused_at_start(released_order, ids, tmp_path):
+    copy = copy_of_order(released_order, tmp_path)
+    _, folders = released_order
+    file = copy / "checkpoint_000001" / "steps_000003_to_000004.parquet"
+    write_file(file, ids, {3: folders["checkpoint_000001"][3]})  # step 4's rows gone
+    with pytest.raises(ValueError, match="steps_000003_to_000004.parquet should hold steps 3 to 4 "
+                                         "but lacks step 4"):
+        steps_of(copy, ids, tmp_path)
+
+
+def test_a_missing_folder_is_refused_at_start(released_order, ids, tmp_path):
+    copy = copy_of_order(released_order, tmp_path)
+    (copy / "checkpoint_000002").rename(copy / "checkpoint_000003")
+    with pytest.raises(ValueError, match="has no folder checkpoint_000002 before checkpoint_000003"):
+        steps_of(copy, ids, tmp_path)
+
+
+def test_from_folder_starts_at_that_folders_first_row(released_order, ids, tmp_path):
+    root, folders = released_order
+    continued = rows_per_step(steps_of(root, ids, tmp_path, from_folder="checkpoint_000002"))
+    assert [r for rows, _ in continued for r in rows] == all_rows({"c": folders["checkpoint_000002"]})
+    with pytest.raises(ValueError, match="has no folder 'checkpoint_000009'.*checkpoint_000001 to "
+                                         "checkpoint_000002"):
+        steps_of(root, ids, tmp_path, from_folder="checkpoint_000009")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Continuing a released model revision: paired by folder, never by step number
+
+REVISIONS = ["main", "step1200", "step600", "ext300", "decay100"]  # as the hub lists them: unsorted
+
+
+def test_the_folder_after_a_revision_is_paired_by_position_never_by_step():
+    from ettin.data.released_order import folder_after
+
+    folders = ["checkpoint_000001", "checkpoint_000002", "ext_000001"]
+    assert folder_after("step600", REVISIONS, folders) == "checkpoint_000002"
+    assert folder_after("step1200", REVISIONS, folders) == "ext_000001"  # the phase's last
+    assert folder_after("ext300", REVISIONS, folders) == "decay_000001"
+    with pytest.raises(ValueError, match="2 step\\* revisions but the data order given has 1 "
+                                         "checkpoint_\\* folders.*cannot be established"):
+        folder_after("step600", REVISIONS, folders[1:])
+    with pytest.raises(ValueError, match="decay100 is the model's last revision"):
+        folder_after("decay100", REVISIONS, ["decay_000001"])
+    with pytest.raises(ValueError, match="init_revision=main is not a released training revision"):
+        folder_after("main", REVISIONS, folders)
+    with pytest.raises(ValueError, match="the model has no revision step900"):
+        folder_after("step900", REVISIONS, folders)
+
+
+def test_a_continuation_that_cannot_be_paired_is_refused_with_the_reason(released_order, ids,
+                                                                         tiny_tokenizer, tmp_path):
+    from ettin.data.loader import check_released_continuation
+    from ettin.data.released_order import check_continuation
+    from ettin.data.source import DataSource
+
+    root, _ = released_order
+    folders = ["checkpoint_000001", "checkpoint_000002"]
+    listed = lambda repo: REVISIONS
+
+    def offline(repo):
+        raise OSError("offline")
+
+    source = DataSource(path=f"{root}/checkpoint_*", format="order", from_folder="checkpoint_000002")
+    check_continuation("jhu-clsp/x", "step600", source, folders, listed)
+    # What README once said: from_step <k+1> with the model's step k.
+    with pytest.raises(ValueError, match="from_step: 601 counts the data order's released steps.*"
+                                         "from_folder: checkpoint_000002"):
+        check_continuation("jhu-clsp/x", "step600", DataSource(path="x", format="order", from_step=601),
+                           folders, listed)
+    with pytest.raises(ValueError, match="the folder checkpoint_000002, but the order starts at its "
+                                         "first folder"):
+        check_continuation("jhu-clsp/x", "step600", DataSource(path="x", format="order"), folders, listed)
+    with pytest.raises(ValueError, match="cannot be established: listing its revisions failed"):
+        check_continuation("jhu-clsp/x", "step600", source, folders, offline)
+    # At start the hub is asked (offline in the tests): refused, not guessed.
+    with pytest.raises(ValueError, match="cannot be established"):
+        check_released_continuation("jhu-clsp/ettin-encoder-17m", "step600",
+                                    [{**vars(source), "cache_dir": str(tmp_path)}],
+                                    load_tokenizer(tiny_tokenizer))

@@ -24,6 +24,7 @@ from ettin.objectives import OBJECTIVES, ObjectiveMix
 from ettin.objectives.collate import CLMCollator, MixedCollator, MLMCollator
 from ettin.train.config import ConfigError, compose
 from ettin.train.step import StepSettings, TrainStep
+from data_fixtures import data_root, tiny_tokenizer  # noqa: F401
 
 from test_model import (BACKENDS, GLOBAL_SLIDING_SLIDING_GLOBAL as GSSG, PAD, VOCAB, assert_logits_close,
                         cu_seqlens_of, encoder_pair, flat_documents, loud_model, make_loud, tiny_config)
@@ -294,8 +295,12 @@ def config(workspace: Path, name: str, *extra: str):
     ([*GPT_BERT, "optim.loss_normalization=micro_batch"], r"optim.loss_normalization=tokens"),
     ([*GPT_BERT, "pair=true"], r"set pair=false"),
     (["phases.pretrain.objective_mix={mlm: 1, clm: 1}", "phases.pretrain.objective=mlm"], r"keep one"),
+    (["objective=mlm", "export_as=decoder"], r"export_as=decoder but no objective of mlm:1 is a "
+                                             r"decoder objective; choose export_as=encoder"),
+    (["objective=mlm", "export_as=encoder", "pair=true"], r"export_as=encoder .* pair=true trains "
+                                                          r"and exports both"),
 ], ids=["unknown", "zero-weight", "no-export_as", "export_as-no-member", "flash", "micro_batch", "pair",
-        "both-set"])
+        "both-set", "export_as-single-objective", "export_as-pair"])
 def test_a_mix_that_cannot_train_is_refused_naming_the_fix(workspace, overrides, message):
     with pytest.raises(ConfigError, match=message):
         config(workspace, "bad", *overrides)
@@ -305,6 +310,20 @@ def test_a_mix_on_one_side_needs_no_export_as_and_the_phase_mix_wins(workspace):
     cfg = config(workspace, "ok", "phases.decay.objective_mix={mlm: 1, mntp: 1}", *GPT_BERT)
     assert cfg.phase_mix("decay").name == "mlm:1+mntp:1" and cfg.phase_mix("pretrain").name == "mlm:15+clm:1"
     assert not cfg.model_config("pretrain").causal  # export_as=encoder: the model is an encoder
+
+
+def test_the_configured_weights_reach_the_step_and_the_rows_of_the_right_objective(workspace, tiny_tokenizer):
+    from ettin.data.tokenizer import load_tokenizer
+    from ettin.train.phase import step_settings
+
+    cfg = config(workspace, "weights", *GPT_BERT, "objective_mix={mlm: 3, clm: 1}")
+    mix = cfg.phase_mix("pretrain")
+    settings = step_settings(cfg, "pretrain", fresh_optimizer=True)
+    assert dict(zip([m.name for m in mix.members], settings.group_weights)) == {"mlm": 0.75, "clm": 0.25}
+    collator = mix.collator(load_tokenizer(tiny_tokenizer), mask_rate=0.3, seed=1)
+    causal = [collator.directions[collator.choice(i)] for i in range(20_000)]
+    # p = 1/4 of 20,000 rows: one standard deviation is 0.0031 of the share; 5 of them 0.015.
+    assert abs(np.mean(causal) - 0.25) < 0.015, np.mean(causal)
 
 
 def test_dry_run_shows_the_mix_and_its_average_targets(workspace):

@@ -146,3 +146,27 @@ def test_the_papers_scores_are_drawn_beside_the_native_members_of_ettin_sizes():
     hollow = [line for line in panel.get_lines() if line.get_label() == "encoders (paper)"]
     assert [(x, y) for line in hollow for x, y in line.get_xydata()] == [(17e6, expected[("encoders", "mnli")])]
     assert [t.get_text() for t in panel.get_xticklabels()] == ["280k", "17M"]
+
+
+def test_a_member_stopped_at_an_intermediate_phase_end_is_not_finished(tmp_path):
+    from ettin.cluster.suite import run_finished
+    from ettin.train.config import compose
+
+    cfg = compose("smoke", [f"output_dir={tmp_path}", "run_name=m", "pair=false"])
+    phases = cfg.phases_to_run()
+    assert len(phases) > 1
+
+    def phase_end(index: int) -> None:
+        checkpoint = tmp_path / "m" / "checkpoints" / f"{phases[index]}-end"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "meta.json").write_text(json.dumps({
+            "phase": phases[index], "phase_index": index, "phase_end": True, "kind": "phase_end",
+            "step": 10 * (index + 1), "tokens": 1000 * (index + 1)}))
+        (checkpoint / "COMPLETE").write_text("")
+
+    assert not run_finished(tmp_path / "m", cfg)
+    for index in range(len(phases) - 1):
+        phase_end(index)
+        assert not run_finished(tmp_path / "m", cfg), phases[index]
+    phase_end(len(phases) - 1)
+    assert run_finished(tmp_path / "m", cfg)

@@ -23,6 +23,31 @@ def test_every_combination_is_a_member_named_from_what_varies():
     assert members[1].overrides == ("optim.lr=0.001", "phases.pretrain.tokens=2000")  # as Hydra reads them
 
 
+def test_values_that_lose_characters_in_a_member_name_keep_apart_by_a_hash():
+    members, _ = sweep_members(["tokenizer=/data/tok_a/v1,/data/tok_av1", "optim.lr=1e-3"])
+    names = [m.name for m in members]
+    assert len(set(names)) == 2 and all(n.startswith("tokenizer-datatokav1-") for n in names), names
+    # A value the name holds whole keeps its plain name.
+    assert [m.name for m in sweep_members(["optim.lr=0.001,0.003"])[0]] == ["lr-0.001", "lr-0.003"]
+
+
+def test_a_rerun_whose_member_would_get_other_overrides_is_refused_naming_them(tmp_path):
+    from ettin.cluster.sweep import MEMBER_RECORD, plan_sweep
+    from ettin.train.config import ConfigError
+
+    base = [f"output_dir={tmp_path}", "run_name=s", "pair=false", "optim.lr=0.001,0.003"]
+    plan = plan_sweep("smoke", [*base, "trainer.num_workers=0"])
+    for member in plan.members:
+        plan.write_record(member)
+    assert (tmp_path / "s-sweep" / "lr-0.001" / MEMBER_RECORD).is_file()
+    plan_sweep("smoke", [*base, "trainer.num_workers=0"])  # the same sweep again: accepted
+    with pytest.raises(ConfigError, match=r"sweep member lr-0.001 .* created for other overrides "
+                                          r"\(there: trainer.num_workers=0; now: trainer.num_workers=1\)"):
+        plan_sweep("smoke", [*base, "trainer.num_workers=1"])
+    code = main(["-m", *base, "trainer.num_workers=1"])
+    assert code == 2
+
+
 def sweep(argv: list[str]) -> tuple[int, str, dict[str, dict]]:
     """(exit status, what it printed, sweep.csv's rows by member)."""
     out, err = io.StringIO(), io.StringIO()

@@ -8,6 +8,10 @@ checkpoint) is skipped by the next run of the same command, and on Slurm so is a
 
     <output_dir>/<run_name>-sweep/
       <member>/            the run; named from the overrides that vary, e.g. lr-0.001_tokens-20000
+                           (a value that loses characters in the name gets a short hash of itself:
+                           tokenizer=/data/tok_a/v1 -> tokenizer-datatokav1-<6 hex>)
+      <member>/sweep-member.json  the recipe and overrides the member was created for: a later run
+                           of the sweep whose member would get others is refused, naming them
       logs/<member>.log    what its training printed (local); on Slurm <member>/slurm.log
       slurm/sweep/         the array's launch.sbatch and Slurm's own messages per task
       sweep.csv
@@ -16,7 +20,9 @@ checkpoint) is skipped by the next run of the same command, and on Slurm so is a
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -25,8 +31,11 @@ from typing import Sequence
 
 from ettin.cluster.launch import array_spec, queue_states, recorded_job, submit
 from ettin.cluster.suite import run_finished, run_state, run_training
+from ettin.store.fs import write_text
 from ettin.store.rundir import RunDir
-from ettin.train.config import TrainConfig, compose
+from ettin.train.config import ConfigError, TrainConfig, compose
+
+MEMBER_RECORD = "sweep-member.json"
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,30 @@ class Sweep:
     def log(self, member: SweepMember) -> Path:
         return self.root / "logs" / f"{member.name}.log"
 
+    def record(self, member: SweepMember) -> dict:
+        """What the member's directory is created for (``MEMBER_RECORD``)."""
+        return {"recipe": self.recipe, "overrides": [*self.shared, *member.overrides]}
+
+    def check_members(self) -> None:
+        """Refuse a sweep whose member directory was created for another configuration."""
+        for member in self.members:
+            path = self.root / member.name / MEMBER_RECORD
+            if not path.is_file():
+                continue
+            then, now = json.loads(path.read_text()), self.record(member)
+            if then != now:
+                gone = [o for o in then["overrides"] if o not in now["overrides"]]
+                new = [o for o in now["overrides"] if o not in then["overrides"]]
+                recipe = (f"recipe {then['recipe']} -> {now['recipe']}; "
+                          if then["recipe"] != now["recipe"] else "")
+                raise ConfigError(
+                    f"sweep member {member.name} in {self.root} was created for other overrides "
+                    f"({recipe}there: {' '.join(gone) or 'none'}; now: {' '.join(new) or 'none'}); "
+                    "give the sweep another run_name or output_dir, or delete that member's folder")
+
+    def write_record(self, member: SweepMember) -> None:
+        write_text(self.root / member.name / MEMBER_RECORD, json.dumps(self.record(member)) + "\n")
+
 
 def is_multirun(argv: Sequence[str]) -> bool:
     return "-m" in argv or "--multirun" in argv
@@ -73,6 +106,10 @@ def sweep_members(overrides: Sequence[str]) -> tuple[list[SweepMember], list[str
     return members, shared
 
 
+def _short_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=3).hexdigest()
+
+
 def plan_sweep(recipe: str, overrides: Sequence[str]) -> Sweep:
     """The sweep's members under ``<output_dir>/<run_name>-sweep``; every combination composes
     before any trains (ConfigError or Hydra's error otherwise)."""
@@ -82,15 +119,21 @@ def plan_sweep(recipe: str, overrides: Sequence[str]) -> Sweep:
                   tuple(members))
     for member in members:
         sweep.config(member)
+    sweep.check_members()
     return sweep
 
 
 def member_name(combo: Sequence[str]) -> str:
-    """``optim.lr=0.001 phases.pretrain.tokens=2e4`` -> ``lr-0.001_tokens-2e4`` (last key part)."""
+    """``optim.lr=0.001 phases.pretrain.tokens=2e4`` -> ``lr-0.001_tokens-2e4`` (last key part); a
+    value whose characters the name cannot hold gets a short hash of itself, so two values never
+    share a name (``/data/tok_a/v1`` and ``/data/tok_av1``)."""
     parts = []
     for item in combo:
         key, value = item.split("=", 1)
-        parts.append(f"{key.lstrip('+~').split('.')[-1]}-{re.sub(r'[^A-Za-z0-9.+-]', '', value)}")
+        kept = re.sub(r'[^A-Za-z0-9.+-]', '', value)
+        if kept != value:
+            kept = f"{kept}-{_short_hash(value)}"
+        parts.append(f"{key.lstrip('+~').split('.')[-1]}-{kept}")
     return "_".join(parts) or "run"
 
 
@@ -114,6 +157,7 @@ def run_sweep(sweep: Sweep, python: str = sys.executable) -> Path:
         if run_finished(sweep.root / member.name, sweep.config(member)):
             statuses[member.name] = "done"
             continue
+        sweep.write_record(member)
         code = run_training(sweep.argv(member), sweep.log(member), python)
         statuses[member.name] = "done" if code == 0 else f"failed (exit {code}; log {sweep.log(member)})"
     return write_table(sweep, statuses)
@@ -126,6 +170,8 @@ def submit_sweep(sweep: Sweep, slurm) -> tuple[list[str], Path]:
     todo = [m for m in sweep.members
             if run_state(sweep.root / m.name, sweep.config(m), queue) not in ("done", "queued", "running")]
     jobs = []
+    for member in todo:
+        sweep.write_record(member)
     if todo:
         spec = array_spec(sweep.root.name, sweep.root / "slurm" / "sweep", slurm,
                           [sweep.argv(m) for m in todo])

@@ -63,7 +63,7 @@ class ReleasedOrder:
     ``pad``: the [PAD] id, dropped from every row (None: rows as stored)."""
 
     def __init__(self, path: str, *, pad: Optional[int], from_step: Optional[int] = None,
-                 cache_dir: Optional[str] = None) -> None:
+                 from_folder: Optional[str] = None, cache_dir: Optional[str] = None) -> None:
         from ettin.data.mds import default_cache_dir
 
         self.path, self.pad = str(path), pad
@@ -84,6 +84,16 @@ class ReleasedOrder:
         self.max_id = max(int(i["max_id"]) for i in self.indexes)
         self.sequence_length = max(int(i["sequence_length"]) for i in self.indexes)
         self.first_row, self.first_step = 0, 0
+        if from_step is not None and from_folder is not None:
+            raise ValueError("give from_step or from_folder, not both")
+        if from_folder is not None:
+            names = [folder.name for folder in self.folders]
+            if from_folder not in names:
+                raise ValueError(f"the data order {self.path} has no folder {from_folder!r} (its "
+                                 f"folders: {names[0]} to {names[-1]}): give one of them, or a path "
+                                 "that holds it")
+            first_file = next(i for i, f in enumerate(self.files) if f.parent.name == from_folder)
+            from_step = 1 + sum(len(i["step_rows"]) for i in self.indexes[:first_file])
         if from_step is not None:
             if not 1 <= from_step <= len(counts):
                 raise ValueError(f"the data order {self.path} has no step {from_step}: its folders "
@@ -111,7 +121,10 @@ class ReleasedOrder:
                                             int(FILE_PATTERN.search(f.name)[1])))
 
     def _check_steps(self) -> None:
-        """Within a folder, steps only go up (they start again at 1 in the next folder)."""
+        """What the release's names promise, so that nothing missing goes unnoticed: within a
+        folder, steps only go up and are every step from 1 on (a file ``steps_<a>_to_<b>`` holds
+        exactly steps a to b, the next file starts at b + 1); the folders of a phase follow each
+        other without a gap (checkpoint_000003 after checkpoint_000002)."""
         steps: dict = {}
         for file, index in zip(self.files, self.indexes):  # files are in folder order
             steps.setdefault(file.parent, []).extend(index["steps"])
@@ -120,6 +133,27 @@ class ReleasedOrder:
                 raise ValueError(f"the released folder {folder} lists some step twice or out of "
                                  "order (its files overlap, or a file was copied into it): fetch "
                                  "that folder again")
+        expected: dict = {}  # folder -> the first step its next file must hold
+        for file, index in zip(self.files, self.indexes):
+            first, last = map(int, FILE_PATTERN.search(file.name).groups())
+            if first > expected.get(file.parent, 1):
+                raise ValueError(f"the released folder {file.parent} has no file for steps "
+                                 f"{expected.get(file.parent, 1)} to {first - 1} (a file is "
+                                 "missing): fetch that folder again")
+            held = set(index["steps"])
+            if held != set(range(first, last + 1)):
+                missing = sorted(set(range(first, last + 1)) - held)
+                problem = f"lacks step {', '.join(map(str, missing[:5]))}" if missing else "holds others"
+                raise ValueError(f"{file} should hold steps {first} to {last} but {problem}: fetch "
+                                 "that file again")
+            expected[file.parent] = last + 1
+        keys = [_folder_key(folder) for folder in self.folders]
+        for (phase, number), (next_phase, next_number), folder in zip(keys, keys[1:], self.folders[1:]):
+            if next_phase == phase and next_number != number + 1:
+                raise ValueError(f"the data order {self.path} has no folder "
+                                 f"{PHASE_PREFIXES[phase]}_{number + 1:06d} before {folder.name} (a "
+                                 "folder is missing): fetch it, or give only folders that follow "
+                                 "each other")
 
     def _file_index(self, file: Path) -> dict:
         """Per row of ``file``: its tokens (non-[PAD]); per step: its number and rows; cached."""
@@ -271,3 +305,81 @@ class ReleasedOrder:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_table": (None, None)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Continuing a released model: which folder holds the data that came after a model revision
+
+REVISION_PATTERN = re.compile(r"^(step|ext|decay)(\d+)$")
+REVISION_PHASES = {"step": "checkpoint", "ext": "ext", "decay": "decay"}  # revision -> folder prefix
+
+
+def folder_after(revision: str, revisions: list[str], folders: list[str]) -> str:
+    """The data-order folder holding the data Ettin trained on right after model revision
+    ``revision``, given the model's released ``revisions`` and the order's ``folders`` (names).
+
+    The card: each folder is the data between two consecutive checkpoints, its steps restarting at
+    1; the revisions are named by the model's own step (``step599525``), which no folder's step
+    counts. So the pairing goes by position: when a phase has as many revisions as folders, the k-th
+    revision (by its number) ends the k-th folder and folder k + 1 (after the phase's last: the next
+    phase's first) came next. Anything else cannot be established and raises ValueError saying why."""
+    match = REVISION_PATTERN.match(revision)
+    if match is None:
+        raise ValueError(f"init_revision={revision} is not a released training revision (step<N>, "
+                         "ext<N> or decay<N>): no folder of the data order is known to follow it")
+    kind = match[1]
+    same = sorted((r for r in revisions if (m := REVISION_PATTERN.match(r)) and m[1] == kind),
+                  key=lambda r: int(REVISION_PATTERN.match(r)[2]))
+    if revision not in same:
+        raise ValueError(f"the model has no revision {revision} (its {kind}* revisions: "
+                         f"{', '.join(same[:3])}{', ...' if len(same) > 3 else ''})")
+    prefix = REVISION_PHASES[kind]
+    phase_folders = sorted(f for f in folders if f.startswith(prefix + "_"))
+    if len(phase_folders) != len(same) or (phase_folders and
+                                           not phase_folders[0].endswith("_000001")):
+        raise ValueError(
+            f"which data came after {revision} cannot be established: the model has {len(same)} "
+            f"{kind}* revisions but the data order given has {len(phase_folders)} {prefix}_* folders "
+            f"(from {phase_folders[0] if phase_folders else 'none'}); the pairing counts on one "
+            f"folder per revision: give all of the phase's folders ({prefix}_*)")
+    position = same.index(revision) + 1
+    if position < len(phase_folders):
+        return phase_folders[position]
+    following = PHASE_PREFIXES[PHASE_PREFIXES.index(prefix) + 1:]
+    if not following:
+        raise ValueError(f"{revision} is the model's last revision: no released data came after it")
+    return f"{following[0]}_000001"
+
+
+def hub_revisions(repo: str) -> list[str]:
+    """The branches and tags of a hub model (its released revisions)."""
+    from huggingface_hub import list_repo_refs
+
+    refs = list_repo_refs(repo)
+    return [ref.name for ref in (*refs.branches, *refs.tags)]
+
+
+def check_continuation(init: str, revision: str, source, folders: list[str],
+                       list_revisions=hub_revisions) -> None:
+    """A phase that continues the released model ``init`` at ``revision`` on a data order must
+    start at the folder that came after it (``source.from_folder``); refused with the reason when
+    that folder is another, when ``from_step`` is used instead (a count no revision shares), or
+    when the pairing cannot be established."""
+    try:
+        revisions = list_revisions(init)
+    except Exception as error:  # offline, no such repository
+        raise ValueError(f"which data came after {init} at {revision} cannot be established: "
+                         f"listing its revisions failed ({type(error).__name__}: {error}); run "
+                         "online (the hub lists them), or start from a local copy of the weights "
+                         "(init=FOLDER, no init_revision) with the from_folder you checked") from None
+    expected = folder_after(revision, revisions, folders)
+    if source.from_step is not None:
+        raise ValueError(f"from_step: {source.from_step} counts the data order's released steps, "
+                         f"which restart at 1 in every folder; init_revision={revision} counts the "
+                         f"model's steps: they do not pair. The data after {revision} starts at "
+                         f"from_folder: {expected}")
+    if source.from_folder != expected:
+        raise ValueError(f"init_revision={revision}: the data that came after it is the folder "
+                         f"{expected}, but the order starts at "
+                         f"{source.from_folder or 'its first folder'}: set from_folder: {expected} "
+                         "(and give the path that holds it)")

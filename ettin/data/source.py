@@ -17,4 +17,5 @@ class DataSource:
     cache_dir: Optional[str] = None  # mds: cache of remote / compressed shards ($ETTIN_CACHE_DIR)
     cache_limit_gb: float = 0.0  # mds: cache size limit (0: none)
     from_step: Optional[int] = None  # order: the first released step to replay (counted across its folders, from 1)
+    from_folder: Optional[str] = None  # order: the folder to start at (e.g. checkpoint_000043: what came after a released revision)
     order_batches: str = "schedule"  # order: rows grouped by this run's batch schedule, or "released" (the released steps)

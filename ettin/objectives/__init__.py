@@ -181,10 +181,11 @@ class ObjectiveMix:
 def resolve_mix(phase_mix: Optional[dict], phase_objective: Optional[str], run_mix: Optional[dict],
                 run_objective: str, export_as: Optional[str] = None) -> ObjectiveMix:
     """What a phase trains: its own mix or objective, else the run's mix or objective (a config's
-    fields, for training and for the report of a finished run alike)."""
+    fields, for training and for the report of a finished run alike). ``export_as`` applies to a
+    single objective too: one of the other side is refused (MixError), never ignored."""
     weights = phase_mix or ({phase_objective: 1.0} if phase_objective else None) \
         or run_mix or {run_objective: 1.0}
-    return ObjectiveMix.of(dict(weights), export_as if len(weights) > 1 else None)
+    return ObjectiveMix.of(dict(weights), export_as)
 
 
 OBJECTIVES: dict[str, Objective] = {}

@@ -310,6 +310,10 @@ def check(cfg: TrainConfig) -> None:
         )
     if cfg.export_as is not None and cfg.export_as not in ("encoder", "decoder"):
         raise ConfigError(f"export_as={cfg.export_as!r}; choose encoder or decoder")
+    if cfg.export_as is not None and cfg.pair:
+        raise ConfigError(f"export_as={cfg.export_as} names the model of a single run, but pair=true "
+                          "trains and exports both an encoder and a decoder: set pair=false or "
+                          "remove export_as")
     if cfg.objective_mix and cfg.pair:
         raise ConfigError("objective_mix trains one model on both objectives, not a pair: set "
                           "pair=false (and export_as=encoder|decoder for the model it is)")

@@ -20,6 +20,7 @@ from ettin.model.config import ModelConfig
 from ettin.model.modernbert import ModernBert
 from ettin.objectives.collate import MaskRate
 from ettin.optim.schedule import phase_batch_schedule, phase_lr_multiplier
+from ettin.store.rundir import RunDir
 from ettin.train.checkpoint import StartState
 from ettin.train.config import ConfigError, TrainConfig
 from ettin.train.environment import is_rank_zero, trainer_devices
@@ -49,7 +50,7 @@ def resolve_tokenizer(cfg: TrainConfig):
 def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
     """The phase's sources, checked; ``builtin`` prepares the built-in corpus if needed."""
     from ettin.data.corpus import builtin_data_path
-    from ettin.data.loader import check_sources
+    from ettin.data.loader import check_released_continuation, check_sources
     from ettin.data.prepare import ensure_prepared
 
     seq_len = cfg.phases[phase].seq_len
@@ -68,6 +69,10 @@ def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
         _, devices = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
         check_sources(sources, seq_len, tokenizer, phase_tokens=cfg.phases[phase].tokens,
                       world_size=devices * cfg.trainer.num_nodes)
+        # The phase init continues (checked when the run starts, not on every resume).
+        if cfg.init_revision and phase == cfg.phases_to_run()[0] and \
+                RunDir(cfg.run_dir).latest_checkpoint() is None:
+            check_released_continuation(cfg.init, cfg.init_revision, sources, tokenizer)
     except (ValueError, FileNotFoundError, OSError) as error:
         raise ConfigError(f"data of phase {phase}: {error}") from None
     return sources
