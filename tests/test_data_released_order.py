@@ -275,8 +275,9 @@ def test_the_folder_after_a_revision_is_paired_by_position_never_by_step():
     assert folder_after("step600", REVISIONS, folders) == "checkpoint_000002"
     assert folder_after("step1200", REVISIONS, folders) == "ext_000001"  # the phase's last
     assert folder_after("ext300", REVISIONS, folders) == "decay_000001"
-    with pytest.raises(ValueError, match="2 step\\* revisions but the data order given has 1 "
-                                         "checkpoint_\\* folders.*cannot be established"):
+    with pytest.raises(ValueError, match="after step600 cannot be established: the model has 2 "
+                                         "step\\* revisions but the data order given has 1 "
+                                         "checkpoint_\\* folders"):
         folder_after("step600", REVISIONS, folders[1:])
     with pytest.raises(ValueError, match="decay100 is the model's last revision"):
         folder_after("decay100", REVISIONS, ["decay_000001"])

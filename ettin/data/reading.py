@@ -231,11 +231,12 @@ def _csv_rows(file: Path, source: str, column: str, emit, skips: Skips) -> Itera
     import csv
 
     numbered = _decoded_lines(file, skips)
-    current = [0]
+    first_line: list = [None]  # of the row being read
 
     def lines() -> Iterator[str]:
         for number, text in numbered:
-            current[0] = number
+            if first_line[0] is None:
+                first_line[0] = number
             yield text
 
     csv.field_size_limit(2**31 - 1)  # a document may be longer than the module's 128 kB default
@@ -248,18 +249,18 @@ def _csv_rows(file: Path, source: str, column: str, emit, skips: Skips) -> Itera
                            "text_column=NAME")
     position = header.index(column)
     while True:
-        first_line = current[0] + 1
+        first_line[0] = None
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as error:
-            skips.row(file, first_line, f"not a CSV row ({error})")
+            skips.row(file, first_line[0], f"not a CSV row ({error})")
             continue
         if not row:  # a blank line
             continue
         if len(row) != len(header):
-            skips.row(file, first_line, f"{len(row)} fields where the header has {len(header)}")
+            skips.row(file, first_line[0], f"{len(row)} fields where the header has {len(header)}")
             continue
         yield from emit(source, row[position])
 
