@@ -225,7 +225,7 @@ def test_merge_weights_that_are_not_finite_or_sum_to_zero_are_refused_with_one_l
     from ettin.train.merge import main
 
     sources = [str(c) for c in list_checkpoints(annealed_run.run_dir)[:2]]
-    assert main([*sources, "--out", str(tmp_path / "out"), "--weights", weights]) == 2
+    assert main([*sources, "--out", str(tmp_path / "out"), f"--weights={weights}"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: --weights") and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
@@ -237,8 +237,9 @@ def test_a_source_with_non_finite_weights_is_refused_naming_it(annealed_run, tmp
     weights["decoder.bias"] = weights["decoder.bias"].clone()
     weights["decoder.bias"][3] = float("nan")
     other = saved_copy(source, tmp_path / "other", weights=weights)
-    with pytest.raises(MergeError, match=f"{other} holds non-finite weights.*decoder.bias"):
+    with pytest.raises(MergeError) as error:
         merge([source, other], tmp_path / "out", export=False)
+    assert str(error.value).startswith(f"{other} holds non-finite weights (nan or inf in decoder.bias)")
 
 
 def test_a_merge_whose_export_check_fails_publishes_nothing_and_the_retry_succeeds(
@@ -255,7 +256,7 @@ def test_a_merge_whose_export_check_fails_publishes_nothing_and_the_retry_succee
     monkeypatch.setattr(merging, "export_checkpoint", failing)
     with pytest.raises(ExportError):
         merge(sources, tmp_path / "out")
-    assert list_checkpoints(tmp_path / "out") == [] and not (tmp_path / "out" / "hf").exists()
+    assert not (tmp_path / "out").exists()  # nothing published, not even the tokenizer copy
     monkeypatch.setattr(merging, "export_checkpoint", real)
     checkpoint = merge(sources, tmp_path / "out")
     assert list_checkpoints(tmp_path / "out") == [checkpoint]

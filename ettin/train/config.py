@@ -359,7 +359,8 @@ def check_mix(cfg: TrainConfig, phase: str) -> None:
     p = cfg.phases[phase]
     if p.objective and p.objective_mix:
         raise ConfigError(f"phases.{phase} sets both objective and objective_mix; keep one")
-    where = f"phases.{phase}.objective_mix" if p.objective_mix else "objective_mix"
+    where = f"phases.{phase}.objective_mix" if p.objective_mix else \
+        "objective_mix" if cfg.objective_mix else f"phases.{phase}"
     try:
         mix = cfg.phase_mix(phase)
     except MixError as error:

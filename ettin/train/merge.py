@@ -122,14 +122,24 @@ def merge(sources: Sequence[Path | str], out: Path | str, weights: Optional[Sequ
     states = [load_weights(p) for p in paths]
     for state, name in zip(states, names):
         check_finite(state, name)
-    merged = merge_weights(states, weights, names)
-    check_finite(merged, f"the merge of {', '.join(names)}")
+    merged = merge_weights(states, weights, names)  # finite: a mean of finite numbers
 
-    first = paths[0]
-    meta = metas[0]
     run = RunDir(out)
     if run.latest_checkpoint() is not None:
         raise MergeError(f"{out} already holds checkpoints; choose a new folder for the merge")
+    created = [p for p in (run.path, run.tokenizer) if not p.exists()]  # removed if the merge fails
+    try:
+        checkpoint = _write_merge(run, paths, metas, weights, merged, export)
+    except BaseException:
+        for path in reversed(created):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    return checkpoint
+
+
+def _write_merge(run: RunDir, paths: Sequence[Path], metas: Sequence[dict], weights: Sequence[float],
+                 merged: dict, export: bool) -> Path:
+    first, meta = paths[0], metas[0]
     # The run keeps its own tokenizer copy, so the merge stays usable if the sources are deleted.
     with publishing(run.tokenizer) as temp:
         shutil.copytree(meta["tokenizer"], temp)
