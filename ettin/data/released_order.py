@@ -19,9 +19,13 @@ in tokens): a step takes the next ``global_batch_at(tokens)`` rows. ``order_batc
 them by the released ``step`` numbers instead (a step is one released step's rows).
 
 Positions: row r is the r-th row from ``from_step`` on (a released step counted across the folders
-given, from 1: the k-th step of the whole order, as a released checkpoint ``step<k-1>`` continues).
-A run's ``LoaderState.samples`` is the number of rows consumed, so resuming is O(1), also in the
-middle of a folder.
+given, from 1), or from the first row of ``from_folder``. A model revision (``step599525``) counts the
+model's own steps, not these: continuing one goes by folder (``folder_after``, checked at start by
+``check_continuation``). A run's ``LoaderState.samples`` is the number of rows consumed, so resuming
+is O(1), also in the middle of a folder.
+
+Nothing missing, as far as the names tell: every folder holds every step from 1 on (a file
+``steps_<a>_to_<b>`` exactly steps a to b) and a phase's folders follow each other without a gap.
 
 Planning needs only the rows' lengths: each file is read once to record them (non-[PAD] tokens per
 row) and its steps, cached per file in ``$ETTIN_CACHE_DIR/order`` (keyed by the file's path, size and
