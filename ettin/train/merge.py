@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 from ettin.model.export import ExportError, export_checkpoint, resolve_checkpoint
 from ettin.store.checkpoints import (CheckpointError, load_weights, read_meta, safe_torch_load,
                                      verify_checkpoint)
-from ettin.store.fs import publishing
+from ettin.store.fs import publishing, write_text
 from ettin.store.rundir import RunDir
 from ettin.train.checkpoint import Checkpointer
 
@@ -106,7 +106,7 @@ def merge(sources: Sequence[Path | str], out: Path | str, weights: Optional[Sequ
         # No moments (a fresh optimizer); the parameter groups keep their layout so it loads.
         optimizer_state={"state": {}, "param_groups": optimizer["param_groups"]},
         rng_states=safe_torch_load(first / "rng.pt")["rng"], config_yaml=config_yaml, meta=merged_meta)
-    run.config.write_text(config_yaml)
+    write_text(run.config, config_yaml)
     if export:
         export_checkpoint(checkpoint, run.export())
     return checkpoint
