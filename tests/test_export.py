@@ -37,7 +37,7 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-def make_run(root, tokenizer_dir, *, objective: str, **config_overrides):
+def make_run(root, tokenizer_dir, *, objective: str, export_as=None, **config_overrides):
     """A run folder holding one checkpoint of a loud tiny model, as ettin.train.run writes it."""
     from ettin.data.tokenizer import load_tokenizer
 
@@ -49,6 +49,8 @@ def make_run(root, tokenizer_dir, *, objective: str, **config_overrides):
     meta = {"run_name": root.name, "recipe": "smoke", "objective": objective, "phase": "pretrain",
             "phase_end": True, "step": 10, "tokens": 1000, "git_commit": "abc1234",
             "model_config": dataclasses.asdict(config), "tokenizer": str(tokenizer_dir)}
+    if export_as is not None:  # what the run chose (checkpoints record the mix's side)
+        meta["export_as"] = export_as
     write_checkpoint(root, "pretrain-step0000010", lambda d: save_weights(model.state_dict(), d), meta)
     return root
 
@@ -91,6 +93,22 @@ def test_the_folder_holds_what_a_user_needs(exported):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == ("modernbert-decoder" if objective == "clm" else "modernbert")
     assert config["attention_dropout"] == 0.0  # pretraining dropout is not part of the release
+
+
+def test_a_prefix_lm_checkpoint_is_refused_with_the_reason_and_the_choices(tmp_path, tokenizer_dir, capsys):
+    run = make_run(tmp_path / "run", tokenizer_dir, objective="prefix_lm")
+    assert main([str(run), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: objective prefix_lm attends bidirectionally over a prefix")
+    assert "export_as=encoder or export_as=decoder" in err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()  # nothing written
+
+
+def test_a_prefix_lm_run_that_chose_export_as_exports_that_class_and_says_so(tmp_path, tokenizer_dir):
+    run = make_run(tmp_path / "run", tokenizer_dir, objective="prefix_lm", export_as="encoder")
+    assert main([str(run), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "modernbert"
+    assert "Attention differs from training" in (tmp_path / "hf" / "README.md").read_text()
 
 
 def test_tokenizer_template_matches_the_objective_in_python_and_rust(exported):

@@ -36,21 +36,35 @@ def module_name(path: Path) -> str:
 NAMES = {module_name(p) for p in PACKAGE.rglob("*.py")}
 
 
-def ettin_imports(path: Path) -> set[str]:
-    """The ettin modules a file imports (``from ettin.a import b`` imports ettin.a.b when that is a
-    module, else ettin.a)."""
+def ettin_imports(source: str, module: str, is_package: bool) -> set[str]:
+    """The ettin modules the code of ``module`` imports (``from ettin.a import b`` imports ettin.a.b
+    when that is a module, else ettin.a); a relative import (``from ..a import b``) is read as the
+    absolute one it stands for, so it obeys the same rule."""
+    package = module.split(".") if is_package else module.split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("ettin"):
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            target = node.module or ""
+            if node.level:  # one dot: this package; each further dot one package up
+                target = ".".join(package[: len(package) - node.level + 1] + ([target] if target else []))
+            if not target.startswith("ettin"):
+                continue
             for alias in node.names:
-                submodule = f"{node.module}.{alias.name}"
-                found.add(submodule if submodule in NAMES else node.module)
+                submodule = f"{target}.{alias.name}"
+                found.add(submodule if submodule in NAMES else target)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("ettin")}
     return found
 
 
-MODULES = {module_name(p): ettin_imports(p) for p in PACKAGE.rglob("*.py")}
+MODULES = {module_name(p): ettin_imports(p.read_text(), module_name(p), p.name == "__init__.py")
+           for p in PACKAGE.rglob("*.py")}
+
+
+def test_relative_imports_are_read_as_the_absolute_imports_they_stand_for():
+    assert ettin_imports("from ..train import run", "ettin.model.x", False) == {"ettin.train.run"}
+    assert ettin_imports("from . import flops", "ettin.model.x", False) == {"ettin.model.flops"}
+    assert ettin_imports("from .collate import MLMCollator", "ettin.objectives", True) == {"ettin.objectives.collate"}
 
 
 def layer(module: str) -> str:

@@ -47,6 +47,19 @@ def test_members_come_in_ladder_order_with_cross_members_after_their_base(tmp_pa
     assert [m.name for m in ettin.members][:2] == ["encoder_17m", "decoder_17m"] and len(ettin.members) == 12
 
 
+def test_a_size_joins_a_ladder_only_by_its_ladder_field(monkeypatch):
+    """A new size without a published count (say 250m) is on no ladder until its row names one."""
+    from dataclasses import replace
+
+    from ettin.cluster.suite import family_sizes
+    from ettin.model.config import SIZES
+
+    monkeypatch.setitem(SIZES, "250m", replace(SIZES["150m"], parameters=None, ladder=None))
+    assert family_sizes("smoke") == ["tiny", "micro"] and "250m" not in family_sizes("ettin")
+    monkeypatch.setitem(SIZES, "250m", replace(SIZES["150m"], parameters=None, ladder="ettin"))
+    assert family_sizes("ettin")[-1] == "250m"
+
+
 def test_bad_input_names_the_problem_and_the_fix(tmp_path):
     with pytest.raises(SuiteError, match="choose from tiny, micro"):
         plan(tmp_path, "smoke", sizes=["huge"])

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ettin.cluster.launch import array_spec, queue_state, queue_states, recorded_job, submit
+from ettin.model.config import LADDERS
 from ettin.store.checkpoints import latest_checkpoint, read_meta
 from ettin.store.fs import pid_alive, write_text
 from ettin.store.rundir import RunDir
@@ -38,7 +39,7 @@ from ettin.train.config import ConfigError, TrainConfig, compose
 ROLES = ("encoder", "decoder", "encoder_from_decoder", "decoder_from_encoder")
 BASE = {"encoder_from_decoder": "decoder", "decoder_from_encoder": "encoder"}
 # The recipe families a suite can be made of: recipe= of python -m ettin.suite.
-FAMILIES = ("ettin", "smoke")
+FAMILIES = LADDERS  # a suite's recipe family is a ladder of the size table
 STATES = ("done", "queued", "running", "failed", "stopped", "not started")
 SUITE_FILE = "suite.json"
 
@@ -94,11 +95,10 @@ def eval_file(directory: Path | str, member: str) -> Path:
 
 
 def family_sizes(family: str) -> list[str]:
-    """Ettin's six sizes (a published parameter count), or the smoke sizes (the others)."""
+    """The rungs of a ladder: Ettin's six sizes, or the smoke sizes (the size table's ``ladder``)."""
     from ettin.model.config import SIZES
 
-    smoke = family == "smoke"
-    return [name for name, row in SIZES.items() if (row.parameters is None) == smoke]
+    return [name for name, row in SIZES.items() if row.ladder == family]
 
 
 def _smoke_member(role: str, size: str) -> tuple[str, list[str]]:

@@ -627,6 +627,8 @@ class StepBatch:
     rows: list[int] = field(default_factory=list)  # rows per micro-batch
     # Each row's attention direction per micro-batch (an objective mix); None: the model's own.
     row_causal: list[Optional[list[bool]]] = field(default_factory=list)
+    # Each row's prefix length per micro-batch (PrefixLM); None: no prefixes.
+    row_prefix: list[Optional[list[int]]] = field(default_factory=list)
     rows_digest: str = "0" * 64  # of this rank's rows in the step (made on the host, by the loader)
 
     def count_on_host(self) -> "StepBatch":
@@ -636,6 +638,8 @@ class StepBatch:
         self.row_lengths = [_row_lengths(mb) for mb in self.micro_batches]
         self.rows = [len(lengths) for lengths in self.row_lengths]
         self.row_causal = [_row_causal(mb, rows) for mb, rows in zip(self.micro_batches, self.rows)]
+        self.row_prefix = [mb["prefix_lengths"].tolist() if "prefix_lengths" in mb else None
+                           for mb in self.micro_batches]
         return self
 
     @property

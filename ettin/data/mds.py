@@ -52,6 +52,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ettin.data.files import file_lock, process_context
+from ettin.store.fs import publishing, write_text
 
 REMOTE_SCHEMES = ("hf", "s3", "gs", "file")
 INDEX = "index.json"
@@ -357,14 +358,13 @@ class MDSSplit:
         with file_lock(Path(local) / ".locks" / folder / "index.lock"):
             if target.is_file():
                 return
-            partial = f"{target}.tmp-{os.getpid()}"
-            try:
-                CloudDownloader.direct_download(f"{remote}/{folder}/{INDEX}" if folder else
-                                                f"{remote}/{INDEX}", partial, DOWNLOAD_TIMEOUT_S)
-            except Exception as error:
-                raise FileNotFoundError(f"cannot download {remote}/{folder}/{INDEX}: "
-                                        f"{type(error).__name__}: {error}") from None
-            os.replace(partial, target)
+            with publishing(target) as partial:
+                try:
+                    CloudDownloader.direct_download(f"{remote}/{folder}/{INDEX}" if folder else
+                                                    f"{remote}/{INDEX}", str(partial), DOWNLOAD_TIMEOUT_S)
+                except Exception as error:
+                    raise FileNotFoundError(f"cannot download {remote}/{folder}/{INDEX}: "
+                                            f"{type(error).__name__}: {error}") from None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -439,31 +439,27 @@ def build_index(folder: MDSFolder, num_proc: int = 1, progress: bool = False) ->
     stem = out / f"ettin-index-{folder.column}"
     total = folder.samples
     started = time.perf_counter()
-    partial = {kind: f"{stem}.{kind}.npy.tmp-{os.getpid()}" for kind in ("lengths", "first")}
-    lengths = np.lib.format.open_memmap(partial["lengths"], "w+", np.uint32, (total,))
-    first = np.lib.format.open_memmap(partial["first"], "w+", np.uint32, (total,))
-    largest = -1
-    jobs = [(folder, shard) for shard in range(len(folder.readers))]
-    bar = tqdm(total=len(jobs), desc=f"indexing {folder.where}", unit=" shards",
-               disable=not progress, file=sys.stderr)
-    if num_proc > 1 and len(jobs) > 1:
-        with process_context(["ettin.data.mds", "streaming"]).Pool(num_proc) as pool:
-            results = pool.imap_unordered(_index_shard, jobs)
-            largest = _collect(results, folder, lengths, first, bar)
-    else:
-        largest = _collect(map(_index_shard, jobs), folder, lengths, first, bar)
-    bar.close()
-    lengths.flush(), first.flush()
-    del lengths, first
-    for kind, path in partial.items():
-        os.replace(path, f"{stem}.{kind}.npy")
+    with publishing(f"{stem}.lengths.npy") as lengths_file, publishing(f"{stem}.first.npy") as first_file:
+        lengths = np.lib.format.open_memmap(lengths_file, "w+", np.uint32, (total,))
+        first = np.lib.format.open_memmap(first_file, "w+", np.uint32, (total,))
+        jobs = [(folder, shard) for shard in range(len(folder.readers))]
+        bar = tqdm(total=len(jobs), desc=f"indexing {folder.where}", unit=" shards",
+                   disable=not progress, file=sys.stderr)
+        if num_proc > 1 and len(jobs) > 1:
+            with process_context(["ettin.data.mds", "streaming"]).Pool(num_proc) as pool:
+                results = pool.imap_unordered(_index_shard, jobs)
+                largest = _collect(results, folder, lengths, first, bar)
+        else:
+            largest = _collect(map(_index_shard, jobs), folder, lengths, first, bar)
+        bar.close()
+        lengths.flush(), first.flush()
+        del lengths, first
     seconds = time.perf_counter() - started
     meta = {"version": VERSION, "signature": signature(folder), "column": folder.column,
             "samples": total, "max_id": largest,
             "tokens": int(np.load(f"{stem}.lengths.npy", mmap_mode="r").sum(dtype=np.int64)),
             "seconds": round(seconds, 3), "num_proc": max(1, num_proc)}
-    Path(f"{stem}.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(f"{stem}.json.tmp", f"{stem}.json")  # written last: the index is complete
+    write_text(f"{stem}.json", json.dumps(meta, indent=2) + "\n")  # written last: the index is complete
     return meta
 
 

@@ -37,12 +37,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from ettin.store.fs import publishing, write_text
 
 FILE_PATTERN = re.compile(r"steps_(\d+)_to_(\d+)\.parquet$")
 # Ettin's phases, in training order: a folder's name says which phase it belongs to.
@@ -184,11 +185,9 @@ class ReleasedOrder:
                  "max_id": int(values.max()) if len(values) else -1,
                  "sequence_length": int(metadata) if metadata else int(lengths.max(initial=0))}
         self.cache.mkdir(parents=True, exist_ok=True)
-        partial = f"{lengths_file}.tmp-{os.getpid()}.npy"
-        np.save(partial, lengths)
-        os.replace(partial, lengths_file)
-        meta_file.with_name(f"{key}.json.tmp-{os.getpid()}").write_text(json.dumps(index))
-        os.replace(meta_file.with_name(f"{key}.json.tmp-{os.getpid()}"), meta_file)  # last: complete
+        with publishing(lengths_file) as partial, open(partial, "wb") as out:
+            np.save(out, lengths)
+        write_text(meta_file, json.dumps(index))  # last: complete
         index["lengths_file"] = str(lengths_file)
         return index
 

@@ -96,8 +96,11 @@ class Size:
     intermediate_size: int
     num_attention_heads: int
     # Unique parameters (the tied embedding counted once) at Ettin's vocabulary of 50,368, as
-    # published (docs/recipes.md, the size table); the suite's parameter axis. None: not an Ettin size.
+    # published (docs/recipes.md, the size table); the suite's parameter axis. None: none published.
     parameters: Optional[int]
+    # The suite ladder the size is a rung of (LADDERS), or None: on no ladder (an experimental size is
+    # trained by naming it, and joins a ladder only by saying so here).
+    ladder: Optional[str]
     # phase-1 peak LR and weight decay
     lr: float
     weight_decay: float
@@ -122,45 +125,48 @@ class Size:
                     num_attention_heads=self.num_attention_heads)
 
 
+# The suite ladders: Ettin's six published sizes, and the smoke sizes of the offline suite.
+LADDERS = ("ettin", "smoke")
+
 # The one table of sizes. "tiny" and "micro" are the smoke sizes (no published parameter count): tests,
 # the offline default run (tiny) and the offline suite's two rungs. They keep every architectural
 # feature (global and sliding layers, a window shorter than the sequences it sees).
 SIZES: dict[str, Size] = {
     "tiny": Size(num_hidden_layers=4, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                 parameters=None, lr=0.0015, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
+                 parameters=None, ladder="smoke", lr=0.0015, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
                  batch_warmup_tokens=0, batch_warmup_min=8, cross_batch_warmup_min=8,
                  micro_batch=MicroBatches(8, 8, 8, 8)),
     "micro": Size(num_hidden_layers=3, hidden_size=64, intermediate_size=96, num_attention_heads=4,
-                  parameters=None, lr=0.003, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
+                  parameters=None, ladder="smoke", lr=0.003, weight_decay=0.0001, pretrain_warmup_tokens=20_000,
                   batch_warmup_tokens=0, batch_warmup_min=8, cross_batch_warmup_min=8,
                   micro_batch=MicroBatches(8, 8, 8, 8)),
     "17m": Size(num_hidden_layers=7, hidden_size=256, intermediate_size=384, num_attention_heads=4,
-                parameters=16_913_600, lr=0.003, weight_decay=0.0003,
+                parameters=16_913_600, ladder="ettin", lr=0.003, weight_decay=0.0003,
                 pretrain_warmup_tokens=4_000_000_000, batch_warmup_tokens=125_000_000_000,
                 batch_warmup_min=576, cross_batch_warmup_min=48,
                 micro_batch=MicroBatches(144, 24, 12, 12)),
     "32m": Size(num_hidden_layers=10, hidden_size=384, intermediate_size=576, num_attention_heads=6,
-                parameters=32_081_344, lr=0.003, weight_decay=0.0003,
+                parameters=32_081_344, ladder="ettin", lr=0.003, weight_decay=0.0003,
                 pretrain_warmup_tokens=4_000_000_000, batch_warmup_tokens=100_000_000_000,
                 batch_warmup_min=512, cross_batch_warmup_min=48,
                 micro_batch=MicroBatches(128, 24, 12, 12)),
     "68m": Size(num_hidden_layers=19, hidden_size=512, intermediate_size=768, num_attention_heads=8,
-                parameters=68_457_664, lr=0.003, weight_decay=0.0003,
+                parameters=68_457_664, ladder="ettin", lr=0.003, weight_decay=0.0003,
                 pretrain_warmup_tokens=3_000_000_000, batch_warmup_tokens=75_000_000_000,
                 batch_warmup_min=384, cross_batch_warmup_min=32,
                 micro_batch=MicroBatches(96, 18, 8, 8)),
     "150m": Size(num_hidden_layers=22, hidden_size=768, intermediate_size=1152,
-                 num_attention_heads=12, parameters=149_655_232, lr=0.0008, weight_decay=1e-05,
+                 num_attention_heads=12, parameters=149_655_232, ladder="ettin", lr=0.0008, weight_decay=1e-05,
                  pretrain_warmup_tokens=3_000_000_000, batch_warmup_tokens=50_000_000_000,
                  batch_warmup_min=288, cross_batch_warmup_min=48,
                  micro_batch=MicroBatches(72, 16, 12, 12)),
     "400m": Size(num_hidden_layers=28, hidden_size=1024, intermediate_size=2624,
-                 num_attention_heads=16, parameters=395_881_664, lr=0.0005, weight_decay=1e-05,
+                 num_attention_heads=16, parameters=395_881_664, ladder="ettin", lr=0.0005, weight_decay=1e-05,
                  pretrain_warmup_tokens=2_000_000_000, batch_warmup_tokens=10_000_000_000,
                  batch_warmup_min=192, cross_batch_warmup_min=16,
                  micro_batch=MicroBatches(48, 6, 2, 4)),
     "1b": Size(num_hidden_layers=28, hidden_size=1792, intermediate_size=3840,
-               num_attention_heads=28, parameters=1_031_314_112, lr=0.0005, weight_decay=5e-05,
+               num_attention_heads=28, parameters=1_031_314_112, ladder="ettin", lr=0.0005, weight_decay=5e-05,
                pretrain_warmup_tokens=2_000_000_000, batch_warmup_tokens=3_000_000_000,
                batch_warmup_min=96, cross_batch_warmup_min=8, micro_batch=MicroBatches(24, 2, 2, 2),
                extension_tokens=83_333_000_000, decay_tokens=16_667_000_000,

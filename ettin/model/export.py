@@ -9,6 +9,10 @@ decoders and a model card; then reloads the folder with transformers (ModernBert
 ModernBertDecoderForCausalLM) and fails if its logits differ from ours. The folder appears complete or
 not at all: it is written aside and renamed into place. An existing OUT_DIR is replaced only if it is
 empty or an earlier ettin export (or with ``--overwrite``): a folder of other files is never deleted.
+
+The class comes from the objective registry alone (``Objective.export_class``: the objective's side, or
+the run's ``export_as``). A model trained with attention neither class computes (prefix_lm) is refused,
+naming the choices, unless the run chose ``export_as=encoder|decoder``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from ettin.store.rundir import RunDir
 from ettin.model.config import ModelConfig
 from ettin.model.hub import save_hf, transformers_major
 from ettin.model.modernbert import ModernBert
-from ettin.objectives import OBJECTIVES
+from ettin.objectives import OBJECTIVES, SIDES, ExportRefused
 
 log = logging.getLogger("ettin")
 
@@ -57,13 +61,23 @@ def resolve_checkpoint(source: Path | str) -> Path:
                       "give runs/<run name> or runs/<run name>/checkpoints/<checkpoint>")
 
 
-def load_checkpoint_model(checkpoint: Path) -> tuple[ModernBert, dict]:
-    """Our model from a checkpoint, ready for inference (sdpa, no dropout), and its meta."""
+def export_class(meta: dict) -> str:
+    """The transformers class a checkpoint exports as: its objective's (registry), or the run's
+    ``export_as``; ExportError where none computes what the model was trained to."""
+    try:
+        return OBJECTIVES[meta["objective"]].export_class(meta.get("export_as"))
+    except ExportRefused as error:
+        raise ExportError(str(error)) from None
+
+
+def load_checkpoint_model(checkpoint: Path, causal: Optional[bool] = None) -> tuple[ModernBert, dict]:
+    """Our model from a checkpoint, ready for inference (sdpa, no dropout), and its meta; ``causal``:
+    its default direction (None: its objective's)."""
     meta = read_meta(checkpoint)
+    causal = OBJECTIVES[meta["objective"]].causal if causal is None else causal
     config = ModelConfig(**{**meta["model_config"], "attn_implementation": "sdpa",
                             "attention_output_dropout": 0.0, "attention_dropout": 0.0,
-                            "embedding_dropout": 0.0, "mlp_dropout": 0.0,
-                            "causal": OBJECTIVES[meta["objective"]].causal})
+                            "embedding_dropout": 0.0, "mlp_dropout": 0.0, "causal": causal})
     model = ModernBert(config)
     model.load_state_dict(load_weights(checkpoint))
     return model.eval(), meta
@@ -101,7 +115,8 @@ def export_checkpoint(source: Path | str, out_dir: Path | str, *, dtype: str = "
     out = Path(out_dir)
     check_replaceable(out, overwrite)
     checkpoint = resolve_checkpoint(source)
-    model, meta = load_checkpoint_model(checkpoint)
+    cls = export_class(read_meta(checkpoint))  # refused before anything is written
+    model, meta = load_checkpoint_model(checkpoint, causal=cls == SIDES["decoder"])
     # Beside the export, visible: a failed check leaves it for inspection and the previous export
     # untouched.
     partial = out.with_name(out.name + ".partial")
@@ -116,7 +131,8 @@ def export_checkpoint(source: Path | str, out_dir: Path | str, *, dtype: str = "
 
 def write_export(model: ModernBert, meta: dict, checkpoint: Path, partial: Path, *, dtype: str,
                  allow_theta_mismatch: bool) -> None:
-    """The export's files in ``partial``, checked against our model by reloading them."""
+    """The export's files in ``partial``, checked against our model by reloading them. ``model``'s
+    direction (``config.causal``) is the export class's (``load_checkpoint_model``)."""
     causal = model.config.causal
     save_hf(model, partial, causal=causal, dtype=DTYPES[dtype], allow_theta_mismatch=allow_theta_mismatch,
             objective=meta["objective"])
@@ -187,12 +203,19 @@ LORA_TARGETS = {False: ["Wqkv", "Wo", "Wi"], True: ["q_proj", "k_proj", "v_proj"
 def model_card(model: ModernBert, meta: dict, checkpoint: Path, dtype: str) -> str:
     causal = model.config.causal
     kind = "decoder (causal LM)" if causal else "encoder (masked LM)"
-    cls = "ModernBertDecoderForCausalLM" if causal else "ModernBertForMaskedLM"
+    cls = SIDES["decoder" if causal else "encoder"]
     auto = "AutoModelForCausalLM" if causal else "AutoModelForMaskedLM"
     lm_eval_model = "hf" if causal else "ettin-mlm"
     lm_eval_import = "" if causal else "import ettin.evaluation  # registers the ettin-mlm model type\n"
     c = model.config
     mntp = meta["objective"] == "mntp"
+    trained = OBJECTIVES[meta["objective"]].attention
+    prefix_note = f"""
+**Attention differs from training:** this model was trained with objective `{meta['objective']}`
+({trained.value} attention: bidirectional over a prefix, causal after it) and exported as `{cls}` by the
+run's `export_as`, which attends {'causally' if causal else 'bidirectionally'} everywhere; its outputs
+are not those it was trained to give.
+""" if trained.causal and OBJECTIVES[meta["objective"]].side is None else ""
     mntp_note = """
 **Masked next-token prediction (MNTP):** this encoder was trained to predict a masked token at
 position j from the output at position j - 1 (LLM2Vec), so `pipeline("fill-mask")`, which reads a
@@ -212,7 +235,7 @@ phase `{meta['phase']}` at {meta['tokens']:,} tokens (step {meta['step']}), git 
 global attention every {c.global_attn_every_n_layers} layers, sliding window {c.window} tokens
 {'before each token' if causal else 'on each side'}, RoPE theta {c.global_rope_theta:g} (global) /
 {c.local_rope_theta:g} (local). Weights in {dtype}; exported from `{checkpoint.name}`.
-{mntp_note}
+{mntp_note}{prefix_note}
 ```python
 from transformers import AutoTokenizer, {auto}
 tokenizer = AutoTokenizer.from_pretrained("PATH")
@@ -244,9 +267,9 @@ smoke suite).
 """
 
 
-def pipeline_example(folder: Path, causal: bool) -> str:
-    """A one-line shell command that uses the exported folder."""
-    if causal:
+def pipeline_example(folder: Path) -> str:
+    """A one-line shell command that uses the exported folder (by the class its config.json names)."""
+    if json.loads((folder / "config.json").read_text())["model_type"].endswith("decoder"):
         call = f"pipeline('text-generation', model='{folder}')('The module', max_new_tokens=20)"
     else:
         call = f"pipeline('fill-mask', model='{folder}')('The [MASK] module.')"
@@ -283,8 +306,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ExportError, HubError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    causal = json.loads((out / "config.json").read_text())["model_type"].endswith("decoder")
-    print(f"exported to {out}\ntry: {pipeline_example(out, causal)}")
+    print(f"exported to {out}\ntry: {pipeline_example(out)}")
     return 0
 
 

@@ -12,6 +12,17 @@ Sliding-window layers see ``config.window`` tokens on each side of a query (bidi
 ``window`` previous tokens and the query itself (causal; transformers' decoder calls that
 ``sliding_window = window + 1``). Layer i is global iff ``i % global_attn_every_n_layers == 0``.
 
+The attention pattern of a forward pass (what an objective's attention spec becomes, ettin.objectives)
+is ``causal`` (one bool for every row, or a bool per row) and optionally ``prefix_lengths`` (an int per
+row): a query sees the keys of its own row that are
+
+* every key, in a bidirectional row;
+* at or before it, or among the row's first ``prefix_lengths`` tokens, in a causal row (PrefixLM:
+  bidirectional over the prefix, causal after it; a prefix of 0 is plain causal attention);
+
+and, in a sliding layer, within ``window`` positions of it. ``allowed_pairs`` states that rule once;
+every backend's mask is built from it (flex's ``mask_mod`` spells it out for the stream).
+
 Attention backends (``config.attn_implementation``), all computing the same function:
 
 * ``sdpa``  torch scaled_dot_product_attention over a [sequences, heads, max_seqlen, dim] grid (one
@@ -88,10 +99,12 @@ class Layout:
     ``causal``: one direction for every sequence (a bool: the uniform fast paths), or a bool tensor
     [sequences] giving each its own (an objective mix): a query then sees the keys of its own
     sequence, all of them in a bidirectional sequence, those at or before it in a causal one.
+    ``prefix``: int tensor [sequences] (PrefixLM), or None: a causal sequence's first ``prefix``
+    tokens are also seen by every query of the sequence, the later ones included.
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool | torch.Tensor,
-                 window: int, n_tokens: Optional[int] = None) -> None:
+                 window: int, n_tokens: Optional[int] = None, prefix: Optional[torch.Tensor] = None) -> None:
         self.cu_seqlens = cu_seqlens.to(torch.int32)
         self.max_seqlen = int(max_seqlen)
         self.mixed = isinstance(causal, torch.Tensor)
@@ -100,6 +113,7 @@ class Layout:
         self.lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         n = int(cu_seqlens[-1]) if n_tokens is None else n_tokens
         device = cu_seqlens.device
+        self.prefix = None if prefix is None else prefix.to(device=device, dtype=torch.long)
         # Sequence index of every token, and its position inside its sequence.
         self.sequence = torch.repeat_interleave(torch.arange(len(self.lengths), device=device),
                                                 self.lengths, output_size=n)
@@ -116,6 +130,19 @@ class Layout:
             return self.causal
         inside = (sequence >= 0) & (sequence < len(self.lengths))
         return ~inside | self.causal[sequence.clamp(0, len(self.lengths) - 1)]
+
+    def prefix_of(self, sequence: torch.Tensor) -> Optional[torch.Tensor]:
+        """The prefix lengths of the sequences indexed by ``sequence`` (0 outside the batch)."""
+        if self.prefix is None:
+            return None
+        inside = (sequence >= 0) & (sequence < len(self.lengths))
+        return torch.where(inside, self.prefix[sequence.clamp(0, len(self.lengths) - 1)], 0)
+
+    @property
+    def only_backwards(self) -> bool:
+        """Whether no query sees a key after it (every sequence plain causal): the kernels' own
+        causal mask applies, and a sliding window needs no keys ahead of the query."""
+        return self.causal is True and self.prefix is None
 
     def prepare(self, backend: str, sliding_kinds) -> None:
         """Build the masks that layers of each kind (``sliding`` True / False) will read."""
@@ -150,9 +177,10 @@ class Layout:
             return None
         idx = torch.arange(t, device=self.lengths.device)
         causal = self.causal[:, None, None] if self.mixed else self.causal
-        pattern = allowed_pairs(idx[:, None], idx[None, :], causal, self.window if sliding else None)
+        prefix = None if self.prefix is None else self.prefix[:, None, None]
+        pattern = allowed_pairs(idx[:, None], idx[None, :], causal, self.window if sliding else None, prefix)
         if self.uniform:
-            return pattern[:, None] if self.mixed else pattern[None, None]
+            return pattern[None, None] if pattern.dim() == 2 else pattern[:, None]
         # Keys must be real tokens. Padded query rows see only themselves so no row is empty (an
         # empty softmax row is NaN); their outputs are never read.
         real_key = idx[None, None, :] < self.lengths[:, None, None]
@@ -172,7 +200,7 @@ class Layout:
         def build():
             w, n = self.window, len(self.sequence)
             block = 2 * (w + 1)
-            keys = block + (w if self.causal is True else 2 * w)
+            keys = block + (w if self.only_backwards else 2 * w)
             n_blocks = -(-n // block)
             device = self.sequence.device
             q = torch.arange(n_blocks * block, device=device).view(n_blocks, block, 1)
@@ -188,29 +216,33 @@ class Layout:
             q_seq, q_pos = sequence_and_position(q)
             k_seq, k_pos = sequence_and_position(k)
             # Stream padding after the end sees itself, so no softmax row is empty.
-            mask = (q_seq == k_seq) & allowed_pairs(q_pos, k_pos, self.causal_of(q_seq), w)
+            mask = (q_seq == k_seq) & allowed_pairs(q_pos, k_pos, self.causal_of(q_seq), w,
+                                                   self.prefix_of(q_seq))
             return block, keys, mask[:, None]
 
         return self.cached("band", build)
 
     # -- flex: the flat stream ---------------------------------------------------------------------
     def block_mask(self, sliding: bool):
-        """FlexAttention BlockMask over the flat stream: same sequence, causal, window."""
+        """FlexAttention BlockMask over the flat stream: ``allowed_pairs`` within each sequence."""
 
         def build():
             from torch.nn.attention.flex_attention import create_block_mask
 
             n = len(self.sequence)
             sequence, positions = self.sequence, self.positions
-            causal, window = self.causal, (self.window if sliding else None)
+            causal, window, prefix = self.causal, (self.window if sliding else None), self.prefix
             mixed = self.mixed
 
             def mask_mod(b, h, q, kv):
                 allowed = sequence[q] == sequence[kv]
-                if mixed:
-                    allowed = allowed & ((kv <= q) | ~causal[sequence[q]])
-                elif causal:
-                    allowed = allowed & (kv <= q)
+                if mixed or causal:
+                    visible = kv <= q
+                    if prefix is not None:
+                        visible = visible | (positions[kv] < prefix[sequence[q]])
+                    if mixed:
+                        visible = visible | ~causal[sequence[q]]
+                    allowed = allowed & visible
                 if window is not None:
                     allowed = allowed & ((positions[q] - positions[kv]).abs() <= window)
                 return allowed
@@ -222,16 +254,19 @@ class Layout:
 
 
 def allowed_pairs(q: torch.Tensor, k: torch.Tensor, causal: bool | torch.Tensor,
-                  window: Optional[int]) -> torch.Tensor:
+                  window: Optional[int], prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Whether the query at position q may see the key at position k (same sequence assumed);
-    ``causal`` a bool, or a bool tensor broadcasting against q and k (each query's direction)."""
-    shape = torch.broadcast_shapes(q.shape, k.shape,
-                                   causal.shape if isinstance(causal, torch.Tensor) else ())
-    allowed = torch.ones(shape, dtype=torch.bool, device=q.device)
-    if isinstance(causal, torch.Tensor):
-        allowed &= (k <= q) | ~causal
-    elif causal:
-        allowed &= k <= q
+    ``causal`` a bool, or a bool tensor broadcasting against q and k (each query's direction);
+    ``prefix`` None, or an int tensor broadcasting likewise (each query's sequence's prefix length)."""
+    shapes = [t.shape for t in (causal, prefix) if isinstance(t, torch.Tensor)]
+    allowed = torch.ones(torch.broadcast_shapes(q.shape, k.shape, *shapes), dtype=torch.bool, device=q.device)
+    if causal is not False:
+        visible = k <= q  # a causal query sees itself and the keys before it,
+        if prefix is not None:
+            visible = visible | (k < prefix)  # the whole prefix,
+        if isinstance(causal, torch.Tensor):
+            visible = visible | ~causal  # and a bidirectional row sees every key
+        allowed &= visible
     if window is not None:
         allowed &= (q - k).abs() <= window
     return allowed
@@ -262,7 +297,7 @@ def grid_attention(qkv, layout: Layout, sliding: bool, eager: bool, dropout: flo
     else:
         grid = qkv.new_zeros(seqs * t, 3, heads, dim).index_copy_(0, index, qkv).view(seqs, t, 3, heads, dim)
     q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # each [seqs, heads, T, dim]
-    is_causal = layout.causal is True and layout.uniform and not sliding
+    is_causal = layout.only_backwards and layout.uniform and not sliding
     out = dot_product_attention(q, k, v, layout.grid_mask(sliding), is_causal, eager, dropout)
     out = out.transpose(1, 2).reshape(seqs * t, heads, dim)
     return out if layout.uniform else out.index_select(0, index)
@@ -289,7 +324,7 @@ def band_attention(qkv, layout: Layout, dropout: float) -> torch.Tensor:
     """Sliding-window attention that only touches the keys a query can see.
 
     The flat stream is cut into blocks of ``block = 2 (w + 1)`` tokens; block b attends to the
-    stream tokens ``[b block - w, (b + 1) block + w)`` (causal: ``... (b + 1) block)``), masked to the
+    stream tokens ``[b block - w, (b + 1) block + w)`` (only backwards: ``... (b + 1) block)``), masked to the
     query's own sequence and window. That is ``block + 2 w`` keys per query instead of a whole
     sequence, and padding costs nothing: for T = 1024 and w = 64 about a quarter of the grid's work.
     """
@@ -334,6 +369,10 @@ def flash_attention(qkv, layout: Layout, sliding: bool, dropout: float) -> torch
         raise ValueError(
             "attn_implementation='flash' cannot give the sequences of one batch different attention "
             "directions (an objective mix); use attn_implementation='sdpa' or 'flex'")
+    if layout.prefix is not None:  # causal or not, for a whole sequence
+        raise ValueError(
+            "attn_implementation='flash' cannot attend bidirectionally over a prefix and causally after "
+            "it (prefix_lm); use attn_implementation='sdpa' or 'flex'")
     dtype = qkv.dtype
     if dtype not in (torch.float16, torch.bfloat16):  # flash-attn computes in 16 bits only
         qkv = qkv.to(torch.bfloat16)
@@ -626,6 +665,7 @@ class ModernBert(nn.Module):
         target_index: Optional[torch.Tensor] = None,
         target_groups: Optional[Sequence[int]] = None,
         causal: Optional[bool | torch.Tensor] = None,
+        prefix_lengths: Optional[torch.Tensor] = None,
         loss_reduction: str = "mean",
     ) -> ModelOutput:
         """Padded ([B, T] + attention_mask) or flat (input_ids [N] + cu_seqlens) input; see
@@ -633,7 +673,9 @@ class ModernBert(nn.Module):
         with ``max_seqlen`` (the longest row) and ``target_index`` (the stream positions whose
         label is not -100, ascending): given both, nothing is read back from the device.
 
-        ``causal``: one direction for all rows, or a bool tensor [rows] (each row's own).
+        ``causal``: one direction for all rows, or a bool tensor [rows] (each row's own);
+        ``prefix_lengths``: int tensor [rows], the leading tokens of each causal row that every query
+        of the row sees (PrefixLM; see the module docstring).
         ``target_groups``: the number of targets in each group (an objective of a mix), when
         ``target_index`` lists the groups' positions one group after another (each ascending); the
         output then holds each group's summed loss and correct count."""
@@ -656,7 +698,8 @@ class ModernBert(nn.Module):
             padded_shape = None
             if max_seqlen is None:  # a host sync; the collators pass it
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        layout = Layout(cu_seqlens, max_seqlen, causal, self.config.window, n_tokens=len(input_ids))
+        layout = Layout(cu_seqlens, max_seqlen, causal, self.config.window, n_tokens=len(input_ids),
+                        prefix=prefix_lengths)
         hidden = self.model(input_ids, layout)
 
         if labels is None:

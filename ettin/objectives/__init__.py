@@ -1,5 +1,5 @@
-"""The objectives, one registry entry each. Choosing one selects the attention direction, the
-collator (the labels), the metrics and what an export of the model is; the loss is the same
+"""The objectives, one registry entry each. Choosing one selects the attention pattern (``Attention``),
+the collator (the labels), the metrics and what an export of the model is; the loss is the same
 cross-entropy over labelled positions for all of them.
 
 A new objective is one ``register(Objective(...))`` with its collator class (ettin.objectives.collate
@@ -12,17 +12,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, Optional, Sequence
 
-from ettin.objectives.collate import CLMCollator, MaskRate, MixedCollator, MLMCollator, MNTPCollator
+from ettin.objectives.collate import (CLMCollator, MaskRate, MixedCollator, MLMCollator, MNTPCollator,
+                                      PrefixLMCollator)
 
 SIDES = {"encoder": "ModernBertForMaskedLM", "decoder": "ModernBertDecoderForCausalLM"}
+
+
+class Attention(Enum):
+    """Which keys of its row a query sees. The model takes it as ``causal`` (and, for PREFIX, each
+    row's ``prefix_lengths`` from the collator); ettin.model.modernbert.allowed_pairs is the rule."""
+
+    BIDIRECTIONAL = "bidirectional"  # every key of the row
+    CAUSAL = "causal"  # itself and the keys before it
+    PREFIX = "prefix"  # causal, and every key of the row's prefix (its length drawn per row)
+
+    @property
+    def causal(self) -> bool:
+        """The model's ``causal`` for this pattern (a prefix widens causal attention)."""
+        return self is not Attention.BIDIRECTIONAL
+
+    @property
+    def side(self) -> Optional[str]:
+        """The transformers model that attends this way: None where none does (a prefix)."""
+        return {Attention.BIDIRECTIONAL: "encoder", Attention.CAUSAL: "decoder"}.get(self)
+
+
+class ExportRefused(ValueError):
+    """transformers has no class that attends as the model was trained to; the message names the choices."""
 
 
 @dataclass(frozen=True)
 class Objective:
     name: str
-    causal: bool  # attention direction of the model
+    attention: Attention
     masked: bool  # the collator masks tokens at a rate (MLM, MNTP); CLM predicts every next token
     # The output at position i predicts token i+1 (CLM; MNTP reads a masked token one position to
     # the left) rather than token i (MLM): recorded in exports so users read the outputs right.
@@ -31,14 +56,27 @@ class Objective:
     description: str
 
     @property
-    def side(self) -> str:
-        """``decoder`` for causal attention, ``encoder`` for bidirectional: what a pair pairs."""
-        return "decoder" if self.causal else "encoder"
+    def causal(self) -> bool:
+        return self.attention.causal
 
     @property
-    def export_class(self) -> str:
-        """The transformers class an export of a model trained with this objective loads as."""
-        return SIDES[self.side]
+    def side(self) -> Optional[str]:
+        """``decoder`` for causal attention, ``encoder`` for bidirectional: what a pair pairs and what
+        an export is; None when transformers has no such model (a prefix)."""
+        return self.attention.side
+
+    def export_class(self, export_as: Optional[str] = None) -> str:
+        """The transformers class an export of a model trained with this objective loads as: its
+        side's, or ``export_as``'s (a mix's side, or the choice for an objective without a side)."""
+        side = export_as or self.side
+        if side is None:
+            raise ExportRefused(
+                f"objective {self.name} attends bidirectionally over a prefix and causally after it "
+                f"({self.attention.value} attention), which neither ModernBertForMaskedLM (bidirectional) nor "
+                "ModernBertDecoderForCausalLM (causal) can express, so an export would not compute what "
+                "was trained. Choose the class it is exported as: train with export_as=encoder or "
+                "export_as=decoder")
+        return SIDES[side]
 
     def collator(self, tokenizer, *, mask_rate: float | MaskRate, seed: int, unpadded: bool = True):
         """This objective's collator; rows are unpadded (no compute spent on padding) by default.
@@ -46,14 +84,23 @@ class Objective:
         from ettin.data.tokenizer import special_ids
 
         ids = special_ids(tokenizer)
-        if not self.masked:
-            return self.collator_class(ids, unpadded=unpadded, vocab_size=len(tokenizer))
-        return self.collator_class(ids, vocab_size=len(tokenizer), mask_rate=mask_rate, seed=seed,
-                                   unpadded=unpadded)
+        if self.masked:
+            return self.collator_class(ids, vocab_size=len(tokenizer), mask_rate=mask_rate, seed=seed,
+                                       unpadded=unpadded)
+        if self.attention is Attention.PREFIX:  # the prefix lengths are drawn
+            return self.collator_class(ids, unpadded=unpadded, vocab_size=len(tokenizer), seed=seed)
+        return self.collator_class(ids, unpadded=unpadded, vocab_size=len(tokenizer))
 
-    def targets_per_row(self, seq_len: int, mask_rate: float) -> int:
-        """Labelled positions of a full row (for FLOP estimates)."""
-        return round(mask_rate * seq_len) if self.masked else seq_len
+    def targets_per_row(self, seq_len: int, mask_rate: float) -> float:
+        """Labelled positions of a full row (for FLOP estimates); a prefix of 1 .. n - 1 tokens
+        leaves n / 2 targets on average."""
+        if self.masked:
+            return round(mask_rate * seq_len)
+        return seq_len / 2 if self.attention is Attention.PREFIX else seq_len
+
+    def prefix_choices(self, seq_len: int) -> range:
+        """The prefix lengths a full row draws from, equally likely (0: none; for FLOP estimates)."""
+        return self.collator_class.prefix_choices(seq_len)
 
     def metric_names(self, prefix: str) -> list[str]:
         second = "masked_accuracy" if self.masked else "perplexity"
@@ -86,11 +133,12 @@ class ObjectiveMix:
     weights (``collate.mix_choice``), so the assignment is the same on every rank and after a
     resume. The loss is each member's mean over its targets, summed with the normalised weights.
     ``side`` is what the model is when it is not training a row: its default direction and the
-    transformers class an export loads as (``export_as``, or the side all members share)."""
+    transformers class an export loads as (``export_as``, or the side all members share; None when
+    no member has a side and none was chosen: such a model is not exported)."""
 
     members: tuple[Objective, ...]
     given_weights: tuple[float, ...]  # as configured (for display)
-    side: str
+    side: Optional[str]
 
     @classmethod
     def of(cls, weights: dict[str, float], export_as: Optional[str] = None) -> "ObjectiveMix":
@@ -104,17 +152,19 @@ class ObjectiveMix:
                 raise MixError(f"objective {name!r} has weight {weight} in the mix; weights must be "
                                "positive (leave an objective out rather than weigh it 0)")
         members = tuple(OBJECTIVES[name] for name in weights)
-        sides = {m.side for m in members}
+        sides = {m.side for m in members} - {None}
+        sideless = any(m.side is None for m in members)  # any side is a choice, none the default
         if export_as is not None and export_as not in SIDES:
             raise MixError(f"export_as={export_as!r}; choose one of {', '.join(SIDES)}")
-        if export_as is not None and export_as not in sides:
+        if export_as is not None and export_as not in sides and not sideless:
             raise MixError(f"export_as={export_as} but no objective of {cls._describe(weights)} is a "
                            f"{export_as} objective; choose export_as={' or '.join(sorted(sides))}")
         if export_as is None and len(sides) > 1:
             raise MixError(f"the mix {cls._describe(weights)} trains both an encoder objective and a "
                            "decoder objective: set export_as=encoder or export_as=decoder to say "
                            "which model it is (its export class)")
-        return cls(members, tuple(float(w) for w in weights.values()), export_as or sides.pop())
+        side = export_as or (sides.pop() if sides and not sideless else None)
+        return cls(members, tuple(float(w) for w in weights.values()), side)
 
     @staticmethod
     def _describe(weights: dict[str, float]) -> str:
@@ -139,10 +189,15 @@ class ObjectiveMix:
 
     @property
     def objective(self) -> Objective:
-        """What the model is (its direction, the export's class and recorded objective): the
-        heaviest member on the mix's side."""
-        return max((m for m in self.members if m.side == self.side),
-                   key=lambda m: self.given_weights[self.members.index(m)])
+        """What the model is (its direction, its recorded objective): the heaviest member on the
+        mix's side, else the heaviest member."""
+        on_side = [m for m in self.members if m.side == self.side] or list(self.members)
+        return max(on_side, key=lambda m: self.given_weights[self.members.index(m)])
+
+    @property
+    def export_class(self) -> str:
+        """The transformers class the model is exported as (``ExportRefused`` where none is right)."""
+        return self.objective.export_class(self.side)
 
     def collator(self, tokenizer, *, mask_rate: float | MaskRate, seed: int):
         """The training collator: a member's own for one objective, else each row by its member."""
@@ -204,13 +259,17 @@ def default_objective(side: str) -> str:
     return DEFAULT_FOR_SIDE[side]
 
 
-register(Objective("mlm", causal=False, masked=True, predicts_next_token=False,
+register(Objective("mlm", attention=Attention.BIDIRECTIONAL, masked=True, predicts_next_token=False,
                    collator_class=MLMCollator,
                    description="masked language modelling: predict masked tokens in place"))
-register(Objective("clm", causal=True, masked=False, predicts_next_token=True,
+register(Objective("clm", attention=Attention.CAUSAL, masked=False, predicts_next_token=True,
                    collator_class=CLMCollator,
                    description="causal language modelling: predict the next token"))
-register(Objective("mntp", causal=False, masked=True, predicts_next_token=True,
+register(Objective("mntp", attention=Attention.BIDIRECTIONAL, masked=True, predicts_next_token=True,
                    collator_class=MNTPCollator,
                    description="masked next-token prediction (LLM2Vec): a masked token is predicted "
                                "from the position before it"))
+register(Objective("prefix_lm", attention=Attention.PREFIX, masked=False, predicts_next_token=True,
+                   collator_class=PrefixLMCollator,
+                   description="prefix language modelling (T5, UL2's S-denoiser): bidirectional over a "
+                               "prefix drawn per row, predict each next token after it"))

@@ -17,6 +17,10 @@ so the model and the loss are the same for every objective:
 * MLM: each non-special token is selected with ``mask_rate``; of the selected, 80 % become
   ``[MASK]``, 10 % a random non-special token, 10 % stay; ``label = original`` where selected.
 * MNTP (LLM2Vec): MLM's masking, but a masked token at j is the target of position j - 1.
+* PrefixLM (T5's prefix LM objective; UL2's S-denoiser): a row of n tokens is split after a prefix of
+  p tokens, p drawn uniformly from 1 .. n - 1 per row; CLM's labels on the tokens after the prefix
+  only (``label[i] = token[i + 1]`` for i >= p - 1). The batch adds ``prefix_lengths`` (int64 [rows]):
+  the model attends bidirectionally over each row's prefix and causally after it.
 
 Encoder rows (MLM, MNTP) are closed with ``[SEP]`` when the chunk does not end a document
 (``close_rows``), so every encoder row reads ``[CLS] ... [SEP]``; the prepared middle chunks leave
@@ -27,7 +31,8 @@ as an uninterrupted one, whatever the number of workers or ranks.
 
 An objective mix (``MixedCollator``) collates each row with the collator of the objective that
 ``mix_choice`` draws for it from (seed, global sample index), and adds each row's attention direction
-(``causal``) and the targets of each objective (``target_groups``) for the model.
+(``causal``; and ``prefix_lengths`` when a member draws prefixes) and the targets of each objective
+(``target_groups``) for the model.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ class _Collator:
     unpadded: bool
     vocab_size: Optional[int]  # the tokenizer's size: larger ids are refused (None: not checked)
     close_rows = False  # whether rows get a closing [SEP] (encoders): one token more per row
+    draws_prefix = False  # whether rows have a prefix seen bidirectionally (PrefixLM)
 
     @property
     def pad_id(self) -> int:
@@ -134,6 +140,15 @@ class _Collator:
         """(model input, labels) of one row; a function of (index, tokens) and the settings only."""
         raise NotImplementedError
 
+    def prefix_length(self, index: int, length: int) -> int:
+        """The prefix of row ``index`` (``length`` tokens) that all its queries see (PrefixLM); 0: none."""
+        return 0
+
+    @staticmethod
+    def prefix_choices(length: int) -> range:
+        """The prefix lengths a row of ``length`` tokens draws from, equally likely (FLOP estimates)."""
+        return range(0, 1)
+
     def __call__(self, samples: Sequence[Sample]) -> dict:
         pairs = [self.example(index, tokens) for index, tokens in samples]
         return batch_tensors([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id, self.unpadded)
@@ -156,6 +171,46 @@ class CLMCollator(_Collator):
     def example(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
         row = self.row(tokens)
         return row, self.labels(row)
+
+
+# A stream of its own for each row's prefix length: never the masks' nor the mix's.
+PREFIX_STREAM = 0x707265
+
+
+class PrefixLMCollator(CLMCollator):
+    """PrefixLM (T5, arXiv 1910.10683 section 3.3.1: "a random point to split it into prefix and
+    target"; UL2's S-denoiser, arXiv 2205.05131): the prefix length of each row is drawn uniformly
+    from 1 .. n - 1 by (seed, global sample index) alone, so [CLS] is always in the prefix and at
+    least one token is predicted; rows of one token have no target."""
+
+    draws_prefix = True
+
+    def __init__(self, ids: SpecialIds, unpadded: bool = True, *, vocab_size: Optional[int] = None,
+                 seed: int) -> None:
+        super().__init__(ids, unpadded, vocab_size=vocab_size)
+        self.seed = int(seed)
+
+    @staticmethod
+    def prefix_choices(length: int) -> range:
+        return range(1, length) if length >= 2 else range(length, length + 1)
+
+    def prefix_length(self, index: int, length: int) -> int:
+        choices = self.prefix_choices(length)
+        return int(np.random.default_rng([PREFIX_STREAM, self.seed, int(index)]).integers(choices.start,
+                                                                                        choices.stop))
+
+    def example(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
+        row = self.row(tokens)
+        labels = self.labels(row)
+        labels[: self.prefix_length(index, len(row)) - 1] = IGNORE_INDEX  # the prefix predicts nothing
+        return row, labels
+
+    def __call__(self, samples: Sequence[Sample]) -> dict:
+        batch = super().__call__(samples)
+        # Rows are used as prepared (never closed), so a row's length is its tokens'.
+        batch["prefix_lengths"] = torch.tensor([self.prefix_length(index, len(tokens))
+                                                for index, tokens in samples], dtype=torch.int64)
+        return batch
 
 
 class MLMCollator(_Collator):
@@ -234,7 +289,8 @@ class MixedCollator:
     """Each row collated by one member collator, chosen from its global sample index (``mix_choice``
     with ``weights``), in one batch: the model's keyword arguments plus ``causal`` (each row's
     direction from ``causal``; a bool when the rows share one, so the model keeps its uniform fast
-    paths) and ``target_groups`` (the targets of each member, ``target_index`` listing them member
+    paths), ``prefix_lengths`` when a member draws prefixes (PrefixLM; 0 for the other rows) and
+    ``target_groups`` (the targets of each member, ``target_index`` listing them member
     by member). Unpadded rows only (target_index is the flat stream's)."""
 
     def __init__(self, collators: Sequence[_Collator], weights: Sequence[float],
@@ -270,4 +326,8 @@ class MixedCollator:
         batch["target_groups"] = np.bincount(member_of_target, minlength=len(self.collators)).tolist()
         directions = [self.directions[m] for m in members]
         batch["causal"] = directions[0] if len(set(directions)) == 1 else torch.tensor(directions)
+        if any(c.draws_prefix for c in self.collators):
+            batch["prefix_lengths"] = torch.tensor(
+                [self.collators[m].prefix_length(index, len(row))
+                 for m, (index, _), (row, _) in zip(members, samples, pairs)], dtype=torch.int64)
         return batch

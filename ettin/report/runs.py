@@ -94,7 +94,8 @@ class Run:
 
             objective = OBJECTIVES.get(self.objective)
             return "decoder" if objective is not None and objective.causal else "encoder"
-        return mix.side
+        # A model of an attention pattern no export class has (prefix) is named by its pattern.
+        return mix.side or f"{mix.objective.attention.value}-attention model"
 
     @property
     def label(self) -> str:

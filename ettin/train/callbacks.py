@@ -230,6 +230,7 @@ class CheckpointCallback(EveryTokens):
                     # The objective the model is (its export), and what the phase trained.
                     "objective": self.cfg.phase_objective(self.phase).name,
                     "objective_mix": self.cfg.phase_mix(self.phase).name,
+                    "export_as": self.cfg.phase_mix(self.phase).side,  # the export class's side
                     "world_size": module.trainer.world_size,
                     "model_config": dataclasses.asdict(module.model.config),
                     "tokenizer": str(self.tokenizer_dir()), "git_commit": git_commit(),

@@ -65,9 +65,11 @@ def dry_run_report(cfg: TrainConfig) -> str:
         # Targets (and the head's FLOPs) at the phase's mean rate: linear in tokens, so FLOPs are too;
         # a mix's rows train each objective in its weight's share.
         mask_rate = phase_mask_rate(cfg, name)
-        flops = sum(w * training_flops(config, [p.seq_len], m.targets_per_row(p.seq_len, mask_rate.mean),
-                                       m.causal)
-                    for m, w in zip(mix.members, mix.weights)) / p.seq_len
+        # A prefix's attention pairs are averaged over the lengths a row draws.
+        flops = sum(w * sum(training_flops(config, [p.seq_len], m.targets_per_row(p.seq_len, mask_rate.mean),
+                                           m.causal, [prefix]) for prefix in prefixes) / len(prefixes)
+                    for m, w in zip(mix.members, mix.weights)
+                    for prefixes in [m.prefix_choices(p.seq_len)]) / p.seq_len
         steps = steps_for(p.tokens, p.seq_len, phase_batch_schedule(p, cfg.global_batch))
         targets = f"{round(mix.targets_per_row(p.seq_len, mask_rate.mean), 1):g} targets per full row"
         masked = any(m.masked for m in mix.members)
@@ -207,10 +209,12 @@ def summary(finals: list[tuple[TrainConfig, Path]], seconds: float, report: Opti
     lines = [f"\nDone in {seconds / 60:.1f} min."]
     for cfg, checkpoint in finals:
         lines.append(f"  {cfg.run_name}: final checkpoint {checkpoint}")
-        if cfg.export_at_end:
-            out = RunDir(cfg.run_dir).export()
+        out = RunDir(cfg.run_dir).export()
+        if cfg.export_at_end and out.exists():
             lines.append(f"    Hugging Face folder: {out}")
-            lines.append(f"    try: {pipeline_example(out, cfg.phase_objective(cfg.phases_to_run()[-1]).causal)}")
+            lines.append(f"    try: {pipeline_example(out)}")
+        elif cfg.export_at_end:
+            lines.append("    no Hugging Face folder: see the warning above (not exported)")
     if report is not None:
         lines.append(f"  pair report: {report}")
     return "\n".join(lines)

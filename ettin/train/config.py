@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ettin import CONF_DIR, RECIPES_DIR
 from ettin.model.config import SIZES, ModelConfig, model_config, size_value
 from ettin.data.source import DataSource
-from ettin.objectives import OBJECTIVES, MixError, Objective, ObjectiveMix, resolve_mix
+from ettin.objectives import OBJECTIVES, Attention, MixError, Objective, ObjectiveMix, resolve_mix
 
 
 LR_SCHEDULES = ("wsd", "one_minus_sqrt")
@@ -314,6 +314,9 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"export_as={cfg.export_as} names the model of a single run, but pair=true "
                           "trains and exports both an encoder and a decoder: set pair=false or "
                           "remove export_as")
+    if cfg.pair and OBJECTIVES[cfg.objective].side is None:
+        raise ConfigError(f"objective={cfg.objective} is neither an encoder's nor a decoder's objective, "
+                          "so it has no pair: set pair=false")
     if cfg.objective_mix and cfg.pair:
         raise ConfigError("objective_mix trains one model on both objectives, not a pair: set "
                           "pair=false (and export_as=encoder|decoder for the model it is)")
@@ -365,12 +368,16 @@ def check_mix(cfg: TrainConfig, phase: str) -> None:
         mix = cfg.phase_mix(phase)
     except MixError as error:
         raise ConfigError(f"{where}: {error}") from None
+    attn = cfg.model.get("attn_implementation", ModelConfig.attn_implementation)
+    if attn == "flash" and any(m.attention is Attention.PREFIX for m in mix.members):
+        raise ConfigError(f"phase {phase} trains {mix.name}, which attends bidirectionally over a prefix "
+                          "and causally after it; flash-attn's kernel cannot: set "
+                          "model.attn_implementation=sdpa or flex")
     if not mix.mixed:
         return
     if cfg.optim.loss_normalization != "tokens":
         raise ConfigError(f"{where} normalises each objective over the step's targets: set "
                           "optim.loss_normalization=tokens")
-    attn = cfg.model.get("attn_implementation", ModelConfig.attn_implementation)
     if attn == "flash" and len({m.causal for m in mix.members}) > 1:
         raise ConfigError(f"{where} ({mix.name}) gives the rows of a micro-batch different attention "
                           "directions, which flash-attn's kernel cannot: set "

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 from ettin.model.export import ExportError, export_checkpoint, resolve_checkpoint
 from ettin.store.checkpoints import (CheckpointError, checkpoints_dir, load_weights, read_meta,
                                      safe_torch_load, verify_checkpoint)
-from ettin.store.fs import publish, publishing, temp_path
+from ettin.store.fs import publish, publishing, temp_path, write_text
 from ettin.store.rundir import RunDir
 from ettin.train.checkpoint import Checkpointer
 
@@ -170,7 +170,7 @@ def _write_merge(run: RunDir, paths: Sequence[Path], metas: Sequence[dict], weig
             publish(RunDir(staging).export(), run.export())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    run.config.write_text(config_yaml)
+    write_text(run.config, config_yaml)
     return checkpoint
 
 

@@ -171,10 +171,12 @@ class EttinModule(L.LightningModule):
             logger.log_metrics(metrics, step=self.loader_state.step)
 
     def _count_work(self, batch: StepBatch) -> None:
-        for lengths, n_targets, causal in zip(batch.row_lengths, batch.targets, batch.row_causal):
+        for lengths, n_targets, causal, prefix in zip(batch.row_lengths, batch.targets, batch.row_causal,
+                                                      batch.row_prefix):
             self._window_tokens += sum(lengths)
             self._window_flops += training_flops(self.model.config, lengths, n_targets,
-                                                 self.model.config.causal if causal is None else causal)
+                                                 self.model.config.causal if causal is None else causal,
+                                                 prefix)
 
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()

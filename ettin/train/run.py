@@ -82,9 +82,17 @@ def _train(cfg: TrainConfig) -> Path:
     return final
 
 
-def export_run(checkpoint: Path, out: Path) -> Path:
-    from ettin.model.export import export_checkpoint
+def export_run(checkpoint: Path, out: Path) -> Optional[Path]:
+    """The checkpoint as a Hugging Face folder; None, with the reason logged, when no transformers
+    class computes what it was trained to (the run's checkpoints are its result)."""
+    from ettin.model.export import ExportError, export_checkpoint, export_class
+    from ettin.store.checkpoints import read_meta
 
+    try:
+        export_class(read_meta(checkpoint))
+    except ExportError as refused:
+        log.warning("not exported: %s", refused)
+        return None
     export_checkpoint(checkpoint, out)
     log.info("exported %s -> %s", checkpoint, out)
     return out
