@@ -76,12 +76,12 @@ def test_a_checkpoint_due_before_the_next_log_step_stops_on_nan_without_saving(t
                      "trainer.log_every_steps=100000", "phases.extension.tokens=40_000",
                      "phases.extension.checkpoint_every_tokens=500"))
     assert code == 3
-    assert "NaN/inf before the interval checkpoint at step" in capsys.readouterr().err
+    assert "found before the interval checkpoint at step" in capsys.readouterr().err
     for checkpoint in list_checkpoints(run):  # the check kept every non-finite state out
         assert all(torch.isfinite(t).all() for t in load_weights(checkpoint).values()), checkpoint
 
 
-def test_a_gradient_norm_alone_non_finite_stops_at_the_next_check():
+def test_an_inf_gradient_on_a_step_that_is_not_logged_stops_at_the_next_check():
     from ettin.model.config import model_config
     from ettin.model.modernbert import ModernBert
     from ettin.train.step import NonFiniteLossError, StepSettings, TrainStep
@@ -95,10 +95,51 @@ def test_a_gradient_norm_alone_non_finite_stops_at_the_next_check():
     ids = torch.randint(4, 64, (12,))
     batch = {"input_ids": ids, "labels": ids, "cu_seqlens": torch.tensor([0, 12], dtype=torch.int32),
              "max_seqlen": 12}
-    result = step([batch], tokens_before=0, targets=[12], rows=[1], with_grad_norm=True)
+    # A step that logs nothing: the flag is still raised on the device, read at the check.
+    result = step([batch], tokens_before=0, targets=[12], rows=[1])
     assert torch.isfinite(result.loss_sum) and not torch.isfinite(result.grad_norm)
-    with pytest.raises(NonFiniteLossError, match="NaN/inf before step 1"):
-        step.check_finite("step 1")
+    with pytest.raises(NonFiniteLossError, match="NaN/inf in step 1, found before the interval"):
+        step.check_finite("the interval checkpoint", steps="step 1")
+
+
+def test_an_inf_gradient_just_before_a_checkpoint_exits_3_naming_the_steps_and_the_last_good_checkpoint(
+        tmp_path, data_dir, monkeypatch, capsys):
+    from ettin.train.module import EttinModule
+
+    original = EttinModule.training_step
+
+    def inf_gradient_at_8000_tokens(self, batch, batch_idx):
+        # The step that crosses the second interval checkpoint: its loss is finite, only its gradient
+        # is not, and no log step reads the flag in between (log_every_steps is huge).
+        if not batch.tokens_before < 8_000 <= batch.state.tokens:
+            return original(self, batch, batch_idx)
+        hook = self.model.decoder.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        try:
+            return original(self, batch, batch_idx)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(EttinModule, "training_step", inf_gradient_at_8000_tokens)
+    assert main(args(tmp_path, data_dir, "trainer.log_every_steps=100000")) == 3
+    err = capsys.readouterr().err
+    kept = list_checkpoints(tmp_path / "run")
+    assert [read_meta(p)["tokens"] < 8_000 for p in kept] == [True], kept  # the 4k one only
+    assert f"The last good checkpoint is {kept[0]}" in err, err
+    first_step = read_meta(kept[0])["step"] + 1
+    assert f"became NaN/inf in steps {first_step} to " in err, err
+    assert "interval checkpoint" in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(torch.isfinite(t).all() for t in load_weights(kept[0]).values())
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused_and_nothing_is_written(tmp_path):
+    from ettin.train.step import NonFiniteLossError
+
+    weights = {"a": torch.zeros(3), "b": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(NonFiniteLossError, match=r"weights are not finite \(b hold NaN/inf\)"):
+        Checkpointer(tmp_path).save(phase="pretrain", phase_index=0, kind="interval",
+                                    loader_state={"step": 3, "tokens": 300}, model_state=weights,
+                                    optimizer_state={}, rng_states=[], config_yaml="", meta={})
+    assert list_checkpoints(tmp_path) == [] and not (tmp_path / "checkpoints").exists()
 
 
 def test_the_schedule_printed_at_start_shows_the_fresh_optimizer_warmup_of_the_phase_it_enters(

@@ -15,6 +15,7 @@ from ettin.store.checkpoints import (META, CheckpointError, fallback_hint, check
                                      prune_checkpoints, read_meta, safe_torch_load, load_weights,
                                      save_weights, verify_checkpoint, write_checkpoint)
 from ettin.store.rundir import RunDir
+from ettin.train.step import NonFiniteLossError
 
 
 KINDS = ("interval", "phase_end", "preemption")
@@ -46,6 +47,19 @@ class LoadedCheckpoint:
     rng_states: Optional[list] = field(default=None, repr=False)
 
 
+def check_finite_weights(model_state: dict, what: str) -> None:
+    """Raise NonFiniteLossError naming the first tensor of ``model_state`` holding NaN/inf (one host
+    sync for all of them: a checkpoint is rare, a NaN checkpoint is lost work for whoever resumes)."""
+    names = list(model_state)
+    finite = torch.stack([torch.isfinite(t).all().cpu() for t in model_state.values()]).tolist() \
+        if names else []
+    bad = [name for name, ok in zip(names, finite) if not ok]
+    if bad:
+        raise NonFiniteLossError(f"the weights are not finite ({bad[0]}"
+                                 f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''} hold "
+                                 f"NaN/inf); {what} was not written.")
+
+
 class Checkpointer:
     """A run's checkpoints: ``<phase>-step<7 digits>-tok<15 digits>`` names, atomic writes with
     per-file sha256, retention, verified loading, and the state a run resumes from.
@@ -61,9 +75,12 @@ class Checkpointer:
 
     def save(self, *, phase: str, phase_index: int, kind: str, loader_state: dict, model_state: dict,
              optimizer_state: dict, rng_states: list, config_yaml: str, meta: dict) -> Path:
-        """Write one checkpoint (rank 0 only) and apply the retention policy."""
+        """Write one checkpoint (rank 0 only) and apply the retention policy. Weights that are not
+        all finite are refused (NonFiniteLossError) before anything is written."""
         if kind not in KINDS:
             raise ValueError(f"checkpoint kind {kind!r}; one of {', '.join(KINDS)}")
+        check_finite_weights(model_state, f"the {kind} checkpoint of phase {phase} at step "
+                             f"{loader_state['step']}")
         step, tokens = int(loader_state["step"]), int(loader_state["tokens"])
         full_meta = {**meta, "phase": phase, "phase_index": phase_index, "kind": kind,
                      "phase_end": kind == "phase_end", "step": step, "tokens": tokens,
