@@ -76,7 +76,8 @@ class Stopped(BaseException):
                                        self.run_name and f"run {self.run_name}",
                                        self.phase and f"phase {self.phase}") if x)
         then = (f"run the same command again to resume from {self.checkpoint}" if self.checkpoint
-                else "run the same command again to start it again (no checkpoint was written yet)")
+                else "run the same command again to start it again (no checkpoint was written yet)"
+                if self.tokens is not None else "run the same command again to continue")
         return f"{where} ({detail}); {then}"
 
 
