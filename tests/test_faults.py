@@ -4,20 +4,24 @@ run, missing data of a later phase, unknown keys."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
-import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from ettin.store.checkpoints import (CheckpointError, list_checkpoints, load_weights, read_meta,
-                                     safe_torch_load, write_checkpoint)
+                                     safe_torch_load, verify_checkpoint, write_checkpoint)
 from ettin.train.checkpoint import Checkpointer
+from ettin.store.fs import this_host
 from ettin.store.rundir import RunLock, RunLockedError
 from ettin.train.config import ConfigError, compose
 from ettin.train.cli import dry_run_report
@@ -76,12 +80,12 @@ def test_a_checkpoint_due_before_the_next_log_step_stops_on_nan_without_saving(t
                      "trainer.log_every_steps=100000", "phases.extension.tokens=40_000",
                      "phases.extension.checkpoint_every_tokens=500"))
     assert code == 3
-    assert "NaN/inf before the interval checkpoint at step" in capsys.readouterr().err
+    assert "found before the interval checkpoint at step" in capsys.readouterr().err
     for checkpoint in list_checkpoints(run):  # the check kept every non-finite state out
         assert all(torch.isfinite(t).all() for t in load_weights(checkpoint).values()), checkpoint
 
 
-def test_a_gradient_norm_alone_non_finite_stops_at_the_next_check():
+def test_an_inf_gradient_on_a_step_that_is_not_logged_stops_at_the_next_check():
     from ettin.model.config import model_config
     from ettin.model.modernbert import ModernBert
     from ettin.train.step import NonFiniteLossError, StepSettings, TrainStep
@@ -95,10 +99,157 @@ def test_a_gradient_norm_alone_non_finite_stops_at_the_next_check():
     ids = torch.randint(4, 64, (12,))
     batch = {"input_ids": ids, "labels": ids, "cu_seqlens": torch.tensor([0, 12], dtype=torch.int32),
              "max_seqlen": 12}
-    result = step([batch], tokens_before=0, targets=[12], rows=[1], with_grad_norm=True)
+    # A step that logs nothing: the flag is still raised on the device, read at the check.
+    result = step([batch], tokens_before=0, targets=[12], rows=[1])
     assert torch.isfinite(result.loss_sum) and not torch.isfinite(result.grad_norm)
-    with pytest.raises(NonFiniteLossError, match="NaN/inf before step 1"):
-        step.check_finite("step 1")
+    with pytest.raises(NonFiniteLossError, match="NaN/inf in step 1, found before the interval"):
+        step.check_finite("the interval checkpoint", steps="step 1")
+
+
+def test_an_inf_gradient_just_before_a_checkpoint_exits_3_naming_the_steps_and_the_last_good_checkpoint(
+        tmp_path, data_dir, monkeypatch, capsys):
+    from ettin.train.module import EttinModule
+
+    original = EttinModule.training_step
+
+    def inf_gradient_at_8000_tokens(self, batch, batch_idx):
+        # The step that crosses the second interval checkpoint: its loss is finite, only its gradient
+        # is not, and no log step reads the flag in between (log_every_steps is huge).
+        if not batch.tokens_before < 8_000 <= batch.state.tokens:
+            return original(self, batch, batch_idx)
+        hook = self.model.decoder.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        try:
+            return original(self, batch, batch_idx)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(EttinModule, "training_step", inf_gradient_at_8000_tokens)
+    assert main(args(tmp_path, data_dir, "trainer.log_every_steps=100000")) == 3
+    err = capsys.readouterr().err
+    kept = list_checkpoints(tmp_path / "run")
+    assert [read_meta(p)["tokens"] < 8_000 for p in kept] == [True], kept  # the 4k one only
+    assert f"The last good checkpoint is {kept[0]}" in err, err
+    first_step = read_meta(kept[0])["step"] + 1
+    assert f"became NaN/inf in steps {first_step} to " in err, err
+    assert "interval checkpoint" in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(torch.isfinite(t).all() for t in load_weights(kept[0]).values())
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_exits_128_plus_it_with_the_checkpoint_to_resume_from(tmp_path, data_dir, signum,
+                                                                            status):
+    """What Slurm's time limit, timeout(1) and Ctrl-C send: a non-zero status (so `train && eval`
+    stops) and one line saying where the same command resumes."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "ettin.train",
+               *args(tmp_path, data_dir, "phases.pretrain.tokens=100_000_000")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not list_checkpoints(run) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signum)
+        err = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == status, err
+    checkpoint = list_checkpoints(run)[-1]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"stopped at [\d,]+ tokens \({signal.Signals(signum).name}, run run, phase "
+                        rf"pretrain\); run the same command again to resume from {re.escape(str(checkpoint))}",
+                        last), err
+    assert "Traceback" not in err, err
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused_and_nothing_is_written(tmp_path):
+    from ettin.train.step import NonFiniteLossError
+
+    weights = {"a": torch.zeros(3), "b": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(NonFiniteLossError, match=r"weights are not finite \(b hold NaN/inf\)"):
+        Checkpointer(tmp_path).save(phase="pretrain", phase_index=0, kind="interval",
+                                    loader_state={"step": 3, "tokens": 300}, model_state=weights,
+                                    optimizer_state={}, rng_states=[], config_yaml="", meta={})
+    assert list_checkpoints(tmp_path) == [] and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.log_every_steps=0", "trainer.log_every_steps=0: must be an integer >= 1"),
+    ("keep_last_checkpoints=0", "keep_last_checkpoints=0: must be >= 1"),
+    ("global_batch=0", "global_batch=0: must be >= 1"),
+    ("trainer.val_mask_rate=2", r"trainer.val_mask_rate=2.0: must be in \(0, 1\)"),
+    ("trainer.precision=fp8", "trainer.precision='fp8'; choose one of auto, 32-true, bf16-mixed"),
+    ("eval_tasks=no_such_task", "eval_tasks=no_such_task: unknown task 'no_such_task'"),
+])
+def test_every_option_is_checked_before_anything_runs(tmp_path, data_dir, capsys, override, message):
+    pair = ["pair=true", "eval_at_end=true"] if override.startswith("eval_tasks") else []
+    assert main(args(tmp_path, data_dir, *pair, override)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "run").exists()  # nothing prepared, nothing trained
+
+
+@pytest.mark.parametrize("override, difference", [
+    ("size=micro", "size: tiny in the checkpoint, micro now"),
+    ("objective=mlm", "objective of phase pretrain: clm in the checkpoint, mlm now"),
+    ("model.num_hidden_layers=3", "model.num_hidden_layers: 4 in the checkpoint, 3 now"),
+])
+def test_resuming_as_another_model_names_the_difference(tmp_path, data_dir, trained, capsys, override,
+                                                        difference):
+    finished_run(tmp_path, trained)
+    assert main(args(tmp_path, data_dir, override)) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and difference in last and "Unexpected key" not in err, err
+
+
+def test_resuming_with_a_changed_schedule_lists_it_as_a_warning(tmp_path, data_dir, trained):
+    run = finished_run(tmp_path, trained)
+    assert main(args(tmp_path, data_dir, "phases.pretrain.lr_scale=0.5", "optim.lr=0.01")) == 0
+    warning = next(line for line in (run / "train.log").read_text().splitlines()
+                   if "changed schedule" in line)
+    assert "phases.pretrain.lr_scale: 1.0 in the checkpoint, 0.5 now" in warning, warning
+    assert "optim.lr: " in warning and ", 0.01 now" in warning, warning
+
+
+def test_weights_of_another_depth_name_the_layers_not_unexpected_keys():
+    from ettin.model.config import model_config
+    from ettin.model.modernbert import ModernBert
+    from ettin.train.start import load_model_state
+
+    deep = ModernBert(model_config("tiny", vocab_size=64, num_hidden_layers=3)).state_dict()
+    with pytest.raises(ConfigError, match="3 layers in the weights, 2 in the model; only in the weights: "
+                                          "model.layers.2"):
+        load_model_state(ModernBert(model_config("tiny", vocab_size=64, num_hidden_layers=2)), deep, "x")
+
+
+def test_a_full_disk_names_the_file_the_bytes_it_needed_and_the_intact_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    checkpointer = Checkpointer(tmp_path)
+    weights, moments = {"w": torch.zeros(10)}, {"state": {0: {"exp_avg": torch.zeros(1000)}}}
+
+    def save(step: int) -> Path:
+        return checkpointer.save(phase="pretrain", phase_index=0, kind="interval",
+                                 loader_state={"step": step, "tokens": 100 * step}, model_state=weights,
+                                 optimizer_state=moments, rng_states=[], config_yaml="x: 1\n", meta={})
+
+    intact = save(1)
+    real_save = torch.save
+
+    def full_disk(obj, file, *a, **k):
+        if str(file).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, file, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as error:
+        save(2)
+    message = str(error.value)
+    failed = tmp_path / "checkpoints" / "pretrain-step0000002-tok000000000000200" / "optimizer.pt"
+    assert f"writing {failed} failed ([Errno 28] No space left on device)" in message, message
+    assert "needs about 4,000 bytes" in message and f"the latest checkpoint {intact} is intact" in message
+    assert list_checkpoints(tmp_path) == [intact]
+    verify_checkpoint(intact)
 
 
 def test_the_schedule_printed_at_start_shows_the_fresh_optimizer_warmup_of_the_phase_it_enters(
@@ -246,7 +397,7 @@ def test_a_racing_reader_never_sees_the_lock_empty(tmp_path):
 ])
 def test_a_live_lock_is_taken_over_only_by_a_later_incarnation_of_its_slurm_job(
         tmp_path, monkeypatch, host, job, incarnation, taken):
-    here = socket.gethostname()
+    here = this_host()
     (tmp_path / "LOCK").write_text(json.dumps({
         "pid": os.getppid(), "host": here if host == "here" else "node-elsewhere",
         "slurm_job_id": job, "slurm_restart_count": 0}))
@@ -259,6 +410,61 @@ def test_a_live_lock_is_taken_over_only_by_a_later_incarnation_of_its_slurm_job(
     else:
         with pytest.raises(RunLockedError, match=f"process {os.getppid()}"):
             RunLock(tmp_path).acquire()
+
+
+def stale_lock(run: Path) -> Path:
+    """A lock left by a process of this host that is gone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (run / "LOCK").write_text(json.dumps({"pid": int(dead), "host": this_host(), "slurm_job_id": None}))
+    return run / "LOCK"
+
+
+def test_two_processes_taking_over_one_stale_lock_leave_exactly_one_holder(tmp_path, monkeypatch):
+    stale_lock(tmp_path)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # alive
+    try:
+        second = RunLock(tmp_path)
+        monkeypatch.setattr(second, "_me", lambda: {**RunLock(tmp_path)._me(), "pid": other.pid})
+        first = RunLock(tmp_path)
+        # The race window: the first has read the stale lock and judged it dead; before it replaces
+        # it, the second process reads the same stale lock and takes it over.
+        first._before_takeover = lambda: second.acquire()
+        with pytest.raises(RunLockedError, match=f"in use: process {other.pid}"):
+            first.acquire()
+        assert second.held and not first.held
+        assert json.loads((tmp_path / "LOCK").read_text())["pid"] == other.pid
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["LOCK"]  # no claim or temp left
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_takeover_in_progress_elsewhere_is_waited_for_not_duplicated(tmp_path, monkeypatch):
+    lock = stale_lock(tmp_path)
+    claim = tmp_path / f".LOCK.takeover-{hashlib.sha256(lock.read_bytes()).hexdigest()[:16]}"
+    claim.write_text("{}")  # another process has claimed this stale lock and is replacing it
+    monkeypatch.setattr(RunLock, "_retry_s", 0.0)
+    with pytest.raises(RunLockedError, match=f"{claim} exists; delete it if no process is starting"):
+        RunLock(tmp_path).acquire()
+    assert json.loads(lock.read_text())["host"] == this_host()  # the stale lock was left to the claimer
+
+
+def test_a_lock_of_another_host_is_never_judged_by_this_hosts_pids(tmp_path):
+    (tmp_path / "LOCK").write_text(json.dumps({"pid": 999_999_999, "host": "node-elsewhere",
+                                               "slurm_job_id": None}))
+    with pytest.raises(RunLockedError, match="process 999999999 on node-elsewhere.*delete .*LOCK"):
+        RunLock(tmp_path).acquire()
+
+
+def test_temporary_folders_of_another_host_are_left_alone(tmp_path):
+    root = tmp_path / "checkpoints"
+    elsewhere, here = root / ".x.tmp-999999999@node-elsewhere", root / f".y.tmp-999999999@{this_host()}"
+    elsewhere.mkdir(parents=True)
+    here.mkdir()
+    write_checkpoint(tmp_path, "pretrain-step0000001-tok000000000000100",
+                     lambda d: (d / "w").write_text("w"), {"step": 1, "tokens": 100})
+    assert elsewhere.exists() and not here.exists()
 
 
 def test_temporary_folders_of_live_processes_are_left_alone(tmp_path):
@@ -350,6 +556,37 @@ def test_the_data_digest_observed_in_training_survives_a_resume_and_matches_the_
     # An encoder on the same data is given the same rows (its rows close with [SEP]; not data).
     assert main(args(tmp_path / "encoder", data_dir, "objective=mlm")) == 0
     assert digests(tmp_path / "encoder" / "run") == original
+
+
+GOOD_ROWS = "step,train/loss\n1,5.0\n2,4.5\n3,4.0\n4,3.5\n"
+
+
+@pytest.mark.parametrize("content", [
+    b"1,5.0\n2,4.5\n",                      # its header line lost
+    b"step,train/loss\n1,5.0\n\x00\x00\xff\xfe\x00garbage\n",  # binary content after a crash
+    b"\xff\xfe\x00\x01",                       # not text at all
+])
+def test_a_damaged_metrics_csv_is_moved_aside_whole_with_a_warning(tmp_path, ettin_log, content):
+    from ettin.train.loggers import MetricsCSV
+
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(content)
+    MetricsCSV(path, ["train/loss"], resume_step=2).log_metrics({"train/loss": 3.0}, step=3)
+    [aside] = tmp_path.glob("metrics.damaged-*.csv")
+    assert aside.read_bytes() == content  # every earlier row kept, byte for byte
+    assert path.read_text() == "step,train/loss\n3,3.0\n"
+    warning = next(r.getMessage() for r in ettin_log.records if "moved aside" in r.getMessage())
+    assert str(path) in warning and str(aside) in warning, warning
+
+
+def test_a_good_metrics_csv_keeps_every_row_up_to_the_resume_step(tmp_path):
+    from ettin.train.loggers import MetricsCSV
+
+    path = tmp_path / "metrics.csv"
+    path.write_text(GOOD_ROWS)
+    MetricsCSV(path, ["train/loss"], resume_step=3).log_metrics({"train/loss": 3.9}, step=4)
+    assert path.read_text() == "step,train/loss\n1,5.0\n2,4.5\n3,4.0\n4,3.9\n"
+    assert not list(tmp_path.glob("metrics.damaged-*"))
 
 
 def wandb_records(path: Path) -> list:

@@ -58,6 +58,27 @@ def test_a_crash_between_the_two_renames_is_undone_by_the_next_writer(tmp_path):
     assert (final / "file").read_text() == "old" and not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_publish_syncs_the_new_version_before_renaming_it_into_place(tmp_path, monkeypatch, kind):
+    """A rename that reaches the disk before the data would, after a power cut, leave a published
+    name pointing at empty or partial files: every fsync of the new version precedes the rename."""
+    from ettin.store import fs
+
+    temp = tmp_path / "new"
+    if kind == "folder":
+        _folder(temp, "new")
+    else:
+        temp.write_text("new")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(fs.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(fs.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    publish(temp, tmp_path / "out")
+    rename = events.index("replace")
+    assert events[:rename] == ["fsync"] * (2 if kind == "folder" else 1), events
+    assert events[rename + 1:] == ["fsync"], events  # the parent, so the rename itself is durable
+
+
 def test_what_a_live_process_is_writing_is_left_alone(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

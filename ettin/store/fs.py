@@ -2,12 +2,18 @@
 part: write aside, fsync, rename into place. The one implementation behind checkpoints, prepared data,
 exports, the built-in tokenizer, the preparation executor's task folders and the run lock.
 
-A folder is written into ``.<name>.tmp-<pid>`` beside its final place. To publish it, every file and
-folder in it is fsynced, an existing version is renamed aside to ``.<name>.old-<pid>``, the new one is
-renamed to ``<name>`` and the parent is fsynced; then the old one is deleted. A crash at any point
-leaves the old version or the new one under ``<name>`` (or, between the two renames, the old one
-aside, which :func:`clean_stale` puts back), and leftovers of dead processes are cleaned by the next
-write.
+A folder is written into ``.<name>.tmp-<pid>@<host>`` beside its final place. To publish it, every
+file and folder in it is fsynced, an existing version is renamed aside to ``.<name>.old-<pid>@<host>``,
+the new one is renamed to ``<name>`` and the parent is fsynced; then the old one is deleted. A crash at
+any point leaves the old version or the new one under ``<name>`` (or, between the two renames, the old
+one aside, which :func:`clean_stale` puts back), and leftovers of dead processes are cleaned by the
+next write.
+
+The host in these names is what makes that cleaning safe on a filesystem shared by several machines:
+a leftover is judged dead only from the PID table of the host that wrote it, so a writer never
+deletes another node's half-written folder (whose PID means nothing here). Another host's leftovers
+stay until a writer on that host cleans them (or someone deletes them). Names without a host were
+written by an ettin from before hosts were recorded and are judged as this host's, as they were then.
 """
 
 from __future__ import annotations
@@ -24,7 +30,18 @@ from typing import Callable, Iterator, Optional
 # before it is published; a folder without it is never taken as finished (a copy made with other
 # tools, a folder from before atomic publishing).
 COMPLETE = "COMPLETE"
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:@(?P<host>[^/]+))?$")
+
+
+def this_host() -> str:
+    """This machine's name as it appears in temporary names and locks (filename-safe)."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+
+
+def _leftover_name(final: Path, kind: str) -> Path:
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}@{this_host()}")
 
 
 def is_complete(folder: Path | str) -> bool:
@@ -66,18 +83,21 @@ def fsync_tree(root: Path) -> None:
 
 def temp_path(final: Path) -> Path:
     """Where ``final`` is written before it is published (hidden: listings skip dot names)."""
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    return _leftover_name(final, "tmp")
 
 
 def clean_stale(parent: Path, *, restorable: Callable[[Path], bool] = lambda path: True) -> None:
-    """Delete what interrupted writes of dead processes left in ``parent``. A previous version that was
-    moved aside (``.<name>.old-<pid>``) and whose replacement never landed is put back, if
-    ``restorable(path)`` says it is whole."""
+    """Delete what interrupted writes of dead processes of this host left in ``parent``. A previous
+    version that was moved aside (``.<name>.old-<pid>@<host>``) and whose replacement never landed is
+    put back, if ``restorable(path)`` says it is whole."""
     if not parent.is_dir():
         return
+    here = this_host()
     for stale in sorted(parent.iterdir()):
         found = _LEFTOVER.match(stale.name)
-        if not found or pid_alive(int(found["pid"])) and int(found["pid"]) != os.getpid():
+        if not found or found["host"] not in (None, here):  # another node's: not our PIDs to judge
+            continue
+        if pid_alive(int(found["pid"])) and int(found["pid"]) != os.getpid():
             continue
         final = parent / found["name"]
         if found["kind"] == "old" and not final.exists() and restorable(stale):
@@ -102,7 +122,7 @@ def publish(temp: Path, final: Path) -> Path:
         fsync_path(temp)
     old: Optional[Path] = None
     if final.is_dir():  # a folder cannot be renamed onto a non-empty one: move the old one aside
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = _leftover_name(final, "old")
         os.replace(final, old)
     try:
         os.replace(temp, final)
@@ -144,15 +164,21 @@ def write_text(path: Path | str, text: str) -> Path:
 
 def create_exclusive(path: Path | str, text: str) -> bool:
     """Create ``path`` holding ``text`` only if it does not exist, in one step (a hard link of a
-    finished temporary file): no reader ever sees it empty. False if it already exists."""
+    finished temporary file): no reader ever sees it empty. False if it already exists.
+
+    link() is atomic on local filesystems and on NFS (where O_CREAT|O_EXCL was not, before NFSv3); a
+    retransmitted NFS LINK request can report EEXIST for a link it made, so on EEXIST the temporary
+    file's link count decides (open(2), O_EXCL)."""
     path = Path(path)
     temp = temp_path(path)
     temp.write_text(text)
     fsync_path(temp)
     try:
-        os.link(temp, path)
-    except FileExistsError:
-        return False
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            if os.stat(temp).st_nlink != 2:
+                return False
     finally:
         temp.unlink(missing_ok=True)
     fsync_path(path.parent)

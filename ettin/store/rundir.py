@@ -18,14 +18,15 @@ Nothing else in ettin spells these names.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ettin.store import checkpoints as ckpt
-from ettin.store.fs import create_exclusive, pid_alive
+from ettin.store.fs import create_exclusive, pid_alive, this_host, write_text
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,30 @@ class RunLock:
       gone wherever it ran, even if the requeued job lands on another node (where its PID cannot be
       checked) or on the same node where its PID has been reused.
 
-    The same job in the same incarnation is not enough: that is another step of this very job (an
+    A holder on another host is never judged from this host's PID table: such a lock (outside the
+    Slurm case) is refused, and the explicit override is to delete it, which the message says. The
+    same job in the same incarnation is not enough either: that is another step of this very job (an
     ``srun`` launched twice into one run directory), alive on another node or, if its PID lives, on
     this one. A lock that cannot be read was not written by a RunLock (they are never empty or
-    partial): it is refused rather than guessed at, and the message says to delete it."""
+    partial): it is refused rather than guessed at, and the message says to delete it.
+
+    Taking over is a compare-and-swap built from the two operations that are atomic on local and
+    shared (NFS, Lustre, GPFS) filesystems alike, an exclusive link() and a rename(): the taker first
+    creates the claim ``.LOCK.takeover-<hash of the stale lock's bytes>`` exclusively (so of several
+    processes that judged the same lock stale, one proceeds), re-reads LOCK and, only if it still
+    holds those very bytes, renames its own finished lock over it; then it drops the claim. While the
+    claim exists nothing else can change LOCK (its holder is gone, a new lock cannot be created over
+    an existing one, and another takeover of those bytes needs the claim), so the re-read and the
+    rename see the same lock. A taker that comes later finds either the claim (and waits for it) or
+    a new lock (whose live holder it then refuses); it never deletes a lock it did not judge. flock()
+    is not used: it is not honoured by every shared filesystem (Lustre without ``-o flock``) and
+    would fail silently there. A process that dies between claim and rename (a few system calls)
+    leaves the claim, which the next start names so a person can delete it."""
+
+    # Tests set this to run code between reading a stale lock and taking it over (the race window).
+    _before_takeover: Optional[Callable[[], None]] = None
+    # How often, and how long apart, a start re-reads a lock that someone else is taking over.
+    _attempts, _retry_s = 5, 0.2
 
     def __init__(self, run_dir: Path | str) -> None:
         self.path = RunDir(run_dir).lock
@@ -147,22 +168,29 @@ class RunLock:
         self.taken_over: Optional[dict] = None  # the stale holder this lock replaced, if any
 
     def _me(self) -> dict:
-        import socket
         import time
 
-        return {"pid": os.getpid(), "host": socket.gethostname(),
+        return {"pid": os.getpid(), "host": this_host(),
                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
                 "started": time.time()}
 
     def acquire(self) -> "RunLock":
+        import time
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = self._me()
-        for _ in range(3):
-            if create_exclusive(self.path, json.dumps(me)):
+        mine = json.dumps(me)
+        claim: Optional[Path] = None
+        for _ in range(self._attempts):
+            if create_exclusive(self.path, mine):
                 self.held = True
                 return self
-            holder = self._holder()
+            try:
+                seen = self.path.read_bytes()
+            except FileNotFoundError:  # released in between: try to create it again
+                continue
+            holder = self._parse(seen)
             if holder is None:
                 raise RunLockedError(
                     f"{self.path} exists but cannot be read as a run lock (an ettin lock is never "
@@ -177,15 +205,48 @@ class RunLock:
                     f" is training in it. Wait for it to finish, stop it, or use another run_name; if "
                     f"that process is gone, delete {self.path}."
                 )
-            if holder.get("pid") != me["pid"]:
-                self.taken_over = holder
-            self.path.unlink(missing_ok=True)
-        raise RunLockedError(f"could not take {self.path}; delete it if no run uses {self.path.parent}")
+            if self._before_takeover is not None:
+                self._before_takeover()
+            claim = self.path.with_name(f".{self.path.name}.takeover-{hashlib.sha256(seen).hexdigest()[:16]}")
+            if self._take_over(seen, mine, claim):
+                self.held = True
+                if holder.get("pid") != me["pid"] or holder.get("host") != me["host"]:
+                    self.taken_over = holder
+                return self
+            time.sleep(self._retry_s)  # another process is taking it over: see who won
+        raise RunLockedError(
+            f"could not take {self.path}: another process kept taking it over"
+            + (f" ({claim} exists; delete it if no process is starting in {self.path.parent})"
+               if claim is not None and claim.exists() else "")
+            + f"; delete {self.path} if no run uses {self.path.parent}")
+
+    def _take_over(self, seen: bytes, mine: str, claim: Path) -> bool:
+        """Replace the lock whose content is ``seen`` with ``mine``, if no other process does it
+        first (the class docstring says why this is atomic). False: someone else did (or is)."""
+        if not create_exclusive(claim, mine):
+            return False
+        try:
+            try:
+                if self.path.read_bytes() != seen:  # replaced or released since we judged it
+                    return False
+            except FileNotFoundError:
+                return False
+            write_text(self.path, mine)
+            return True
+        finally:
+            claim.unlink(missing_ok=True)
 
     def _holder(self) -> Optional[dict]:
         try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            return self._parse(self.path.read_bytes())
+        except OSError:
+            return None
+
+    @staticmethod
+    def _parse(text: bytes) -> Optional[dict]:
+        try:
+            holder = json.loads(text)
+        except ValueError:
             return None
         return holder if isinstance(holder, dict) and "pid" in holder and "host" in holder else None
 
@@ -200,7 +261,8 @@ class RunLock:
         return same_host and not pid_alive(int(holder["pid"]))
 
     def release(self) -> None:
-        if self.held and (self._holder() or {}).get("pid") == os.getpid():
+        holder = self._holder() or {}
+        if self.held and (holder.get("pid"), holder.get("host")) == (os.getpid(), this_host()):
             self.path.unlink(missing_ok=True)
         self.held = False
 

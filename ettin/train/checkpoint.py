@@ -15,6 +15,7 @@ from ettin.store.checkpoints import (META, CheckpointError, fallback_hint, check
                                      prune_checkpoints, read_meta, safe_torch_load, load_weights,
                                      save_weights, verify_checkpoint, write_checkpoint)
 from ettin.store.rundir import RunDir
+from ettin.train.step import NonFiniteLossError
 
 
 KINDS = ("interval", "phase_end", "preemption")
@@ -46,6 +47,30 @@ class LoadedCheckpoint:
     rng_states: Optional[list] = field(default=None, repr=False)
 
 
+def check_finite_weights(model_state: dict, what: str) -> None:
+    """Raise NonFiniteLossError naming the first tensor of ``model_state`` holding NaN/inf (one host
+    sync for all of them: a checkpoint is rare, a NaN checkpoint is lost work for whoever resumes)."""
+    names = list(model_state)
+    finite = torch.stack([torch.isfinite(t).all().cpu() for t in model_state.values()]).tolist() \
+        if names else []
+    bad = [name for name, ok in zip(names, finite) if not ok]
+    if bad:
+        raise NonFiniteLossError(f"the weights are not finite ({bad[0]}"
+                                 f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''} hold "
+                                 f"NaN/inf); {what} was not written.")
+
+
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists and tuples): what saving it needs."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 class Checkpointer:
     """A run's checkpoints: ``<phase>-step<7 digits>-tok<15 digits>`` names, atomic writes with
     per-file sha256, retention, verified loading, and the state a run resumes from.
@@ -61,23 +86,49 @@ class Checkpointer:
 
     def save(self, *, phase: str, phase_index: int, kind: str, loader_state: dict, model_state: dict,
              optimizer_state: dict, rng_states: list, config_yaml: str, meta: dict) -> Path:
-        """Write one checkpoint (rank 0 only) and apply the retention policy."""
+        """Write one checkpoint (rank 0 only) and apply the retention policy. Weights that are not
+        all finite are refused (NonFiniteLossError) before anything is written."""
         if kind not in KINDS:
             raise ValueError(f"checkpoint kind {kind!r}; one of {', '.join(KINDS)}")
+        check_finite_weights(model_state, f"the {kind} checkpoint of phase {phase} at step "
+                             f"{loader_state['step']}")
         step, tokens = int(loader_state["step"]), int(loader_state["tokens"])
         full_meta = {**meta, "phase": phase, "phase_index": phase_index, "kind": kind,
                      "phase_end": kind == "phase_end", "step": step, "tokens": tokens,
                      "loader_state": dict(loader_state)}
 
-        def write(directory: Path) -> None:
-            save_weights(model_state, directory)
-            torch.save(optimizer_state, directory / "optimizer.pt")
-            torch.save({"rng": rng_states}, directory / "rng.pt")
-            (directory / "config.yaml").write_text(config_yaml)
+        name = checkpoint_name(phase, step, tokens)
 
-        path = write_checkpoint(self.run_dir.path, checkpoint_name(phase, step, tokens), write, full_meta)
+        def write(directory: Path) -> None:
+            for file, needs, save in (
+                ("model.safetensors", tensor_bytes(model_state), lambda: save_weights(model_state, directory)),
+                ("optimizer.pt", tensor_bytes(optimizer_state),
+                 lambda: torch.save(optimizer_state, directory / "optimizer.pt")),
+                ("rng.pt", tensor_bytes(rng_states), lambda: torch.save({"rng": rng_states}, directory / "rng.pt")),
+                ("config.yaml", len(config_yaml.encode()), lambda: (directory / "config.yaml").write_text(config_yaml)),
+            ):
+                try:
+                    save()
+                except (OSError, RuntimeError) as error:  # torch.save: "enforce fail ... unexpected pos"
+                    raise self._write_failed(self.run_dir.checkpoints / name / file, needs, directory,
+                                             error) from None
+
+        path = write_checkpoint(self.run_dir.path, name, write, full_meta)
         prune_checkpoints(self.run_dir.path, keep_last=self.keep_last, keep=self._kept)
         return path
+
+    def _write_failed(self, file: Path, needs: int, directory: Path, error: Exception) -> CheckpointError:
+        """The error of a checkpoint file that could not be written (a full disk, a quota): the file,
+        the bytes it needed, the space left, and the checkpoint a resume still has."""
+        import shutil
+
+        free = shutil.disk_usage(directory).free
+        latest = self.latest()
+        return CheckpointError(
+            f"writing {file} failed ({error}); it needs about {needs:,} bytes and {free:,} are free "
+            f"on that filesystem. Nothing of this checkpoint was published; "
+            + (f"the latest checkpoint {latest} is intact" if latest else "no earlier checkpoint exists")
+            + ". Free space (or set output_dir to another filesystem) and run the same command again.")
 
     def _kept(self, meta: dict) -> bool:
         kind = meta.get("kind", "phase_end" if meta.get("phase_end") else "interval")

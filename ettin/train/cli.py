@@ -24,7 +24,7 @@ from ettin.train.config import (ConfigError, TrainConfig, available_recipes, com
                                 to_yaml)
 from ettin.train.environment import is_rank_zero
 from ettin.train.phase import phase_mask_rate
-from ettin.train.preemption import Preempted
+from ettin.train.preemption import Preempted, Stopped, stop_on_signals
 from ettin.train.run import log, pair_configs, schedule_rows, train
 from ettin.train.step import NonFiniteLossError
 from ettin.train.topology import TopologyError
@@ -156,19 +156,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     runs = pair_configs(cfg) if cfg.pair else [cfg]
     started = time.perf_counter()
     report = None
-    try:
-        finals = [(run, train(run)) for run in runs]
-        if cfg.pair and cfg.eval_at_end and is_rank_zero():
-            report = pair_report(cfg, runs)
-    except Preempted as stop:
-        log.info("%s", stop)
-        return 0
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    except (TopologyError, ConfigError, CheckpointError, RunLockedError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with stop_on_signals():
+        try:
+            finals = [(run, train(run)) for run in runs]
+            if cfg.pair and cfg.eval_at_end and is_rank_zero():
+                report = pair_report(cfg, runs)
+        except Preempted as stop:
+            log.info("%s", stop)
+            return 0
+        except Stopped as stop:  # SIGTERM, SIGINT: 143, 130, and where the same command resumes
+            if is_rank_zero():
+                print(stop.line(), file=sys.stderr)
+            return stop.exit_status
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 3
+        except (TopologyError, ConfigError, CheckpointError, RunLockedError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     if is_rank_zero():
         print(summary(finals, time.perf_counter() - started, report))
     return 0

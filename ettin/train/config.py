@@ -25,6 +25,8 @@ LR_SCHEDULES = ("wsd", "one_minus_sqrt")
 INIT_MODES = ("weights", "weights+optimizer")
 STRATEGIES = ("ddp", "fsdp")
 LOSS_NORMALIZATIONS = ("tokens", "micro_batch")
+# Lightning's precisions ettin trains with; auto: bf16-mixed on GPU, 32-true on CPU.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 # ``${size:FIELD}`` in a config reads FIELD of the run's row of the size table (ettin/model/config.py).
 if not OmegaConf.has_resolver("size"):
@@ -356,6 +358,35 @@ def check(cfg: TrainConfig) -> None:
         cfg.model_config(cfg.phases_to_run()[0])
     except (TypeError, ValueError, KeyError) as error:
         raise ConfigError(f"model: {error}") from None
+    check_option_values(cfg)
+
+
+def check_option_values(cfg: TrainConfig) -> None:
+    """Values that would otherwise fail only after training started (or after both models of a pair
+    trained): each names the key and what it may be."""
+    if cfg.trainer.log_every_steps < 1:
+        raise ConfigError(f"trainer.log_every_steps={cfg.trainer.log_every_steps}: must be an integer "
+                          ">= 1 (log every that many optimizer steps)")
+    # The newest checkpoint is never deleted, so at least one is always kept: 0 cannot be honoured.
+    if cfg.keep_last_checkpoints < 1:
+        raise ConfigError(f"keep_last_checkpoints={cfg.keep_last_checkpoints}: must be >= 1 (the newest "
+                          "checkpoint is always kept; interval and phase-end checkpoints follow "
+                          "keep_interval_checkpoints)")
+    if cfg.global_batch < 1:
+        raise ConfigError(f"global_batch={cfg.global_batch}: must be >= 1 (sequences per optimizer step)")
+    if not 0.0 < cfg.trainer.val_mask_rate < 1.0:
+        raise ConfigError(f"trainer.val_mask_rate={cfg.trainer.val_mask_rate}: must be in (0, 1)")
+    if cfg.trainer.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}; choose one of "
+                          f"{', '.join(PRECISIONS)}")
+    if cfg.pair and cfg.eval_at_end:  # evaluated only then: checked only then (it may index lm-eval)
+        from ettin.evaluation.models import EvalError
+        from ettin.evaluation.registry import resolve_tasks
+
+        try:
+            resolve_tasks(cfg.eval_tasks)
+        except EvalError as error:
+            raise ConfigError(f"eval_tasks={cfg.eval_tasks}: {error}") from None
 
 
 def check_mix(cfg: TrainConfig, phase: str) -> None:

@@ -7,6 +7,8 @@ import csv
 import io
 import os
 import sys
+import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,17 +53,45 @@ class MetricsCSV(Logger):
             csv.DictWriter(f, self.columns).writerow({"step": step, **metrics})
 
     def _start(self) -> None:
-        """Keep the rows logged up to the resume step (the rest is about to be redone)."""
+        """Keep the rows logged up to the resume step (the rest is about to be redone). A file that
+        is not one of these (no header, other columns, binary or unreadable content) is moved aside
+        whole with a warning naming both files, never read in part."""
         kept: list[dict] = []
         if self._resume_step and self.path.exists():
-            with self.path.open(newline="") as f:
-                kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= self._resume_step]
+            rows = self._read()
+            if rows is not None:
+                kept = [r for r in rows if int(r["step"]) <= self._resume_step]
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, self.columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(kept)
         write_text(self.path, text.getvalue())
         self._started = True
+
+
+    def _read(self) -> Optional[list[dict]]:
+        """The rows of the existing file, or None when it was moved aside as damaged."""
+        try:
+            with self.path.open(newline="", encoding="utf-8") as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                if header is None:  # empty: nothing to keep, nothing to lose
+                    return []
+                rows = [dict(zip(header, row)) for row in reader]
+            if header != self.columns:
+                raise ValueError(f"its first line is not the header ({','.join(self.columns[:3])},...)")
+            for number, row in enumerate(rows, start=2):
+                if "\0" in "".join(row.values()) or not row["step"].isdigit():
+                    raise ValueError(f"line {number} is not a row of metrics")
+        except (UnicodeDecodeError, ValueError, csv.Error) as error:
+            aside = self.path.with_name(f"{self.path.stem}.damaged-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+            os.replace(self.path, aside)
+            logging.getLogger("ettin").warning(
+                "%s is not a metrics file this run can continue (%s: %s); moved aside to %s with all "
+                "its rows, and %s starts afresh", self.path, type(error).__name__, error, aside,
+                self.path.name)
+            return None
+        return rows
 
 
 def build_loggers(cfg, phase: str, objective, resume_step: int) -> list:

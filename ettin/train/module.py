@@ -63,6 +63,7 @@ class EttinModule(L.LightningModule):
         self.on_train_start_fn = on_train_start_fn
         self._window_start, self._window_tokens, self._window_flops = 0.0, 0, 0.0
         self.progress_metrics: dict[str, float] = {}  # shown by ettin.train.callbacks.TokenProgressBar
+        self._finite_through = loader_state.step  # the last step check_finite found finite
 
     # -- optimizer ----------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -93,13 +94,14 @@ class EttinModule(L.LightningModule):
             gradient_sync=self.parallel.gradient_sync, backward=self.manual_backward,
         )
         self._window_start, self._window_tokens, self._window_flops = time.perf_counter(), 0, 0.0
+        self._finite_through = self.loader_state.step  # the last step known finite
 
     def training_step(self, batch: StepBatch, batch_idx: int) -> None:
         # On the run's step counter (not Lightning's, which restarts at 0 on resume).
         log_now = batch.state.step % self.log_every_steps == 0
         result = self.train_step(batch.micro_batches, tokens_before=batch.tokens_before,
                                  targets=batch.targets, rows=batch.rows,
-                                 group_targets=batch.group_targets, with_grad_norm=log_now)
+                                 group_targets=batch.group_targets)
         self.loader_state = replace(batch.state, data_digest=add_digests(self.loader_state.data_digest,
                                                                          batch.rows_digest))
         self._count_work(batch)
@@ -110,9 +112,14 @@ class EttinModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def check_finite(self, where: str) -> None:
-        """Raise NonFiniteLossError if any step so far had a non-finite loss or gradient norm."""
-        if self.train_step is not None:
-            self.train_step.check_finite(where)
+        """Raise NonFiniteLossError if any step so far had a non-finite loss or gradient norm; the
+        message names the steps since the last check that passed (one of them went wrong)."""
+        if self.train_step is None:
+            return
+        first, last = self._finite_through + 1, self.loader_state.step
+        self.train_step.check_finite(where, steps=f"step {last}" if first >= last
+                                     else f"steps {first} to {last}")
+        self._finite_through = last
 
     def full_state(self) -> tuple[dict, dict]:
         """Whole weights and optimizer state, for a checkpoint (collective when the model is

@@ -5,6 +5,7 @@ data, the model, the step settings, the Lightning module, its data, its callback
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import asdict, replace
 from datetime import timedelta
@@ -183,8 +184,11 @@ def phase_mask_rate(cfg: TrainConfig, phase: str) -> MaskRate:
     return MaskRate(p.mask_rate, end, p.tokens)
 
 
-def _one_thread(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    from ettin.train.preemption import default_stop_signals
+
     torch.set_num_threads(1)  # a data-loader worker collates on the host; it must not compete
+    default_stop_signals()
 
 
 class PhaseData(L.LightningDataModule):
@@ -214,7 +218,7 @@ class PhaseData(L.LightningDataModule):
         return DataLoader(self.step_batches(self.trainer.global_rank, self.trainer.world_size),
                           batch_size=None, num_workers=self.cfg.trainer.num_workers,
                           pin_memory=accelerator == "gpu", persistent_workers=False,
-                          worker_init_fn=_one_thread,
+                          worker_init_fn=_init_worker,
                           generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def on_before_batch_transfer(self, batch: StepBatch, dataloader_idx: int) -> StepBatch:
@@ -265,7 +269,9 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
     """Train one phase from ``start`` on its checked ``sources``; returns the phase-end checkpoint."""
     from ettin.train.callbacks import CheckpointCallback, ValidationCallback, progress_callback
     from ettin.train.loggers import build_loggers
-    from ettin.train.preemption import Preempted, PreemptionHandler
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ettin.train.preemption import Preempted, PreemptionHandler, Stopped
     from ettin.train.start import checkpointer
 
     p = cfg.phases[phase]
@@ -292,7 +298,14 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
              cfg.size, f"{model.num_parameters():,}", model.config.attn_implementation,
              "causal" if model.config.causal else "bidirectional", cfg.phase_mix(phase).name,
              cfg.micro_batches_described(phase))
-    trainer.fit(module, datamodule=PhaseData(cfg, phase, tokenizer, sources, started_at))
+    try:
+        trainer.fit(module, datamodule=PhaseData(cfg, phase, tokenizer, sources, started_at))
+    except (Stopped, SIGTERMException) as error:
+        # SIGTERMException (a SystemExit of status 0): Lightning's own stop on SIGTERM, where
+        # stop_on_signals is not in force (train() called from Python); a stop all the same.
+        stop = error if isinstance(error, Stopped) else Stopped(signal.SIGTERM)
+        stop.tokens, stop.phase = module.loader_state.tokens, phase
+        raise stop from None
     if preemption.preempted:
         raise Preempted(f"preempted in phase {phase}; the checkpoint is saved and the job requeued")
     if module.loader_state.tokens < p.tokens:

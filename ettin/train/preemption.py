@@ -16,6 +16,13 @@ The sequence (README.md, "Training on a cluster", tells it from the cluster's si
    processes then exit normally; the requeued job runs the same command and ``resume=auto``
    continues from that checkpoint in the same run dir.
 
+SIGTERM and SIGINT are the other way a run ends early (``timeout``, ``scancel``, Slurm's time limit
+without ``--signal``, Ctrl-C): :func:`stop_on_signals` turns them into :class:`Stopped` at once,
+nothing more is saved (the run resumes from its latest checkpoint), and ``python -m ettin.train``
+exits 143 or 130 with one line naming that checkpoint, so ``train && eval`` does not carry on with a
+half-trained model. The requeue above ignores SIGTERM before it asks Slurm to end the job, so a
+preempted run still exits 0.
+
 Lightning's own SLURM requeue must be off (``SLURMEnvironment(auto_requeue=False)``), or two handlers
 would answer the same signal. Signals are recorded process-wide: call :func:`install` at the very
 start of the process, so a signal during start-up (data preparation, model build) is not fatal and
@@ -24,6 +31,7 @@ is honoured at the first step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal as _signal
@@ -31,7 +39,7 @@ import subprocess
 import threading
 import time
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import lightning as L
 
@@ -44,6 +52,57 @@ _installed: set[int] = set()
 
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written; the process should exit cleanly."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT stopped the process (a BaseException, as KeyboardInterrupt is, so no
+    ``except Exception`` on the way swallows it). The training fills in where it stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(_signal.Signals(signum).name)
+        self.signum = signum
+        self.tokens: Optional[int] = None  # of the phase, when training had started
+        self.phase: Optional[str] = None
+        self.run_name: Optional[str] = None
+        self.checkpoint = None  # the run's latest checkpoint: where the same command resumes
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process the signal killed
+
+    def line(self) -> str:
+        where = f"stopped at {self.tokens:,} tokens" if self.tokens is not None else "stopped"
+        detail = ", ".join(x for x in (_signal.Signals(self.signum).name,
+                                       self.run_name and f"run {self.run_name}",
+                                       self.phase and f"phase {self.phase}") if x)
+        then = (f"run the same command again to resume from {self.checkpoint}" if self.checkpoint
+                else "run the same command again to start it again (no checkpoint was written yet)"
+                if self.tokens is not None else "run the same command again to continue")
+        return f"{where} ({detail}); {then}"
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGINT raise :class:`Stopped` in the main thread (a signal during
+    data preparation stops it too); the previous handlers come back after it. During
+    ``trainer.fit`` Lightning calls its own SIGTERM notifier first, then this."""
+    previous = {signum: _signal.signal(signum, _stop) for signum in (_signal.SIGTERM, _signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            _signal.signal(signum, handler)
+
+
+def default_stop_signals() -> None:
+    """In a data-loader worker: the default SIGTERM and SIGINT (the main process stops the run; a
+    worker raising Stopped would print a traceback of its own)."""
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
 
 
 def _record(signum: int, frame) -> None:

@@ -20,7 +20,9 @@ from ettin.train.environment import (environment_summary, git_commit, is_rank_ze
                                      trainer_devices)
 from ettin.train.loggers import finish_wandb
 from ettin.train.phase import check_phases_data, resolve_tokenizer, run_phase
+from ettin.train.preemption import Stopped
 from ettin.train.start import resolve_start, resume
+from ettin.train.step import NonFiniteLossError
 from ettin.train.topology import check_topology
 
 log = logging.getLogger("ettin")
@@ -37,6 +39,16 @@ def train(cfg: TrainConfig) -> Path:
         log.warning("took over %s from a process that is gone: %s", lock.path, lock.taken_over)
     try:
         return _train(cfg)
+    except Stopped as stop:
+        stop.run_name, stop.checkpoint = cfg.run_name, run_dir.latest_checkpoint()
+        raise
+    except NonFiniteLossError as error:
+        latest = run_dir.latest_checkpoint()
+        raise NonFiniteLossError(
+            f"{error} The last good checkpoint is {latest}: lower optim.lr (or check the data and the "
+            "initial weights), then run the same command again to resume from it." if latest else
+            f"{error} No checkpoint was written yet: lower optim.lr (or check the data and the "
+            "initial weights) and start again.") from None
     finally:
         finish_wandb()
         if lock is not None:

@@ -67,7 +67,7 @@ class StepResult:
     correct: torch.Tensor  # this rank's targets predicted right (argmax)
     global_targets: torch.Tensor  # summed over ranks
     lr: float
-    grad_norm: Optional[torch.Tensor]  # only when asked for (it costs a pass over the gradients)
+    grad_norm: torch.Tensor  # the global gradient norm, on the device (0-dim)
 
 
 def on_device(values, device) -> torch.Tensor:
@@ -112,8 +112,7 @@ class TrainStep:
         self.nonfinite: Optional[torch.Tensor] = None
 
     def __call__(self, micro_batches: list[dict], *, tokens_before: int, targets: list[int],
-                 rows: list[int], group_targets: Optional[list[list[int]]] = None,
-                 with_grad_norm: bool = False) -> StepResult:
+                 rows: list[int], group_targets: Optional[list[list[int]]] = None) -> StepResult:
         """``targets``/``rows``: labelled positions and sequences of each micro-batch, counted on the
         host (so nothing here waits on the device to know them); ``group_targets``: each
         micro-batch's targets per group (None: one group)."""
@@ -144,11 +143,12 @@ class TrainStep:
             loss_sum += out.group_loss.detach().float()
             correct += out.group_correct.float()  # counted on the device: no sync
 
-        norm = grad_norm(p for g in self.optimizer.param_groups for p in g["params"]) \
-            if with_grad_norm else None
-        bad = ~torch.isfinite(loss_sum).all()
-        if norm is not None:
-            bad |= ~torch.isfinite(norm)
+        # Every step, not only logged ones: one inf/NaN gradient (the loss still finite) turns the
+        # weights NaN in this very optimizer step, so a flag raised only on log steps would let the
+        # next checkpoint be written from them. The norm is one pass over the gradients, on the
+        # device; the flag is read (a host sync) only by check_finite.
+        norm = grad_norm(p for g in self.optimizer.param_groups for p in g["params"]).to(device)
+        bad = ~(torch.isfinite(loss_sum).all() & torch.isfinite(norm))
         self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -161,9 +161,10 @@ class TrainStep:
         # gradient averaging over ranks then averages the ranks.
         return (mb_rows / max(local_rows, 1)) / max(mb_targets, 1)
 
-    def check_finite(self, where: str) -> None:
+    def check_finite(self, where: str, *, steps: str = "") -> None:
         """Raise :class:`NonFiniteLossError` if any step since the start was not finite (a host sync:
-        called at log steps and before every checkpoint)."""
+        called at log steps and before every checkpoint). ``steps``: the steps the flag covers (the
+        ones since the last check that passed), for the message."""
         if self.nonfinite is None:  # no step yet, on every rank alike
             return
         flag = self.nonfinite.float()
@@ -171,9 +172,6 @@ class TrainStep:
             flag = self.sum_over_ranks(flag)
         if float(flag) > 0:
             raise NonFiniteLossError(
-                f"the loss or the gradient became NaN/inf before {where}; training stopped and no "
-                "checkpoint was written from this state. Lower optim.lr (or check the data and the "
-                "initial weights), then resume from the last checkpoint (run the same command)."
+                f"the loss or the gradient became NaN/inf{' in ' + steps if steps else ''}, found "
+                f"before {where}; training stopped and no checkpoint was written from this state."
             )
-
-
