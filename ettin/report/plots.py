@@ -88,24 +88,33 @@ def plot_throughput(runs: Sequence[Run]):
     return figure
 
 
+def _interval_bars(scores: Sequence[float], stderrs: Sequence[Optional[float]]) -> list[float]:
+    """Half-widths of the 95% normal intervals (0 where no standard error is recorded)."""
+    from ettin.evaluation.uncertainty import Z95
+
+    return [0.0 if e is None or pd.isna(e) or pd.isna(s) else Z95 * float(e) for s, e in zip(scores, stderrs)]
+
+
 def plot_scores(table: pd.DataFrame, names: Sequence[str]):
-    """One panel per task: both models' scores, the winner's bar marked with a star."""
+    """One panel per task: both models' scores with 95% intervals (score +- 1.96 stderr), a decided
+    winner's bar marked with a star (``scores.score_table``' table)."""
     tasks = list(table.itertuples(index=False))
     cols = min(3, max(1, len(tasks)))
     rows = max(1, math.ceil(len(tasks) / cols))
     figure, axes = _figure(rows, cols, width=3.2 * cols, height=2.6)
     for axis, task in zip(axes, tasks):
-        scores = [getattr(task, "score_a"), getattr(task, "score_b")]
+        scores = [task.score_a, task.score_b]
         heights = [0.0 if pd.isna(s) else float(s) for s in scores]
-        bars = axis.bar([0, 1], heights, color=COLORS[:2])
+        errors = _interval_bars(scores, [getattr(task, "stderr_a", None), getattr(task, "stderr_b", None)])
+        bars = axis.bar([0, 1], heights, color=COLORS[:2], yerr=errors, capsize=4, ecolor="black")
         axis.set_xticks([0, 1], [str(n) for n in names], fontsize=7)
         arrow = "higher" if task.higher_is_better else "lower"
         axis.set_title(f"{task.task} ({task.category})\n{task.metric}, {arrow} is better", fontsize=8)
-        for bar, score, name in zip(bars, scores, names):
+        for bar, score, error, name in zip(bars, scores, errors, names):
             text = "n/a" if pd.isna(score) else f"{score:.3g}"
             if task.winner == name:
                 text += " ★"
-            axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + error),
                           ha="center", va="bottom", fontsize=8)
         axis.margins(y=0.25)
     for axis in axes[len(tasks):]:
@@ -118,13 +127,17 @@ def plot_scores(table: pd.DataFrame, names: Sequence[str]):
 
 def plot_scores_over_tokens(table: pd.DataFrame, task: str, runs: Sequence[Run]):
     """One task's score at each evaluated checkpoint against the cumulative token count (the loss plots'
-    axis, phase boundaries dotted), one series per run (``scores.checkpoint_scores``' table)."""
+    axis, phase boundaries dotted), one series per run (``scores.checkpoint_scores``' table), with 95%
+    intervals where standard errors are recorded."""
     figure, (axis,) = _figure()
     points = table[table["task"] == task]
     for color, run in zip(COLORS, runs):
         mine = points[points["run"] == run.name]
         if len(mine):
             axis.plot(mine["total_tokens"], mine["score"], "o-", color=color, label=run.label)
+            errors = _interval_bars(list(mine["score"]), list(mine["stderr"])) if "stderr" in mine else []
+            if any(errors):
+                axis.errorbar(mine["total_tokens"], mine["score"], yerr=errors, fmt="none", ecolor=color, capsize=3)
     first = points.iloc[0]
     direction = "higher" if first["higher_is_better"] else "lower"
     _finish(axis, runs, f"{task} ({first['category']}) over training", f"{first['metric']} ({direction} is better)",
