@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ettin.cluster.suite import SuiteError, plan
-from ettin.report.suite import COLUMNS, paper_points
+from ettin.report.suite import COLUMNS, category_averages, cross_comparisons, paper_points, suite_table
 from ettin.report.plots import plot_ladder
 from ettin.report.cli import main as compare_main
 from ettin.suite import main as suite_main
@@ -132,7 +132,8 @@ def test_the_papers_scores_are_drawn_beside_the_native_members_of_ettin_sizes():
                                          ("encoder_tiny", "tiny", 2.8e5, "encoders"),
                                          ("encoder_from_decoder_17m", "17m", 17e6, "encoder-from-decoder")):
         for task in ("mnli", "piqa", "smoke_cloze"):
-            rows.append([member, size, params, "x", "x", series, task, "c", "acc", 0.5, "higher"])
+            rows.append([member, size, params, "x", "x", series, task, "c", "acc", 0.5, "higher", 0.01, 0.48, 0.52,
+                         "test"])
     table = pd.DataFrame(rows, columns=COLUMNS)
     paper = paper_points(table)
     assert sorted(zip(paper["series"], paper["task"])) == [("decoders", "piqa"), ("encoders", "mnli")]
@@ -146,3 +147,26 @@ def test_the_papers_scores_are_drawn_beside_the_native_members_of_ettin_sizes():
     hollow = [line for line in panel.get_lines() if line.get_label() == "encoders (paper)"]
     assert [(x, y) for line in hollow for x, y in line.get_xydata()] == [(17e6, expected[("encoders", "mnli")])]
     assert [t.get_text() for t in panel.get_xticklabels()] == ["280k", "17M"]
+
+
+def test_cross_members_are_tested_against_their_base_and_their_native_kind_and_averages_carry_errors():
+    """encoder_from_decoder_tiny is 0.01 from encoder_tiny (stderr 0.02 each: within noise) and 0.3 from its
+    base decoder_tiny (distinguishable); a category average's stderr is sqrt(sum stderr^2) / tasks."""
+    members = [{"name": n, "role": r, "size": "tiny", "origin": "cross" if "_from_" in r else "native"}
+               for n, r in (("encoder_tiny", "encoder"), ("decoder_tiny", "decoder"),
+                            ("encoder_from_decoder_tiny", "encoder_from_decoder"))]
+    score = {"encoder_tiny": 0.60, "decoder_tiny": 0.30, "encoder_from_decoder_tiny": 0.61}
+    evaluation = {"models": {name: {"kind": "decoder" if name == "decoder_tiny" else "encoder", "objective": "x",
+                                    "parameters": 1, "tasks": {
+        task: {"category": "classification", "metric": "acc", "score": value, "stderr": stderr,
+               "ci95": [value - 0.04, value + 0.04], "higher_is_better": True}
+        for task, stderr in (("a", 0.02), ("b", 0.04))}} for name, value in score.items()}}
+    compared = cross_comparisons(members, evaluation)
+    verdicts = {(row.against, row.task): row.verdict for row in compared.itertuples()}
+    assert verdicts == {("decoder_tiny", "a"): "distinguishable", ("decoder_tiny", "b"): "distinguishable",
+                        ("encoder_tiny", "a"): "within noise", ("encoder_tiny", "b"): "within noise"}
+    table = suite_table(members, evaluation)
+    averaged = category_averages(table).set_index("member")
+    assert averaged.loc["encoder_tiny", "stderr"] == pytest.approx((0.02 ** 2 + 0.04 ** 2) ** 0.5 / 2)
+    figure = plot_ladder(pd.concat([table, category_averages(table)], ignore_index=True))
+    assert all(len(axis.containers) == 3 for axis in figure.axes if axis.get_visible())  # bars on each series

@@ -380,8 +380,9 @@ def _evaluate(evaluated: list[EvalModel], task_list: list[Task], spec: str | lis
                 "library": task.library, "library_version": _library_version(task.library),
                 "split": task.split, "few_shot": task.few_shot, "seed": seed, "limit": limit,
                 "source": task.source, "seconds": round(seconds, 1), **result}
+            error = f" ± {result['stderr']:.2g}" if result["stderr"] is not None else ""
             print(f"{model.name}  {task.name}{' (smoke)' if task.smoke else ''}: {result['metric']} "
-                  f"{result['score']:.4g} on {result['n_examples']} examples, {seconds:.0f} s", file=console)
+                  f"{result['score']:.4g}{error} on {result['n_examples']} examples, {seconds:.0f} s", file=console)
             _write(report, out)
     _write(report, out)
     return report

@@ -150,7 +150,8 @@ SERIES_ORDER = ("encoders", "decoders", "encoder-from-decoder", "decoder-from-en
 
 def plot_ladder(table: pd.DataFrame, paper: Optional[pd.DataFrame] = None):
     """One panel per task (and category average): score against parameters on a log axis, one line
-    per series of the suite (``ettin.report.suite``'s table); ``paper``'s rows (the Ettin paper's
+    per series of the suite (``ettin.report.suite``'s table) with 95% intervals where standard errors are
+    recorded; ``paper``'s rows (the Ettin paper's
     scores at the same sizes and tasks) as hollow points in their series' colour."""
     from matplotlib.ticker import NullFormatter
 
@@ -164,6 +165,10 @@ def plot_ladder(table: pd.DataFrame, paper: Optional[pd.DataFrame] = None):
             points = rows_of_task[rows_of_task["series"] == series].sort_values("parameters")
             if len(points):
                 axis.plot(points["parameters"], points["score"], marker="o", color=color, label=series)
+                errors = _interval_bars(list(points["score"]), list(points["stderr"])) if "stderr" in points else []
+                if any(errors):
+                    axis.errorbar(points["parameters"], points["score"], yerr=errors, fmt="none", ecolor=color,
+                                  capsize=3)
             if paper is not None:
                 published = paper[(paper["task"] == task) & (paper["series"] == series)]
                 if len(published):
