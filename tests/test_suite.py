@@ -170,3 +170,27 @@ def test_cross_members_are_tested_against_their_base_and_their_native_kind_and_a
     assert averaged.loc["encoder_tiny", "stderr"] == pytest.approx((0.02 ** 2 + 0.04 ** 2) ** 0.5 / 2)
     figure = plot_ladder(pd.concat([table, category_averages(table)], ignore_index=True))
     assert all(len(axis.containers) == 3 for axis in figure.axes if axis.get_visible())  # bars on each series
+
+
+def test_seeds_make_one_member_per_seed_and_the_ladder_draws_each_seed(tmp_path):
+    suite = plan(tmp_path / "s", "smoke", sizes=["tiny"], cross=True, seeds=2)
+    assert [m.name for m in suite.members] == [
+        "encoder_tiny-seed1", "decoder_tiny-seed1", "encoder_from_decoder_tiny-seed1", "decoder_from_encoder_tiny-seed1",
+        "encoder_tiny-seed2", "decoder_tiny-seed2", "encoder_from_decoder_tiny-seed2", "decoder_from_encoder_tiny-seed2"]
+    one = plan(tmp_path / "o", "smoke", sizes=["tiny"], cross=True)
+    native = {m.name: m.config().seed for m in one.members}
+    seeds = {m.name: m.config().seed for m in suite.members}
+    assert seeds["encoder_tiny-seed1"] == native["encoder_tiny"] and seeds["encoder_tiny-seed2"] == native["encoder_tiny"] + 1
+    assert seeds["decoder_from_encoder_tiny-seed2"] == native["decoder_from_encoder_tiny"] + 1
+    cross = suite.member("decoder_from_encoder_tiny-seed2")
+    assert cross.base == "encoder_tiny-seed2" and cross.config().init.endswith("encoder_tiny-seed2")
+    with pytest.raises(SuiteError, match="seed=5: the suite sets these"):
+        plan(tmp_path / "x", "smoke", sizes=["tiny"], seeds=2, overrides=["seed=5"])
+
+    rows = [[f"encoder_tiny-seed{seed}", "tiny", 2.8e5, "mlm", "native", "encoders", "t", "c", "acc", score, "higher",
+             0.01, score - 0.02, score + 0.02, "test", seed] for seed, score in ((1, 0.5), (2, 0.6))]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    (axis,) = [a for a in plot_ladder(table).axes if a.get_visible()]
+    lines = {line.get_label(): line.get_xydata().tolist() for line in axis.get_lines()}
+    assert lines["encoders"] == [[2.8e5, pytest.approx(0.55)]]
+    assert lines["encoders (each seed)"] == [[2.8e5, 0.5], [2.8e5, 0.6]]

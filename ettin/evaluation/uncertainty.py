@@ -41,7 +41,7 @@ MEAN_STDERR = "lm-eval mean_stderr formula: sample standard deviation (n-1) / sq
 LM_EVAL_STDERR = "lm-eval's own {metric}_stderr (mean_stderr: sample standard deviation (n-1) / sqrt(n)); normal 95% interval"
 BOOTSTRAP = (f"bootstrap over {{unit}}: {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}; standard deviation "
              "of the resampled scores, 2.5/97.5 percentile interval")
-MCNEMAR = "McNemar exact (two-sided binomial on the discordant examples)"
+MCNEMAR = "McNemar exact (two-sided)"
 PAIRED_BOOTSTRAP = f"paired bootstrap ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED})"
 UNPAIRED = "unpaired z-test from the two standard errors (no shared per-example results)"
 

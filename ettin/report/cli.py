@@ -244,7 +244,7 @@ def _scores_for_display(table: pd.DataFrame, name_a: str, name_b: str) -> pd.Dat
     shown["A - B [95% interval]"] = ["-" if d is None or pd.isna(d) else f"{d:+.4g} [{ci[0]:+.3g}, {ci[1]:+.3g}]"
                                      for d, ci in zip(table["difference"], table["difference_ci95"])]
     shown["p"] = [_p_value(p) for p in table["p_value"]]
-    shown["test"] = [t or "-" for t in table["test"]]
+    shown["test"] = ["-" if pd.isna(t) else t for t in table["test"]]
     shown["winner"] = table["winner"]
     shown["Ettin paper"] = table["paper"]
     shown["agrees"] = table["agrees"]

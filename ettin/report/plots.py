@@ -151,7 +151,8 @@ SERIES_ORDER = ("encoders", "decoders", "encoder-from-decoder", "decoder-from-en
 def plot_ladder(table: pd.DataFrame, paper: Optional[pd.DataFrame] = None):
     """One panel per task (and category average): score against parameters on a log axis, one line
     per series of the suite (``ettin.report.suite``'s table) with 95% intervals where standard errors are
-    recorded; ``paper``'s rows (the Ettin paper's
+    recorded; with several seeds per member, the line goes through the seeds' mean and each seed is
+    a cross; ``paper``'s rows (the Ettin paper's
     scores at the same sizes and tasks) as hollow points in their series' colour."""
     from matplotlib.ticker import NullFormatter
 
@@ -164,7 +165,11 @@ def plot_ladder(table: pd.DataFrame, paper: Optional[pd.DataFrame] = None):
         for color, series in zip(COLORS, SERIES_ORDER):
             points = rows_of_task[rows_of_task["series"] == series].sort_values("parameters")
             if len(points):
-                axis.plot(points["parameters"], points["score"], marker="o", color=color, label=series)
+                means = points.groupby("parameters", as_index=False)["score"].mean()  # over seeds, if several
+                axis.plot(means["parameters"], means["score"], marker="o", color=color, label=series)
+                if len(means) < len(points):  # several seeds: each seed's score, the spread around the mean
+                    axis.plot(points["parameters"], points["score"], linestyle="none", marker="x", markersize=4,
+                              color=color, label=f"{series} (each seed)")
                 errors = _interval_bars(list(points["score"]), list(points["stderr"])) if "stderr" in points else []
                 if any(errors):
                     axis.errorbar(points["parameters"], points["score"], yerr=errors, fmt="none", ecolor=color,

@@ -17,13 +17,14 @@ from typing import Sequence
 
 import pandas as pd
 
+from ettin.cluster.suite import BASE, member_name
 from ettin.evaluation.paper import paper_entry
 from ettin.model.config import size_row
 from ettin.report import identity, plots, runs, scores
 from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
 
 COLUMNS = ["member", "size", "parameters", "objective", "origin", "series", "task", "category",
-           "metric", "score", "direction", "stderr", "ci95_low", "ci95_high", "stderr_method"]
+           "metric", "score", "direction", "stderr", "ci95_low", "ci95_high", "stderr_method", "seed"]
 # A member's series: its kind (from its objective) and whether it was trained natively.
 SERIES = {("encoder", "native"): "encoders", ("decoder", "native"): "decoders",
           ("encoder", "cross"): "encoder-from-decoder", ("decoder", "cross"): "decoder-from-encoder"}
@@ -45,7 +46,8 @@ def suite_table(members: Sequence[dict], evaluation: dict) -> pd.DataFrame:
             rows.append([member["name"], member["size"], parameters, result["objective"],
                          member["origin"], series, task, score["category"], score["metric"],
                          score["score"], "higher" if score["higher_is_better"] else "lower",
-                         score.get("stderr"), low, high, score.get("stderr_method", "not recorded")])
+                         score.get("stderr"), low, high, score.get("stderr_method", "not recorded"),
+                         member.get("seed")])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -58,7 +60,8 @@ def category_averages(table: pd.DataFrame) -> pd.DataFrame:
     from ettin.evaluation.uncertainty import Z95
 
     keys = ["member", "size", "parameters", "objective", "origin", "series", "category", "direction"]
-    averaged = table.groupby(keys, as_index=False).agg(
+    averaged = table.groupby(keys, as_index=False, dropna=False).agg(
+        seed=("seed", "first"),
         score=("score", "mean"), tasks=("score", "size"), variance=("stderr", lambda e: (e.astype(float) ** 2).sum()
                                                                     if e.notna().all() else float("nan")))
     averaged["stderr"] = averaged["variance"] ** 0.5 / averaged["tasks"]
@@ -107,11 +110,13 @@ def identity_table(directory: Path, members: Sequence[dict]) -> pd.DataFrame:
         table.insert(0, "size", label)
         frames.append(table)
 
+    seeds = list(dict.fromkeys(m.get("seed") for m in members))
     for size in sizes:
-        for pair in (("encoder", "decoder"), ("encoder_from_decoder", "decoder_from_encoder")):
-            names = [f"{role}_{size}" for role in pair]
-            if all(n in by_name for n in names):
-                compare(names, size)
+        for seed in seeds:
+            for pair in (("encoder", "decoder"), ("encoder_from_decoder", "decoder_from_encoder")):
+                names = [member_name(role, size, seed) for role in pair]
+                if all(n in by_name for n in names):
+                    compare(names, size if seed is None else f"{size} seed {seed}")
     firsts = [next(m["name"] for m in members if m["size"] == size) for size in sizes]
     for other in firsts[1:]:
         compare([firsts[0], other], "across sizes", ACROSS_SIZES)
@@ -126,15 +131,14 @@ def cross_comparisons(members: Sequence[dict], evaluation: dict) -> pd.DataFrame
     """Each cross member against its base (the model it continued from) and against the native member of the
     kind it became, task by task: the paired test of the pair report (ettin.report.scores.compare_results),
     "distinguishable" when p < LEVEL, else "within noise"."""
-    from ettin.cluster.suite import BASE
-
     names = {m["name"] for m in members}
     rows = []
     for member in members:
         if member["role"] not in BASE:
             continue
         kind = member["role"].split("_from_")[0]
-        for against in (f"{BASE[member['role']]}_{member['size']}", f"{kind}_{member['size']}"):
+        for against in (member_name(BASE[member["role"]], member["size"], member.get("seed")),
+                        member_name(kind, member["size"], member.get("seed"))):
             if against not in names:
                 continue
             mine, theirs = (evaluation["models"][n]["tasks"] for n in (member["name"], against))
@@ -184,6 +188,7 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
                                      columns=["series", "size"], values="score")
          .round(4).reset_index().pipe(_flat_columns)),
         *_paper_blocks(table, paper),
+        *_seed_blocks(table),
         *_cross_blocks(members, evaluation),
         ("h2", "Data and schedule identity across members"),
         ("p", f"{len(checks)} checks, {differs} differ. Each size's encoder and decoder (and its two "
@@ -194,6 +199,28 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
     (out / "report.md").write_text(render_markdown(blocks))
     (out / "report.html").write_text(render_html(blocks, out, title=title))
     return out / "report.md"
+
+
+def seed_spread(table: pd.DataFrame) -> pd.DataFrame:
+    """Per series, size and task: the seeds trained, the mean score over them and their standard deviation
+    (n-1), beside the mean of the seeds' own evaluation standard errors (noise of one evaluation)."""
+    seeded = table[table["seed"].notna()]
+    if seeded.empty:
+        return pd.DataFrame()
+    return (seeded.groupby(["series", "size", "task"], as_index=False, sort=False)
+            .agg(seeds=("seed", "nunique"), mean=("score", "mean"), seed_std=("score", "std"),
+                 mean_stderr=("stderr", "mean")))
+
+
+def _seed_blocks(table: pd.DataFrame) -> list[tuple]:
+    spread = seed_spread(table)
+    if spread.empty:
+        return []
+    return [("h2", "Spread over training seeds"),
+            ("p", "Each member trained with several seeds (seeds=N): per series, size and task the mean over the "
+                  "seeds, the standard deviation of the seeds' scores (n-1; the training-seed noise) and the mean "
+                  "of their evaluation standard errors (the noise of one evaluation on these examples)."),
+            ("table", spread.round(4))]
 
 
 def _cross_blocks(members: Sequence[dict], evaluation: dict) -> list[tuple]:
