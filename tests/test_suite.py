@@ -133,7 +133,7 @@ def test_the_papers_scores_are_drawn_beside_the_native_members_of_ettin_sizes():
                                          ("encoder_from_decoder_17m", "17m", 17e6, "encoder-from-decoder")):
         for task in ("mnli", "piqa", "smoke_cloze"):
             rows.append([member, size, params, "x", "x", series, task, "c", "acc", 0.5, "higher", 0.01, 0.48, 0.52,
-                         "test"])
+                         "test", None])
     table = pd.DataFrame(rows, columns=COLUMNS)
     paper = paper_points(table)
     assert sorted(zip(paper["series"], paper["task"])) == [("decoders", "piqa"), ("encoders", "mnli")]

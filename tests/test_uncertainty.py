@@ -150,3 +150,20 @@ def test_results_on_other_examples_fall_back_to_the_unpaired_test(tmp_path):
     assert row["test"] == uncertainty.UNPAIRED and row["winner"] == scores.WITHIN_NOISE
     del evaluation["models"]["dec"]["tasks"]["nli"]["stderr"]
     assert scores.score_table(evaluation, "enc", "dec").iloc[0]["winner"] == "not tested (no standard error)"
+
+
+def test_the_pair_figure_draws_each_scores_recorded_95_percent_interval(tmp_path):
+    """A bootstrap interval is asymmetric: the bar spans exactly eval.json's ci95, not score +- 1.96 stderr."""
+    from ettin.report import plots
+
+    loglikelihood = np.random.default_rng(8).normal(-5.0, 1.0, 60)
+    data = examples(uncertainty.WORD_PERPLEXITY, loglikelihood=loglikelihood, weight=np.ones(60))
+    write_evaluation(tmp_path, {"enc": {"lm": ("language_modeling", data)}, "dec": {"lm": ("language_modeling", data)}})
+    evaluation = scores.load_evaluation(tmp_path / "eval.json")
+    table = scores.score_table(evaluation, "enc", "dec")
+    (axis, *_) = plots.plot_scores(table, ["enc", "dec"]).axes
+    (container,) = [c for c in axis.containers if hasattr(c, "lines")]  # the error bars (not the bars)
+    (segments,) = container.lines[2]
+    low, high = evaluation["models"]["enc"]["tasks"]["lm"]["ci95"]
+    assert segments.get_segments()[0][:, 1].tolist() == pytest.approx([low, high])
+    assert high - table["score_a"][0] != pytest.approx(table["score_a"][0] - low, rel=1e-3)

@@ -96,8 +96,8 @@ def _interval_bars(scores: Sequence[float], stderrs: Sequence[Optional[float]]) 
 
 
 def plot_scores(table: pd.DataFrame, names: Sequence[str]):
-    """One panel per task: both models' scores with 95% intervals (score +- 1.96 stderr), a decided
-    winner's bar marked with a star (``scores.score_table``' table)."""
+    """One panel per task: both models' scores with their 95% intervals (eval.json's ci95; else score +-
+    1.96 stderr), a decided winner's bar marked with a star (``scores.score_table``' table)."""
     tasks = list(table.itertuples(index=False))
     cols = min(3, max(1, len(tasks)))
     rows = max(1, math.ceil(len(tasks) / cols))
@@ -106,11 +106,14 @@ def plot_scores(table: pd.DataFrame, names: Sequence[str]):
         scores = [task.score_a, task.score_b]
         heights = [0.0 if pd.isna(s) else float(s) for s in scores]
         errors = _interval_bars(scores, [getattr(task, "stderr_a", None), getattr(task, "stderr_b", None)])
-        bars = axis.bar([0, 1], heights, color=COLORS[:2], yerr=errors, capsize=4, ecolor="black")
+        below, above = zip(*((max(0.0, s - i[0]), max(0.0, i[1] - s)) if isinstance(i, (list, tuple)) else (e, e)
+                             for s, e, i in zip(heights, errors, (getattr(task, "ci95_a", None),
+                                                                  getattr(task, "ci95_b", None)))))
+        bars = axis.bar([0, 1], heights, color=COLORS[:2], yerr=[below, above], capsize=4, ecolor="black")
         axis.set_xticks([0, 1], [str(n) for n in names], fontsize=7)
         arrow = "higher" if task.higher_is_better else "lower"
         axis.set_title(f"{task.task} ({task.category})\n{task.metric}, {arrow} is better", fontsize=8)
-        for bar, score, error, name in zip(bars, scores, errors, names):
+        for bar, score, error, name in zip(bars, scores, above, names):
             text = "n/a" if pd.isna(score) else f"{score:.3g}"
             if task.winner == name:
                 text += " ★"

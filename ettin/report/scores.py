@@ -103,11 +103,12 @@ def is_smoke(evaluation: Optional[dict]) -> bool:
 
 
 def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.DataFrame:
-    """Per task: both scores with their standard errors, the test of their difference (A - B, its 95%
+    """Per task: both scores with their standard errors and 95% intervals, the test of their difference (A - B, its 95%
     interval and p-value, the test's name), the winner it decides (or "within noise"), what the Ettin
     paper found for the task's category and whether this pair agrees (only for a decided winner)."""
-    columns = ["task", "category", "metric", "higher_is_better", "score_a", "stderr_a", "score_b", "stderr_b",
-               "difference", "difference_ci95", "p_value", "test", "winner", "paper", "agrees", "smoke"]
+    columns = ["task", "category", "metric", "higher_is_better", "score_a", "stderr_a", "ci95_a", "score_b",
+               "stderr_b", "ci95_b", "difference", "difference_ci95", "p_value", "test", "winner", "paper", "agrees",
+               "smoke"]
     if not evaluation:
         return pd.DataFrame(columns=columns)
     models = evaluation["models"]
@@ -146,7 +147,8 @@ def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.Data
             agrees = "-"
         comparison = comparison or {}
         rows.append([task, first.get("category"), first.get("metric"), higher,
-                     score_a, (ta or {}).get("stderr"), score_b, (tb or {}).get("stderr"),
+                     score_a, (ta or {}).get("stderr"), (ta or {}).get("ci95"),
+                     score_b, (tb or {}).get("stderr"), (tb or {}).get("ci95"),
                      comparison.get("difference"), comparison.get("difference_ci95"), comparison.get("p_value"),
                      comparison.get("test"), winner, paper, agrees,
                      bool((ta or {}).get("smoke") or (tb or {}).get("smoke"))])
