@@ -130,7 +130,7 @@ CROSS_COLUMNS = ["member", "against", "task", "metric", "member score", "against
 def cross_comparisons(members: Sequence[dict], evaluation: dict) -> pd.DataFrame:
     """Each cross member against its base (the model it continued from) and against the native member of the
     kind it became, task by task: the paired test of the pair report (ettin.report.scores.compare_results),
-    "distinguishable" when p < LEVEL, else "within noise"."""
+    "<member> ahead" when p < LEVEL, else "within noise"."""
     names = {m["name"] for m in members}
     rows = []
     for member in members:
@@ -147,8 +147,8 @@ def cross_comparisons(members: Sequence[dict], evaluation: dict) -> pd.DataFrame
                 if a["metric"] != b["metric"]:
                     continue
                 compared = scores.compare_results(a, b)
-                verdict = scores.decided_winner(compared, "distinguishable", "distinguishable",
-                                                bool(a.get("higher_is_better", True)))
+                winner = scores.decided_winner(compared, member["name"], against, bool(a.get("higher_is_better", True)))
+                verdict = f"{winner} ahead" if winner in (member["name"], against) else winner
                 rows.append([member["name"], against, task, a["metric"], a["score"], b["score"],
                              compared["difference"] if compared else None,
                              compared["p_value"] if compared else None, compared["test"] if compared else "-",
@@ -230,12 +230,12 @@ def _cross_blocks(members: Sequence[dict], evaluation: dict) -> list[tuple]:
     compared = cross_comparisons(members, evaluation)
     if compared.empty:
         return []
-    apart = compared[compared["verdict"] == "distinguishable"]
+    apart = compared[compared["verdict"].str.endswith(" ahead")]
     return [("h2", "Cross-objective members against their base and their native kind"),
             ("p", f"Each cross member against the model it continued from and against the native member of the "
                   f"kind it became, on the same examples (McNemar exact for accuracy, a paired bootstrap otherwise; "
-                  f"distinguishable when p < {LEVEL}). Distinguishable on {len(apart)} of {len(compared)} "
-                  f"comparisons; the rest are within noise."),
+                  f"one is ahead when p < {LEVEL}). Distinguishable on {len(apart)} of {len(compared)} "
+                  f"comparisons; the rest are within noise (or not tested, where a score has no error)."),
             ("table", compared.round(4))]
 
 
