@@ -1,4 +1,4 @@
-"""python -m ettin.suite [recipe=ettin|smoke] [sizes=[...]] [cross=true] [launcher=slurm slurm.KEY=V ...]
+"""python -m ettin.suite [recipe=ettin|smoke] [sizes=[...]] [cross=true] [seeds=N] [launcher=slurm slurm.KEY=V ...]
 [key=value ...] [status]
 
 The Ettin ladder as one command: every size's encoder and decoder (and with ``cross=true`` the
@@ -25,12 +25,14 @@ from ettin.cluster.launch import LaunchError, launcher_options, slurm_args, slur
 from ettin.cluster.suite import (FAMILIES, Suite, SuiteError, check_directory, eval_file, plan,
                                  recorded_members, run_local, status, status_table, submit_slurm)
 
-USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [cross=true]
+USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [cross=true] [seeds=N]
                             [launcher=local|slurm] [slurm.KEY=VALUE ...] [key=value ...] [status]
 
   recipe=FAMILY    {families} (default ettin: recipes <role>_<size>; smoke: the offline one)
   sizes=[A,B]      the sizes (default: the family's all)
   cross=true       also the encoder-from-decoder and decoder-from-encoder of each size
+  seeds=N          train every member with N seeds, each seed a member (<role>_<size>-seed1 ...: the
+                   recipe's seed + 0 .. N-1); the report draws the seed spread
   suite_dir=DIR    the suite directory (default runs/<family>-suite)
   eval_tasks=T     the tasks every member is evaluated on (default: offline for smoke, else ettin-paper)
   eval_limit=N     at most N examples per task
@@ -53,6 +55,7 @@ class SuiteArgs:
     family: str = "ettin"
     sizes: list[str] = field(default_factory=list)
     cross: bool = False
+    seeds: int = 1
     suite_dir: Optional[Path] = None
     eval_tasks: Optional[str] = None
     eval_limit: Optional[int] = None
@@ -87,6 +90,11 @@ def parse(argv: list[str]) -> SuiteArgs:
             if value.lower() not in ("true", "false"):
                 raise SuiteError(f"cross={value}: choose true or false")
             args.cross = value.lower() == "true"
+        elif key == "seeds":
+            if not value.isdigit() or int(value) < 1:
+                raise SuiteError(f"seeds={value}: give a whole number >= 1 (seeds=3 trains every member with "
+                                 "three seeds, each seed a member)")
+            args.seeds = int(value)
         elif key == "suite_dir":
             args.suite_dir = Path(value)
         elif key == "eval_tasks":
@@ -125,7 +133,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         args = parse(argv)
-        suite = plan(args.directory, args.family, args.sizes, args.cross, args.overrides)
+        suite = plan(args.directory, args.family, args.sizes, args.cross, args.overrides, args.seeds)
         if args.show_status:
             check_directory(suite)
             print(status_table(status(suite)))

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -99,12 +100,12 @@ def statuses(checks, name: str) -> dict[str, str]:
     return {c.phase: c.status for c in checks if c.name == name}
 
 
-def evaluation(names_kinds: dict, scores: dict) -> dict:
+def evaluation(names_kinds: dict, scores: dict, stderr: float = 0.01) -> dict:
     """An eval.json in the ettin-eval/1 schema; ``scores`` maps task -> (category, metric,
-    higher_is_better, {name: score})."""
+    higher_is_better, {name: score}); every score has the standard error ``stderr``."""
     return {"format": "ettin-eval/1", "suite": "offline", "created": "2026-01-01T00:00:00",
             "models": {name: {"path": f"/x/{name}", "kind": kind, "objective": None, "parameters": 1,
-                              "tasks": {task: {"category": c, "metric": m, "score": s[name],
+                              "tasks": {task: {"category": c, "metric": m, "score": s[name], "stderr": stderr,
                                                "higher_is_better": h, "smoke": True, "n_examples": 3,
                                                "library": "test"}
                                         for task, (c, m, h, s) in scores.items() if name in s}}
@@ -261,7 +262,7 @@ def test_scores_name_the_winner_by_the_metric_direction_and_the_paper(tmp_path):
     })
     ev["models"]["dec"]["tasks"]["ppl"] = {**ev["models"]["enc"]["tasks"]["ppl"], "metric": "perplexity"}
     table = scores.score_table(ev, "enc", "dec").set_index("task")
-    assert dict(table["winner"]) == {"nli": "enc", "ret": "dec", "lm": "dec", "same": "tie",
+    assert dict(table["winner"]) == {"nli": "enc", "ret": "dec", "lm": "dec", "same": "within noise",
                                      "ppl": "not comparable (pseudo_perplexity vs perplexity)"}
     assert dict(table["agrees"]) == {"nli": "yes", "ret": "no", "lm": "yes", "same": "-", "ppl": "-"}
     assert scores.is_smoke(ev)
@@ -285,7 +286,7 @@ def test_write_report_writes_markdown_html_and_plots(tmp_path, tiny_prepared):
     report = write_report(a, b, out)
     assert report == out / "report.md"
     text = report.read_text()
-    assert "smoke tasks" in text and "| nli | classification | accuracy | higher | 0.7 ★ | 0.6 |" in text
+    assert "smoke tasks" in text and "| nli | classification | accuracy | higher | 0.7 ± 0.01 ★ | 0.6 ± 0.01 |" in text
     assert "encoder/decoder pair" in text and "checks identical" in text
     for png in ("loss.png", "schedule.png", "throughput.png", "scores.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"({png})" in text
@@ -400,3 +401,51 @@ def test_a_run_without_observed_digests_falls_back_to_the_replay_and_says_so(tmp
     old = runs.load_run(make_run(tmp_path, "old", tiny_prepared))
     check = next(c for c in identity.identity_checks(a, old) if c.name == "sample order")
     assert check.status == "identical" and "replayed because no data digest observed" in check.how
+
+
+def test_the_pair_report_shows_an_error_on_every_score_and_no_star_inside_the_noise(tmp_path, tiny_prepared):
+    """The default pair's case: smoke_nli 0.383 vs 0.367 on 300 examples is inside the noise (no star, no
+    'agrees'); a cloze difference of 80 examples in 400 is a decided decoder win."""
+    from test_uncertainty import examples, write_evaluation
+
+    a = make_run(tmp_path, "p-encoder", tiny_prepared)
+    b = make_run(tmp_path, "p-decoder", tiny_prepared, objective="clm")
+    nli_dec, cloze_enc = np.zeros(300), np.zeros(400)
+    nli_dec[:110], cloze_enc[:229] = 1.0, 1.0
+    nli_enc, cloze_dec = nli_dec.copy(), cloze_enc.copy()
+    nli_enc[110:130], nli_enc[:15], cloze_dec[229:309] = 1.0, 0.0, 1.0
+    out = default_out_dir(a, b)
+    out.mkdir()
+    write_evaluation(out, {"p-encoder": {"smoke_cloze": ("generation", examples(value=cloze_enc)),
+                                         "smoke_nli": ("classification", examples(value=nli_enc))},
+                           "p-decoder": {"smoke_cloze": ("generation", examples(value=cloze_dec)),
+                                         "smoke_nli": ("classification", examples(value=nli_dec))}})
+    text = write_report(a, b, out).read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| smoke_")}
+    assert "| 0.5725 ± 0.025 | 0.7725 ± 0.021 ★ |" in rows["smoke_cloze"] and "| yes |" in rows["smoke_cloze"]
+    assert "| 0.3833 ± 0.028 | 0.3667 ± 0.028 |" in rows["smoke_nli"] and "★" not in rows["smoke_nli"]
+    assert "| within noise |" in rows["smoke_nli"] and rows["smoke_nli"].endswith("| - |")
+    assert "McNemar exact" in rows["smoke_nli"] and "smoke tasks" in text
+
+
+class Named:
+    def __init__(self, name: str):
+        self.name = name
+
+
+def test_checkpoint_noise_is_the_spread_of_the_last_checkpoints_beside_the_difference():
+    """On 'noisy' run A moves by 0.1 between its last three checkpoints and B is flat: a signal of 0.15 is
+    inside 2 x the noise (0.1); on 'clear' A is 0.5 ahead and barely moves: it separates."""
+    rows = []
+    for run, offset in (("A", 0.0), ("B", -0.05)):
+        for step, wobble in enumerate((0.0, 0.9, 0.1, 0.0, 0.2)):  # only the last 3 count
+            noisy = (wobble if run == "A" else 0.0) + offset
+            rows.append([run, f"c{step}", step, "noisy", "generation", "acc", True, 0.5 + noisy, None, "decay"])
+            rows.append([run, f"c{step}", step, "clear", "generation", "acc", True,
+                         (0.9 if run == "A" else 0.4) + wobble / 100, None, "decay"])
+    table = pd.DataFrame(rows, columns=scores.CHECKPOINT_COLUMNS)
+    noise = scores.checkpoint_noise(table, [Named("A"), Named("B")]).set_index("task")
+    assert noise.loc["noisy", "noise A"] == pytest.approx(np.std([0.1, 0.0, 0.2], ddof=1))
+    assert noise.loc["noisy", "noise B"] == 0.0 and noise.loc["noisy", "checkpoints"] == 3
+    assert noise.loc["noisy", "signal"] == pytest.approx(0.1 + 0.05)
+    assert noise.loc["noisy", "separates"] == "no" and noise.loc["clear", "separates"] == "yes"

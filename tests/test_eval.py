@@ -7,6 +7,7 @@ with save_pretrained. Nothing goes online (conftest sets the offline variables).
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +26,7 @@ from ettin.evaluation.models import resolve_model
 from ettin.evaluation.registry import SMOKE_GRID
 from ettin.evaluation.models import EvalModel
 from ettin.evaluation.runners import RetrievalSettings, _pairs_text, finetune_classification, harness_model, retrieval_ndcg_at_10
+from ettin.evaluation.uncertainty import load_examples, statistic
 
 WORDS = "alpha beta gamma delta module function class return value import print list".split()
 TEXTS = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) + "." for i in range(200)]
@@ -192,13 +194,14 @@ def test_retrieval_ndcg_on_hand_made_rankings(folders, tmp_path):
     queries = {f"q{i}": p for i, p in enumerate(passages)}  # each query is its own passage: rank 1
     model = EvalModel("tiny-encoder", folders["encoder"], "encoder", None, 0)
     settings = RetrievalSettings(batch_size=4)
-    perfect = retrieval_ndcg_at_10(model, [], queries, corpus, {f"q{i}": [f"d{i}"] for i in range(4)},
-                                   settings=settings, seed=0, work_dir=tmp_path)
-    assert perfect == pytest.approx(1.0)
+    perfect, per_query = retrieval_ndcg_at_10(model, [], queries, corpus, {f"q{i}": [f"d{i}"] for i in range(4)},
+                                              settings=settings, seed=0, work_dir=tmp_path)
+    assert perfect == pytest.approx(1.0) and per_query == {f"q{i}": pytest.approx(1.0) for i in range(4)}
     # q0's relevant passage is q1's twin: ranked below d0, so nDCG@10 = 1 / log2(rank + 1) < 1
-    shifted = retrieval_ndcg_at_10(model, [], {"q0": passages[0]}, corpus, {"q0": ["d1"]},
-                                   settings=settings, seed=0, work_dir=tmp_path)
+    shifted, per_query = retrieval_ndcg_at_10(model, [], {"q0": passages[0]}, corpus, {"q0": ["d1"]},
+                                              settings=settings, seed=0, work_dir=tmp_path)
     assert shifted in [pytest.approx(1 / torch.log2(torch.tensor(r + 1.0)).item()) for r in (2, 3, 4)]
+    assert per_query == {"q0": pytest.approx(shifted)}  # the score is the mean of the per-query values
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
@@ -259,6 +262,16 @@ def test_evaluate_writes_the_eval_json_schema_for_an_encoder_and_a_decoder(folde
         assert lm["metric"] == ("word_perplexity" if kind == "decoder" else "pseudo_word_perplexity")
         assert lm["higher_is_better"] is False and lm["score"] > 1
         assert 0 <= entry["tasks"]["smoke_cloze"]["score"] <= 1
+        for task, result in entry["tasks"].items():  # every score with its error, its examples beside eval.json
+            examples = load_examples(tmp_path / result["per_example"])
+            assert list(examples["index"]) == [0, 1, 2, 3]
+            assert statistic(examples) == pytest.approx(result["score"], rel=1e-6)
+            assert result["ci95"][0] <= result["score"] <= result["ci95"][1] and result["stderr"] >= 0
+        cloze = entry["tasks"]["smoke_cloze"]
+        p = cloze["score"]  # lm-eval's own acc_stderr: the binomial one with n-1 (sqrt(p(1-p)/(n-1)))
+        assert "lm-eval's own acc_stderr" in cloze["stderr_method"]
+        assert cloze["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 3), abs=1e-12)
+        assert "bootstrap" in entry["tasks"]["smoke_lm"]["stderr_method"]
     table = format_table(report)
     lines = table.splitlines()
     assert "tiny-encoder" in lines[0] and "tiny-decoder" in lines[0]

@@ -35,7 +35,7 @@ def smoke_pair(tmp_path_factory) -> tuple[Path, Path]:
                   "models": {run.name: {"path": str(run / "hf"), "kind": side, "objective": None,
                                         "parameters": 1, "tasks": {
                                             task: {"category": c, "metric": "accuracy",
-                                                   "score": s[index], "higher_is_better": True,
+                                                   "score": s[index], "stderr": 0.05, "higher_is_better": True,
                                                    "smoke": True, "n_examples": 10, "library": "test"}
                                             for task, (c, *s) in scores.items()}}
                              for index, (run, side) in enumerate(zip(runs, ("encoder", "decoder")))}}

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from ettin.cluster.suite import SuiteError, plan
-from ettin.report.suite import COLUMNS, paper_points
+from ettin.report.suite import COLUMNS, category_averages, cross_comparisons, paper_points, suite_table
 from ettin.report.plots import plot_ladder
 from ettin.report.cli import main as compare_main
 from ettin.suite import main as suite_main
@@ -145,7 +145,8 @@ def test_the_papers_scores_are_drawn_beside_the_native_members_of_ettin_sizes():
                                          ("encoder_tiny", "tiny", 2.8e5, "encoders"),
                                          ("encoder_from_decoder_17m", "17m", 17e6, "encoder-from-decoder")):
         for task in ("mnli", "piqa", "smoke_cloze"):
-            rows.append([member, size, params, "x", "x", series, task, "c", "acc", 0.5, "higher"])
+            rows.append([member, size, params, "x", "x", series, task, "c", "acc", 0.5, "higher", 0.01, 0.48, 0.52,
+                         "test", None])
     table = pd.DataFrame(rows, columns=COLUMNS)
     paper = paper_points(table)
     assert sorted(zip(paper["series"], paper["task"])) == [("decoders", "piqa"), ("encoders", "mnli")]
@@ -183,3 +184,51 @@ def test_a_member_stopped_at_an_intermediate_phase_end_is_not_finished(tmp_path)
         assert not run_finished(tmp_path / "m", cfg), phases[index]
     phase_end(len(phases) - 1)
     assert run_finished(tmp_path / "m", cfg)
+
+
+def test_cross_members_are_tested_against_their_base_and_their_native_kind_and_averages_carry_errors():
+    """encoder_from_decoder_tiny is 0.01 from encoder_tiny (stderr 0.02 each: within noise) and 0.3 from its
+    base decoder_tiny (ahead of it); a category average's stderr is sqrt(sum stderr^2) / tasks."""
+    members = [{"name": n, "role": r, "size": "tiny", "origin": "cross" if "_from_" in r else "native"}
+               for n, r in (("encoder_tiny", "encoder"), ("decoder_tiny", "decoder"),
+                            ("encoder_from_decoder_tiny", "encoder_from_decoder"))]
+    score = {"encoder_tiny": 0.60, "decoder_tiny": 0.30, "encoder_from_decoder_tiny": 0.61}
+    evaluation = {"models": {name: {"kind": "decoder" if name == "decoder_tiny" else "encoder", "objective": "x",
+                                    "parameters": 1, "tasks": {
+        task: {"category": "classification", "metric": "acc", "score": value, "stderr": stderr,
+               "ci95": [value - 0.04, value + 0.04], "higher_is_better": True}
+        for task, stderr in (("a", 0.02), ("b", 0.04))}} for name, value in score.items()}}
+    compared = cross_comparisons(members, evaluation)
+    verdicts = {(row.against, row.task): row.verdict for row in compared.itertuples()}
+    ahead = "encoder_from_decoder_tiny ahead"
+    assert verdicts == {("decoder_tiny", "a"): ahead, ("decoder_tiny", "b"): ahead,
+                        ("encoder_tiny", "a"): "within noise", ("encoder_tiny", "b"): "within noise"}
+    table = suite_table(members, evaluation)
+    averaged = category_averages(table).set_index("member")
+    assert averaged.loc["encoder_tiny", "stderr"] == pytest.approx((0.02 ** 2 + 0.04 ** 2) ** 0.5 / 2)
+    figure = plot_ladder(pd.concat([table, category_averages(table)], ignore_index=True))
+    assert all(len(axis.containers) == 3 for axis in figure.axes if axis.get_visible())  # bars on each series
+
+
+def test_seeds_make_one_member_per_seed_and_the_ladder_draws_each_seed(tmp_path):
+    suite = plan(tmp_path / "s", "smoke", sizes=["tiny"], cross=True, seeds=2)
+    assert [m.name for m in suite.members] == [
+        "encoder_tiny-seed1", "decoder_tiny-seed1", "encoder_from_decoder_tiny-seed1", "decoder_from_encoder_tiny-seed1",
+        "encoder_tiny-seed2", "decoder_tiny-seed2", "encoder_from_decoder_tiny-seed2", "decoder_from_encoder_tiny-seed2"]
+    one = plan(tmp_path / "o", "smoke", sizes=["tiny"], cross=True)
+    native = {m.name: m.config().seed for m in one.members}
+    seeds = {m.name: m.config().seed for m in suite.members}
+    assert seeds["encoder_tiny-seed1"] == native["encoder_tiny"] and seeds["encoder_tiny-seed2"] == native["encoder_tiny"] + 1
+    assert seeds["decoder_from_encoder_tiny-seed2"] == native["decoder_from_encoder_tiny"] + 1
+    cross = suite.member("decoder_from_encoder_tiny-seed2")
+    assert cross.base == "encoder_tiny-seed2" and cross.config().init.endswith("encoder_tiny-seed2")
+    with pytest.raises(SuiteError, match="seed=5: the suite sets these"):
+        plan(tmp_path / "x", "smoke", sizes=["tiny"], seeds=2, overrides=["seed=5"])
+
+    rows = [[f"encoder_tiny-seed{seed}", "tiny", 2.8e5, "mlm", "native", "encoders", "t", "c", "acc", score, "higher",
+             0.01, score - 0.02, score + 0.02, "test", seed] for seed, score in ((1, 0.5), (2, 0.6))]
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    (axis,) = [a for a in plot_ladder(table).axes if a.get_visible()]
+    lines = {line.get_label(): line.get_xydata().tolist() for line in axis.get_lines()}
+    assert lines["encoders"] == [[2.8e5, pytest.approx(0.55)]]
+    assert lines["encoders (each seed)"] == [[2.8e5, 0.5], [2.8e5, 0.6]]

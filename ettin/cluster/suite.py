@@ -50,11 +50,12 @@ class SuiteError(ValueError):
 
 @dataclass(frozen=True)
 class Member:
-    name: str  # <role>_<size>, also the run name
+    name: str  # <role>_<size> (member_name), also the run name
     role: str  # one of ROLES
     size: str
     recipe: str
     overrides: tuple[str, ...]  # what python -m ettin.train gets after recipe=
+    seed: Optional[int] = None  # with seeds=N: which of the N seeds (1..N), also in its name
 
     @property
     def origin(self) -> str:
@@ -62,14 +63,19 @@ class Member:
 
     @property
     def base(self) -> Optional[str]:
-        """The member this one starts from (its size's other native member), if it is a cross one."""
-        return f"{BASE[self.role]}_{self.size}" if self.role in BASE else None
+        """The member this one starts from (its size's and seed's other native member), if it is a cross one."""
+        return member_name(BASE[self.role], self.size, self.seed) if self.role in BASE else None
 
     def argv(self) -> list[str]:
         return [f"recipe={self.recipe}", *self.overrides]
 
     def config(self) -> TrainConfig:
         return compose(self.recipe, list(self.overrides))
+
+
+def member_name(role: str, size: str, seed: Optional[int] = None) -> str:
+    """``<role>_<size>``, with ``-seed<N>`` when the suite trains several seeds (seeds=N)."""
+    return f"{role}_{size}" + (f"-seed{seed}" if seed is not None else "")
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,10 @@ def _smoke_member(role: str, size: str) -> tuple[str, list[str]]:
 
 
 def plan(directory: Path | str, family: str = "ettin", sizes: Optional[Sequence[str]] = None,
-         cross: bool = False, overrides: Sequence[str] = ()) -> Suite:
-    """The members of a suite, bases before their cross members, each composed once to check it."""
+         cross: bool = False, overrides: Sequence[str] = (), seeds: int = 1) -> Suite:
+    """The members of a suite, bases before their cross members, each composed once to check it. With
+    ``seeds`` > 1 every member is trained once per seed 1..seeds, each seed a member
+    (``encoder_tiny-seed1``, its cross member starting from the same seed's base)."""
     directory = Path(directory).resolve()
     if family not in FAMILIES:
         raise SuiteError(f"recipe={family!r} is not a suite family; choose one of {', '.join(FAMILIES)}")
@@ -120,29 +128,35 @@ def plan(directory: Path | str, family: str = "ettin", sizes: Optional[Sequence[
     if unknown:
         raise SuiteError(f"size(s) {', '.join(unknown)} are not {family} sizes; choose from "
                          f"{', '.join(known)} (sizes=[{','.join(known[:2])}])")
+    if seeds < 1:
+        raise SuiteError(f"seeds={seeds}: give at least 1 (seeds=3 trains every member with seeds 1, 2, 3)")
     reserved = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in
-                ("output_dir", "run_name", "size", "objective", "pair", "init", "recipe")]
+                ("output_dir", "run_name", "size", "objective", "pair", "init", "recipe")
+                + (("seed",) if seeds > 1 else ())]
     if reserved:
         raise SuiteError(f"{', '.join(reserved)}: the suite sets these for each member; drop them "
                          "(sizes=[...] chooses the sizes, recipe= the family)")
     members = []
-    for size in sizes:
-        for role in ROLES if cross else ROLES[:2]:
-            name = f"{role}_{size}"
-            if family == "smoke":
-                recipe, own = _smoke_member(role, size)
-            else:
-                recipe, own = name, []
-            own += [f"output_dir={directory}", f"run_name={name}"]
-            if role in BASE:
-                own.append(f"init={directory / f'{BASE[role]}_{size}'}")
-            try:
-                phases = compose(recipe, own).phases
-                member = Member(name, role, size, recipe, tuple(own + _overrides_for(phases, overrides)))
-                member.config()
-            except ConfigError as error:
-                raise SuiteError(f"member {name} does not compose: {error}") from None
-            members.append(member)
+    for size, seed, role in ((size, seed, role) for size in sizes
+                             for seed in (range(1, seeds + 1) if seeds > 1 else (None,))
+                             for role in (ROLES if cross else ROLES[:2])):
+        name = member_name(role, size, seed)
+        if family == "smoke":
+            recipe, own = _smoke_member(role, size)
+        else:
+            recipe, own = f"{role}_{size}", []
+        own += [f"output_dir={directory}", f"run_name={name}"]
+        if role in BASE:
+            own.append(f"init={directory / member_name(BASE[role], size, seed)}")
+        try:
+            composed = compose(recipe, own)
+            if seed is not None:  # seed N trains with the recipe's seed + N - 1: seed1 is the one-seed member
+                own.append(f"seed={composed.seed + seed - 1}")
+            member = Member(name, role, size, recipe, tuple(own + _overrides_for(composed.phases, overrides)), seed)
+            member.config()
+        except ConfigError as error:
+            raise SuiteError(f"member {name} does not compose: {error}") from None
+        members.append(member)
     return Suite(directory, family, tuple(members))
 
 
@@ -206,7 +220,8 @@ def _write_record(suite: Suite, exits: dict[str, int]) -> None:
     suite.directory.mkdir(parents=True, exist_ok=True)
     write_text(suite.record, json.dumps(
         {"family": suite.family, "members": [
-            {"name": m.name, "role": m.role, "size": m.size, "origin": m.origin} for m in suite.members],
+            {"name": m.name, "role": m.role, "size": m.size, "origin": m.origin, "seed": m.seed}
+            for m in suite.members],
          "exits": {**previous, **exits}}, indent=2) + "\n")
 
 

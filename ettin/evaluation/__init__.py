@@ -27,8 +27,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
+import numpy as np
+
 from ettin.evaluation import masked_lm  # noqa: F401  registers "ettin-mlm" with lm-eval
-from ettin.evaluation import suite
+from ettin.evaluation import suite, uncertainty
 from ettin.evaluation.models import EvalError, EvalModel, resolve_models
 from ettin.evaluation.offline import check_cached, is_offline, prefetch_command
 from ettin.evaluation.registry import (LM_EVAL, MTEB, PAPER_RETRIEVAL, SENTENCE_TRANSFORMERS,
@@ -56,17 +58,33 @@ def _library_version(library: str) -> str:
 # Each kind of task
 
 
+def _harness_examples(samples: list[dict], metric: str) -> Optional[dict]:
+    """The per-example results (ettin.evaluation.uncertainty) of one lm-eval metric: a number per example
+    is a mean's; a (loglikelihood, words) pair per example is ``weighted_perplexity``'s; none else."""
+    ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+    values = [sample.get(metric) for sample in ordered]
+    index = [sample["doc_id"] for sample in ordered]
+    if all(isinstance(v, (int, float, bool)) for v in values):
+        return {"index": index, "statistic": uncertainty.MEAN, "value": [float(v) for v in values]}
+    if metric == "word_perplexity" and all(isinstance(v, (tuple, list)) and len(v) == 2 for v in values):
+        return {"index": index, "statistic": uncertainty.WORD_PERPLEXITY,
+                "loglikelihood": [float(v[0]) for v in values], "weight": [float(v[1]) for v in values]}
+    return None
+
+
 def _harness_result(task: Task, model: EvalModel, lm, suite_dir: Optional[Path], limit: Optional[int],
                     seed: int) -> dict:
-    metrics, n = run_harness_task(lm, task.name, include_path=suite_dir, limit=limit,
-                                  few_shot=task.few_shot, seed=seed)
+    scored = run_harness_task(lm, task.name, include_path=suite_dir, limit=limit, few_shot=task.few_shot, seed=seed)
+    metrics = scored.metrics
     if task.category == "language_modeling":
-        metric = "word_perplexity" if model.is_decoder else "pseudo_word_perplexity"
-        return {"metric": metric, "score": metrics["word_perplexity"], "n_examples": n,
-                "model_args": harness_model_args(model)}
-    metric = task.metric if task.metric in metrics else next((m for m in ("acc_norm", "acc") if m in metrics),
-                                                             sorted(metrics)[0])
-    return {"metric": metric, "score": metrics[metric], "n_examples": n, "model_args": harness_model_args(model)}
+        metric, lm_eval_metric = ("word_perplexity" if model.is_decoder else "pseudo_word_perplexity"), "word_perplexity"
+    else:
+        metric = task.metric if task.metric in metrics else next((m for m in ("acc_norm", "acc") if m in metrics),
+                                                                 sorted(metrics)[0])
+        lm_eval_metric = metric
+    return {"metric": metric, "score": metrics[lm_eval_metric], "n_examples": scored.n_examples,
+            "model_args": harness_model_args(model), "examples": _harness_examples(scored.samples, lm_eval_metric),
+            "library_stderr": scored.stderrs.get(lm_eval_metric)}
 
 
 def _glue_rows(task: Task, limit: Optional[int]) -> tuple[list[dict], list[dict]]:
@@ -84,6 +102,14 @@ def _glue_rows(task: Task, limit: Optional[int]) -> tuple[list[dict], list[dict]
 
     train = data[task.train_split].shuffle(seed=0) if limit else data[task.train_split]
     return rows(train, 4 * limit if limit else None), rows(data[task.split], limit)
+
+
+def _classification_examples(task: Task, gold: list, predicted: list) -> dict:
+    """The per-example results of a fine-tuned classifier's predictions (ettin.evaluation.uncertainty)."""
+    index = list(range(len(gold)))
+    if task.metric in (uncertainty.MATTHEWS, uncertainty.SPEARMAN):
+        return {"index": index, "statistic": task.metric, "predicted": predicted, "gold": gold}
+    return {"index": index, "statistic": uncertainty.MEAN, "value": [float(p == g) for p, g in zip(predicted, gold)]}
 
 
 def _metric(task: Task, gold: list) -> Callable[[list], float]:
@@ -108,13 +134,17 @@ def _classification(task: Task, model: EvalModel, suite_dir: Optional[Path], lim
     else:
         train, evaluation = _glue_rows(task, limit)
     grid = replace(task.grid, learning_rates=learning_rates) if learning_rates else task.grid
+    gold = [r["label"] for r in evaluation]
+    metric, predictions = _metric(task, gold), []  # each setting's predictions, in the order tried
     sweep = finetune_classification(model, train, evaluation, num_labels=task.num_labels, settings=grid.settings(),
-                                    score=_metric(task, [r["label"] for r in evaluation]), seed=seed,
-                                    work_dir=work / "finetune" / model.name.replace("/", "--") / task.name)
+                                    score=lambda predicted: predictions.append(predicted) or metric(predicted),
+                                    seed=seed, work_dir=work / "finetune" / model.name.replace("/", "--") / task.name)
     best = max(sweep, key=lambda tried: tried["score"])
+    chosen = sweep.index(best)
     return {"metric": task.metric, "score": best["score"], "n_examples": len(evaluation),
-            "n_train_examples": len(train), "sweep": sweep, "chosen": sweep.index(best),
-            "selection": f"best {task.metric} on the {task.split} split over the sweep"}
+            "n_train_examples": len(train), "sweep": sweep, "chosen": chosen,
+            "selection": f"best {task.metric} on the {task.split} split over the sweep",
+            "examples": _classification_examples(task, gold, predictions[chosen]) if predictions else None}
 
 
 def _msmarco_pool(limit: Optional[int]) -> dict:
@@ -208,11 +238,14 @@ def _retrieval(task: Task, model: EvalModel, suite_dir: Optional[Path], limit: O
         return _paper_retrieval(task, model, limit, seed, work)
     data = (json.loads((suite_dir / f"{suite.RETRIEVAL}.json").read_text()) if task.smoke
             else _msmarco_pool(limit))
-    score = retrieval_ndcg_at_10(model, data["train"], data["queries"], data["corpus"], data["relevant"],
-                                 settings=settings, seed=seed,
-                                 work_dir=work / "retrieval" / model.name.replace("/", "--") / task.name)
+    score, per_query = retrieval_ndcg_at_10(model, data["train"], data["queries"], data["corpus"], data["relevant"],
+                                            settings=settings, seed=seed,
+                                            work_dir=work / "retrieval" / model.name.replace("/", "--") / task.name)
+    order = list(data["queries"])  # a query's index: its position in the task's queries
     return {"metric": task.metric, "score": score, "n_examples": len(data["queries"]),
-            "n_train_examples": len(data["train"]), "settings": vars(settings)}
+            "n_train_examples": len(data["train"]), "settings": vars(settings),
+            "examples": {"index": [order.index(q) for q in per_query], "statistic": uncertainty.MEAN,
+                         "value": list(per_query.values())}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,16 +374,43 @@ def _evaluate(evaluated: list[EvalModel], task_list: list[Task], spec: str | lis
                 else:
                     result = _retrieval(task, model, suite_dir, limit, seed, work, retrieval)
             seconds = time.perf_counter() - started
+            result.update(_uncertainty(result, task, model, out))
             entry["tasks"][task.name] = {
                 "category": task.category, "higher_is_better": task.higher_is_better, "smoke": task.smoke,
                 "library": task.library, "library_version": _library_version(task.library),
                 "split": task.split, "few_shot": task.few_shot, "seed": seed, "limit": limit,
                 "source": task.source, "seconds": round(seconds, 1), **result}
+            error = f" ± {result['stderr']:.2g}" if result["stderr"] is not None else ""
             print(f"{model.name}  {task.name}{' (smoke)' if task.smoke else ''}: {result['metric']} "
-                  f"{result['score']:.4g} on {result['n_examples']} examples, {seconds:.0f} s", file=console)
+                  f"{result['score']:.4g}{error} on {result['n_examples']} examples, {seconds:.0f} s", file=console)
             _write(report, out)
     _write(report, out)
     return report
+
+
+EXAMPLES_DIR = "examples"  # beside eval.json: one .npz of per-example results per model and task
+NO_ERROR = "not computed: {why}"
+
+
+def _uncertainty(result: dict, task: Task, model: EvalModel, out: Optional[Path]) -> dict:
+    """Take the runner's in-memory per-example results (and lm-eval's own stderr) out of ``result``; return
+    the task record's ``stderr``, ``ci95``, ``stderr_method`` and ``per_example`` (the .npz file, relative to
+    eval.json; None without ``out``)."""
+    examples, library_stderr = result.pop("examples", None), result.pop("library_stderr", None)
+    if not examples:
+        why = ("mteb gives ettin no per-query scores" if task.library == MTEB
+               else "no per-example results for this metric")
+        return {"stderr": None, "ci95": None, "stderr_method": NO_ERROR.format(why=why), "per_example": None}
+    examples = {name: values if name == "statistic" else np.asarray(values) for name, values in examples.items()}
+    unit = "queries" if task.category == "retrieval" else "examples"
+    record = uncertainty.uncertainty(examples, result["score"], unit=unit, metric=result["metric"],
+                                     library_stderr=library_stderr)
+    record["per_example"] = None
+    if out is not None:
+        relative = Path(EXAMPLES_DIR) / f"{model.name.replace('/', '--')}--{task.name}.npz"
+        uncertainty.save_examples(out / relative, **examples)
+        record["per_example"] = str(relative)
+    return record
 
 
 def _write(report: dict, out: Optional[Path]) -> None:

@@ -22,9 +22,15 @@ SMOKE_NOTE = ("* smoke task: generated from the built-in corpus the smoke models
               "checks the evaluation path end to end, it is not a benchmark")
 
 
+def _with_error(result: dict) -> str:
+    """``score ± stderr`` (eval.json's stderr_method says how it was made)."""
+    stderr = result.get("stderr")
+    return f"{result['score']:.4g}" + (f" ± {stderr:.2g}" if stderr is not None else "")
+
+
 def format_table(report: dict) -> str:
-    """Tasks as rows, models as columns; each row says its metric, its direction and whether it is a
-    smoke task."""
+    """Tasks as rows, models as columns (score ± standard error); each row says its metric, its direction
+    and whether it is a smoke task."""
     models = list(report["models"])
     tasks = list(dict.fromkeys(t for m in report["models"].values() for t in m["tasks"]))
     header = ["task", "category", "metric", *models]
@@ -33,8 +39,7 @@ def format_table(report: dict) -> str:
         first = next(m["tasks"][task] for m in report["models"].values() if task in m["tasks"])
         metrics = sorted({m["tasks"][task]["metric"] for m in report["models"].values() if task in m["tasks"]})
         arrow = "higher better" if first["higher_is_better"] else "lower better"
-        scores = [f"{m['tasks'][task]['score']:.4g}" if task in m["tasks"] else "-"
-                  for m in report["models"].values()]
+        scores = [_with_error(m["tasks"][task]) if task in m["tasks"] else "-" for m in report["models"].values()]
         rows.append([task + (" *" if first["smoke"] else ""), first["category"],
                      f"{'/'.join(metrics)} ({arrow})", *scores])
     rows.insert(0, ["", "", "kind / objective",

@@ -66,19 +66,37 @@ def task_manager(include_path: Optional[str]):
     return TaskManager(include_path=include_path, include_defaults=include_path is None)
 
 
+@dataclass(frozen=True)
+class HarnessScores:
+    """One lm-eval task's result: {metric: value}, lm-eval's own {metric: stderr} (where it gives one),
+    the examples scored and lm-eval's per-example records (``doc_id`` and each metric's value)."""
+
+    metrics: dict[str, float]
+    stderrs: dict[str, float]
+    n_examples: int
+    samples: list[dict]
+
+
 def run_harness_task(lm, task: str, *, include_path: Optional[Path], limit: Optional[int], few_shot: int,
-                     seed: int) -> tuple[dict[str, float], int]:
-    """({metric: value}, examples scored) of one lm-eval task through lm-eval's ``simple_evaluate``."""
+                     seed: int) -> HarnessScores:
+    """One lm-eval task through lm-eval's ``simple_evaluate``, with its standard errors (lm-eval's
+    closed form for mean metrics; its bootstrap, ``BOOTSTRAP_RESAMPLES`` draws, for the few it
+    bootstraps) and its per-example records."""
     from lm_eval import simple_evaluate
+
+    from ettin.evaluation.uncertainty import BOOTSTRAP_RESAMPLES
 
     local = {p.stem for p in include_path.glob("*.yaml")} if include_path else set()
     manager = task_manager(str(include_path)) if task in local else task_manager(None)
     results = simple_evaluate(model=lm, tasks=[task], task_manager=manager, num_fewshot=few_shot,
-                              limit=limit, bootstrap_iters=0, log_samples=False, random_seed=seed,
+                              limit=limit, bootstrap_iters=BOOTSTRAP_RESAMPLES, log_samples=True, random_seed=seed,
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-    metrics = {key.split(",")[0]: float(value) for key, value in results["results"][task].items()
-               if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
-    return metrics, int(results["n-samples"][task]["effective"])
+    values = {key.split(",")[0]: value for key, value in results["results"][task].items() if "," in key}
+    numbers = {key: float(value) for key, value in values.items() if isinstance(value, (int, float))}
+    return HarnessScores(metrics={k: v for k, v in numbers.items() if not k.endswith("_stderr")},
+                         stderrs={k[: -len("_stderr")]: v for k, v in numbers.items() if k.endswith("_stderr")},
+                         n_examples=int(results["n-samples"][task]["effective"]),
+                         samples=results["samples"][task])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,9 +168,10 @@ class RetrievalSettings:
 
 def retrieval_ndcg_at_10(model: EvalModel, train_pairs: list[dict], queries: dict[str, str],
                          corpus: dict[str, str], relevant: dict[str, list[str]], *,
-                         settings: RetrievalSettings, seed: int, work_dir: Path) -> float:
+                         settings: RetrievalSettings, seed: int, work_dir: Path) -> tuple[float, dict[str, float]]:
     """nDCG@10 (cosine) of ``model`` with mean pooling, after a MultipleNegativesRankingLoss
-    fine-tune on ``train_pairs`` ({"query", "passage"}; none: no fine-tune)."""
+    fine-tune on ``train_pairs`` ({"query", "passage"}; none: no fine-tune), and each query's nDCG@10
+    (sentence-transformers' own, whose mean the score is)."""
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
@@ -162,6 +181,7 @@ def retrieval_ndcg_at_10(model: EvalModel, train_pairs: list[dict], queries: dic
         from sentence_transformers.evaluation import InformationRetrievalEvaluator
         from sentence_transformers.losses import MultipleNegativesRankingLoss
         from sentence_transformers.training_args import BatchSamplers
+        from sentence_transformers.util import cos_sim
 
     encoder = SentenceTransformer(str(model.path), device=_device())  # no modules.json: mean pooling
     encoder.max_seq_length = settings.max_length
@@ -175,12 +195,24 @@ def retrieval_ndcg_at_10(model: EvalModel, train_pairs: list[dict], queries: dic
                                   "positive": [p["passage"] for p in train_pairs]})
         SentenceTransformerTrainer(model=encoder, args=arguments, train_dataset=data,
                                    loss=MultipleNegativesRankingLoss(encoder)).train()
-    evaluator = InformationRetrievalEvaluator(
+    class PerQuery(InformationRetrievalEvaluator):
+        """Keeps each query's nDCG@10, computed by the evaluator's own ranking and DCG."""
+
+        def compute_metrics(self, queries_result_list):
+            self.per_query = {}
+            for query_id, results in zip(self.queries_ids, queries_result_list):
+                hits = sorted(results, key=lambda hit: hit["score"], reverse=True)[:10]
+                relevant = self.relevant_docs[query_id]
+                self.per_query[query_id] = (self.compute_dcg_at_k([int(h["corpus_id"] in relevant) for h in hits], 10)
+                                            / self.compute_dcg_at_k([1] * len(relevant), 10))
+            return super().compute_metrics(queries_result_list)
+
+    evaluator = PerQuery(
         queries, corpus, {q: set(docs) for q, docs in relevant.items()}, ndcg_at_k=[10], mrr_at_k=[10],
         accuracy_at_k=[1], precision_recall_at_k=[10], map_at_k=[10], name="ettin", write_csv=False,
-        show_progress_bar=False, batch_size=2 * settings.batch_size)
+        show_progress_bar=False, batch_size=2 * settings.batch_size, score_functions={"cosine": cos_sim})
     scores = evaluator(encoder)
-    return float(next(v for k, v in scores.items() if k.endswith("cosine_ndcg@10")))
+    return float(next(v for k, v in scores.items() if k.endswith("cosine_ndcg@10"))), evaluator.per_query
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
+from ettin.evaluation import uncertainty
 from ettin.report import identity, plots, runs, scores
 from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
 from ettin.report.runs import RunError
@@ -116,6 +117,14 @@ def report_blocks(a: runs.Run, b: runs.Run, out: Path, evaluation: Optional[dict
     return blocks
 
 
+UNCERTAINTY_NOTE = (
+    f"± is one standard error (eval.json's stderr_method names how each was made: lm-eval's own stderr, the same "
+    f"formula over examples or queries, or a bootstrap of {uncertainty.BOOTSTRAP_RESAMPLES} resamples); the bars of "
+    f"the figure are 95% intervals. A - B is tested on the same examples (McNemar exact for accuracy, a paired "
+    f"bootstrap otherwise; an unpaired z-test where per-example results are missing): a winner is named (★) only "
+    f"when p < {uncertainty.LEVEL}, else the difference is within noise.")
+
+
 def pair_scores(evaluation: dict, sources: Sequence[str], a: runs.Run, b: runs.Run, out: Path, *,
                 checkpoints_only: bool) -> list[tuple]:
     """The two final models' scores side by side, each task's winner and the paper's direction."""
@@ -124,12 +133,14 @@ def pair_scores(evaluation: dict, sources: Sequence[str], a: runs.Run, b: runs.R
                       f"side by side need: python -m ettin.eval {a.path} {b.path}.")]
     table = scores.score_table(evaluation, a.name, b.name)
     return [("p", f"Suite {evaluation.get('suite')!r}, created {evaluation.get('created')}, from "
-                  f"{', '.join(sources)}. The winner follows each metric's direction; the Ettin paper found "
-                  "encoders ahead on classification and retrieval and decoders ahead on generation."
+                  f"{', '.join(sources)}. {UNCERTAINTY_NOTE} The Ettin paper found encoders ahead on "
+                  "classification and retrieval and decoders ahead on generation; 'agrees' is filled only for "
+                  "a decided winner."
                   + ("" if a.kind != b.kind else " Both runs are the same kind, so the paper's direction is "
                      "not tested here.")),
             ("table", _scores_for_display(table, a.name, b.name)),
-            image(plots.plot_scores(table, [a.name, b.name]), out, "scores.png", "evaluation scores, winner starred")]
+            image(plots.plot_scores(table, [a.name, b.name]), out, "scores.png",
+                  "evaluation scores with 95% intervals, decided winner starred")]
 
 
 def scores_over_training(table: pd.DataFrame, pair: Sequence[runs.Run], out: Path) -> list[tuple]:
@@ -147,7 +158,26 @@ def scores_over_training(table: pd.DataFrame, pair: Sequence[runs.Run], out: Pat
     numbers = table.pivot_table(index=["run", "checkpoint", "total_tokens"], columns="task", values="score",
                                 sort=False).reset_index()
     blocks.append(("table", numbers.rename_axis(None, axis=1)))
-    return blocks
+    return blocks + noise_over_training(table, pair)
+
+
+def noise_over_training(table: pd.DataFrame, pair: Sequence[runs.Run]) -> list[tuple]:
+    """Each task's checkpoint-to-checkpoint noise beside the runs' difference (the signal), and the tasks
+    that cannot tell the two apart at this scale."""
+    noise = scores.checkpoint_noise(table, pair)
+    if not len(noise):
+        return [("p", f"Signal and noise: needs at least two evaluated checkpoints of a phase in each run "
+                      f"(python -m ettin.eval ... --checkpoints every:K).")]
+    final = noise.groupby("task", sort=False).tail(1)  # each task's last phase
+    blind = list(final.loc[final["separates"] == "no", "task"])
+    return [("h2", "Signal and noise over training"),
+            ("p", f"Noise: the standard deviation (n-1) of a run's scores over its last {scores.NOISE_CHECKPOINTS} "
+                  f"evaluated checkpoints of a phase (AI2, 'Signal and Noise', 2025). Signal: the difference of the "
+                  f"runs' means over those checkpoints. A task separates the runs when the signal exceeds "
+                  f"{scores.SEPARATES:g} x the noise of the difference (the two noises' root sum of squares). "
+                  + (f"Cannot separate the runs at this scale (last phase): {', '.join(blind)}." if blind else
+                     "Every task separates the runs in its last phase.")),
+            ("table", noise.round(4))]
 
 
 def runs_table(a: runs.Run, b: runs.Run) -> pd.DataFrame:
@@ -191,13 +221,34 @@ def final_losses(a: runs.Run, b: runs.Run) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _with_error(score, stderr) -> str:
+    if pd.isna(score):
+        return "n/a"
+    return f"{score:.4g} ± {stderr:.2g}" if stderr is not None and not pd.isna(stderr) else f"{score:.4g} ± ?"
+
+
+def _p_value(p) -> str:
+    if p is None or pd.isna(p):
+        return "-"
+    return "< 0.001" if p < 0.001 else f"{p:.3g}"
+
+
 def _scores_for_display(table: pd.DataFrame, name_a: str, name_b: str) -> pd.DataFrame:
-    shown = table.rename(columns={"score_a": name_a, "score_b": name_b, "paper": "Ettin paper"})
-    for name in (name_a, name_b):
-        shown[name] = [("n/a" if pd.isna(s) else f"{s:.4g}") + (" ★" if w == name else "")
-                       for s, w in zip(table["score_a" if name == name_a else "score_b"], table["winner"])]
-    shown["higher_is_better"] = ["higher" if h else "lower" for h in table["higher_is_better"]]
-    return shown.rename(columns={"higher_is_better": "better"}).drop(columns=["smoke"])
+    """``score ± stderr`` per model (★ on a decided winner), the difference with its 95% interval, the
+    p-value and the test that decided."""
+    shown = pd.DataFrame({"task": table["task"], "category": table["category"], "metric": table["metric"],
+                          "better": ["higher" if h else "lower" for h in table["higher_is_better"]]})
+    for name, score, stderr in ((name_a, "score_a", "stderr_a"), (name_b, "score_b", "stderr_b")):
+        shown[name] = [_with_error(s, e) + (" ★" if w == name else "")
+                       for s, e, w in zip(table[score], table[stderr], table["winner"])]
+    shown["A - B [95% interval]"] = ["-" if d is None or pd.isna(d) else f"{d:+.4g} [{ci[0]:+.3g}, {ci[1]:+.3g}]"
+                                     for d, ci in zip(table["difference"], table["difference_ci95"])]
+    shown["p"] = [_p_value(p) for p in table["p_value"]]
+    shown["test"] = ["-" if pd.isna(t) else t for t in table["test"]]
+    shown["winner"] = table["winner"]
+    shown["Ettin paper"] = table["paper"]
+    shown["agrees"] = table["agrees"]
+    return shown
 
 
 # ------------------------------------------------------------------------------------------------

@@ -88,24 +88,36 @@ def plot_throughput(runs: Sequence[Run]):
     return figure
 
 
+def _interval_bars(scores: Sequence[float], stderrs: Sequence[Optional[float]]) -> list[float]:
+    """Half-widths of the 95% normal intervals (0 where no standard error is recorded)."""
+    from ettin.evaluation.uncertainty import Z95
+
+    return [0.0 if e is None or pd.isna(e) or pd.isna(s) else Z95 * float(e) for s, e in zip(scores, stderrs)]
+
+
 def plot_scores(table: pd.DataFrame, names: Sequence[str]):
-    """One panel per task: both models' scores, the winner's bar marked with a star."""
+    """One panel per task: both models' scores with their 95% intervals (eval.json's ci95; else score +-
+    1.96 stderr), a decided winner's bar marked with a star (``scores.score_table``' table)."""
     tasks = list(table.itertuples(index=False))
     cols = min(3, max(1, len(tasks)))
     rows = max(1, math.ceil(len(tasks) / cols))
     figure, axes = _figure(rows, cols, width=3.2 * cols, height=2.6)
     for axis, task in zip(axes, tasks):
-        scores = [getattr(task, "score_a"), getattr(task, "score_b")]
+        scores = [task.score_a, task.score_b]
         heights = [0.0 if pd.isna(s) else float(s) for s in scores]
-        bars = axis.bar([0, 1], heights, color=COLORS[:2])
+        errors = _interval_bars(scores, [getattr(task, "stderr_a", None), getattr(task, "stderr_b", None)])
+        below, above = zip(*((max(0.0, s - i[0]), max(0.0, i[1] - s)) if isinstance(i, (list, tuple)) else (e, e)
+                             for s, e, i in zip(heights, errors, (getattr(task, "ci95_a", None),
+                                                                  getattr(task, "ci95_b", None)))))
+        bars = axis.bar([0, 1], heights, color=COLORS[:2], yerr=[below, above], capsize=4, ecolor="black")
         axis.set_xticks([0, 1], [str(n) for n in names], fontsize=7)
         arrow = "higher" if task.higher_is_better else "lower"
         axis.set_title(f"{task.task} ({task.category})\n{task.metric}, {arrow} is better", fontsize=8)
-        for bar, score, name in zip(bars, scores, names):
+        for bar, score, error, name in zip(bars, scores, above, names):
             text = "n/a" if pd.isna(score) else f"{score:.3g}"
             if task.winner == name:
                 text += " ★"
-            axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + error),
                           ha="center", va="bottom", fontsize=8)
         axis.margins(y=0.25)
     for axis in axes[len(tasks):]:
@@ -118,13 +130,17 @@ def plot_scores(table: pd.DataFrame, names: Sequence[str]):
 
 def plot_scores_over_tokens(table: pd.DataFrame, task: str, runs: Sequence[Run]):
     """One task's score at each evaluated checkpoint against the cumulative token count (the loss plots'
-    axis, phase boundaries dotted), one series per run (``scores.checkpoint_scores``' table)."""
+    axis, phase boundaries dotted), one series per run (``scores.checkpoint_scores``' table), with 95%
+    intervals where standard errors are recorded."""
     figure, (axis,) = _figure()
     points = table[table["task"] == task]
     for color, run in zip(COLORS, runs):
         mine = points[points["run"] == run.name]
         if len(mine):
             axis.plot(mine["total_tokens"], mine["score"], "o-", color=color, label=run.label)
+            errors = _interval_bars(list(mine["score"]), list(mine["stderr"])) if "stderr" in mine else []
+            if any(errors):
+                axis.errorbar(mine["total_tokens"], mine["score"], yerr=errors, fmt="none", ecolor=color, capsize=3)
     first = points.iloc[0]
     direction = "higher" if first["higher_is_better"] else "lower"
     _finish(axis, runs, f"{task} ({first['category']}) over training", f"{first['metric']} ({direction} is better)",
@@ -137,7 +153,9 @@ SERIES_ORDER = ("encoders", "decoders", "encoder-from-decoder", "decoder-from-en
 
 def plot_ladder(table: pd.DataFrame, paper: Optional[pd.DataFrame] = None):
     """One panel per task (and category average): score against parameters on a log axis, one line
-    per series of the suite (``ettin.report.suite``'s table); ``paper``'s rows (the Ettin paper's
+    per series of the suite (``ettin.report.suite``'s table) with 95% intervals where standard errors are
+    recorded; with several seeds per member, the line goes through the seeds' mean and each seed is
+    a cross; ``paper``'s rows (the Ettin paper's
     scores at the same sizes and tasks) as hollow points in their series' colour."""
     from matplotlib.ticker import NullFormatter
 
@@ -150,7 +168,15 @@ def plot_ladder(table: pd.DataFrame, paper: Optional[pd.DataFrame] = None):
         for color, series in zip(COLORS, SERIES_ORDER):
             points = rows_of_task[rows_of_task["series"] == series].sort_values("parameters")
             if len(points):
-                axis.plot(points["parameters"], points["score"], marker="o", color=color, label=series)
+                means = points.groupby("parameters", as_index=False)["score"].mean()  # over seeds, if several
+                axis.plot(means["parameters"], means["score"], marker="o", color=color, label=series)
+                if len(means) < len(points):  # several seeds: each seed's score, the spread around the mean
+                    axis.plot(points["parameters"], points["score"], linestyle="none", marker="x", markersize=4,
+                              color=color, label=f"{series} (each seed)")
+                errors = _interval_bars(list(points["score"]), list(points["stderr"])) if "stderr" in points else []
+                if any(errors):
+                    axis.errorbar(points["parameters"], points["score"], yerr=errors, fmt="none", ecolor=color,
+                                  capsize=3)
             if paper is not None:
                 published = paper[(paper["task"] == task) & (paper["series"] == series)]
                 if len(published):

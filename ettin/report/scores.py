@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
+from ettin.evaluation import uncertainty
 from ettin.report.runs import Run, RunError
 
 
@@ -29,6 +31,7 @@ def load_evaluation(*sources: dict | Path | str) -> Optional[dict]:
                 raise RunError(f"{path} is not a readable eval.json ({error}); write one with "
                                "python -m ettin.eval RUN_A RUN_B") from None
             where = str(path)
+            data = _with_absolute_examples(data, path.parent)
         else:
             data, where = source, "the evaluation"
         if not isinstance(data, dict) or data.get("format") != EVAL_FORMAT or \
@@ -44,6 +47,51 @@ def load_evaluation(*sources: dict | Path | str) -> Optional[dict]:
     return merged
 
 
+def _with_absolute_examples(data: dict, folder: Path) -> dict:
+    """``data`` with each task's ``per_example`` file (written relative to its eval.json) made absolute."""
+    if not isinstance(data.get("models"), dict):
+        return data
+    models = {}
+    for name, model in data["models"].items():
+        tasks = {task: ({**result, "per_example": str(folder / result["per_example"])}
+                        if isinstance(result, dict) and result.get("per_example") else result)
+                 for task, result in (model.get("tasks") or {}).items()} if isinstance(model, dict) else None
+        models[name] = {**model, "tasks": tasks} if tasks is not None else model
+    return {**data, "models": models}
+
+
+def _same_examples(a: dict, b: dict) -> bool:
+    """Whether two task results were scored on the same examples (same split, seed and limit: the
+    offline tasks are generated from the seed)."""
+    return all(a.get(key) == b.get(key) for key in ("split", "seed", "limit", "n_examples"))
+
+
+def compare_results(a: dict, b: dict) -> Optional[dict]:
+    """The test of two task results (ettin.evaluation.uncertainty): paired on their per-example files when
+    both have one on the same examples, else unpaired from their standard errors; None when either has
+    no standard error."""
+    paths = [Path(r["per_example"]) if r.get("per_example") else None for r in (a, b)]
+    if all(p is not None and p.is_file() for p in paths) and _same_examples(a, b):
+        examples = [uncertainty.load_examples(p) for p in paths]
+        if np.array_equal(examples[0]["index"], examples[1]["index"]):
+            return uncertainty.paired_comparison(*examples)
+    if a.get("stderr") is None or b.get("stderr") is None:
+        return None
+    return uncertainty.unpaired_comparison(a["score"], a["stderr"], b["score"], b["stderr"])
+
+
+WITHIN_NOISE = "within noise"
+
+
+def decided_winner(comparison: Optional[dict], name_a: str, name_b: str, higher_is_better: bool) -> str:
+    """``name_a``, ``name_b``, "within noise" (p >= LEVEL) or "not tested (no standard error)"."""
+    if comparison is None:
+        return "not tested (no standard error)"
+    if comparison["p_value"] >= uncertainty.LEVEL or comparison["difference"] == 0:
+        return WITHIN_NOISE
+    return name_a if (comparison["difference"] > 0) == higher_is_better else name_b
+
+
 def is_smoke(evaluation: Optional[dict]) -> bool:
     """True when any task is a smoke task (or the suite is the offline one that ships with ettin)."""
     if not evaluation:
@@ -55,10 +103,12 @@ def is_smoke(evaluation: Optional[dict]) -> bool:
 
 
 def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.DataFrame:
-    """Per task: both scores, the winner (by the metric's direction), what the Ettin paper found
-    for the task's category and whether this pair agrees."""
-    columns = ["task", "category", "metric", "higher_is_better", "score_a", "score_b", "winner",
-               "paper", "agrees", "smoke"]
+    """Per task: both scores with their standard errors and 95% intervals, the test of their difference (A - B, its 95%
+    interval and p-value, the test's name), the winner it decides (or "within noise"), what the Ettin
+    paper found for the task's category and whether this pair agrees (only for a decided winner)."""
+    columns = ["task", "category", "metric", "higher_is_better", "score_a", "stderr_a", "ci95_a", "score_b",
+               "stderr_b", "ci95_b", "difference", "difference_ci95", "p_value", "test", "winner", "paper", "agrees",
+               "smoke"]
     if not evaluation:
         return pd.DataFrame(columns=columns)
     models = evaluation["models"]
@@ -76,14 +126,14 @@ def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.Data
         score_a = ta["score"] if ta else float("nan")
         score_b = tb["score"] if tb else float("nan")
         higher = bool(first.get("higher_is_better", True))
+        comparison = None
         if not (ta and tb):
             winner = "not evaluated on both"
         elif ta.get("metric") != tb.get("metric"):
             winner = f"not comparable ({ta.get('metric')} vs {tb.get('metric')})"
-        elif score_a == score_b:
-            winner = "tie"
         else:
-            winner = name_a if (score_a > score_b) == higher else name_b
+            comparison = compare_results(ta, tb)
+            winner = decided_winner(comparison, name_a, name_b, higher)
         expected = PAPER_DIRECTION.get(first.get("category"))
         if expected is None:
             paper = "-"
@@ -95,30 +145,68 @@ def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.Data
             agrees = "yes" if kinds[winner] == expected else "no"
         else:
             agrees = "-"
-        rows.append([task, first.get("category"), first.get("metric"), higher, score_a, score_b,
-                     winner, paper, agrees, bool((ta or {}).get("smoke") or (tb or {}).get("smoke"))])
+        comparison = comparison or {}
+        rows.append([task, first.get("category"), first.get("metric"), higher,
+                     score_a, (ta or {}).get("stderr"), (ta or {}).get("ci95"),
+                     score_b, (tb or {}).get("stderr"), (tb or {}).get("ci95"),
+                     comparison.get("difference"), comparison.get("difference_ci95"), comparison.get("p_value"),
+                     comparison.get("test"), winner, paper, agrees,
+                     bool((ta or {}).get("smoke") or (tb or {}).get("smoke"))])
     return pd.DataFrame(rows, columns=columns)
 
 
 CHECKPOINT_COLUMNS = ["run", "checkpoint", "total_tokens", "task", "category", "metric", "higher_is_better",
-                      "score"]
+                      "score", "stderr", "phase"]
 
 
 def checkpoint_scores(evaluation: Optional[dict], runs: Sequence[Run]) -> pd.DataFrame:
-    """Every score of the runs' checkpoints in the evaluation, at each checkpoint's cumulative token count
-    (the loss plots' axis). ``python -m ettin.eval RUN --checkpoints ...`` names a checkpoint's model
-    ``RUN@CHECKPOINT``; models of checkpoints the run no longer has are left out (no token count)."""
+    """Every score (and its standard error, None where not recorded) of the runs' checkpoints in the
+    evaluation, at each checkpoint's cumulative token count (the loss plots' axis). ``python -m ettin.eval RUN
+    --checkpoints ...`` names a checkpoint's model ``RUN@CHECKPOINT``; models of checkpoints the run no longer
+    has are left out (no token count)."""
     rows = []
     models = (evaluation or {}).get("models", {})
     for run in runs:
         for checkpoint in run.checkpoints:
             for task, result in models.get(f"{run.name}@{checkpoint.path.name}", {}).get("tasks", {}).items():
                 rows.append([run.name, checkpoint.path.name, checkpoint.total_tokens, task, result.get("category"),
-                             result.get("metric"), bool(result.get("higher_is_better", True)), result["score"]])
+                             result.get("metric"), bool(result.get("higher_is_better", True)), result["score"],
+                             result.get("stderr"), checkpoint.phase])
     table = pd.DataFrame(rows, columns=CHECKPOINT_COLUMNS)
     order = {run.name: position for position, run in enumerate(runs)}  # the runs in the order given
     return table.sort_values(["task", "run", "total_tokens"], key=lambda column: column.map(order)
                              if column.name == "run" else column, kind="stable", ignore_index=True)
+
+
+NOISE_CHECKPOINTS = 3  # the last N evaluated checkpoints of a phase whose spread is a task's noise
+SEPARATES = 2.0  # signal > SEPARATES x noise: the runs' difference stands out of the checkpoint noise
+
+
+def checkpoint_noise(table: pd.DataFrame, runs: Sequence[Run], last: int = NOISE_CHECKPOINTS) -> pd.DataFrame:
+    """Signal and noise over training (after AI2's "Signal and Noise", 2025), per task and phase: each run's
+    noise is the standard deviation (n-1) of its scores at its last ``last`` evaluated checkpoints of the
+    phase; the signal is the spread of the runs' means over those checkpoints (the largest minus the
+    smallest; for a pair, |A - B|); the noise of that difference is the root sum of squares of the two
+    runs' noises; a task separates the runs when signal > SEPARATES x noise. Phases where a run has fewer
+    than two evaluated checkpoints are left out."""
+    rows = []
+    for (task, phase), points in table.groupby(["task", "phase"], sort=False):
+        spreads, means = {}, {}
+        for run in runs:
+            scores = points[points["run"] == run.name].sort_values("total_tokens")["score"].tail(last)
+            if len(scores) >= 2:
+                spreads[run.name], means[run.name] = float(scores.std(ddof=1)), float(scores.mean())
+        if len(spreads) < 2:
+            continue
+        high, low = max(means, key=means.get), min(means, key=means.get)
+        signal = means[high] - means[low]
+        noise = (spreads[high] ** 2 + spreads[low] ** 2) ** 0.5
+        rows.append({"task": task, "phase": phase, "checkpoints": min(last, *(
+            int((points["run"] == name).sum()) for name in spreads)),
+            **{f"noise {name}": spread for name, spread in spreads.items()},
+            "signal": signal, "noise of the difference": noise,
+            "separates": "yes" if signal > SEPARATES * noise else "no"})
+    return pd.DataFrame(rows)
 
 
 def has_pair_scores(evaluation: Optional[dict], names: Sequence[str]) -> bool:

@@ -17,13 +17,14 @@ from typing import Sequence
 
 import pandas as pd
 
+from ettin.cluster.suite import BASE, member_name
 from ettin.evaluation.paper import paper_entry
 from ettin.model.config import size_row
 from ettin.report import identity, plots, runs, scores
 from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
 
 COLUMNS = ["member", "size", "parameters", "objective", "origin", "series", "task", "category",
-           "metric", "score", "direction"]
+           "metric", "score", "direction", "stderr", "ci95_low", "ci95_high", "stderr_method", "seed"]
 # A member's series: its kind (from its objective) and whether it was trained natively.
 SERIES = {("encoder", "native"): "encoders", ("decoder", "native"): "decoders",
           ("encoder", "cross"): "encoder-from-decoder", ("decoder", "cross"): "decoder-from-encoder"}
@@ -41,16 +42,32 @@ def suite_table(members: Sequence[dict], evaluation: dict) -> pd.DataFrame:
         parameters = size_row(member["size"]).parameters or result.get("parameters")
         series = SERIES[(result["kind"], member["origin"])]
         for task, score in sorted(result["tasks"].items()):
+            low, high = score.get("ci95") or (None, None)
             rows.append([member["name"], member["size"], parameters, result["objective"],
                          member["origin"], series, task, score["category"], score["metric"],
-                         score["score"], "higher" if score["higher_is_better"] else "lower"])
+                         score["score"], "higher" if score["higher_is_better"] else "lower",
+                         score.get("stderr"), low, high, score.get("stderr_method", "not recorded"),
+                         member.get("seed")])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+AVERAGE_STDERR = "sqrt(sum of the tasks' stderr^2) / tasks (tasks independent); normal 95% interval"
+
+
 def category_averages(table: pd.DataFrame) -> pd.DataFrame:
-    """Each member's mean score per task category (the rows a 'task' of the ladder plot)."""
-    averaged = (table.groupby(["member", "size", "parameters", "objective", "origin", "series",
-                               "category", "direction"], as_index=False)["score"].mean())
+    """Each member's mean score per task category (the rows a 'task' of the ladder plot), its standard
+    error from the tasks' (``AVERAGE_STDERR``; none when a task has none)."""
+    from ettin.evaluation.uncertainty import Z95
+
+    keys = ["member", "size", "parameters", "objective", "origin", "series", "category", "direction"]
+    averaged = table.groupby(keys, as_index=False, dropna=False).agg(
+        seed=("seed", "first"),
+        score=("score", "mean"), tasks=("score", "size"), variance=("stderr", lambda e: (e.astype(float) ** 2).sum()
+                                                                    if e.notna().all() else float("nan")))
+    averaged["stderr"] = averaged["variance"] ** 0.5 / averaged["tasks"]
+    averaged["ci95_low"] = averaged["score"] - Z95 * averaged["stderr"]
+    averaged["ci95_high"] = averaged["score"] + Z95 * averaged["stderr"]
+    averaged["stderr_method"] = AVERAGE_STDERR
     averaged["task"] = "average: " + averaged["category"]
     averaged["metric"] = "mean score"
     return averaged[COLUMNS]
@@ -93,15 +110,50 @@ def identity_table(directory: Path, members: Sequence[dict]) -> pd.DataFrame:
         table.insert(0, "size", label)
         frames.append(table)
 
+    seeds = list(dict.fromkeys(m.get("seed") for m in members))
     for size in sizes:
-        for pair in (("encoder", "decoder"), ("encoder_from_decoder", "decoder_from_encoder")):
-            names = [f"{role}_{size}" for role in pair]
-            if all(n in by_name for n in names):
-                compare(names, size)
+        for seed in seeds:
+            for pair in (("encoder", "decoder"), ("encoder_from_decoder", "decoder_from_encoder")):
+                names = [member_name(role, size, seed) for role in pair]
+                if all(n in by_name for n in names):
+                    compare(names, size if seed is None else f"{size} seed {seed}")
     firsts = [next(m["name"] for m in members if m["size"] == size) for size in sizes]
     for other in firsts[1:]:
         compare([firsts[0], other], "across sizes", ACROSS_SIZES)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+CROSS_COLUMNS = ["member", "against", "task", "metric", "member score", "against score", "difference",
+                 "p", "test", "verdict"]
+
+
+def cross_comparisons(members: Sequence[dict], evaluation: dict) -> pd.DataFrame:
+    """Each cross member against its base (the model it continued from) and against the native member of the
+    kind it became, task by task: the paired test of the pair report (ettin.report.scores.compare_results),
+    "<member> ahead" when p < LEVEL, else "within noise"."""
+    names = {m["name"] for m in members}
+    rows = []
+    for member in members:
+        if member["role"] not in BASE:
+            continue
+        kind = member["role"].split("_from_")[0]
+        for against in (member_name(BASE[member["role"]], member["size"], member.get("seed")),
+                        member_name(kind, member["size"], member.get("seed"))):
+            if against not in names:
+                continue
+            mine, theirs = (evaluation["models"][n]["tasks"] for n in (member["name"], against))
+            for task in sorted(set(mine) & set(theirs)):
+                a, b = mine[task], theirs[task]
+                if a["metric"] != b["metric"]:
+                    continue
+                compared = scores.compare_results(a, b)
+                winner = scores.decided_winner(compared, member["name"], against, bool(a.get("higher_is_better", True)))
+                verdict = f"{winner} ahead" if winner in (member["name"], against) else winner
+                rows.append([member["name"], against, task, a["metric"], a["score"], b["score"],
+                             compared["difference"] if compared else None,
+                             compared["p_value"] if compared else None, compared["test"] if compared else "-",
+                             verdict])
+    return pd.DataFrame(rows, columns=CROSS_COLUMNS)
 
 
 def write_suite_report(directory: Path | str, members: Sequence[dict],
@@ -128,12 +180,16 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
     blocks += [
         ("h2", "Scores against parameters"),
         ("p", "Per task and per category average, each series' score against the parameter count "
-              "(log axis): encoders, decoders, encoder-from-decoder, decoder-from-encoder."),
+              "(log axis): encoders, decoders, encoder-from-decoder, decoder-from-encoder. Bars: 95% intervals "
+              "(suite.csv's stderr, ci95_low, ci95_high and stderr_method; an average's stderr is "
+              f"{AVERAGE_STDERR})."),
         image(plots.plot_ladder(ladder, paper), out, "ladder.png", "scores against parameters"),
         ("table", ladder.pivot_table(index=["task", "metric", "direction"],
                                      columns=["series", "size"], values="score")
          .round(4).reset_index().pipe(_flat_columns)),
         *_paper_blocks(table, paper),
+        *_seed_blocks(table),
+        *_cross_blocks(members, evaluation),
         ("h2", "Data and schedule identity across members"),
         ("p", f"{len(checks)} checks, {differs} differ. Each size's encoder and decoder (and its two "
               "cross members) must have seen the same data in the same order under the same "
@@ -143,6 +199,44 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
     (out / "report.md").write_text(render_markdown(blocks))
     (out / "report.html").write_text(render_html(blocks, out, title=title))
     return out / "report.md"
+
+
+def seed_spread(table: pd.DataFrame) -> pd.DataFrame:
+    """Per series, size and task: the seeds trained, the mean score over them and their standard deviation
+    (n-1), beside the mean of the seeds' own evaluation standard errors (noise of one evaluation)."""
+    seeded = table[table["seed"].notna()]
+    if seeded.empty:
+        return pd.DataFrame()
+    return (seeded.groupby(["series", "size", "task"], as_index=False, sort=False)
+            .agg(seeds=("seed", "nunique"), mean=("score", "mean"), seed_std=("score", "std"),
+                 mean_stderr=("stderr", "mean")))
+
+
+def _seed_blocks(table: pd.DataFrame) -> list[tuple]:
+    spread = seed_spread(table)
+    if spread.empty:
+        return []
+    return [("h2", "Spread over training seeds"),
+            ("p", "Each member trained with several seeds (seeds=N): per series, size and task the mean over the "
+                  "seeds, the standard deviation of the seeds' scores (n-1; the training-seed noise) and the mean "
+                  "of their evaluation standard errors (the noise of one evaluation on these examples)."),
+            ("table", spread.round(4))]
+
+
+def _cross_blocks(members: Sequence[dict], evaluation: dict) -> list[tuple]:
+    """Where each cross-objective member can and cannot be told apart from its base and its native kind."""
+    from ettin.evaluation.uncertainty import LEVEL
+
+    compared = cross_comparisons(members, evaluation)
+    if compared.empty:
+        return []
+    apart = compared[compared["verdict"].str.endswith(" ahead")]
+    return [("h2", "Cross-objective members against their base and their native kind"),
+            ("p", f"Each cross member against the model it continued from and against the native member of the "
+                  f"kind it became, on the same examples (McNemar exact for accuracy, a paired bootstrap otherwise; "
+                  f"one is ahead when p < {LEVEL}). Distinguishable on {len(apart)} of {len(compared)} "
+                  f"comparisons; the rest are within noise (or not tested, where a score has no error)."),
+            ("table", compared.round(4))]
 
 
 def _paper_blocks(table: pd.DataFrame, paper: pd.DataFrame) -> list[tuple]:
