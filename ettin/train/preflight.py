@@ -337,7 +337,7 @@ def report(cfg: TrainConfig, steps: int) -> str:
             total_wall += proj["wall_s"]
             total_hours += proj["device_hours"]
             lines.append(f"  whole phase on {proj['world']} device(s): >= {proj['steps']:,} optimizer "
-                         f"steps, {_duration(proj['wall_s'])} wall, {proj["device_hours"]:,.1f} "
+                         f"steps, {_duration(proj['wall_s'])} wall, {proj['device_hours']:,.1f} "
                          "device-hours")
         lines.append("  " + fits(cfg, phase, m, free))
     if total_wall:
