@@ -49,8 +49,17 @@ class TrainingMemory:
 
     @property
     def peak(self) -> int:
-        backward_start = self.weights + self.optimizer + self.activations + self.loss \
-            + self.tied_embedding_gradient
+        """From the second optimizer step on (the moments exist during the backward pass)."""
+        return self._peak(moments_in_backward=True)
+
+    @property
+    def first_step_peak(self) -> int:
+        """Of the first optimizer step: the moments are created by the step itself."""
+        return self._peak(moments_in_backward=False)
+
+    def _peak(self, moments_in_backward: bool) -> int:
+        backward_start = self.weights + self.activations + self.loss + self.tied_embedding_gradient \
+            + (self.optimizer if moments_in_backward else 0)
         optimizer_step = self.weights + self.gradients + self.optimizer
         return max(backward_start, optimizer_step)
 

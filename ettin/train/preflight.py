@@ -321,7 +321,9 @@ def report(cfg: TrainConfig, steps: int) -> str:
             lines.append(f"  {m.skipped}")
         else:
             other = m.peak - m.weights - m.gradients - m.optimizer
-            error = m.predicted.peak / m.peak - 1
+            # One step: the moments did not exist yet during its backward pass.
+            predicted = m.predicted.peak if m.steps > 1 else m.predicted.first_step_peak
+            error = predicted / m.peak - 1
             lines += [
                 f"  time: {m.seconds_per_micro_batch:.2f} s per micro-batch (forward + backward), "
                 f"{m.seconds_per_optimizer_update:.2f} s per optimizer update, "
@@ -329,7 +331,7 @@ def report(cfg: TrainConfig, steps: int) -> str:
                 f"  memory per device, measured peak {m.peak / GIB:.2f} GiB = weights "
                 f"{m.weights / GIB:.2f} + gradients {m.gradients / GIB:.2f} + optimizer "
                 f"{m.optimizer / GIB:.2f} + activations and workspace {other / GIB:.2f}",
-                f"  memory model: {m.predicted.peak / GIB:.2f} GiB predicted ({error:+.0%} of the "
+                f"  memory model: {predicted / GIB:.2f} GiB predicted ({error:+.0%} of the "
                 f"measured peak; activations {m.predicted.activations / GIB:.2f}, loss "
                 f"{m.predicted.loss / GIB:.2f})",
             ]
