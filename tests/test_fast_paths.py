@@ -289,8 +289,26 @@ def test_masks_exist_before_the_first_layer_runs(attn, monkeypatch):
     with torch.no_grad():
         model(long["input_ids"], cu_seqlens=long["cu_seqlens"], max_seqlen=long["max_seqlen"], causal=True)
     assert len(seen) == 4 and len(set(seen)) == 1
-    expected = {("flex", False), ("flex", True)} if attn == "flex" else {"band", "grid_index", ("grid", False)}
+    # sdpa on CPU: the global layers of rows that differ run row by row, with no mask at all.
+    expected = {("flex", False), ("flex", True)} if attn == "flex" else {"band"}
     assert seen[0] == expected
+
+
+@pytest.mark.parametrize("causal", [False, True, "mixed"])
+def test_cpu_global_layers_over_rows_that_differ_run_row_by_row_exactly(causal, monkeypatch):
+    """No [T, T] mask on CPU (its sdpa kernel for a mask keeps [heads, T, T] scores): each row alone,
+    the same logits as eager's explicit softmax over the masked grid."""
+    long = CLMCollator(IDS, vocab_size=VOCAB)([(0, np.arange(5, 85)), (1, np.arange(5, 45))])
+    direction = torch.tensor([True, False]) if causal == "mixed" else causal
+    rowwise = []
+    monkeypatch.setattr(ettin.model.modernbert, "rowwise_attention", lambda *a, f=ettin.model.modernbert.rowwise_attention: (
+        rowwise.append(1), f(*a))[1])
+    flat = dict(input_ids=long["input_ids"], cu_seqlens=long["cu_seqlens"], max_seqlen=long["max_seqlen"])
+    with torch.no_grad():
+        actual = tiny_model()(**flat, causal=direction).logits
+        expected = tiny_model(attn_implementation="eager")(**flat, causal=direction).logits
+    assert len(rowwise) == 2  # the two global layers of four
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_bad_fast_path_arguments_are_clear_errors():
