@@ -301,7 +301,8 @@ def test_data_prepared_with_another_tokenizer_is_refused(workspace, straight_run
 def test_console_shows_the_decisive_lines_and_no_lightning_banners(tmp_path, capfd):
     cfg = compose("smoke", [f"output_dir={tmp_path / 'runs'}", f"data_dir={tmp_path / 'data'}",
                             "run_name=console", "pair=false", "phase_order=[pretrain]",
-                            "phases.pretrain.tokens=3_000", "trainer.num_workers=0"])
+                            "phases.pretrain.tokens=3_000", "phases.pretrain.warmup_tokens=0",
+                            "trainer.num_workers=0"])
     train(cfg)
     console = capfd.readouterr()
     text = console.out + console.err

@@ -64,18 +64,22 @@ class TrainingMemory:
         return max(backward_start, optimizer_step)
 
 
-def attention_path(backend: str, device: str, sliding: bool, needs_mask: bool) -> str:
+def attention_path(backend: str, device: str, sliding: bool, needs_mask: bool, longest: int) -> str:
     """``efficient`` or ``math``: which kind of kernel a layer's attention runs on (see the module
-    docstring). ``needs_mask``: the rows of the micro-batch differ in length or direction."""
+    docstring). ``needs_mask``: the rows of the micro-batch differ in length or direction;
+    ``longest``: the longest row."""
+    from ettin.model.modernbert import ROWWISE_MIN_LENGTH
+
     if backend in ("flash", "flex"):
         return "efficient"
     if backend == "eager":
         return "math"
     if sliding:  # the band always carries a mask; only CPU has no efficient kernel for one
         return "math" if device == "cpu" else "efficient"
-    # Global layers: rows that differ run one at a time without a mask on CPU
+    # Global layers: long rows that differ run one at a time without a mask on CPU
     # (modernbert.rowwise_attention); a GPU's kernels take the mask.
-    return "efficient"
+    short = longest < ROWWISE_MIN_LENGTH
+    return "math" if needs_mask and device == "cpu" and short else "efficient"
 
 
 def training_memory(config: ModelConfig, row_lengths: Sequence[int], targets: int, *,
@@ -95,7 +99,7 @@ def training_memory(config: ModelConfig, row_lengths: Sequence[int], targets: in
     attention = quadratic = 0
     for layer in range(config.num_hidden_layers):
         sliding = not config.is_global_layer(layer)
-        if attention_path(config.attn_implementation, device, sliding, needs_mask) != "math":
+        if attention_path(config.attn_implementation, device, sliding, needs_mask, longest) != "math":
             continue
         if sliding and config.attn_implementation == "sdpa":
             keys_per_query = 4 * config.window + 2  # the band: block + 2 w keys, block = 2 (w + 1)

@@ -162,11 +162,13 @@ class Layout:
         real_key = idx[None, None, :] < self.lengths[:, None, None]
         return ((pattern & real_key) | torch.eye(t, dtype=torch.bool, device=idx.device))[:, None]
 
-    # -- sdpa on CPU, global layers over rows that differ: one row at a time ------------------------
+    # -- sdpa on CPU, global layers over long rows that differ: one row at a time -------------------
     def rowwise(self) -> bool:
         """Whether sdpa's global layers attend row by row (``rowwise_attention``): on CPU, when the
-        grid would need a mask (rows of different lengths or directions)."""
-        return self.cu_seqlens.device.type == "cpu" and (self.mixed or not self.uniform)
+        grid would need a mask (rows of different lengths or directions) and its rows are at least
+        ``ROWWISE_MIN_LENGTH`` long."""
+        return (self.cu_seqlens.device.type == "cpu" and self.max_seqlen >= ROWWISE_MIN_LENGTH
+                and (self.mixed or not self.uniform))
 
     # -- sdpa, long sliding layers: a band of keys per block of the flat stream ---------------------
     def use_band(self) -> bool:
@@ -295,6 +297,11 @@ def dot_product_attention(q, k, v, mask: Optional[torch.Tensor], is_causal: bool
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout)
     return probs @ v
+
+
+# Shorter rows keep the masked grid on CPU: its [heads, T, T] scores are then no larger than the
+# layer's other activations (12 heads x 512 fp32 = 24 KB per token, against ~50 KB for the 150m).
+ROWWISE_MIN_LENGTH = 512
 
 
 def rowwise_attention(qkv, layout: Layout, dropout: float) -> torch.Tensor:

@@ -212,13 +212,10 @@ def _sync(device: torch.device) -> None:
 
 def measure_phase(cfg: TrainConfig, phase: str, steps: int) -> PhaseMeasure:
     """The phase's preflight in a fresh process, unless the memory model says it cannot fit."""
-    from ettin.model.modernbert import ModernBert
-
     p = cfg.phases[phase]
     device = device_kind(cfg)
     config, _ = _phase_model(cfg, phase)
-    with torch.device("meta"):
-        parameters = ModernBert(config).num_parameters()
+    parameters = parameters_of(config)
     free = free_memory(device)
     rows = 1 if device == "cpu" else p.micro_batch
     while rows > 1 and predict(cfg, phase, config, rows, parameters).peak > free:
@@ -260,15 +257,18 @@ def projection(cfg: TrainConfig, phase: str, measure: PhaseMeasure) -> dict:
     return dict(world=world, steps=steps, wall_s=wall, device_hours=wall * world / 3600)
 
 
-def fits(cfg: TrainConfig, phase: str, measure: PhaseMeasure, free: int) -> str:
-    """Whether the recipe's micro-batch fits one device, by the memory model scaled to the measured
-    peak, and the setting to change when it does not."""
+def parameters_of(config) -> int:
     from ettin.model.modernbert import ModernBert
 
-    p = cfg.phases[phase]
-    config, _ = _phase_model(cfg, phase)
     with torch.device("meta"):
-        parameters = ModernBert(config).num_parameters()
+        return ModernBert(config).num_parameters()
+
+
+def fits(cfg: TrainConfig, phase: str, config, free: int) -> str:
+    """Whether the recipe's micro-batch fits one device by the memory model (``config``: the
+    phase's model), and the setting to change when it does not."""
+    p = cfg.phases[phase]
+    parameters = parameters_of(config)
     recipe = predict(cfg, phase, config, p.micro_batch, parameters)
     if recipe.peak <= free:
         return f"fits: micro_batch={p.micro_batch} needs {recipe.peak / GIB:.1f} of {free / GIB:.1f} GiB"
@@ -293,6 +293,28 @@ def fits(cfg: TrainConfig, phase: str, measure: PhaseMeasure, free: int) -> str:
             f"{free / GIB:.1f} GiB free; set " + " or ".join(advice))
 
 
+def quadratic_note(cfg: TrainConfig, phase: str, config) -> Optional[str]:
+    """What of the recipe's micro-batch grows with the square of the row length, if anything."""
+    p = cfg.phases[phase]
+    memory = predict(cfg, phase, config, p.micro_batch, parameters_of(config))
+    if not memory.quadratic_attention:
+        return None
+    return (f"{memory.quadratic_attention / GIB:.2f} GiB of the micro-batch's {memory.peak / GIB:.1f} GiB "
+            f"are attention scores that grow with the square of the row length ({p.seq_len} tokens; "
+            f"global layers on torch's math path, attention {config.attn_implementation} on "
+            f"{device_kind(cfg)}); sdpa avoids them")
+
+
+def startup_warnings(cfg: TrainConfig, phase: str, config) -> list[str]:
+    """At the start of a real run, for every phase: a micro-batch predicted not to fit, and quadratic
+    attention memory (the memory model only: run preflight=true to measure)."""
+    verdict = fits(cfg, phase, config, free_memory(device_kind(cfg)))
+    found = [f"phase {phase}: {verdict} (the memory model; preflight=true measures)"] \
+        if verdict.startswith("DOES NOT FIT") else []
+    note = quadratic_note(cfg, phase, config)
+    return found + ([f"phase {phase}: {note}"] if note else [])
+
+
 def report(cfg: TrainConfig, steps: int) -> str:
     """Run every phase's preflight and return the table."""
     from ettin.train.environment import trainer_devices
@@ -312,11 +334,12 @@ def report(cfg: TrainConfig, steps: int) -> str:
     for phase in cfg.phases_to_run():
         m = measure_phase(cfg, phase, steps)
         p = cfg.phases[phase]
-        lines.append(f"phase {phase}: {m.rows} row(s) x {m.seq_len} tokens per micro-batch "
-                     f"(recipe: {p.micro_batch}), {m.predicted.quadratic_attention / GIB:.2f} GiB of it "
-                     "quadratic attention" if m.predicted.quadratic_attention else
-                     f"phase {phase}: {m.rows} row(s) x {m.seq_len} tokens per micro-batch (recipe: "
+        config, _ = _phase_model(cfg, phase)
+        lines.append(f"phase {phase}: {m.rows} row(s) x {m.seq_len} tokens per micro-batch (recipe: "
                      f"{p.micro_batch})")
+        note = quadratic_note(cfg, phase, config)
+        if note:
+            lines.append(f"  {note}")
         if m.skipped:
             lines.append(f"  {m.skipped}")
         else:
@@ -341,7 +364,7 @@ def report(cfg: TrainConfig, steps: int) -> str:
             lines.append(f"  whole phase on {proj['world']} device(s): >= {proj['steps']:,} optimizer "
                          f"steps, {_duration(proj['wall_s'])} wall, {proj['device_hours']:,.1f} "
                          "device-hours")
-        lines.append("  " + fits(cfg, phase, m, free))
+        lines.append("  " + fits(cfg, phase, config, free))
     if total_wall:
         lines.append(f"whole recipe (phases measured): {_duration(total_wall)} wall, "
                      f"{total_hours:,.1f} device-hours on this device kind; full-length rows, no "

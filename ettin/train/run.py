@@ -62,6 +62,13 @@ def _train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"tokenizer={cfg.tokenizer}: {error}") from None
     phases = cfg.phases_to_run()
     sources = check_phases_data(cfg, tokenizer)
+    if is_rank_zero():
+        from ettin.train.phase import run_model_config
+        from ettin.train.preflight import startup_warnings
+
+        for phase in phases:
+            for warning in startup_warnings(cfg, phase, run_model_config(cfg, phase, tokenizer)):
+                log.warning("%s", warning)
     # Last, as it loads weights and optimizer state: every cheaper check has passed by then.
     start = resolve_start(cfg)
     if is_rank_zero():

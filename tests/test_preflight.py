@@ -1,0 +1,51 @@
+"""The preflight (python -m ettin.train ... preflight=true) and the memory model it rests on
+(ettin/model/memory.py), against peaks measured by the kernel."""
+
+from __future__ import annotations
+
+import pytest
+
+from ettin.model.config import model_config
+from ettin.model.memory import training_memory
+from ettin.train.cli import main
+
+
+@pytest.mark.slow
+def test_preflight_prints_every_phase_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipe=smoke", "preflight=true", "preflight_steps=1", "trainer.cpu_threads=1",
+                 f"output_dir={tmp_path / 'runs'}", f"data_dir={tmp_path / 'data'}"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("pretrain", "extension", "decay"):
+        assert f"phase {phase}: 1 row(s) x" in out
+    assert out.count("s per micro-batch") == 3 and out.count("measured peak") == 3
+    assert out.count("fits: micro_batch=8") == 3 and "whole recipe" in out
+    assert list(tmp_path.iterdir()) == []  # no run directory, no data, no tokenizer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, lengths", [("mlm", [512]), ("clm", [512]), ("mlm", [600, 64])])
+def test_memory_model_is_within_a_quarter_of_the_measured_peak(objective, lengths):
+    """The 150m model (large enough that the process's fixed cost is small next to it), one forward
+    and backward in a fresh process; rows of different lengths take the row-by-row global path."""
+    from ettin.bench.memory import measure
+
+    got = measure("150m", objective == "clm", lengths)
+    config = model_config("150m", causal=objective == "clm")
+    model = training_memory(config, lengths, got["targets"], device="cpu", autocast_bf16=False,
+                            activation_checkpointing=False, loss_implementation="plain",
+                            num_parameters=got["parameters"])
+    predicted = model.weights + model.activations + model.loss + model.tied_embedding_gradient
+    assert abs(predicted / got["peak"] - 1) < 0.25, (predicted, got["peak"])
+
+
+def test_memory_model_counts_quadratic_scores_only_where_a_math_path_runs():
+    config = model_config("150m", causal=False)
+    common = dict(targets=300, device="cpu", autocast_bf16=False, activation_checkpointing=False,
+                  loss_implementation="plain", num_parameters=1)
+    assert training_memory(config, [1024], **common).quadratic_attention == 0  # no mask: flash
+    assert training_memory(config, [1024, 600], **common).quadratic_attention == 0  # row by row
+    short = training_memory(config, [256, 100], **common)  # short rows keep the masked grid
+    assert short.quadratic_attention == 8 * (2 * 256 * 12 * 256 * 4 + 2 * 256 * 2 * 768 * 4)
+    eager = model_config("150m", causal=False, attn_implementation="eager")
+    assert training_memory(eager, [1024], **common).quadratic_attention > 0
