@@ -1,6 +1,7 @@
 """The real recipes at their real shapes, on CPU: encoder_150m and decoder_150m through their three
-phases (rows of 1024 tokens, then 8000) for one or two optimizer steps each, with a global batch of
-one row, the built-in tokenizer and corpus, and the memory setting the preflight chooses for this
+phases (full rows of 1024 tokens, then 8000) for one optimizer step each, with a global batch of one
+row, the built-in tokenizer (2,048 ids: the recipe's tokenizer is not available offline) and the
+built-in corpus joined into long documents, and the memory setting the preflight chooses for this
 machine (trainer.activation_checkpointing=true: one 8000-token row of the 150m model needs ~14 GiB
 without it, ~5 GiB with it; docs/benchmarks.md). Both exports must match transformers on a 2,048-token
 input, longer than the window and spanning global and sliding layers.
@@ -26,11 +27,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 PHASES = ("pretrain", "extension", "decay")
 
 
-def real_shapes(root, recipe: str) -> list[str]:
+def real_shapes(root, recipe: str, data: dict) -> list[str]:
     """The recipe with tiny token budgets: one-row steps at the phases' own sequence lengths."""
     tokens = {"pretrain": 1024, "extension": 8000, "decay": 8000}
-    return [f"output_dir={root / 'runs'}", f"data_dir={root / 'data'}", f"run_name={recipe}",
-            "tokenizer=builtin", "data=builtin", "global_batch=1", "phases.pretrain.warmup_tokens=0",
+    seq_len = {"pretrain": 1024, "extension": 8000, "decay": 8000}
+    return [f"output_dir={root / 'runs'}", f"run_name={recipe}", f"tokenizer={data['tokenizer']}",
+            *(f"data.{p}=[{{path: '{data[seq_len[p]]}', weight: 1.0}}]" for p in PHASES),
+            "global_batch=1", "phases.pretrain.warmup_tokens=0",
             "phases.pretrain.batch_warmup_tokens=0", "trainer.activation_checkpointing=true",
             "trainer.num_workers=0", "trainer.cpu_threads=1", "trainer.val_samples=1",
             "export_at_end=true", "keep_last_checkpoints=1",
@@ -44,15 +47,40 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("real")
 
 
+@pytest.fixture(scope="module")
+def long_rows(root) -> dict:
+    """The built-in tokenizer, and data whose rows are full at 1024 and at 8000 tokens: the built-in
+    corpus joined into ten documents far longer than 8,000 tokens (two held out for validation)."""
+    from ettin.data.corpus import builtin_documents
+    from ettin.data.prepare import prepare
+    from ettin.data.tokenizer import ensure_builtin_tokenizer
+
+    tokenizer = root / "tokenizer-builtin"
+    ensure_builtin_tokenizer(tokenizer)
+    texts = [text for _, text in builtin_documents(max_chars=2_000_000)]
+    folder = root / "long-documents"
+    folder.mkdir()
+    for part in range(10):
+        (folder / f"{part}.txt").write_text("\n\n".join(texts[part::10]), encoding="utf-8")
+    data = {"tokenizer": str(tokenizer)}
+    for seq_len in (1024, 8000):
+        data[seq_len] = str(prepare(output=str(root / f"long-{seq_len}"), tokenizer=str(tokenizer),
+                                    input=str(folder), max_seq_len=seq_len, validation_fraction=0.2,
+                                    num_proc=1, progress=False))
+    return data
+
+
 @pytest.mark.parametrize("recipe", ["encoder_150m", "decoder_150m"])
 def test_the_150m_recipe_trains_every_phase_at_its_real_length_and_exports_what_transformers_reads(
-        root, recipe):
+        root, long_rows, recipe):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    cfg = compose(recipe, real_shapes(root, recipe))
+    cfg = compose(recipe, real_shapes(root, recipe, long_rows))
     final = train(cfg)
     metas = [read_meta(c) for c in list_checkpoints(cfg.run_dir)]
     assert [m["phase"] for m in metas if m["phase_end"]] == list(PHASES)  # no phase end lost
+    # Full rows: one step of one row covered each phase's budget (1024, 8000, 8000 tokens).
+    assert [m["step"] for m in metas if m["phase_end"]] == [1, 1, 1]
     ours, _ = load_checkpoint_model(final)
     assert ours.config.num_hidden_layers == 22 and ours.config.hidden_size == 768
     causal = ours.config.causal
