@@ -20,7 +20,8 @@ The loss keeps the [targets, vocab] logits and their log-softmax and builds two 
 backward (plain loss), or ``loss_chunk_tokens`` rows at a time (chunked). At the start of the
 backward pass all of it is alive at once; that is the peak this model predicts:
 weights + optimizer moments + activations + loss + the tied embedding's gradient (the first
-gradient written). The optimizer step's own peak (weights, gradients, moments) is taken when larger.
+gradient written). The optimizer step's own peak (weights, gradients, moments and the update's
+temporaries) is taken when larger; in the first step the moments do not exist yet during backward.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ettin.model.config import ModelConfig
+from ettin.optim.stable_adamw import CHUNK_ELEMENTS as STABLE_ADAMW_CHUNK
 
 GIB = 2**30
 
@@ -45,6 +47,7 @@ class TrainingMemory:
     activations: int
     loss: int
     tied_embedding_gradient: int
+    optimizer_temporaries: int
     quadratic_attention: int
 
     @property
@@ -60,7 +63,7 @@ class TrainingMemory:
     def _peak(self, moments_in_backward: bool) -> int:
         backward_start = self.weights + self.activations + self.loss + self.tied_embedding_gradient \
             + (self.optimizer if moments_in_backward else 0)
-        optimizer_step = self.weights + self.gradients + self.optimizer
+        optimizer_step = self.weights + self.gradients + self.optimizer + self.optimizer_temporaries
         return max(backward_start, optimizer_step)
 
 
@@ -119,6 +122,9 @@ def training_memory(config: ModelConfig, row_lengths: Sequence[int], targets: in
     rows = targets if loss_implementation == "plain" else min(targets, loss_chunk_tokens)
     loss = 4 * rows * vocab * 4 + targets * 4 * h * 4  # 4 x [rows, vocab] fp32; the head's [targets, H]
     param_bytes = num_parameters * 4  # fp32 weights (bf16-mixed keeps fp32 master weights)
+    # StableAdamW's foreach update holds two temporaries the size of the chunk it updates.
+    temporaries = 2 * min(num_parameters, STABLE_ADAMW_CHUNK) * 4
     return TrainingMemory(weights=param_bytes, gradients=param_bytes,
                           optimizer=optimizer_moments * param_bytes, activations=activations,
-                          loss=loss, tied_embedding_gradient=vocab * h * 4, quadratic_attention=quadratic)
+                          loss=loss, tied_embedding_gradient=vocab * h * 4,
+                          optimizer_temporaries=temporaries, quadratic_attention=quadratic)
