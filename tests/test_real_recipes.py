@@ -29,8 +29,8 @@ PHASES = ("pretrain", "extension", "decay")
 
 def real_shapes(root, recipe: str, data: dict) -> list[str]:
     """The recipe with tiny token budgets: one-row steps at the phases' own sequence lengths."""
-    tokens = {"pretrain": 1024, "extension": 8000, "decay": 8000}
     seq_len = {"pretrain": 1024, "extension": 8000, "decay": 8000}
+    tokens = {"pretrain": 1000, "extension": 7900, "decay": 7900}  # one full row each
     return [f"output_dir={root / 'runs'}", f"run_name={recipe}", f"tokenizer={data['tokenizer']}",
             *(f"data.{p}=[{{path: '{data[seq_len[p]]}', weight: 1.0}}]" for p in PHASES),
             "global_batch=1", "phases.pretrain.warmup_tokens=0",
@@ -79,8 +79,8 @@ def test_the_150m_recipe_trains_every_phase_at_its_real_length_and_exports_what_
     final = train(cfg)
     metas = [read_meta(c) for c in list_checkpoints(cfg.run_dir)]
     assert [m["phase"] for m in metas if m["phase_end"]] == list(PHASES)  # no phase end lost
-    # Full rows: one step of one row covered each phase's budget (1024, 8000, 8000 tokens); the
-    # step counter runs on across phases.
+    # Full rows: one step of one row covered each phase's budget; the step counter runs on
+    # across phases.
     assert [m["step"] for m in metas if m["phase_end"]] == [1, 2, 3]
     ours, _ = load_checkpoint_model(final)
     assert ours.config.num_hidden_layers == 22 and ours.config.hidden_size == 768
