@@ -2,8 +2,8 @@
 phases (full rows of 1024 tokens, then 8000) for one optimizer step each, with a global batch of one
 row, the built-in tokenizer (2,048 ids: the recipe's tokenizer is not available offline) and the
 built-in corpus joined into long documents, and the memory setting the preflight chooses for this
-machine (trainer.activation_checkpointing=true: one 8000-token row of the 150m model needs ~14 GiB
-without it, ~5 GiB with it; docs/benchmarks.md). Both exports must match transformers on a 2,048-token
+machine (trainer.activation_checkpointing=true: one 8000-token row of the 150m model peaks at 13.3
+GiB without it, measured by the preflight; docs/benchmarks.md). Both exports must match transformers on a 2,048-token
 input, longer than the window and spanning global and sliding layers.
 
 Marked ``heavy`` (and slow): about 25 minutes of one core per model, beyond CI's budget for the
