@@ -18,16 +18,17 @@ def test_preflight_prints_every_phase_and_writes_nothing(tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     for phase in ("pretrain", "extension", "decay"):
         assert f"phase {phase}: 1 row(s) x" in out
-    assert out.count("s per micro-batch") == 3 and out.count("measured peak") == 3
+    assert out.count("s per micro-batch (forward + backward)") == 3 and out.count("measured peak") == 3
     assert out.count("fits: micro_batch=8") == 3 and "whole recipe" in out
     assert list(tmp_path.iterdir()) == []  # no run directory, no data, no tokenizer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective, lengths", [("mlm", [512]), ("clm", [512]), ("mlm", [600, 64])])
+@pytest.mark.parametrize("objective, lengths", [("mlm", [2048]), ("clm", [2048, 600])])
 def test_memory_model_is_within_a_quarter_of_the_measured_peak(objective, lengths):
-    """The 150m model (large enough that the process's fixed cost is small next to it), one forward
-    and backward in a fresh process; rows of different lengths take the row-by-row global path."""
+    """The 150m model at 2K tokens (large enough that the process's fixed cost, ~0.4-0.8 GiB on CPU,
+    is small next to it), one forward and backward in a fresh process; rows of different lengths
+    take the row-by-row global path."""
     from ettin.bench.memory import measure
 
     got = measure("150m", objective == "clm", lengths)
