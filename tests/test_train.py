@@ -311,5 +311,6 @@ def test_console_shows_the_decisive_lines_and_no_lightning_banners(tmp_path, cap
     assert f"resolved config: {cfg.run_dir / 'config.yaml'}" in text
     assert "seed: 21" in (cfg.run_dir / "config.yaml").read_text()  # the whole config, in the file only
     assert "seed: 21" not in text
+    assert text.count("ModernBert: ") == 1  # the phase's model, not the start-up checks' estimates
     for banner in ("GPU available", "TPU available", "litlogger", "max_epochs=1"):
         assert banner not in text, banner

@@ -20,6 +20,7 @@ its line says so with the numbers. Nothing is written anywhere: no run directory
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import time
@@ -258,10 +259,17 @@ def projection(cfg: TrainConfig, phase: str, measure: PhaseMeasure) -> dict:
 
 
 def parameters_of(config) -> int:
-    from ettin.model.modernbert import ModernBert
+    """The model's parameter count, built on the meta device without its log line (a start-up
+    check must not print a model it does not train)."""
+    from ettin.model.modernbert import ModernBert, log as model_log
 
-    with torch.device("meta"):
-        return ModernBert(config).num_parameters()
+    level = model_log.level
+    model_log.setLevel(logging.WARNING)
+    try:
+        with torch.device("meta"):
+            return ModernBert(config).num_parameters()
+    finally:
+        model_log.setLevel(level)
 
 
 def fits(cfg: TrainConfig, phase: str, config, free: int) -> str:
