@@ -27,29 +27,27 @@ def test_preflight_prints_every_phase_and_writes_nothing(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("objective, lengths", [("mlm", [2048]), ("clm", [2048, 600])])
 def test_memory_model_is_within_a_quarter_of_the_measured_peak(objective, lengths):
     """The 150m model at 2K tokens (large enough that the process's fixed cost, ~0.4-0.8 GiB on CPU,
-    is small next to it), one forward and backward in a fresh process; rows of different lengths
-    take the row-by-row global path."""
+    is small next to it), one forward and backward in a fresh process."""
     from ettin.bench.memory import measure
 
     got = measure("150m", objective == "clm", lengths)
     config = model_config("150m", causal=objective == "clm")
-    model = training_memory(config, lengths, got["targets"], device="cpu", autocast_bf16=False,
+    model = training_memory(config, lengths, got["targets"], autocast_bf16=False,
                             activation_checkpointing=False, loss_implementation="plain",
                             num_parameters=got["parameters"])
     predicted = model.weights + model.activations + model.loss + model.tied_embedding_gradient
     assert abs(predicted / got["peak"] - 1) < 0.25, (predicted, got["peak"])
 
 
-def test_memory_model_counts_quadratic_scores_only_where_a_math_path_runs():
-    config = model_config("150m", causal=False)
-    common = dict(targets=300, device="cpu", autocast_bf16=False, activation_checkpointing=False,
+def test_memory_model_counts_quadratic_scores_only_for_eager():
+    common = dict(targets=300, autocast_bf16=False, activation_checkpointing=False,
                   loss_implementation="plain", num_parameters=1)
-    assert training_memory(config, [1024], **common).quadratic_attention == 0  # no mask: flash
-    assert training_memory(config, [1024, 600], **common).quadratic_attention == 0  # row by row
-    short = training_memory(config, [256, 100], **common)  # short rows keep the masked grid
-    assert short.quadratic_attention == 8 * (2 * 256 * 12 * 256 * 4 + 2 * 256 * 2 * 768 * 4)
+    sdpa = model_config("150m", causal=False)
+    assert training_memory(sdpa, [1024], **common).quadratic_attention == 0
+    assert training_memory(sdpa, [256, 100], **common).quadratic_attention == 0  # a mask: still none
     eager = model_config("150m", causal=False, attn_implementation="eager")
-    assert training_memory(eager, [1024], **common).quadratic_attention > 0
+    assert training_memory(eager, [256, 100], **common).quadratic_attention == \
+        22 * (2 * 256 * 12 * 256 * 4 + 2 * 256 * 2 * 768 * 4)
 
 
 def test_start_warns_of_a_micro_batch_that_cannot_fit_and_of_quadratic_attention(monkeypatch):

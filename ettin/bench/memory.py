@@ -81,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if got["peak"] is None:
             print(f"{item:>14} killed (exit code {got['killed']})")
             continue
-        model = training_memory(config, lengths, got["targets"], device="cpu", autocast_bf16=False,
+        model = training_memory(config, lengths, got["targets"], autocast_bf16=False,
                                 activation_checkpointing=False, loss_implementation="plain",
                                 num_parameters=got["parameters"])
         # No optimizer and weights counted: the first step's backward peak without moments.

@@ -8,13 +8,12 @@ norm), the norm's output (kept by Wqkv), the roped q/k/v (3H, kept by the attent
 output and its [tokens, H] copy (kept by Wo), the output dropout's mask (1 byte per value), the
 residual after attention (kept by the MLP norm), its output (kept by Wi), Wi's output (2I, kept by
 GELU and the gate), GELU's output and the gated product (I each): ``10 H + 4 I`` values and ``H`` mask
-bytes. On top of that, what the attention kernel keeps:
-
-* a memory-efficient kernel (flash / flex / sdpa without a mask on CPU, sdpa on GPU): nothing that
-  grows with the keys;
-* torch's math path (sdpa with a mask on CPU, the band of sliding layers included; eager): the
-  softmax [heads, keys] of every query and the scaled q and k (2H) - quadratic in the row's length
-  for a global layer, ``4 w + 2`` keys for a sliding layer's band.
+bytes. On top of that, what the attention kernel keeps: nothing that grows with the keys for
+sdpa (with or without a mask, CPU included: measured, see ``attention_path``; sliding layers attend
+to a band of ``4 w + 2`` keys), flash and flex; for eager, the softmax [heads, T] of every query and
+the scaled q and k (2H): quadratic in the row's length. The model does not count the kernels' own
+workspace; on CPU the process's fixed cost (0.4-0.8 GiB: allocator, kernel buffers) is not in it
+either, so it under-predicts small micro-batches.
 
 The loss keeps the [targets, vocab] logits and their log-softmax and builds two more of that size in
 backward (plain loss), or ``loss_chunk_tokens`` rows at a time (chunked). At the start of the
@@ -67,51 +66,36 @@ class TrainingMemory:
         return max(backward_start, optimizer_step)
 
 
-def attention_path(backend: str, device: str, sliding: bool, needs_mask: bool, longest: int) -> str:
-    """``efficient`` or ``math``: which kind of kernel a layer's attention runs on (see the module
-    docstring). ``needs_mask``: the rows of the micro-batch differ in length or direction;
-    ``longest``: the longest row."""
-    from ettin.model.modernbert import ROWWISE_MIN_LENGTH
-
-    if backend in ("flash", "flex"):
-        return "efficient"
-    if backend == "eager":
-        return "math"
-    if sliding:  # the band always carries a mask; only CPU has no efficient kernel for one
-        return "math" if device == "cpu" else "efficient"
-    # Global layers: long rows that differ run one at a time without a mask on CPU
-    # (modernbert.rowwise_attention); a GPU's kernels take the mask.
-    short = longest < ROWWISE_MIN_LENGTH
-    return "math" if needs_mask and device == "cpu" and short else "efficient"
+def attention_path(backend: str) -> str:
+    """``efficient`` or ``math``: whether a layer's attention keeps score matrices for backward.
+    sdpa keeps none, with or without a mask, on CPU too (measured: one [12, 4096, 4096] attention
+    with a boolean mask raised the peak by 76 MiB, not by its 805 MiB of fp32 scores; torch's CPU
+    flash kernel takes the mask); flash and flex keep none; eager is the explicit softmax."""
+    return "math" if backend == "eager" else "efficient"
 
 
 def training_memory(config: ModelConfig, row_lengths: Sequence[int], targets: int, *,
-                    device: str, autocast_bf16: bool, activation_checkpointing: bool,
+                    autocast_bf16: bool, activation_checkpointing: bool,
                     loss_implementation: str, loss_chunk_tokens: int = 4096,
                     num_parameters: int, optimizer_moments: int = 2) -> TrainingMemory:
     """The model of one micro-batch's training memory (bytes), for rows of ``row_lengths`` tokens
-    with ``targets`` labelled positions, on ``device`` (``cpu`` or ``cuda``)."""
+    with ``targets`` labelled positions."""
     h, i, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
     tokens = sum(row_lengths)
     longest = max(row_lengths)
-    needs_mask = len(set(row_lengths)) > 1
     value = 2 if autocast_bf16 else 4
     # Under bf16 autocast the residual stream and the norms stay fp32 (norms cast their outputs to
     # bf16 once more for the next matmul): 2H fp32 and 2H bf16 more than the list above.
     per_token = (10 * h + 4 * i) * value + h + (4 * h * 2 + 2 * h * 2 if autocast_bf16 else 0)
     attention = quadratic = 0
-    for layer in range(config.num_hidden_layers):
-        sliding = not config.is_global_layer(layer)
-        if attention_path(config.attn_implementation, device, sliding, needs_mask, longest) != "math":
+    for _ in range(config.num_hidden_layers):
+        if attention_path(config.attn_implementation) != "math":
             continue
-        if sliding and config.attn_implementation == "sdpa":
-            keys_per_query = 4 * config.window + 2  # the band: block + 2 w keys, block = 2 (w + 1)
-            attention += tokens * (heads * keys_per_query * 4 + 2 * h * value)
-        else:  # the [rows, heads, T, T] grid
-            grid = len(row_lengths) * longest
-            scores = grid * heads * longest * 4 + grid * 2 * h * value
-            attention += scores
-            quadratic += scores
+        # eager: the [rows, heads, T, T] grid's softmax, and the scaled q and k
+        grid = len(row_lengths) * longest
+        scores = grid * heads * longest * 4 + grid * 2 * h * value
+        attention += scores
+        quadratic += scores
     layers = config.num_hidden_layers
     if activation_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
         activations = tokens * h * 4 * layers + tokens * per_token + attention // layers

@@ -16,9 +16,7 @@ Attention backends (``config.attn_implementation``), all computing the same func
 
 * ``sdpa``  torch scaled_dot_product_attention over a [sequences, heads, max_seqlen, dim] grid (one
             row per sequence, so a packed batch never builds an N x N mask); long sliding layers
-            attend block-wise to a band of keys instead of the whole sequence (memory grows with
-            the window, not the row); on CPU, global layers over rows that differ run one row at
-            a time without a mask (``rowwise_attention``: CPU's kernel for a mask is quadratic).
+            attend block-wise to a band of keys instead of the whole sequence.
 * ``flex``  torch FlexAttention over the flat stream with a document / causal / window BlockMask
             (compiled on GPU; on CPU torch runs it uncompiled and without a backward pass).
 * ``flash`` flash-attn's varlen kernel with ``window_size`` (optional dependency, GPU only).
@@ -127,8 +125,6 @@ class Layout:
             elif backend in ("sdpa", "eager"):
                 if sliding and backend == "sdpa" and self.use_band():
                     self.band()
-                elif not sliding and backend == "sdpa" and self.rowwise():
-                    pass  # no mask: each row runs alone (rowwise_attention)
                 else:
                     self.grid_index()
                     self.grid_mask(sliding)
@@ -161,14 +157,6 @@ class Layout:
         # empty softmax row is NaN); their outputs are never read.
         real_key = idx[None, None, :] < self.lengths[:, None, None]
         return ((pattern & real_key) | torch.eye(t, dtype=torch.bool, device=idx.device))[:, None]
-
-    # -- sdpa on CPU, global layers over long rows that differ: one row at a time -------------------
-    def rowwise(self) -> bool:
-        """Whether sdpa's global layers attend row by row (``rowwise_attention``): on CPU, when the
-        grid would need a mask (rows of different lengths or directions) and its rows are at least
-        ``ROWWISE_MIN_LENGTH`` long."""
-        return (self.cu_seqlens.device.type == "cpu" and self.max_seqlen >= ROWWISE_MIN_LENGTH
-                and (self.mixed or not self.uniform))
 
     # -- sdpa, long sliding layers: a band of keys per block of the flat stream ---------------------
     def use_band(self) -> bool:
@@ -266,8 +254,6 @@ def grid_attention(qkv, layout: Layout, sliding: bool, eager: bool, dropout: flo
     scattered into a [seqs, heads, T, dim] grid for the attention only."""
     if sliding and not eager and layout.use_band():
         return band_attention(qkv, layout, dropout)
-    if not sliding and not eager and layout.rowwise():
-        return rowwise_attention(qkv, layout, dropout)
     n, _, heads, dim = qkv.shape
     seqs, t = len(layout.lengths), layout.max_seqlen
     index = layout.grid_index()
@@ -297,27 +283,6 @@ def dot_product_attention(q, k, v, mask: Optional[torch.Tensor], is_causal: bool
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = F.dropout(scores.softmax(-1, dtype=torch.float32).to(q.dtype), dropout)
     return probs @ v
-
-
-# Shorter rows keep the masked grid on CPU: its [heads, T, T] scores are then no larger than the
-# layer's other activations (12 heads x 512 fp32 = 24 KB per token, against ~50 KB for the 150m).
-ROWWISE_MIN_LENGTH = 512
-
-
-def rowwise_attention(qkv, layout: Layout, dropout: float) -> torch.Tensor:
-    """Global attention on CPU for rows that differ in length or direction, one row at a time with
-    no mask (bidirectional) or the kernel's own causal flag. With a [T, T] mask torch's CPU sdpa
-    takes its math path and keeps [heads, T, T] scores per layer for backward (12 x 8000^2 fp32 =
-    3 GB per global layer of the 150m model); without one it runs its flash kernel, whose memory
-    grows with T. Exact: a global layer's query sees its whole row (causal: the row up to itself)."""
-    bounds = layout.cu_seqlens.tolist()  # on CPU: nothing to wait for
-    causal = layout.causal.tolist() if layout.mixed else [layout.causal] * (len(bounds) - 1)
-    rows = []
-    for start, end, row_causal in zip(bounds, bounds[1:], causal):
-        q, k, v = qkv[start:end].permute(1, 2, 0, 3)  # each [heads, T, dim]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=row_causal)
-        rows.append(out.transpose(0, 1))
-    return torch.cat(rows)
 
 
 def band_attention(qkv, layout: Layout, dropout: float) -> torch.Tensor:

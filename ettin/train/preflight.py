@@ -127,7 +127,7 @@ def predict(cfg: TrainConfig, phase: str, config, rows: int, num_parameters: int
     loss = cfg.trainer.loss_implementation
     if loss == "auto":
         loss = "chunked" if device == "cuda" else "plain"
-    return training_memory(config, [p.seq_len] * rows, targets, device=device,
+    return training_memory(config, [p.seq_len] * rows, targets,
                            autocast_bf16=device == "cuda" and cfg.trainer.precision in ("auto", "bf16-mixed"),
                            activation_checkpointing=cfg.trainer.activation_checkpointing,
                            loss_implementation=loss, num_parameters=num_parameters)
@@ -309,8 +309,7 @@ def quadratic_note(cfg: TrainConfig, phase: str, config) -> Optional[str]:
         return None
     return (f"{memory.quadratic_attention / GIB:.2f} GiB of the micro-batch's {memory.peak / GIB:.1f} GiB "
             f"are attention scores that grow with the square of the row length ({p.seq_len} tokens; "
-            f"global layers on torch's math path, attention {config.attn_implementation} on "
-            f"{device_kind(cfg)}); sdpa avoids them")
+            f"attention {config.attn_implementation} keeps its softmax); sdpa keeps none")
 
 
 def startup_warnings(cfg: TrainConfig, phase: str, config) -> list[str]:
