@@ -302,7 +302,7 @@ def test_console_shows_the_decisive_lines_and_no_lightning_banners(tmp_path, cap
     cfg = compose("smoke", [f"output_dir={tmp_path / 'runs'}", f"data_dir={tmp_path / 'data'}",
                             "run_name=console", "pair=false", "phase_order=[pretrain]",
                             "phases.pretrain.tokens=3_000", "phases.pretrain.warmup_tokens=0",
-                            "trainer.num_workers=0"])
+                            "trainer.num_workers=0", "export_at_end=false"])
     train(cfg)
     console = capfd.readouterr()
     text = console.out + console.err
