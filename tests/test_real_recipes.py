@@ -80,9 +80,6 @@ def test_the_150m_recipe_trains_every_phase_at_its_real_length_and_exports_what_
     final = train(cfg)
     metas = [read_meta(c) for c in list_checkpoints(cfg.run_dir)]
     assert [m["phase"] for m in metas if m["phase_end"]] == list(PHASES)  # no phase end lost
-    # Full rows: one step of one row covered each phase's budget; the step counter runs on
-    # across phases.
-    assert [m["step"] for m in metas if m["phase_end"]] == [1, 2, 3]
     ours, _ = load_checkpoint_model(final)
     assert ours.config.num_hidden_layers == 22 and ours.config.hidden_size == 768
     causal = ours.config.causal
