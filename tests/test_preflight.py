@@ -18,7 +18,7 @@ def test_preflight_prints_every_phase_and_writes_nothing(tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     for phase in ("pretrain", "extension", "decay"):
         assert f"phase {phase}: 1 row(s) x" in out
-    assert out.count("s per micro-batch (forward + backward)") == 3 and out.count("measured peak") == 3
+    assert out.count("s per micro-batch (forward + backward)") == 3 and out.count("memory per device, measured peak") == 3
     assert out.count("fits: micro_batch=8") == 3 and "whole recipe" in out
     assert list(tmp_path.iterdir()) == []  # no run directory, no data, no tokenizer
 
