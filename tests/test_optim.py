@@ -144,7 +144,7 @@ def test_toy_regression_problem_matches_reference_and_learns():
 def test_chunked_foreach_path_matches_reference(monkeypatch):
     import ettin.optim.stable_adamw
 
-    monkeypatch.setattr(ettin.optim.stable_adamw, "_CHUNK_ELEMENTS", 40)  # several chunks per group
+    monkeypatch.setattr(ettin.optim.stable_adamw, "CHUNK_ELEMENTS", 40)  # several chunks per group
     _run(0.1, steps=6, spike_at=3)
 
 

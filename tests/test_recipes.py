@@ -126,3 +126,21 @@ def test_any_model_field_is_set_the_plain_way_and_a_misspelt_one_fails():
     assert compose("smoke", ["model.vocab_size=4096"]).model["vocab_size"] == 4096
     with pytest.raises(ConfigError, match="unknown ModelConfig field.*vocab_sise"):
         compose("smoke", ["model.vocab_sise=4096"])
+
+
+def test_batch_warmup_tokens_zero_means_a_constant_batch_whatever_batch_warmup_min_says():
+    from ettin.optim.schedule import phase_batch_schedule
+
+    cfg = compose("encoder_150m", ["global_batch=2", "phases.pretrain.batch_warmup_tokens=0"])
+    pre = cfg.phases["pretrain"]
+    assert pre.batch_warmup_min == 288  # the size table's, not read without a warmup
+    schedule = phase_batch_schedule(pre, cfg.global_batch)
+    assert [schedule(t) for t in (0, 10**6, pre.tokens)] == [2, 2, 2]
+
+
+def test_a_global_batch_below_the_batch_warmup_start_is_one_error_line_naming_both_keys(capsys):
+    assert main(["recipe=encoder_150m", "global_batch=2", "dry_run=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert "phases.pretrain.batch_warmup_min=288" in err[0] and "global_batch=2" in err[0]
+    assert "phases.pretrain.batch_warmup_tokens=0" in err[0]  # the fix

@@ -296,3 +296,21 @@ def test_data_prepared_with_another_tokenizer_is_refused(workspace, straight_run
                          f"phases.pretrain.seq_len={seq_len}", f"data.pretrain=[{{path: {other}}}]"))
     assert code == 2
     assert "was prepared with another tokenizer" in capsys.readouterr().err
+
+
+def test_console_shows_the_decisive_lines_and_no_lightning_banners(tmp_path, capfd):
+    cfg = compose("smoke", [f"output_dir={tmp_path / 'runs'}", f"data_dir={tmp_path / 'data'}",
+                            "run_name=console", "pair=false", "phase_order=[pretrain]",
+                            "phases.pretrain.tokens=3_000", "phases.pretrain.warmup_tokens=0",
+                            "trainer.num_workers=0", "export_at_end=false"])
+    train(cfg)
+    console = capfd.readouterr()
+    text = console.out + console.err
+    assert "training the built-in tokenizer" in text and "preparing the built-in corpus" in text
+    assert "recipe smoke: size tiny, objective mlm" in text and "phases: pretrain 3k tokens at 128" in text
+    assert f"resolved config: {cfg.run_dir / 'config.yaml'}" in text
+    assert "seed: 21" in (cfg.run_dir / "config.yaml").read_text()  # the whole config, in the file only
+    assert "seed: 21" not in text
+    assert text.count("ModernBert: ") == 1  # the phase's model, not the start-up checks' estimates
+    for banner in ("GPU available", "TPU available", "litlogger", "max_epochs=1"):
+        assert banner not in text, banner

@@ -269,7 +269,8 @@ def phase_lr_multiplier(phase, *, fresh_optimizer: bool = False):
 
 def phase_batch_schedule(phase, global_batch: int) -> "BatchSizeWarmup":
     """The global batch of a phase on its token clock: a ramp from ``batch_warmup_min`` in steps of
-    it over ``batch_warmup_tokens``, or ``global_batch`` throughout."""
-    first = phase.batch_warmup_min or global_batch
+    it over ``batch_warmup_tokens``, or ``global_batch`` throughout (``batch_warmup_tokens=0``: no
+    warmup, whatever ``batch_warmup_min`` says)."""
+    first = (phase.batch_warmup_min or global_batch) if phase.batch_warmup_tokens else global_batch
     return BatchSizeWarmup(global_batch, first, phase.batch_warmup_tokens, first)
 

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 # Temporaries of the foreach path (two lists the size of the parameters) are bounded by processing a
 # group in chunks of at most this many elements.
-_CHUNK_ELEMENTS = 1 << 26
+CHUNK_ELEMENTS = 1 << 26
 
 
 def debias_beta(beta: float, step: int) -> float:
@@ -94,11 +94,11 @@ class StableAdamW(torch.optim.Optimizer):
 
 
 def _chunks(params: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
-    """Consecutive runs of same-device, same-dtype parameters of at most ~_CHUNK_ELEMENTS elements."""
+    """Consecutive runs of same-device, same-dtype parameters of at most ~CHUNK_ELEMENTS elements."""
     chunk: list[torch.Tensor] = []
     size = 0
     for p in params:
-        if chunk and (size + p.numel() > _CHUNK_ELEMENTS or p.device != chunk[0].device
+        if chunk and (size + p.numel() > CHUNK_ELEMENTS or p.device != chunk[0].device
                       or p.dtype != chunk[0].dtype):
             yield chunk
             chunk, size = [], 0

@@ -33,6 +33,9 @@ USAGE = """usage: python -m ettin.train [recipe=NAME] [key=value ...]
 
   recipe=NAME      one of: {recipes} (default: smoke)
   dry_run=true     print the resolved config, parameter count, FLOPs/token and the schedule; exit
+  preflight=true   run preflight_steps (2) optimizer steps of every phase at its real shapes on this
+                   device: time per step, peak memory (weights, optimizer, activations), whether the
+                   micro-batch fits, the whole recipe's wall time and device-hours; writes nothing
   phase=NAME       run one phase alone (e.g. phase=extension init=PATH)
   init=PATH|ID     start from our checkpoint or run dir, a Hugging Face folder or hub id, or a
                    Composer .pt (init_mode=weights|weights+optimizer)
@@ -152,6 +155,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if cfg.dry_run:
         print(dry_run_report(cfg))
+        return 0
+    if cfg.preflight:
+        from ettin.train.preflight import report as preflight_report
+
+        print(preflight_report(cfg, max(1, cfg.preflight_steps)), flush=True)
         return 0
     runs = pair_configs(cfg) if cfg.pair else [cfg]
     started = time.perf_counter()

@@ -157,6 +157,10 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dry_run: bool = False
+    # A few optimizer steps of every phase at its real shapes on this device: time, memory and the
+    # whole recipe's projection (ettin/train/preflight.py); writes nothing.
+    preflight: bool = False
+    preflight_steps: int = 2
 
     @property
     def run_dir(self) -> Path:
@@ -349,11 +353,7 @@ def check(cfg: TrainConfig) -> None:
                 "(prepare one with: python -m ettin.data.prepare input=PATH output=DIR "
                 f"tokenizer={cfg.tokenizer} max_seq_len={p.seq_len})"
             )
-        if p.batch_warmup_tokens and not 0 < p.batch_warmup_min <= cfg.global_batch:
-            raise ConfigError(
-                f"phases.{name}.batch_warmup_min={p.batch_warmup_min} must be in "
-                f"(0, global_batch={cfg.global_batch}]"
-            )
+        check_batch_schedule(cfg, name)
     try:
         cfg.model_config(cfg.phases_to_run()[0])
     except (TypeError, ValueError, KeyError) as error:
@@ -387,6 +387,23 @@ def check_option_values(cfg: TrainConfig) -> None:
             resolve_tasks(cfg.eval_tasks)
         except EvalError as error:
             raise ConfigError(f"eval_tasks={cfg.eval_tasks}: {error}") from None
+
+
+def check_batch_schedule(cfg: TrainConfig, phase: str) -> None:
+    """The phase's global batch and its warmup ramp (``batch_warmup_tokens=0``: no ramp, and then
+    ``batch_warmup_min`` is not read)."""
+    p = cfg.phases[phase]
+    if cfg.global_batch < 1:
+        raise ConfigError(f"global_batch={cfg.global_batch} must be >= 1 (sequences per optimizer step)")
+    if p.batch_warmup_tokens < 0:
+        raise ConfigError(f"phases.{phase}.batch_warmup_tokens={p.batch_warmup_tokens} must be >= 0 "
+                          "(0: no batch warmup)")
+    if p.batch_warmup_tokens and not 0 < p.batch_warmup_min <= cfg.global_batch:
+        raise ConfigError(
+            f"phases.{phase}.batch_warmup_min={p.batch_warmup_min} (where the batch warmup starts) must "
+            f"be in (0, global_batch={cfg.global_batch}]; set phases.{phase}.batch_warmup_min to at "
+            f"most {cfg.global_batch}, or phases.{phase}.batch_warmup_tokens=0 for no batch warmup"
+        )
 
 
 def check_mix(cfg: TrainConfig, phase: str) -> None:

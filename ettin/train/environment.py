@@ -58,7 +58,9 @@ def setup_logging(log_file: Path) -> None:
 
 
 def quiet_lightning_banners() -> None:
-    """Lightning prints its device banner for every Trainer: once per run is enough."""
+    """Lightning's info lines (device banners for every Trainer, a litlogger advertisement, "`Trainer.fit`
+    stopped: `max_epochs=1` reached" after every phase) say nothing a run's own log does not; its
+    warnings still show."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
 

@@ -44,6 +44,8 @@ def resolve_tokenizer(cfg: TrainConfig):
             while not (directory / "tokenizer.json").exists():
                 time.sleep(1.0)
             return load_tokenizer(str(directory))
+        if not (directory / "tokenizer.json").exists():
+            log.info("training the built-in tokenizer on the built-in corpus into %s", directory)
         return ensure_builtin_tokenizer(directory)
     return load_tokenizer(cfg.tokenizer)
 
@@ -53,6 +55,7 @@ def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
     from ettin.data.corpus import builtin_data_path
     from ettin.data.loader import check_released_continuation, check_sources
     from ettin.data.prepare import ensure_prepared
+    from ettin.store.fs import is_complete
 
     seq_len = cfg.phases[phase].seq_len
     sources = []
@@ -60,6 +63,8 @@ def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
         path = source.path
         if path == "builtin":
             path = str(builtin_data_path(cfg.data_dir, seq_len))
+            if is_rank_zero() and not is_complete(path):
+                log.info("preparing the built-in corpus for %d-token rows into %s", seq_len, path)
             ensure_prepared(
                 input="builtin", output=path, tokenizer=tokenizer, max_seq_len=seq_len,
                 wait=not is_rank_zero(),

@@ -13,6 +13,7 @@ from typing import Optional
 from ettin.objectives import OBJECTIVES, default_objective
 from ettin.optim.schedule import (PhaseSchedule, phase_batch_schedule, phase_lr_multiplier,
                                   schedule_table)
+from ettin.store.fs import write_text
 from ettin.store.rundir import RunDir, RunLock
 from ettin.train.config import ConfigError, TrainConfig, to_yaml
 from ettin.train.environment import (environment_summary, git_commit, is_rank_zero,
@@ -63,18 +64,28 @@ def _train(cfg: TrainConfig) -> Path:
                    num_nodes=cfg.trainer.num_nodes)  # prints one line per rank
     set_cpu_threads(accelerator, devices, cfg.trainer.cpu_threads)
     warnings.filterwarnings("ignore", message=PYTREE_WARNING)
+    quiet_lightning_banners()
     log.info("environment: %s", json.dumps(environment_summary()))
-    log.info("resolved config:\n%s", to_yaml(cfg))
+    for line in decisive_lines(cfg, accelerator, devices):
+        log.info("%s", line)
     try:
         tokenizer = resolve_tokenizer(cfg)
     except (FileNotFoundError, OSError, ValueError) as error:
         raise ConfigError(f"tokenizer={cfg.tokenizer}: {error}") from None
     phases = cfg.phases_to_run()
     sources = check_phases_data(cfg, tokenizer)
+    if is_rank_zero():
+        from ettin.train.phase import run_model_config
+        from ettin.train.preflight import startup_warnings
+
+        for phase in phases:
+            for warning in startup_warnings(cfg, phase, run_model_config(cfg, phase, tokenizer)):
+                log.warning("%s", warning)
     # Last, as it loads weights and optimizer state: every cheaper check has passed by then.
     start = resolve_start(cfg)
     if is_rank_zero():
-        run_dir.config.write_text(to_yaml(cfg))
+        write_text(run_dir.config, to_yaml(cfg))
+        log.info("resolved config: %s", run_dir.config)
     log.info("schedule:\n%s", schedule_table(schedule_rows(
         cfg, fresh_optimizer_phase=start.phase_index if start.fresh_optimizer else None)))
     log.info("start: %s", start.description)
@@ -82,7 +93,6 @@ def _train(cfg: TrainConfig) -> Path:
     for index in range(start.phase_index, len(phases)):
         phase = phases[index]
         final = run_phase(cfg, phase, tokenizer, start, sources[phase])
-        quiet_lightning_banners()
         if cfg.export_at_phase_end and is_rank_zero():
             export_run(final, run_dir.export(phase))
         start = resume(cfg, final)  # the next phase, from this one's end
@@ -92,6 +102,24 @@ def _train(cfg: TrainConfig) -> Path:
     if cfg.export_at_end and is_rank_zero():
         export_run(final, run_dir.export())
     return final
+
+
+def decisive_lines(cfg: TrainConfig, accelerator: str, devices: int) -> list[str]:
+    """What the console shows of the configuration (the whole of it goes to config.yaml)."""
+    from ettin.optim.schedule import format_tokens
+
+    phases = ", ".join(f"{name} {format_tokens(cfg.phases[name].tokens)} tokens at "
+                       f"{cfg.phases[name].seq_len} ({cfg.phase_mix(name).name})"
+                       for name in cfg.phases_to_run())
+    data = "; ".join(f"{name}: " + ", ".join(s.path for s in cfg.data[name]) for name in cfg.phases_to_run())
+    start = f", init {cfg.init} ({cfg.init_mode})" if cfg.init else ""
+    return [
+        f"recipe {cfg.recipe}: size {cfg.size}, objective {cfg.objective}, tokenizer {cfg.tokenizer}{start}",
+        f"phases: {phases}",
+        f"data: {data}",
+        f"devices: {devices} {accelerator} x {cfg.trainer.num_nodes} node(s), global batch "
+        f"{cfg.global_batch} rows, attention {cfg.model.get('attn_implementation', 'sdpa')}",
+    ]
 
 
 def export_run(checkpoint: Path, out: Path) -> Optional[Path]:
