@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from ettin.objectives.collate import CLMCollator, MaskRate, MixedCollator, MLMCollator, MNTPCollator
+from ettin.objectives.collate import (CLMCollator, MaskRate, MDLMCollator, MixedCollator, MLMCollator,
+                                      MNTPCollator)
 
 SIDES = {"encoder": "ModernBertForMaskedLM", "decoder": "ModernBertDecoderForCausalLM"}
 
@@ -29,6 +30,9 @@ class Objective:
     predicts_next_token: bool
     collator_class: Callable
     description: str
+    # The loss is a bound (MDLM): targets weighted 1/t by the collator, averaged over the rows'
+    # tokens; its second figure is the perplexity bound exp(loss), not masked accuracy.
+    bound: bool = False
 
     @property
     def side(self) -> str:
@@ -46,31 +50,40 @@ class Objective:
         from ettin.data.tokenizer import special_ids
 
         ids = special_ids(tokenizer)
+        if self.bound:  # each row draws its own mask rate
+            return self.collator_class(ids, vocab_size=len(tokenizer), seed=seed, unpadded=unpadded)
         if not self.masked:
             return self.collator_class(ids, unpadded=unpadded, vocab_size=len(tokenizer))
         return self.collator_class(ids, vocab_size=len(tokenizer), mask_rate=mask_rate, seed=seed,
                                    unpadded=unpadded)
 
     def targets_per_row(self, seq_len: int, mask_rate: float) -> int:
-        """Labelled positions of a full row (for FLOP estimates)."""
+        """Labelled positions of a full row (for FLOP estimates); MDLM: at its mean rate."""
+        if self.bound:
+            mask_rate = (1 + MDLMCollator.EPS) / 2
         return round(mask_rate * seq_len) if self.masked else seq_len
 
+    @property
+    def _second_metric(self) -> str:
+        return "perplexity_bound" if self.bound else "masked_accuracy" if self.masked else "perplexity"
+
     def metric_names(self, prefix: str) -> list[str]:
-        second = "masked_accuracy" if self.masked else "perplexity"
-        return [f"{prefix}/loss", f"{prefix}/{second}"]
+        return [f"{prefix}/loss", f"{prefix}/{self._second_metric}"]
 
     def train_metric_names(self) -> list[str]:
-        """Training's figures: the metrics, and for masked objectives the realised mask rate."""
-        return self.metric_names("train") + (["train/mask_rate"] if self.masked else [])
+        """Training's figures: the metrics, and for masked objectives at a set rate the realised
+        mask rate."""
+        return self.metric_names("train") + (["train/mask_rate"] if self.masked and not self.bound else [])
 
     def metrics(self, prefix: str, loss: float, correct: float, targets: float) -> dict[str, float]:
-        """``{prefix}/loss`` (mean over target tokens) and the objective's second figure: masked
-        accuracy for masked objectives, perplexity for CLM."""
+        """``{prefix}/loss`` (mean over target tokens; MDLM: the bound, per token) and the objective's
+        second figure: masked accuracy for masked objectives, perplexity for CLM, the perplexity
+        bound exp(loss) for MDLM."""
         out = {f"{prefix}/loss": loss}
-        if self.masked:
+        if self.masked and not self.bound:
             out[f"{prefix}/masked_accuracy"] = correct / max(targets, 1.0)
         else:
-            out[f"{prefix}/perplexity"] = math.exp(min(loss, 30.0))
+            out[f"{prefix}/{self._second_metric}"] = math.exp(min(loss, 30.0))
         return out
 
 
@@ -213,3 +226,7 @@ register(Objective("mntp", causal=False, masked=True, predicts_next_token=True,
                    collator_class=MNTPCollator,
                    description="masked next-token prediction (LLM2Vec): a masked token is predicted "
                                "from the position before it"))
+register(Objective("mdlm", causal=False, masked=True, predicts_next_token=False,
+                   collator_class=MDLMCollator, bound=True,
+                   description="masked diffusion (MDLM): a mask rate t per row from (eps, 1], every "
+                               "masked token predicted in place, weighted 1/t (the bound)"))
