@@ -200,6 +200,12 @@ def resolve_mix(phase_mix: Optional[dict], phase_objective: Optional[str], run_m
     return ObjectiveMix.of(dict(weights), export_as if len(weights) > 1 else None)
 
 
+# How a model trained with a bound objective (MDLM) generates by default: recorded in its export's
+# config.json as ``ettin_generation`` (ettin.model.hub), read by ``python -m ettin.generate``
+# (ettin.evaluation.generation): one step per token, low-confidence remasking (LLaDA), one block.
+UNMASKING_DEFAULTS = {"length": 32, "steps": 32, "block_length": None, "remasking": "low_confidence",
+                      "temperature": 0.0}
+
 OBJECTIVES: dict[str, Objective] = {}
 # The objective a pair trains on the side its recipe does not name (ettin.train.run.pair_configs).
 DEFAULT_FOR_SIDE = {"encoder": "mlm", "decoder": "clm"}
