@@ -124,3 +124,28 @@ def test_an_mdlm_export_in_plain_transformers_generates_what_ettin_generates(mdl
     text = ours.generate("The module", settings)
     assert text == theirs.generate("The module", settings)
     assert ours.generate("The module", settings) == text  # the same seed, the same text
+
+
+def test_the_bound_harness_scores_a_continuation_against_its_hand_expectation(mdlm_export):
+    """One token: the bound is exact (log p of it at its [MASK]); two tokens: the mean over draws
+    approaches the bound's expectation computed by hand, within 4 standard errors."""
+    from ettin.evaluation.diffusion_lm import DiffusionLMHarness
+
+    lm = DiffusionLMHarness(str(mdlm_export), samples=400, device="cpu")
+    model, t = lm.model, lm.tokenizer
+    context, (a, b) = t("The module", add_special_tokens=False)["input_ids"], (40, 77)
+
+    def log_p(ids, position, token):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, position]
+        return float(torch.log_softmax(logits.double(), -1)[token])
+
+    row = [t.cls_token_id, *context]
+    (one, stderr), = lm.bound([(context, [a])])
+    assert one == pytest.approx(log_p(row + [t.mask_token_id, t.sep_token_id], len(row), a), abs=1e-5)
+    assert stderr == 0.0
+    m, sep, p = t.mask_token_id, t.sep_token_id, len(row)
+    single = (log_p(row + [m, b, sep], p, a) + log_p(row + [a, m, sep], p + 1, b)) / 2 * 2  # l = 1, weight 2
+    both = log_p(row + [m, m, sep], p, a) + log_p(row + [m, m, sep], p + 1, b)  # l = 2, weight 1
+    (two, stderr), = lm.bound([(context, [a, b])])
+    assert abs(two - (single + both) / 2) < 4 * stderr

@@ -27,6 +27,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
+from ettin.evaluation import diffusion_lm  # noqa: F401  registers "ettin-mdlm" with lm-eval
 from ettin.evaluation import masked_lm  # noqa: F401  registers "ettin-mlm" with lm-eval
 from ettin.evaluation import suite
 from ettin.evaluation.models import EvalError, EvalModel, resolve_models
@@ -60,13 +61,20 @@ def _harness_result(task: Task, model: EvalModel, lm, suite_dir: Optional[Path],
                     seed: int) -> dict:
     metrics, n = run_harness_task(lm, task.name, include_path=suite_dir, limit=limit,
                                   few_shot=task.few_shot, seed=seed)
+    args = harness_model_args(model)
+    # Scored through the MDLM bound: a Monte Carlo estimate, with its samples and standard error.
+    bound = {}
+    if args["model"] == "ettin-mdlm" and lm.stderrs:  # this task's requests (a generation task has none)
+        bound = {"bound_samples": args["samples"], "bound_mean_stderr": lm.mean_stderr()}
+        lm.stderrs.clear()
     if task.category == "language_modeling":
-        metric = "word_perplexity" if model.is_decoder else "pseudo_word_perplexity"
+        metric = ("word_perplexity" if model.is_decoder else
+                  "word_perplexity_bound" if bound else "pseudo_word_perplexity")
         return {"metric": metric, "score": metrics["word_perplexity"], "n_examples": n,
-                "model_args": harness_model_args(model)}
+                "model_args": args, **bound}
     metric = task.metric if task.metric in metrics else next((m for m in ("acc_norm", "acc") if m in metrics),
                                                              sorted(metrics)[0])
-    return {"metric": metric, "score": metrics[metric], "n_examples": n, "model_args": harness_model_args(model)}
+    return {"metric": metric, "score": metrics[metric], "n_examples": n, "model_args": args, **bound}
 
 
 def _glue_rows(task: Task, limit: Optional[int]) -> tuple[list[dict], list[dict]]:

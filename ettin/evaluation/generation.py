@@ -171,8 +171,9 @@ class Unmasker:
         return cls(model, AutoTokenizer.from_pretrained(folder), saved_settings(folder))
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
         with torch.no_grad():
-            return self.model(input_ids=ids[None]).logits[0].float()
+            return self.model(input_ids=ids[None].to(device)).logits[0].float().cpu()
 
     def generate(self, prompt: str, settings: GenerationSettings, **kwargs) -> str:
         t = self.tokenizer
