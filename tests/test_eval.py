@@ -168,7 +168,8 @@ def test_offline_suite_is_deterministic_and_seeded(tmp_path):
     first, again, other = (suite.generate(tmp_path / name, seed=seed, size=size)
                            for name, seed in (("a", 0), ("b", 0), ("c", 1)))
     data_files = sorted(p.name for p in first.iterdir() if p.suffix != ".yaml")
-    assert data_files == ["smoke_cloze.jsonl", "smoke_lm.jsonl", "smoke_nli.json", "smoke_retrieval.json"]
+    assert data_files == ["smoke_cloze.jsonl", "smoke_continuation.jsonl", "smoke_lm.jsonl", "smoke_nli.json",
+                          "smoke_retrieval.json"]
     assert all((first / f).read_bytes() == (again / f).read_bytes() for f in data_files)
     assert all((first / f).read_bytes() != (other / f).read_bytes() for f in data_files)
     nli = json.loads((first / "smoke_nli.json").read_text())

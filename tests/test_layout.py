@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ettin"
 # What each layer may import (besides itself). Commands sit on top and may import anything.
 COMMANDS = {"ettin.eval", "ettin.export", "ettin.merge", "ettin.compare", "ettin.launch", "ettin.train.cli",
             "ettin.train.__main__", "ettin.evaluation.cli", "ettin.report.cli", "ettin.cluster.launch",
-            "ettin.suite"}
+            "ettin.suite", "ettin.generate"}
 ALLOWED = {
     "cluster": {"train.config", "model", "store"},
     "bench": {"model", "objectives", "data", "optim", "parallel", "train", "store"},

@@ -620,8 +620,8 @@ class StepBatch:
     global_batch: int  # sequences in the step, all ranks
     step_tokens: int  # tokens in the step, all ranks
     targets: list[int] = field(default_factory=list)  # labelled positions per micro-batch
-    # Per micro-batch, the labelled positions of each target group (an objective mix's members;
-    # one group, all of them, otherwise).
+    # Per micro-batch, what each target group's loss is averaged over (an objective mix's members;
+    # one group otherwise): its labelled positions, or the collator's ``loss_tokens`` (MDLM).
     group_targets: list[list[int]] = field(default_factory=list)
     row_lengths: list[list[int]] = field(default_factory=list)  # real tokens of each row
     rows: list[int] = field(default_factory=list)  # rows per micro-batch
@@ -633,7 +633,7 @@ class StepBatch:
 
     def count_on_host(self) -> "StepBatch":
         self.targets = [int((mb["labels"] != -100).sum()) for mb in self.micro_batches]
-        self.group_targets = [list(mb.get("target_groups", [n]))
+        self.group_targets = [list(mb.get("loss_tokens", mb.get("target_groups", [n])))
                               for mb, n in zip(self.micro_batches, self.targets)]
         self.row_lengths = [_row_lengths(mb) for mb in self.micro_batches]
         self.rows = [len(lengths) for lengths in self.row_lengths]
@@ -648,7 +648,7 @@ class StepBatch:
         return self.state.tokens - self.step_tokens
 
     def pin_memory(self) -> "StepBatch":  # the DataLoader pins what has this method
-        # Tensors only: max_seqlen, target_groups and a shared direction are host values.
+        # Tensors only: max_seqlen, target_groups, loss_tokens and a shared direction are host values.
         return replace(self, micro_batches=[{k: v.pin_memory() if isinstance(v, torch.Tensor) else v
                                              for k, v in mb.items()}
                                             for mb in self.micro_batches])

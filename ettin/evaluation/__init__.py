@@ -29,6 +29,7 @@ from typing import Callable, Optional, TextIO
 
 import numpy as np
 
+from ettin.evaluation import diffusion_lm  # noqa: F401  registers "ettin-mdlm" with lm-eval
 from ettin.evaluation import masked_lm  # noqa: F401  registers "ettin-mlm" with lm-eval
 from ettin.evaluation import suite, uncertainty
 from ettin.evaluation.models import EvalError, EvalModel, resolve_models
@@ -76,15 +77,23 @@ def _harness_result(task: Task, model: EvalModel, lm, suite_dir: Optional[Path],
                     seed: int) -> dict:
     scored = run_harness_task(lm, task.name, include_path=suite_dir, limit=limit, few_shot=task.few_shot, seed=seed)
     metrics = scored.metrics
+    args = harness_model_args(model)
+    # Scored through the MDLM bound: a Monte Carlo estimate, with its samples and standard error.
+    bound = {}
+    if args["model"] == "ettin-mdlm" and lm.stderrs:  # this task's requests (a generation task has none)
+        bound = {"bound_samples": args["samples"], "bound_mean_stderr": lm.mean_stderr()}
+        lm.stderrs.clear()
     if task.category == "language_modeling":
-        metric, lm_eval_metric = ("word_perplexity" if model.is_decoder else "pseudo_word_perplexity"), "word_perplexity"
+        metric = ("word_perplexity" if model.is_decoder else
+                  "word_perplexity_bound" if bound else "pseudo_word_perplexity")
+        lm_eval_metric = "word_perplexity"
     else:
         metric = task.metric if task.metric in metrics else next((m for m in ("acc_norm", "acc") if m in metrics),
                                                                  sorted(metrics)[0])
         lm_eval_metric = metric
     return {"metric": metric, "score": metrics[lm_eval_metric], "n_examples": scored.n_examples,
-            "model_args": harness_model_args(model), "examples": _harness_examples(scored.samples, lm_eval_metric),
-            "library_stderr": scored.stderrs.get(lm_eval_metric)}
+            "model_args": args, "examples": _harness_examples(scored.samples, lm_eval_metric),
+            "library_stderr": scored.stderrs.get(lm_eval_metric), **bound}
 
 
 def _glue_rows(task: Task, limit: Optional[int]) -> tuple[list[dict], list[dict]]:

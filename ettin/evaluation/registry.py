@@ -138,6 +138,8 @@ SMOKE = (
          source="ettin smoke suite", text_columns=("premise", "hypothesis"), num_labels=3, grid=SMOKE_GRID),
     Task(suite.RETRIEVAL, "retrieval", SENTENCE_TRANSFORMERS, "ndcg@10", True, "test", smoke=True,
          source="ettin smoke suite"),
+    Task(suite.CONTINUATION, "generation", LM_EVAL, "chrf", True, "test", smoke=True,
+         source="ettin smoke suite"),
 )
 # Not the paper's protocol: MS MARCO v1.1 validation queries ranked among the passages retrieved for all
 # evaluated queries, after a short in-batch-negatives fine-tune (ettin's own, cheap).

@@ -37,12 +37,19 @@ HARNESS_BATCH_SIZE = 32
 
 def harness_model_args(model: EvalModel, batch_size: int = HARNESS_BATCH_SIZE) -> dict:
     """The lm-eval model arguments of ``model`` (recorded in eval.json): lm-eval's ``hf`` for a decoder,
-    with ``add_bos_token=True`` as the Ettin paper ran it; ``ettin-mlm`` for an encoder."""
+    with ``add_bos_token=True`` as the Ettin paper ran it; ``ettin-mlm`` for an encoder; ``ettin-mdlm``
+    (scored through the MDLM bound) for a model trained with a bound objective."""
     if model.is_decoder:
         return {"model": "hf", "pretrained": str(model.path), "backend": "causal", "add_bos_token": True,
                 "dtype": "float32", "batch_size": batch_size, "device": _device()}
     from ettin.evaluation.masked_lm import DEFAULT_EXTRA_MASKS
+    from ettin.objectives import OBJECTIVES
 
+    if model.objective in OBJECTIVES and OBJECTIVES[model.objective].bound:  # scored through its bound
+        from ettin.evaluation.diffusion_lm import DEFAULT_BOUND_SAMPLES
+
+        return {"model": "ettin-mdlm", "pretrained": str(model.path), "samples": DEFAULT_BOUND_SAMPLES,
+                "seed": 0, "dtype": "float32", "batch_size": batch_size, "device": _device()}
     return {"model": "ettin-mlm", "pretrained": str(model.path), "extra_masks": DEFAULT_EXTRA_MASKS,
             "dtype": "float32", "batch_size": batch_size, "device": _device()}
 
@@ -53,8 +60,11 @@ def harness_model(model: EvalModel, batch_size: int = HARNESS_BATCH_SIZE):
 
     from ettin.evaluation.masked_lm import MaskedLMHarness
 
+    from ettin.evaluation.diffusion_lm import DiffusionLMHarness
+
     arguments = harness_model_args(model, batch_size)
-    return (HFLM if arguments.pop("model") == "hf" else MaskedLMHarness)(**arguments)
+    kind = arguments.pop("model")
+    return {"hf": HFLM, "ettin-mlm": MaskedLMHarness, "ettin-mdlm": DiffusionLMHarness}[kind](**arguments)
 
 
 @lru_cache(maxsize=4)

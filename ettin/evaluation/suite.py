@@ -10,6 +10,11 @@ the same bytes for the same seed, size and Python version.
   of the premise with a negation added or removed); fine-tuned, accuracy.
 * ``smoke_retrieval`` (retrieval): a docstring's summary line is the query, the rest of that
   docstring the relevant passage, among distractor passages; fine-tuned, nDCG@10.
+* ``smoke_continuation`` (generation): a prose sentence's first 60 % of words; the model generates
+  (lm-eval ``generate_until``, at most 16 tokens, stopping at a newline) and the text is scored
+  against the sentence's true rest with chrF (character n-gram F-score, sacrebleu; partial credit
+  for partly right words, no decoder in the metric) and exact match. Decoders generate greedily,
+  MLM encoders pseudo-causally, MDLM models by unmasking: the three objectives on one generation task.
 
 These are smoke tasks: the smoke models were trained on this very corpus, and the tasks are small.
 They show that every model goes through every evaluation path, and move when a model learns; they
@@ -28,7 +33,8 @@ from typing import Optional
 from ettin.evaluation.models import EvalError
 
 CLOZE, LM, NLI, RETRIEVAL = "smoke_cloze", "smoke_lm", "smoke_nli", "smoke_retrieval"
-TASKS = (CLOZE, LM, NLI, RETRIEVAL)
+CONTINUATION = "smoke_continuation"
+TASKS = (CLOZE, LM, NLI, RETRIEVAL, CONTINUATION)
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 NEGATABLE = ("is", "are", "can", "will", "should", "must", "may", "does", "was", "were")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -46,6 +52,7 @@ class SuiteSize:
     retrieval_train: int = 600
     retrieval_test: int = 150
     retrieval_distractors: int = 300
+    continuation: int = 100
 
     @classmethod
     def limited(cls, limit: int) -> "SuiteSize":
@@ -53,7 +60,8 @@ class SuiteSize:
         if limit < 4:
             raise EvalError(f"limit={limit}: give at least 4 examples per task")
         return cls(cloze=limit, lm=limit, nli_train=4 * limit, nli_test=limit,
-                   retrieval_train=4 * limit, retrieval_test=limit, retrieval_distractors=limit)
+                   retrieval_train=4 * limit, retrieval_test=limit, retrieval_distractors=limit,
+                   continuation=limit)
 
 
 def _sentences(text: str) -> list[str]:
@@ -88,6 +96,20 @@ def _cloze(sentences: list[tuple[int, str]], n: int, rng: random.Random) -> list
         choices = distractors + [item["word"]]
         rng.shuffle(choices)
         out.append({"context": item["context"], "choices": choices, "label": choices.index(item["word"])})
+    return out
+
+
+def _continuations(sentences: list[tuple[int, str]], n: int, rng: random.Random) -> list[dict]:
+    """A sentence's first 60 % of words as the context, the rest (with a leading space) the target."""
+    items = [s for _, s in sentences]
+    rng.shuffle(items)
+    out = []
+    for sentence in items[:n]:
+        words = sentence.split()
+        cut = round(0.6 * len(words))
+        out.append({"context": " ".join(words[:cut]), "target": " " + " ".join(words[cut:])})
+    if len(out) < n:
+        raise EvalError(f"the built-in corpus gives {len(out)} continuation items, {n} asked")
     return out
 
 
@@ -196,6 +218,13 @@ def generate(out_dir: Path | str, *, seed: int = 0, size: SuiteSize = SuiteSize(
         "output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\n"
         "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
         "    higher_is_better: true\n")))
+    _write_jsonl(out / f"{CONTINUATION}.jsonl",
+                 _continuations(sentences, size.continuation, random.Random(f"{seed}-{CONTINUATION}")))
+    (out / f"{CONTINUATION}.yaml").write_text(_lm_eval_yaml(CONTINUATION, out / f"{CONTINUATION}.jsonl", (
+        "output_type: generate_until\ndoc_to_text: \"{{context}}\"\ndoc_to_target: \"{{target}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 16\n  do_sample: false\n"
+        "metric_list:\n  - metric: chrf\n    aggregation: chrf\n    higher_is_better: true\n"
+        "  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")))
     (out / f"{LM}.yaml").write_text(_lm_eval_yaml(LM, out / f"{LM}.jsonl", (
         "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
         "metric_list:\n  - metric: word_perplexity\n    aggregation: weighted_perplexity\n"

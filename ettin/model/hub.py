@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ettin.store.checkpoints import retie
-from ettin.objectives import OBJECTIVES
+from ettin.objectives import OBJECTIVES, UNMASKING_DEFAULTS
 from ettin.model.config import ModelConfig
 from ettin.model.modernbert import ModernBert
 
@@ -216,6 +216,8 @@ def to_hf_config(config: ModelConfig, *, causal: bool, allow_theta_mismatch: boo
             raise HubError(f"objective={objective!r}: choose one of {', '.join(OBJECTIVES)}")
         out.update(ettin_objective=objective,
                    ettin_predicts_next_token=OBJECTIVES[objective].predicts_next_token)
+        if OBJECTIVES[objective].bound:  # a masked diffusion model: how ettin.generate samples it
+            out.update(ettin_generation=dict(UNMASKING_DEFAULTS))
     if causal:
         out.update(sliding_window=c.window + 1, use_cache=True)
     else:

@@ -75,7 +75,9 @@ class ModelOutput:
     is the count, known without a sync) and ``n_correct`` (0-dim int64 tensor: targets whose
     largest logit is the label, for masked accuracy without indexing on the host).
     ``group_loss`` / ``group_correct`` [groups]: the summed loss and the correct count of each
-    target group (``target_groups``; one group, all targets, without it)."""
+    target group (``target_groups``; one group, all targets, without it); the loss of a target is
+    its cross-entropy times its ``target_weight`` (1 without). ``loss_tokens`` [groups] (host ints):
+    what each group's mean divides by, its target count unless given (MDLM: the rows' tokens)."""
 
     logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None
@@ -83,6 +85,7 @@ class ModelOutput:
     n_correct: Optional[torch.Tensor] = None
     group_loss: Optional[torch.Tensor] = None
     group_correct: Optional[torch.Tensor] = None
+    loss_tokens: Optional[list[int]] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,7 +410,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     gradient is accumulated in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype, row_weight=None):
         grads_needed = any(ctx.needs_input_grad[:3])
         h, w = hidden.to(dtype), weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -421,10 +424,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h_chunk, w, b).float()
             n_correct += (logits.argmax(-1) == t_chunk).sum()
             log_norm = logits.logsumexp(-1, keepdim=True)
-            loss += (log_norm.squeeze(1) - logits.gather(1, t_chunk[:, None]).squeeze(1)).sum()
-            if grads_needed:  # d loss / d logits = softmax - one_hot(target)
+            losses = log_norm.squeeze(1) - logits.gather(1, t_chunk[:, None]).squeeze(1)
+            w_chunk = None if row_weight is None else row_weight[start:start + chunk].float()[:, None]
+            loss += (losses if w_chunk is None else losses * w_chunk.squeeze(1)).sum()
+            if grads_needed:  # d loss / d logits = (softmax - one_hot(target)) x the row's weight
                 grad_logits = logits.sub_(log_norm).exp_()
                 grad_logits.scatter_add_(1, t_chunk[:, None], grad_logits.new_full((len(t_chunk), 1), -1.0))
+                if w_chunk is not None:
+                    grad_logits.mul_(w_chunk)
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(0)
                 grad_logits = grad_logits.to(dtype)
@@ -441,20 +448,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtypes = ctx.input_dtypes
         grads = [None if g is None else (g * grad_loss).to(d)
                  for g, d in zip((grad_hidden, grad_weight, grad_bias), dtypes)]
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of cross_entropy(F.linear(hidden, weight, bias), targets), n_correct)`` in chunks of
-    ``chunk`` rows; the same values and gradients as the plain computation, in the autocast dtype
-    when autocast is on (as ``nn.Linear`` would be)."""
+                         targets: torch.Tensor, chunk: int,
+                         row_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of cross_entropy(F.linear(hidden, weight, bias), targets) [x row_weight], n_correct)``
+    in chunks of ``chunk`` rows; the same values and gradients as the plain computation, in the
+    autocast dtype when autocast is on (as ``nn.Linear`` would be)."""
     if chunk < 1:
         raise ValueError(f"loss_chunk_tokens must be >= 1, not {chunk}")
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, dtype, row_weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -666,6 +674,8 @@ class ModernBert(nn.Module):
         target_groups: Optional[Sequence[int]] = None,
         causal: Optional[bool | torch.Tensor] = None,
         prefix_lengths: Optional[torch.Tensor] = None,
+        target_weight: Optional[torch.Tensor] = None,
+        loss_tokens: Optional[Sequence[int]] = None,
         loss_reduction: str = "mean",
     ) -> ModelOutput:
         """Padded ([B, T] + attention_mask) or flat (input_ids [N] + cu_seqlens) input; see
@@ -678,7 +688,9 @@ class ModernBert(nn.Module):
         of the row sees (PrefixLM; see the module docstring).
         ``target_groups``: the number of targets in each group (an objective of a mix), when
         ``target_index`` lists the groups' positions one group after another (each ascending); the
-        output then holds each group's summed loss and correct count."""
+        output then holds each group's summed loss and correct count. ``target_weight`` [n_targets]
+        (``target_index``'s order) weighs each target's cross-entropy, ``loss_tokens`` (one host
+        int per group) is what a group's mean divides by (MDLM, ettin.objectives.collate)."""
         causal = self.config.causal if causal is None else causal
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', not {loss_reduction!r}")
@@ -688,6 +700,8 @@ class ModernBert(nn.Module):
         if target_groups is not None and target_index is None:
             raise ValueError("target_groups counts the targets of target_index group by group: pass "
                              "it with target_index, or leave it out")
+        if target_weight is not None and target_index is None:
+            raise ValueError("target_weight follows target_index's order: pass it with target_index")
         keep = None
         if cu_seqlens is None:
             padded_shape = input_ids.shape
@@ -721,22 +735,28 @@ class ModernBert(nn.Module):
             raise ValueError(f"target_groups {groups} must add up to the {len(targets)} targets")
         bounds = list(zip(itertools.accumulate([0, *groups[:-1]]), itertools.accumulate(groups)))
         logits = None if self.loss_implementation == "chunked" else self.decoder(selected)
-        sums = [self._loss_sum(selected, logits, targets, start, end) for start, end in bounds]
+        sums = [self._loss_sum(selected, logits, targets, target_weight, start, end)
+                for start, end in bounds]
         group_loss = torch.stack([loss for loss, _ in sums])
         group_correct = torch.stack([correct for _, correct in sums])
         loss, n_correct = group_loss.sum(), group_correct.sum()
+        loss_tokens = groups if loss_tokens is None else [int(n) for n in loss_tokens]
+        if len(loss_tokens) != len(groups):
+            raise ValueError(f"loss_tokens {loss_tokens} must give one count per target group {groups}")
         if loss_reduction == "mean":  # 0 rather than NaN for a batch without targets
-            loss = loss / max(targets.numel(), 1)
+            loss = loss / max(sum(loss_tokens), 1)
         return ModelOutput(logits=logits, loss=loss, targets=targets, n_correct=n_correct,
-                           group_loss=group_loss, group_correct=group_correct)
+                           group_loss=group_loss, group_correct=group_correct, loss_tokens=loss_tokens)
 
     def _loss_sum(self, selected: torch.Tensor, logits: Optional[torch.Tensor], targets: torch.Tensor,
-                  start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed cross-entropy, correct count) of targets ``start:end``; ``logits`` None under the
-        chunked loss."""
+                  weight: Optional[torch.Tensor], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed, weighted cross-entropy, correct count) of targets ``start:end``; ``logits`` None
+        under the chunked loss, ``weight`` None for weight 1."""
+        weight = None if weight is None else weight[start:end]
         if logits is None:
             return linear_cross_entropy(selected[start:end], self.decoder.weight, self.decoder.bias,
-                                        targets[start:end], self.loss_chunk_tokens)
+                                        targets[start:end], self.loss_chunk_tokens, weight)
         logits, targets = logits[start:end], targets[start:end]
-        return (F.cross_entropy(logits.float(), targets, reduction="sum"),
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        return ((losses if weight is None else losses * weight.float()).sum(),
                 (logits.detach().argmax(-1) == targets).sum())

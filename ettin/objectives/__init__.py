@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Optional, Sequence
 
-from ettin.objectives.collate import (CLMCollator, MaskRate, MixedCollator, MLMCollator, MNTPCollator,
-                                      PrefixLMCollator)
+from ettin.objectives.collate import (CLMCollator, MaskRate, MDLMCollator, MixedCollator, MLMCollator,
+                                      MNTPCollator, PrefixLMCollator)
 
 SIDES = {"encoder": "ModernBertForMaskedLM", "decoder": "ModernBertDecoderForCausalLM"}
 
@@ -54,6 +54,9 @@ class Objective:
     predicts_next_token: bool
     collator_class: Callable
     description: str
+    # The loss is a bound (MDLM): targets weighted 1/t by the collator, averaged over the rows'
+    # tokens; its second figure is the perplexity bound exp(loss), not masked accuracy.
+    bound: bool = False
 
     @property
     def causal(self) -> bool:
@@ -84,6 +87,8 @@ class Objective:
         from ettin.data.tokenizer import special_ids
 
         ids = special_ids(tokenizer)
+        if self.bound:  # each row draws its own mask rate
+            return self.collator_class(ids, vocab_size=len(tokenizer), seed=seed, unpadded=unpadded)
         if self.masked:
             return self.collator_class(ids, vocab_size=len(tokenizer), mask_rate=mask_rate, seed=seed,
                                        unpadded=unpadded)
@@ -92,8 +97,10 @@ class Objective:
         return self.collator_class(ids, unpadded=unpadded, vocab_size=len(tokenizer))
 
     def targets_per_row(self, seq_len: int, mask_rate: float) -> float:
-        """Labelled positions of a full row (for FLOP estimates); a prefix of 1 .. n - 1 tokens
-        leaves n / 2 targets on average."""
+        """Labelled positions of a full row (for FLOP estimates); MDLM: at its mean rate; a prefix of
+        1 .. n - 1 tokens leaves n / 2 targets on average."""
+        if self.bound:
+            mask_rate = (1 + MDLMCollator.EPS) / 2
         if self.masked:
             return round(mask_rate * seq_len)
         return seq_len / 2 if self.attention is Attention.PREFIX else seq_len
@@ -102,22 +109,27 @@ class Objective:
         """The prefix lengths a full row draws from, equally likely (0: none; for FLOP estimates)."""
         return self.collator_class.prefix_choices(seq_len)
 
+    @property
+    def _second_metric(self) -> str:
+        return "perplexity_bound" if self.bound else "masked_accuracy" if self.masked else "perplexity"
+
     def metric_names(self, prefix: str) -> list[str]:
-        second = "masked_accuracy" if self.masked else "perplexity"
-        return [f"{prefix}/loss", f"{prefix}/{second}"]
+        return [f"{prefix}/loss", f"{prefix}/{self._second_metric}"]
 
     def train_metric_names(self) -> list[str]:
-        """Training's figures: the metrics, and for masked objectives the realised mask rate."""
-        return self.metric_names("train") + (["train/mask_rate"] if self.masked else [])
+        """Training's figures: the metrics, and for masked objectives at a set rate the realised
+        mask rate."""
+        return self.metric_names("train") + (["train/mask_rate"] if self.masked and not self.bound else [])
 
     def metrics(self, prefix: str, loss: float, correct: float, targets: float) -> dict[str, float]:
-        """``{prefix}/loss`` (mean over target tokens) and the objective's second figure: masked
-        accuracy for masked objectives, perplexity for CLM."""
+        """``{prefix}/loss`` (mean over target tokens; MDLM: the bound, per token) and the objective's
+        second figure: masked accuracy for masked objectives, perplexity for CLM, the perplexity
+        bound exp(loss) for MDLM."""
         out = {f"{prefix}/loss": loss}
-        if self.masked:
+        if self.masked and not self.bound:
             out[f"{prefix}/masked_accuracy"] = correct / max(targets, 1.0)
         else:
-            out[f"{prefix}/perplexity"] = math.exp(min(loss, 30.0))
+            out[f"{prefix}/{self._second_metric}"] = math.exp(min(loss, 30.0))
         return out
 
 
@@ -243,6 +255,12 @@ def resolve_mix(phase_mix: Optional[dict], phase_objective: Optional[str], run_m
     return ObjectiveMix.of(dict(weights), export_as)
 
 
+# How a model trained with a bound objective (MDLM) generates by default: recorded in its export's
+# config.json as ``ettin_generation`` (ettin.model.hub), read by ``python -m ettin.generate``
+# (ettin.evaluation.generation): one step per token, low-confidence remasking (LLaDA), one block.
+UNMASKING_DEFAULTS = {"length": 32, "steps": 32, "block_length": None, "remasking": "low_confidence",
+                      "temperature": 0.0}
+
 OBJECTIVES: dict[str, Objective] = {}
 # The objective a pair trains on the side its recipe does not name (ettin.train.run.pair_configs).
 DEFAULT_FOR_SIDE = {"encoder": "mlm", "decoder": "clm"}
@@ -273,3 +291,7 @@ register(Objective("prefix_lm", attention=Attention.PREFIX, masked=False, predic
                    collator_class=PrefixLMCollator,
                    description="prefix language modelling (T5, UL2's S-denoiser): bidirectional over a "
                                "prefix drawn per row, predict each next token after it"))
+register(Objective("mdlm", attention=Attention.BIDIRECTIONAL, masked=True, predicts_next_token=False,
+                   collator_class=MDLMCollator, bound=True,
+                   description="masked diffusion (MDLM): a mask rate t per row from (eps, 1], every "
+                               "masked token predicted in place, weighted 1/t (the bound)"))

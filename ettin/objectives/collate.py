@@ -21,6 +21,11 @@ so the model and the loss are the same for every objective:
   p tokens, p drawn uniformly from 1 .. n - 1 per row; CLM's labels on the tokens after the prefix
   only (``label[i] = token[i + 1]`` for i >= p - 1). The batch adds ``prefix_lengths`` (int64 [rows]):
   the model attends bidirectionally over each row's prefix and causally after it.
+* MDLM (masked diffusion): each row draws its own mask rate t from (eps, 1] (``MDLMCollator``);
+  each non-special token becomes ``[MASK]`` with probability t (always [MASK]: no 80/10/10), every
+  masked position a target. Its batches add ``target_weight`` (1/t of each target's row, in
+  ``target_index`` order) and ``loss_tokens`` (the maskable tokens of the rows, per target group):
+  the loss is the weighted sum over targets divided by the tokens, the MDLM bound per token.
 
 Encoder rows (MLM, MNTP) are closed with ``[SEP]`` when the chunk does not end a document
 (``close_rows``), so every encoder row reads ``[CLS] ... [SEP]``; the prepared middle chunks leave
@@ -32,7 +37,8 @@ as an uninterrupted one, whatever the number of workers or ranks.
 An objective mix (``MixedCollator``) collates each row with the collator of the objective that
 ``mix_choice`` draws for it from (seed, global sample index), and adds each row's attention direction
 (``causal``; and ``prefix_lengths`` when a member draws prefixes) and the targets of each objective
-(``target_groups``) for the model.
+(``target_groups``) for the model (and, with an MDLM member, every target's weight and each
+objective's ``loss_tokens``).
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ Sample = tuple  # (global sample index: int, tokens: np.ndarray)
 
 
 def batch_tensors(rows: Sequence[np.ndarray], labels: Sequence[np.ndarray], pad_id: int,
-                  unpadded: bool) -> dict:
-    """Rows and their labels (int64 arrays of equal lengths) as the model's keyword arguments."""
+                  unpadded: bool, weights: Optional[Sequence[float]] = None) -> dict:
+    """Rows and their labels (int64 arrays of equal lengths) as the model's keyword arguments;
+    ``weights`` (one per row), when given, become ``target_weight``: each target's row weight, in
+    ``target_index`` order (unpadded rows only)."""
     if not rows:
         raise ValueError("cannot collate an empty list of samples")
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
@@ -62,13 +70,21 @@ def batch_tensors(rows: Sequence[np.ndarray], labels: Sequence[np.ndarray], pad_
         cu_seqlens = np.zeros(len(rows) + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu_seqlens[1:])
         flat_labels = np.concatenate(labels)
-        return {
+        target_index = np.flatnonzero(flat_labels != IGNORE_INDEX)
+        batch = {
             "input_ids": torch.from_numpy(np.concatenate(rows)),
             "cu_seqlens": torch.from_numpy(cu_seqlens),
             "max_seqlen": int(lengths.max()),
             "labels": torch.from_numpy(flat_labels),
-            "target_index": torch.from_numpy(np.flatnonzero(flat_labels != IGNORE_INDEX)),
+            "target_index": torch.from_numpy(target_index),
         }
+        if weights is not None:
+            row_of_target = np.searchsorted(cu_seqlens[1:], target_index, side="right")
+            batch["target_weight"] = torch.from_numpy(
+                np.asarray(weights, dtype=np.float32)[row_of_target])
+        return batch
+    if weights is not None:
+        raise ValueError("target weights (MDLM) need unpadded rows")
     width = int(lengths.max())
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     label_grid = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
@@ -149,9 +165,23 @@ class _Collator:
         """The prefix lengths a row of ``length`` tokens draws from, equally likely (FLOP estimates)."""
         return range(0, 1)
 
+    # Whether targets carry a row weight and the loss is averaged over tokens rather than targets
+    # (MDLM): batches then hold ``target_weight`` and ``loss_tokens``.
+    weighted = False
+
+    def loss_terms(self, index: int, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        """(weight of the row's targets, what the row adds to the loss's denominator)."""
+        return 1.0, int((labels != IGNORE_INDEX).sum())
+
     def __call__(self, samples: Sequence[Sample]) -> dict:
         pairs = [self.example(index, tokens) for index, tokens in samples]
-        return batch_tensors([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id, self.unpadded)
+        if not self.weighted:
+            return batch_tensors([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id, self.unpadded)
+        terms = [self.loss_terms(index, *p) for (index, _), p in zip(samples, pairs)]
+        batch = batch_tensors([p[0] for p in pairs], [p[1] for p in pairs], self.pad_id, self.unpadded,
+                              weights=[w for w, _ in terms])
+        batch["loss_tokens"] = [sum(n for _, n in terms)]
+        return batch
 
 
 class CLMCollator(_Collator):
@@ -266,6 +296,51 @@ class MLMCollator(_Collator):
         return inputs, labels
 
 
+class MDLMCollator(MLMCollator):
+    """Masked diffusion (MDLM, Sahoo et al. 2024; LLaDA, Nie et al. 2025): row ``index`` draws its
+    mask rate t from (eps, 1] and masks each non-special token with probability t, always with
+    [MASK] (the forward process of absorbing-state diffusion; no 80/10/10); every masked position is
+    a target, weighted 1/t, and the row adds its maskable tokens to ``loss_tokens``, so the step's
+    loss (weighted sum / tokens) is the continuous-time MDLM bound per token for the linear schedule
+    alpha_t = 1 - t.
+
+    t is MDLM's low-discrepancy (stratified, "antithetic") sampler over blocks of ``STRATA``
+    consecutive global sample indices: index k falls in stratum j = k mod STRATA and draws
+    u = (j + v) / STRATA with v ~ U[0, 1) seeded by (seed, k); t = 1 - (1 - eps) u. So t is
+    uniform on (eps, 1] marginally, any STRATA consecutive rows (a step's rows are consecutive) hold
+    one t in each 1/STRATA-wide stratum, and t is a function of (seed, index) alone, as every mask."""
+
+    STRATA = 8  # the smoke recipe's global batch; larger batches hold whole blocks
+    EPS = 1e-3  # MDLM's sampling_eps
+    weighted = True
+
+    def __init__(self, ids: SpecialIds, vocab_size: int, seed: int, unpadded: bool = True,
+                 eps: float = EPS) -> None:
+        if not unpadded:
+            raise ValueError("the MDLM collator collates unpadded rows (its target weights index the "
+                             "flat stream)")
+        # MLM's fixed rate is never read: each row's rate is ``rate(index)``.
+        super().__init__(ids, vocab_size, mask_rate=0.5, seed=seed, unpadded=unpadded)
+        self.eps = float(eps)
+
+    def rate(self, index: int) -> float:
+        """The mask rate t of row ``index``."""
+        stratum = int(index) % self.STRATA
+        v = np.random.default_rng([self.seed, int(index), self.STRATA]).random()
+        return 1.0 - (1.0 - self.eps) * (stratum + v) / self.STRATA
+
+    def example(self, index: int, tokens) -> tuple[np.ndarray, np.ndarray]:
+        row = self.row(tokens)
+        rng = np.random.default_rng([self.seed, int(index)])
+        selected = (rng.random(len(row)) < self.rate(index)) & ~self.is_special[row]
+        return np.where(selected, self.ids.mask, row), np.where(selected, row, IGNORE_INDEX)
+
+    def loss_terms(self, index: int, inputs: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        """(the row's target weight 1/t, its maskable tokens: unmasked non-special ones + targets)."""
+        tokens = int((~self.is_special[inputs]).sum() + (labels != IGNORE_INDEX).sum())
+        return 1.0 / self.rate(index), tokens
+
+
 class MNTPCollator(MLMCollator):
     """Masked next-token prediction (LLM2Vec): MLM masking, but a masked token at position j is the
     target of position j - 1 (bidirectional attention). [CLS] at 0 is never masked, so every
@@ -316,13 +391,19 @@ class MixedCollator:
     def __call__(self, samples: Sequence[Sample]) -> dict:
         members = [self.choice(index) for index, _ in samples]
         pairs = [self.collators[m].example(index, tokens) for m, (index, tokens) in zip(members, samples)]
+        weighted = any(c.weighted for c in self.collators)
+        terms = [self.collators[m].loss_terms(index, *p) for m, (index, _), p in zip(members, samples, pairs)]
         batch = batch_tensors([p[0] for p in pairs], [p[1] for p in pairs], self.collators[0].pad_id,
-                              unpadded=True)
+                              unpadded=True, weights=[w for w, _ in terms] if weighted else None)
         starts = batch["cu_seqlens"][:-1].numpy()
         member_of_target = np.asarray(members)[np.searchsorted(starts, batch["target_index"].numpy(),
                                                                side="right") - 1]
         order = np.argsort(member_of_target, kind="stable")  # member by member, each ascending
         batch["target_index"] = batch["target_index"][torch.from_numpy(order)]
+        if weighted:
+            batch["target_weight"] = batch["target_weight"][torch.from_numpy(order)]
+            batch["loss_tokens"] = np.bincount(members, weights=[n for _, n in terms],
+                                               minlength=len(self.collators)).astype(int).tolist()
         batch["target_groups"] = np.bincount(member_of_target, minlength=len(self.collators)).tolist()
         directions = [self.directions[m] for m in members]
         batch["causal"] = directions[0] if len(set(directions)) == 1 else torch.tensor(directions)

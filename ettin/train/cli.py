@@ -76,7 +76,8 @@ def dry_run_report(cfg: TrainConfig) -> str:
         steps = steps_for(p.tokens, p.seq_len, phase_batch_schedule(p, cfg.global_batch))
         targets = f"{round(mix.targets_per_row(p.seq_len, mask_rate.mean), 1):g} targets per full row"
         masked = any(m.masked for m in mix.members)
-        masking = (f"mask rate {mask_rate.start:.0%} -> {mask_rate.end:.0%}, " if masked else "") + targets \
+        at_a_rate = any(m.masked and not m.bound for m in mix.members)  # MDLM draws a rate per row
+        masking = (f"mask rate {mask_rate.start:.0%} -> {mask_rate.end:.0%}, " if at_a_rate else "") + targets \
             + (" on average" if masked or mix.mixed else "")
         lines.append(
             f"phase {name}: objective {mix.name} ({masking}), "

@@ -217,7 +217,7 @@ class EttinModule(L.LightningModule):
             with self.trainer.precision_plugin.forward_context():
                 out = self.model(**batch, causal=causal, loss_reduction="sum")
             totals += torch.stack([out.loss.float(),
-                                   torch.full((), float(out.targets.numel()), device=self.device),
+                                   torch.full((), float(sum(out.loss_tokens)), device=self.device),
                                    out.n_correct.float()])
         self.model.train(was_training)
         return totals

@@ -3,7 +3,7 @@
 
 Loss normalisation (``optim.loss_normalization``):
 - ``tokens`` (default; docs/recipes.md, loss normalisation): the mean over every target token of the step, across micro-batches
-  and ranks. Each micro-batch's summed loss is divided by the step's global target count, so a token
+  and ranks (MDLM: its 1/t-weighted target losses over every token of its rows, the bound). Each micro-batch's summed loss is divided by the step's global target count, so a token
   weighs the same whichever micro-batch or rank it fell into.
 - ``micro_batch``: Composer's way, how the released Ettin models were trained: each micro-batch's own
   mean loss, weighted by its share of the rank's sequences, averaged over ranks.
@@ -114,8 +114,9 @@ class TrainStep:
     def __call__(self, micro_batches: list[dict], *, tokens_before: int, targets: list[int],
                  rows: list[int], group_targets: Optional[list[list[int]]] = None) -> StepResult:
         """``targets``/``rows``: labelled positions and sequences of each micro-batch, counted on the
-        host (so nothing here waits on the device to know them); ``group_targets``: each
-        micro-batch's targets per group (None: one group)."""
+        host (so nothing here waits on the device to know them); ``group_targets``: what each
+        micro-batch's loss is averaged over, per group (None: its targets, one group; MDLM: its
+        tokens, ``loss_tokens``)."""
         device = next(iter(micro_batches[0].values())).device
         group_targets = [[n] for n in targets] if group_targets is None else group_targets
         weights = self.settings.group_weights
@@ -138,7 +139,7 @@ class TrainStep:
             with self.gradient_sync(index == last):
                 with self.forward_context():
                     out = self.network(**micro_batch, loss_reduction="sum")
-                scale = self._scale(targets[index], rows[index], global_targets, sum(rows))
+                scale = self._scale(sum(group_targets[index]), rows[index], global_targets, sum(rows))
                 self.backward((out.group_loss * group_weights * scale).sum())
             loss_sum += out.group_loss.detach().float()
             correct += out.group_correct.float()  # counted on the device: no sync
