@@ -32,12 +32,12 @@ from ettin.cluster.launch import array_spec, queue_state, queue_states, recorded
 from ettin.model.config import LADDERS
 from ettin.store.checkpoints import latest_checkpoint, read_meta
 from ettin.store.fs import pid_alive, write_text
+from ettin.store.members import BASE, member_name
 from ettin.store.rundir import RunDir
 from ettin.train.config import ConfigError, TrainConfig, compose
 
 # The paper's four series; a cross member starts from the final weights of its base.
 ROLES = ("encoder", "decoder", "encoder_from_decoder", "decoder_from_encoder")
-BASE = {"encoder_from_decoder": "decoder", "decoder_from_encoder": "encoder"}
 # The recipe families a suite can be made of: recipe= of python -m ettin.suite.
 FAMILIES = LADDERS  # a suite's recipe family is a ladder of the size table
 STATES = ("done", "queued", "running", "failed", "stopped", "not started")
@@ -71,11 +71,6 @@ class Member:
 
     def config(self) -> TrainConfig:
         return compose(self.recipe, list(self.overrides))
-
-
-def member_name(role: str, size: str, seed: Optional[int] = None) -> str:
-    """``<role>_<size>``, with ``-seed<N>`` when the suite trains several seeds (seeds=N)."""
-    return f"{role}_{size}" + (f"-seed{seed}" if seed is not None else "")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from ettin.cluster.suite import BASE, member_name
+from ettin.store.members import BASE, member_name
 from ettin.evaluation.paper import paper_entry
 from ettin.model.config import size_row
 from ettin.report import identity, plots, runs, scores
