@@ -11,6 +11,10 @@ With ``launcher=slurm`` the command submits the members as job arrays and return
 again submits only the members that are neither done nor queued nor running, and once every member
 is done it evaluates them and writes the report here (evaluation is short next to training, and this
 way a failed member is seen and resubmitted before any report claims the ladder).
+
+A member's stored score is reused only when it was made from the member's current weights with the
+same settings (ettin.evaluation.provenance). Ctrl-C or SIGTERM stops the suite with one line and exit
+status 130 / 143 (a member in training gets the same signal); the same command again continues.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from ettin.cluster.launch import LaunchError, launcher_options, slurm_args, slurm_option_names
-from ettin.cluster.suite import (FAMILIES, Suite, SuiteError, check_directory, eval_file, plan,
+from ettin.evaluation.stopping import Stopped, sigterm_as_interrupt
+from ettin.cluster.suite import (FAMILIES, MemberStopped, Suite, SuiteError, check_directory, eval_file, plan,
                                  recorded_members, run_local, status, status_table, submit_slurm)
 
 USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [cross=true] [seeds=N]
@@ -107,19 +112,14 @@ def parse(argv: list[str]) -> SuiteArgs:
 
 
 def evaluate_members(suite: Suite, tasks: str, limit: Optional[int]) -> list[Path]:
-    """Each member's eval.json on the same tasks (generated with the same seed), evaluated once per
-    tasks and limit."""
-    import json
-
+    """Each member's eval.json on the same tasks (generated with the same seed). A score already there
+    is reused only when its provenance (weights, tokenizer, settings, versions) is the same."""
     from ettin.evaluation import evaluate
 
     files = []
     for member in suite.members:
         done = eval_file(suite.directory, member.name)
-        asked = {"tasks": tasks, "limit": limit}
-        if not (done.is_file() and json.loads(done.read_text()).get("asked") == asked):
-            result = evaluate([suite.directory / member.name], tasks=tasks, out=done.parent, limit=limit)
-            done.write_text(json.dumps({**result, "asked": asked}, indent=2) + "\n")
+        evaluate([suite.directory / member.name], tasks=tasks, out=done.parent, limit=limit)
         files.append(done)
     return files
 
@@ -132,19 +132,33 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(USAGE.format(families=", ".join(FAMILIES), slurm_options=options))
         return 0
     try:
-        args = parse(argv)
-        suite = plan(args.directory, args.family, args.sizes, args.cross, args.overrides, args.seeds)
-        if args.show_status:
-            check_directory(suite)
-            print(status_table(status(suite)))
-            return 0
-        if args.launcher == "slurm":
-            return submitted(suite, submit_slurm(suite, slurm_args(args.slurm)), args)
-        exits = run_local(suite)
-        rows = status(suite)
+        with sigterm_as_interrupt():
+            return _run(argv)
     except (SuiteError, LaunchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (Stopped, KeyboardInterrupt) as stop:
+        if isinstance(stop, MemberStopped):
+            stop = Stopped(f"training member {stop.member} (its log: {stop.log})", stop)
+        elif isinstance(stop, KeyboardInterrupt):
+            stop = Stopped("writing the suite's records or report", stop)
+        print(f"stopped by {stop.signal_name} while {stop.what}; run the same command again to continue "
+              "(finished members are skipped, a stopped one resumes, finished scores are reused)",
+              file=sys.stderr)
+        return stop.exit_status
+
+
+def _run(argv: list[str]) -> int:
+    args = parse(argv)
+    suite = plan(args.directory, args.family, args.sizes, args.cross, args.overrides, args.seeds)
+    if args.show_status:
+        check_directory(suite)
+        print(status_table(status(suite)))
+        return 0
+    if args.launcher == "slurm":
+        return submitted(suite, submit_slurm(suite, slurm_args(args.slurm)), args)
+    exits = run_local(suite)
+    rows = status(suite)
     print(status_table(rows))
     unfinished = [r for r in rows if r.state != "done"]
     if unfinished:

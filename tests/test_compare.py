@@ -449,3 +449,32 @@ def test_checkpoint_noise_is_the_spread_of_the_last_checkpoints_beside_the_diffe
     assert noise.loc["noisy", "noise B"] == 0.0 and noise.loc["noisy", "checkpoints"] == 3
     assert noise.loc["noisy", "signal"] == pytest.approx(0.1 + 0.05)
     assert noise.loc["noisy", "separates"] == "no" and noise.loc["clear", "separates"] == "yes"
+
+
+def test_scores_of_weights_that_are_not_the_runs_current_ones_are_left_out_loudly(tmp_path, tiny_prepared):
+    """The issue's scenario: the decoder was deleted and trained again (same checkpoint names, other
+    weights) while eval.json kept its old scores: the report shows which checkpoint and weights each
+    run's scores came from, and leaves out the decoder's old score with a WARNING."""
+    from ettin.store.checkpoints import latest_checkpoint
+
+    a = make_run(tmp_path, "p-encoder", tiny_prepared)
+    b = make_run(tmp_path, "p-decoder", tiny_prepared, objective="clm")
+    for run, sha in ((a, "a" * 64), (b, "b" * 64)):  # the weights hash training records in each meta
+        for meta_file in (run / "checkpoints").glob("*/meta.json"):
+            meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()),
+                                             "sha256": {"model.safetensors": sha}}))
+    ev = evaluation({"p-encoder": "encoder", "p-decoder": "decoder"},
+                    {"nli": ("classification", "accuracy", True, {"p-encoder": 0.7, "p-decoder": 0.6})})
+    for run, scored_sha in ((a, "a" * 64), (b, "c" * 64)):  # the decoder's score: the old weights
+        final = latest_checkpoint(run)
+        ev["models"][run.name]["tasks"]["nli"]["provenance"] = {
+            "weights_sha256": "e" * 64, "checkpoint": {"name": final.name, "tokens": 768,
+                                                       "weights_sha256": scored_sha}}
+    (a / "eval.json").write_text(json.dumps(ev))
+    text = write_report(a, b, default_out_dir(a, b)).read_text()
+    final = latest_checkpoint(b).name
+    assert (f"WARNING: scores left out, not computed from the runs' current weights: p-decoder (nli) scored from "
+            f"{final} (weights cccccccccccc), the run's is {final} (weights bbbbbbbbbbbb)") in text
+    assert f"| p-encoder | {final} | 768 | eeeeeeeeeeee | current |" in text
+    assert f"| p-decoder | {final} | 768 | eeeeeeeeeeee | STALE: scored from {final}" in text
+    assert "| nli | classification | accuracy | higher | 0.7 | n/a | not evaluated on both |" in text

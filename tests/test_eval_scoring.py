@@ -1,9 +1,10 @@
-"""The encoder scorer (ettin-mlm) at a real vocabulary: memory bounded by the batch, not by the number
-of requests; generate_until batched.
+"""The encoder scorer (ettin-mlm) at a real vocabulary and realistic context lengths: memory bounded by
+the batch, not by the number of requests (rows built one batch at a time); every batch scored;
+generate_until batched.
 
-Also a benchmark (docs/benchmarks.md), the same child process run by hand:
+Also a benchmark (docs/benchmarks.md), the same child process run by hand, one process per count:
 
-    PYTHONPATH=$PWD python tests/test_eval_scoring.py --requests 30 300 [--scorer OLD_masked_lm.py]
+    PYTHONPATH=$PWD python tests/test_eval_scoring.py --requests 3000 [--context 400] [--scorer OLD_masked_lm.py]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 
 VOCAB = 50_368  # Ettin's vocabulary
 SPECIALS = dict(pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3)
-CONTEXT, CONTINUATION, BATCH = 24, 4, 16
+CONTEXT, CONTINUATION, BATCH = 400, 4, 16  # ~400-token contexts, as lm-eval's few-shot prompts are
 
 
 def _scorer_class(path: str | None):
@@ -34,16 +35,22 @@ def _scorer_class(path: str | None):
     return module.MaskedLMHarness
 
 
-def measure(request_counts: list[int], scorer_path: str | None = None) -> list[dict]:
-    """Score ``n`` loglikelihood requests (a 24-token context, a 4-token continuation) for each n in turn
-    with a tiny ModernBertForMaskedLM of Ettin's vocabulary; the peak RSS after each (it never goes down,
-    so a later, larger n only raises it if its scoring needs more memory)."""
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(request_counts: list[int], scorer_path: str | None = None, context: int = CONTEXT) -> list[dict]:
+    """Score ``n`` loglikelihood requests (a ``context``-token context, a 4-token continuation) for each n
+    in turn with a tiny ModernBertForMaskedLM of Ettin's vocabulary: the peak RSS once the requests exist
+    (what lm-eval holds anyway) and after scoring them (a peak never goes down, so a later, larger n only
+    raises it if its scoring needs more memory); their difference is what scoring added."""
     import torch
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
     config = ModernBertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              max_position_embeddings=1024,
                               num_attention_heads=2, global_attn_every_n_layers=2, local_attention=8,
                               reference_compile=False, pad_token_id=0, cls_token_id=1, sep_token_id=2,
                               bos_token_id=1, eos_token_id=2)
@@ -53,14 +60,16 @@ def measure(request_counts: list[int], scorer_path: str | None = None) -> list[d
     generator = torch.Generator().manual_seed(0)
     out = []
     for n in request_counts:
-        tokens = torch.randint(10, 1000, (n, CONTEXT + CONTINUATION), generator=generator).tolist()
-        requests = [(("", ""), row[:CONTEXT], row[CONTEXT:]) for row in tokens]
+        tokens = torch.randint(10, 1000, (n, context + CONTINUATION), generator=generator).tolist()
+        requests = [(("", ""), row[:context], row[context:]) for row in tokens]
+        before = _peak_rss_mb()
         started = time.perf_counter()
         scores = lm._loglikelihood_tokens(requests)
         seconds = time.perf_counter() - started
         assert len(scores) == n
-        out.append({"requests": n, "seconds": round(seconds, 3), "requests_per_s": round(n / seconds, 1),
-                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+        out.append({"requests": n, "context": context, "seconds": round(seconds, 3),
+                    "requests_per_s": round(n / seconds, 1), "peak_rss_before_scoring_mb": round(before, 1),
+                    "peak_rss_mb": round(_peak_rss_mb(), 1)})
     return out
 
 
@@ -100,6 +109,90 @@ class CountingStub:
         return SimpleNamespace(last_hidden_state=hidden)
 
 
+def tiny_masked_lm(vocab: int = 64):
+    import torch
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(0)
+    config = ModernBertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=2, global_attn_every_n_layers=2, local_attention=8,
+                              reference_compile=False, pad_token_id=0, cls_token_id=1, sep_token_id=2,
+                              bos_token_id=1, eos_token_id=2)
+    return ModernBertForMaskedLM(config).eval()
+
+
+def reference_log_prob(model, row: list[int], position: int, target: int) -> float:
+    """One row through the model alone (no batching, no padding): the target's log-probability."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([row])).logits[0, position]
+    return float(torch.log_softmax(logits, -1)[target])
+
+
+def test_every_batch_is_scored_as_one_request_at_a_time_would_be():
+    """Seven loglikelihood requests and three rolling texts at batch size 2 (many batches, lengths that
+    differ, so rows are reordered and padded): each score equals the sum computed row by row with the
+    model alone."""
+    import random
+
+    from lm_eval.api.instance import Instance
+
+    from ettin.evaluation.masked_lm import MaskedLMHarness
+
+    model = tiny_masked_lm()
+    cls, sep, mask = SPECIALS["cls_token_id"], SPECIALS["sep_token_id"], SPECIALS["mask_token_id"]
+    lm = MaskedLMHarness(model, tokenizer=SimpleNamespace(**SPECIALS), batch_size=2, device="cpu", pll_window=6)
+    rng = random.Random(0)
+    requests = [(("", ""), [rng.randrange(10, 64) for _ in range(rng.randint(3, 12))],
+                 [rng.randrange(10, 64) for _ in range(rng.randint(1, 3))]) for _ in range(7)]
+    for (_, context, continuation), (score, _) in zip(requests, lm._loglikelihood_tokens(requests)):
+        expected = sum(reference_log_prob(model, [cls, *context, *continuation[:i], *[mask] * 3, sep],
+                                          1 + len(context) + i, continuation[i]) for i in range(len(continuation)))
+        assert abs(score - expected) < 1e-4
+    texts = {f"text{k}": [rng.randrange(10, 64) for _ in range(length)] for k, length in enumerate((3, 9, 5))}
+    lm.tok_encode = lambda text, **kwargs: texts[text]
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0) for text in texts])
+    for tokens, score in zip(texts.values(), rolling):
+        expected = 0.0
+        for start in range(0, len(tokens), 4):  # windows of pll_window - 2 tokens
+            window = tokens[start:start + 4]
+            expected += sum(reference_log_prob(model, [cls, *window[:j], mask, *window[j + 1:], sep], 1 + j,
+                                               window[j]) for j in range(len(window)))
+        assert abs(score - expected) < 1e-4
+
+
+def test_rows_are_built_one_batch_at_a_time():
+    """Whatever the number of requests, the scorer never holds more than one batch of built rows: each
+    forward pass comes before the next batch's rows are built (counted by wrapping the row builders)."""
+    from lm_eval.api.instance import Instance
+
+    from ettin.evaluation.masked_lm import MaskedLMHarness
+
+    lm = MaskedLMHarness(CountingStub(), tokenizer=SimpleNamespace(**SPECIALS), batch_size=4, device="cpu",
+                         pll_window=8)
+    built, scored, held = [0], [0], []
+
+    def counting(build):
+        def wrapped(*args):
+            built[0] += 1
+            return build(*args)
+        return wrapped
+
+    def forward(rows, logits_at=lm._logits_at):
+        held.append(built[0] - scored[0])
+        scored[0] += len(rows)
+        return logits_at(rows)
+
+    lm._pseudo_causal_row, lm._masked_row, lm._logits_at = (counting(lm._pseudo_causal_row),
+                                                             counting(lm._masked_row), forward)
+    lm._loglikelihood_tokens([(("", ""), [5] * (5 + n % 7), [6, 7, 8]) for n in range(30)])  # a 12-token vocabulary
+    lm.tok_encode = lambda text, **kwargs: [5] * 20
+    lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("text",), 0) for _ in range(10)])
+    assert scored[0] == built[0] == 30 * 3 + 10 * 20
+    assert max(held) <= 4, held
+
+
 def test_generate_until_runs_the_requests_of_a_batch_together():
     from lm_eval.api.instance import Instance
 
@@ -119,6 +212,7 @@ def test_generate_until_runs_the_requests_of_a_batch_together():
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="peak RSS and requests/s of the encoder scorer at Ettin's vocabulary")
     parser.add_argument("--requests", type=int, nargs="+", default=[30, 300])
+    parser.add_argument("--context", type=int, default=CONTEXT, help="context tokens per request")
     parser.add_argument("--scorer", help="a masked_lm.py to measure instead of ettin's (e.g. an older version)")
     arguments = parser.parse_args()
-    print(json.dumps(measure(arguments.requests, arguments.scorer)))
+    print(json.dumps(measure(arguments.requests, arguments.scorer, arguments.context)))

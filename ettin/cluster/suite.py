@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -46,6 +47,15 @@ SUITE_FILE = "suite.json"
 
 class SuiteError(ValueError):
     """A suite that cannot run; the message names the problem and the fix."""
+
+
+class MemberStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM (``signum``) while ``member`` trained (its output in ``log``); it was given
+    the same signal."""
+
+    def __init__(self, member: str, log: Path, signum: int) -> None:
+        super().__init__(member)
+        self.member, self.log, self.signum = member, log, signum
 
 
 @dataclass(frozen=True)
@@ -353,7 +363,11 @@ def run_local(suite: Suite, python: str = sys.executable) -> dict[str, int]:
             _write_record(suite, exits)
             continue
         RunDir(member_dir(member)).slurm_job.unlink(missing_ok=True)  # trained here from now on
-        exits[member.name] = run_training(member.argv(), suite.log(member), python)
+        try:
+            exits[member.name] = run_training(member.argv(), suite.log(member), python)
+        except KeyboardInterrupt as interrupt:
+            raise MemberStopped(member.name, suite.log(member),
+                                getattr(interrupt, "signum", signal.SIGINT)) from None
         _write_record(suite, exits)
     return exits
 
@@ -392,8 +406,15 @@ def submit_slurm(suite: Suite, slurm) -> list[str]:
 
 
 def run_training(argv: Sequence[str], log: Path, python: str = sys.executable) -> int:
-    """One ``python -m ettin.train ARGV`` with its output appended to ``log``; its exit status."""
+    """One ``python -m ettin.train ARGV`` with its output appended to ``log``; its exit status. Stopped
+    (Ctrl-C, or SIGTERM raised as a KeyboardInterrupt carrying ``signum``), it passes the signal on and
+    waits for the member to stop as training stops (so it resumes from where it stopped), then raises."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
-        return subprocess.run([python, "-m", "ettin.train", *argv], stdout=out,
-                              stderr=subprocess.STDOUT).returncode
+        member = subprocess.Popen([python, "-m", "ettin.train", *argv], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            return member.wait()
+        except KeyboardInterrupt as interrupt:
+            member.send_signal(getattr(interrupt, "signum", signal.SIGINT))
+            member.wait()
+            raise

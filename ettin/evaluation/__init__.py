@@ -4,8 +4,9 @@
 
 Tasks come from the registry (ettin.evaluation.registry): the offline smoke suite (generated, no
 network), the Ettin paper's suite (``ettin-paper``), any registered task, or any lm-eval task.
-eval.json (format ``ettin-eval/1``, docs/evaluation.md) records how each score was made; it is
-rewritten after every task, and a rerun with the same ``out`` skips the tasks already there.
+eval.json (format ``ettin-eval/1``, docs/evaluation.md) records how each score was made and what it
+was made from (its ``provenance``: ettin.evaluation.provenance); it is published atomically after every
+task, and a rerun with the same ``out`` reuses a score only when its provenance is the same.
 
 Importing this package registers the ``ettin-mlm`` lm-eval model (ettin.evaluation.masked_lm).
 
@@ -34,12 +35,15 @@ from ettin.evaluation import masked_lm  # noqa: F401  registers "ettin-mlm" with
 from ettin.evaluation import suite, uncertainty
 from ettin.evaluation.models import EvalError, EvalModel, resolve_models
 from ettin.evaluation.offline import check_cached, is_offline, prefetch_command
+from ettin.evaluation.provenance import library_versions, model_provenance, task_provenance, why_not_reused
 from ettin.evaluation.registry import (LM_EVAL, MTEB, PAPER_RETRIEVAL, SENTENCE_TRANSFORMERS,
                                        TRANSFORMERS, Task, resolve_tasks, suite_name)
 from ettin.evaluation.runners import (MsmarcoSettings, RetrievalSettings, finetune_classification, harness_model,
                                       harness_model_args, msmarco_finetune, mteb_benchmark_tasks, mteb_queries,
                                       mteb_task, mteb_task_score, paper_retrieval_encoder, retrieval_ndcg_at_10,
                                       run_harness_task)
+from ettin.evaluation.stopping import Stopped
+from ettin.store.fs import write_text
 
 log = logging.getLogger("ettin")
 
@@ -196,7 +200,7 @@ def _msmarco_encoder(model: EvalModel, limit: Optional[int], seed: int, work: Pa
                                train_rows=4 * limit if limit else settings.train_rows, seed=seed,
                                work_dir=folder.with_name(folder.name + "-trainer"))
     encoder.save(str(folder))
-    (folder / "trained_rows.txt").write_text(f"{trained}\n")
+    write_text(folder / "trained_rows.txt", f"{trained}\n")
     return encoder, trained
 
 
@@ -319,11 +323,21 @@ def _model_entry(model: EvalModel) -> dict:
 
 
 def _previous_report(out: Optional[Path]) -> dict:
-    """The eval.json of an interrupted or earlier run in ``out`` (its finished tasks are kept)."""
+    """The eval.json of an interrupted or earlier run in ``out`` (its finished tasks may be reused). One
+    that cannot be read (a crash of something else, a truncated copy) is moved aside with a warning."""
     path = out / "eval.json" if out else None
     if path is None or not path.exists():
         return {}
-    report = json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict):
+            raise ValueError(f"a JSON {type(report).__name__}, not an object")
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
+        os.replace(path, aside)
+        print(f"warning: {path} is damaged ({type(error).__name__}: {error}); moved it to {aside} and "
+              "evaluating every task again", file=sys.stderr)
+        return {}
     return report if report.get("format") == FORMAT else {}
 
 
@@ -364,35 +378,47 @@ def _evaluate(evaluated: list[EvalModel], task_list: list[Task], spec: str | lis
     for model in evaluated:
         entry = report["models"][model.name] = _model_entry(model)
         done = previous.get("models", {}).get(model.name, {})
+        identity = model_provenance(model)  # the weights hashed once per model and evaluation
         lm = None
         for task in task_list:
-            if done.get("path") == str(model.path) and task.name in done.get("tasks", {}) \
-                    and done["tasks"][task.name].get("limit") == limit:
-                entry["tasks"][task.name] = done["tasks"][task.name]
-                print(f"{model.name}  {task.name}: already in eval.json, not rerun", file=console)
+            provenance = {**identity, "task": task_provenance(task, limit=limit, seed=seed,
+                                                                learning_rates=learning_rates,
+                                                                retrieval_settings=retrieval),
+                          "versions": library_versions(task)}
+            stored = done.get("tasks", {}).get(task.name)
+            why = why_not_reused(stored, provenance)
+            if why is None:
+                entry["tasks"][task.name] = stored
+                print(f"{model.name}  {task.name}: already in eval.json (same weights, tokenizer, settings and "
+                      "versions), not rerun", file=console)
                 continue
+            if stored is not None:
+                print(f"{model.name}  {task.name}: evaluated again: {why}", file=console)
             started = time.perf_counter()
-            with _library_output_to(work / LOG_FILE):
-                if task.library == LM_EVAL:
-                    lm = lm or harness_model(model)
-                    result = _harness_result(task, model, lm, suite_dir, limit, seed)
-                elif task.library == TRANSFORMERS:
-                    result = _classification(task, model, suite_dir, limit, seed, work, learning_rates)
-                elif task.library == MTEB:
-                    result = _mteb_benchmark(task, model, limit, seed, work)
-                else:
-                    result = _retrieval(task, model, suite_dir, limit, seed, work, retrieval)
+            try:
+                with _library_output_to(work / LOG_FILE):
+                    if task.library == LM_EVAL:
+                        lm = lm or harness_model(model)
+                        result = _harness_result(task, model, lm, suite_dir, limit, seed)
+                    elif task.library == TRANSFORMERS:
+                        result = _classification(task, model, suite_dir, limit, seed, work, learning_rates)
+                    elif task.library == MTEB:
+                        result = _mteb_benchmark(task, model, limit, seed, work)
+                    else:
+                        result = _retrieval(task, model, suite_dir, limit, seed, work, retrieval)
+            except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM under sigterm_as_interrupt
+                raise Stopped(f"evaluating {model.name} on {task.name}", interrupt) from None
             seconds = time.perf_counter() - started
             result.update(_uncertainty(result, task, model, out))
             entry["tasks"][task.name] = {
                 "category": task.category, "higher_is_better": task.higher_is_better, "smoke": task.smoke,
                 "library": task.library, "library_version": _library_version(task.library),
                 "split": task.split, "few_shot": task.few_shot, "seed": seed, "limit": limit,
-                "source": task.source, "seconds": round(seconds, 1), **result}
+                "source": task.source, "seconds": round(seconds, 1), **result, "provenance": provenance}
             error = f" ± {result['stderr']:.2g}" if result["stderr"] is not None else ""
             print(f"{model.name}  {task.name}{' (smoke)' if task.smoke else ''}: {result['metric']} "
                   f"{result['score']:.4g}{error} on {result['n_examples']} examples, {seconds:.0f} s", file=console)
-            _write(report, out)
+            _write(_with_unreached(report, previous), out)
     _write(report, out)
     return report
 
@@ -422,7 +448,16 @@ def _uncertainty(result: dict, task: Task, model: EvalModel, out: Optional[Path]
     return record
 
 
+def _with_unreached(report: dict, previous: dict) -> dict:
+    """``report`` so far, plus the earlier eval.json's scores of the models and tasks not reached yet:
+    an evaluation stopped part way loses none of them (the rerun checks each one's provenance)."""
+    models = {}
+    for name, old in previous.get("models", {}).items():
+        new = report["models"].get(name)
+        models[name] = old if new is None else {**new, "tasks": {**old.get("tasks", {}), **new["tasks"]}}
+    return {**report, "models": {**models, **{n: m for n, m in report["models"].items() if n not in models}}}
+
+
 def _write(report: dict, out: Optional[Path]) -> None:
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_text(out / "eval.json", json.dumps(report, indent=2) + "\n")

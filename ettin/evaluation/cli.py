@@ -5,6 +5,9 @@
     python -m ettin.eval --list-tasks
     python -m ettin.eval --prefetch --tasks ettin-paper [MODEL ...]     # on a machine with internet
 
+Ctrl-C or SIGTERM stops it with one line and exit status 130 / 143; the same command again continues,
+reusing the scores already in eval.json.
+
 MODEL: a Hugging Face ModernBERT or ModernBERT-Decoder folder or hub id (``ID@REVISION`` for a branch,
 tag or commit), or an ettin run directory (its export RUN/hf, made from the latest checkpoint if
 missing). Writes DIR/eval.json and DIR/eval.log (docs/evaluation.md). The offline tasks are smoke tasks
@@ -77,6 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ettin.evaluation.registry import list_tasks, resolve_tasks
     from ettin.model.export import ExportError
     from ettin.model.hub import HubError
+    from ettin.evaluation.stopping import Stopped, sigterm_as_interrupt
 
     if args.list_tasks:
         print(list_tasks())
@@ -91,11 +95,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.models:
             parser.error("give at least one MODEL (or --list-tasks)")
         learning_rates = tuple(float(x) for x in args.learning_rates.split(",")) if args.learning_rates else None
-        report = evaluate(args.models, tasks=args.tasks, out=Path(args.out), limit=args.limit, seed=args.seed,
-                          learning_rates=learning_rates, checkpoints=args.checkpoints)
+        with sigterm_as_interrupt():
+            try:
+                report = evaluate(args.models, tasks=args.tasks, out=Path(args.out), limit=args.limit,
+                                  seed=args.seed, learning_rates=learning_rates, checkpoints=args.checkpoints)
+            except KeyboardInterrupt as interrupt:  # outside a task: exporting, hashing, writing
+                raise Stopped("preparing or saving the evaluation", interrupt) from None
     except (EvalError, ExportError, HubError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"stopped by {stop.signal_name} while {stop.what}; run the same command again to continue "
+              f"(the scores finished so far, in {Path(args.out) / 'eval.json'}, are reused)", file=sys.stderr)
+        return stop.exit_status
     from ettin.evaluation.paper import format_comparison
 
     print(format_table(report))

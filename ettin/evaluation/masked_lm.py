@@ -20,7 +20,7 @@ Registered with lm-eval as ``ettin-mlm`` when ``ettin.evaluation`` is imported:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -96,40 +96,61 @@ class MaskedLMHarness(TemplateLM):
             picked = hidden[torch.arange(len(rows), device=self._device), read]
             return self.model.decoder(self.model.head(picked)).float()
 
-    def _target_log_probs(self, rows: list[tuple[list[int], int, int]]) -> list[tuple[float, bool]]:
-        """For each (input ids, position, target token): the target's log-probability at that
-        position and whether it is the argmax. Rows are batched longest first across the whole list;
-        only two numbers per row are kept."""
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for start in range(0, len(order), self.batch_size):
+    def _target_log_probs(self, count: int, length: Callable[[int], int],
+                          build: Callable[[int], tuple[list[int], int, int]]) -> Iterator[tuple[int, float, bool]]:
+        """For rows 0..count-1 (``build(i)``: input ids, position, target token; ``length(i)``: its
+        length, known without building it): (i, the target's log-probability at that position, whether
+        it is the argmax). Rows are batched longest first across all of them, and built one batch at a
+        time: memory is bounded by the batch, not by the number of rows times their length."""
+        order = sorted(range(count), key=lambda i: -length(i))
+        for start in range(0, count, self.batch_size):
             chunk = order[start:start + self.batch_size]
-            logits = self._logits_at([rows[i][:2] for i in chunk])
-            targets = torch.tensor([rows[i][2] for i in chunk], device=logits.device)
+            rows = [build(i) for i in chunk]
+            logits = self._logits_at([row[:2] for row in rows])
+            targets = torch.tensor([row[2] for row in rows], device=logits.device)
             log_probs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
             greedy = logits.argmax(-1) == targets
-            for i, value, is_greedy in zip(chunk, log_probs.tolist(), greedy.tolist()):
-                out[i] = (value, is_greedy)
-        return out
+            yield from zip(chunk, log_probs.tolist(), greedy.tolist())
+
+    def _past_budget(self) -> int:
+        """How many past tokens a pseudo-causal row holds at most."""
+        return max(self._max_length - 3 - self.extra_masks, 0)
 
     def _pseudo_causal_row(self, past: list[int]) -> tuple[list[int], int]:
         """``[CLS] past [MASK]... [SEP]`` (past left-truncated to fit) and the first [MASK]'s position."""
-        keep = self._max_length - 3 - self.extra_masks
-        past = past[-keep:] if keep > 0 else []
+        keep = self._past_budget()
+        past = past[-keep:] if keep else []
         return [self.cls, *past, *[self.mask] * (1 + self.extra_masks), self.sep], 1 + len(past)
+
+    def _masked_row(self, window: list[int], j: int) -> tuple[list[int], int, int]:
+        """``[CLS] window [SEP]`` with token j masked, the mask's position and the token."""
+        return [self.cls, *window[:j], self.mask, *window[j + 1:], self.sep], 1 + j, window[j]
 
     # -----------------------------------------------------------------------------------------------
     # lm-eval's three request types
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        rows, owners = [], []
-        for n, (_, context, continuation) in enumerate(requests):
-            context = context[1:] if context[:1] == [self.cls] else context  # the empty-context prefix
-            for i, token in enumerate(continuation):
-                rows.append((*self._pseudo_causal_row(context + continuation[:i]), token))
-                owners.append(n)
+        def prefixed(n: int) -> bool:  # lm-eval's prefix token stands for an empty context
+            return requests[n][1][:1] == [self.cls]
+
+        def context(n: int) -> list[int]:
+            return requests[n][1][1:] if prefixed(n) else requests[n][1]
+
+        rows = [(n, i) for n, (_, _, continuation) in enumerate(requests) for i in range(len(continuation))]
+        budget = self._past_budget()
+
+        def length(r: int) -> int:
+            n, i = rows[r]
+            return min(len(requests[n][1]) - prefixed(n) + i, budget) + 3 + self.extra_masks
+
+        def build(r: int) -> tuple[list[int], int, int]:
+            n, i = rows[r]
+            continuation = requests[n][2]
+            return (*self._pseudo_causal_row(context(n) + continuation[:i]), continuation[i])
+
         totals, greedy = [0.0] * len(requests), [True] * len(requests)
-        for n, (log_prob, is_greedy) in zip(owners, self._target_log_probs(rows)):
+        for r, log_prob, is_greedy in self._target_log_probs(len(rows), length, build):
+            n = rows[r][0]
             totals[n] += log_prob
             greedy[n] &= is_greedy
         results = list(zip(totals, greedy))
@@ -139,17 +160,22 @@ class MaskedLMHarness(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         window = self.pll_window - 2  # room for [CLS] and [SEP]
-        rows, owners = [], []
-        for n, request in enumerate(requests):
-            tokens = self.tok_encode(request.args[0])
-            for start in range(0, len(tokens), window):
-                chunk = tokens[start:start + window]
-                for j, token in enumerate(chunk):
-                    rows.append(([self.cls, *chunk[:j], self.mask, *chunk[j + 1:], self.sep], 1 + j, token))
-                    owners.append(n)
+        texts = [self.tok_encode(request.args[0]) for request in requests]
+        rows = [(n, start, j) for n, tokens in enumerate(texts) for start in range(0, len(tokens), window)
+                for j in range(min(window, len(tokens) - start))]
+
+        def length(r: int) -> int:
+            n, start, _ = rows[r]
+            return min(window, len(texts[n]) - start) + 2
+
+        def build(r: int) -> tuple[list[int], int, int]:
+            n, start, j = rows[r]
+            return self._masked_row(texts[n][start:start + window], j)
+
         totals = [0.0] * len(requests)
-        for n, (log_prob, _) in zip(owners, self._target_log_probs(rows)):
-            totals[n] += log_prob
+        scored = self._target_log_probs(len(rows), length, build)
+        for r, log_prob, _ in scored:
+            totals[rows[r][0]] += log_prob
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals

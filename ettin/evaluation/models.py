@@ -29,6 +29,8 @@ class EvalModel:
     objective: Optional[str]  # "mlm" | "clm" | "mntp", None for folders not made by ettin
     parameters: int
     ettin_size: Optional[str] = None  # the Ettin size it has (released hub id, or the shape of a size)
+    # the checkpoint the folder was exported from (its run and checkpoint_identity), None if not ettin's
+    checkpoint: Optional[dict] = None
 
     @property
     def is_decoder(self) -> bool:
@@ -66,11 +68,9 @@ def resolve_model(spec: str | Path) -> EvalModel:
     run: Optional[Path] = None
     if path.is_dir() and RunDir.is_run(path):
         run, path = path, RunDir(path).export()
-        if not (path / "config.json").exists():
-            from ettin.model.export import export_checkpoint
-
-            log.info("%s has no export yet: exporting its latest checkpoint to %s", run, path)
-            export_checkpoint(run, path)
+        latest = RunDir(run).latest_checkpoint()
+        if latest is not None:
+            export_current(latest, path)
     elif path.is_dir() and RunDir.of_export(path) is not None:
         run = RunDir.of_export(path).path  # RUN/hf or RUN/hf-<phase>
     else:
@@ -86,8 +86,29 @@ def resolve_model(spec: str | Path) -> EvalModel:
                         f"evaluates {ENCODER_TYPE!r} (encoders) and {DECODER_TYPE!r} (decoders)")
     objective = config.get("ettin_objective") or (_run_objective(run) if run else None)
     name = run.name if run else (path.name if Path(spec).is_dir() else str(spec))
+    from ettin.model.export import export_source
+
     return EvalModel(name=name, path=path, kind=kinds[config["model_type"]], objective=objective,
-                     parameters=_parameters(path), ettin_size=ettin_size(hub_id, config))
+                     parameters=_parameters(path), ettin_size=ettin_size(hub_id, config),
+                     checkpoint=export_source(path))
+
+
+def export_current(checkpoint: Path, folder: Path) -> None:
+    """Export ``checkpoint`` to ``folder`` unless ``folder`` already holds its export: an export of
+    another checkpoint (the run trained on, or was trained again) or of unknown origin is replaced."""
+    from ettin.model.export import export_checkpoint, export_source
+    from ettin.store.checkpoints import checkpoint_identity
+
+    if (folder / "config.json").exists():
+        source = export_source(folder)
+        wanted = checkpoint_identity(checkpoint)
+        if source is not None and {k: source.get(k) for k in wanted} == wanted:
+            return
+        log.info("%s was exported from %s, not from %s: exporting again", folder,
+                 (source or {}).get("name", "an unrecorded checkpoint"), checkpoint.name)
+    else:
+        log.info("exporting %s to %s", checkpoint, folder)
+    export_checkpoint(checkpoint, folder)
 
 
 def select_checkpoints(run: Path, selection: str) -> list[Path]:
@@ -124,16 +145,13 @@ def resolve_checkpoints(run: Path, selection: str) -> list[EvalModel]:
     from dataclasses import replace
 
     from ettin.store.checkpoints import read_meta
-    from ettin.model.export import export_checkpoint
 
     if not RunDir.is_run(run):
         raise EvalError(f"--checkpoints: {run} is not an ettin run directory (no checkpoints/ folder)")
     models = []
     for checkpoint in select_checkpoints(run, selection):
         folder = RunDir(run).checkpoint_export(checkpoint.name)
-        if not (folder / "config.json").exists():
-            log.info("exporting %s to %s", checkpoint, folder)
-            export_checkpoint(checkpoint, folder)
+        export_current(checkpoint, folder)
         model = resolve_model(folder)
         models.append(replace(model, name=f"{run.name}@{checkpoint.name}",
                               objective=read_meta(checkpoint).get("objective") or model.objective))

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ettin.store.checkpoints import META, load_weights, read_meta
+from ettin.store.checkpoints import META, checkpoint_identity, load_weights, read_meta
 from ettin.store.fs import publish
 from ettin.store.rundir import RunDir
 from ettin.model.config import ModelConfig
@@ -41,6 +41,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Reloaded logits vs ours, fp32 on CPU: only the order of float operations differs.
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-4
+# Which checkpoint an export was made from (the run's name and ``checkpoint_identity``): evaluation
+# records it with every score, and re-exports a run whose export is not of its latest checkpoint.
+SOURCE = "ettin_source.json"
 
 
 class ExportError(RuntimeError):
@@ -81,6 +84,15 @@ def load_checkpoint_model(checkpoint: Path, causal: Optional[bool] = None) -> tu
     model = ModernBert(config)
     model.load_state_dict(load_weights(checkpoint))
     return model.eval(), meta
+
+
+def export_source(folder: Path | str) -> Optional[dict]:
+    """The checkpoint ``folder`` was exported from (``SOURCE``), or None (not an ettin export, or one
+    made before ettin recorded it)."""
+    try:
+        return json.loads((Path(folder) / SOURCE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def is_ettin_export(folder: Path) -> bool:
@@ -145,6 +157,8 @@ def write_export(model: ModernBert, meta: dict, checkpoint: Path, partial: Path,
         GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
                          pad_token_id=c.pad_token_id).save_pretrained(partial)
     (partial / "README.md").write_text(model_card(model, meta, checkpoint, dtype))
+    (partial / SOURCE).write_text(json.dumps({"run": meta.get("run_name"), **checkpoint_identity(checkpoint)},
+                                             indent=2) + "\n")
     if causal and model.config.local_rope_theta != model.config.global_rope_theta and transformers_major() < 5:
         # Only transformers >= 5 applies a decoder's local theta: 4.x cannot verify this export.
         log.warning("not checked: transformers %d.x applies one rope theta to every decoder layer; "

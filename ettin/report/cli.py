@@ -26,6 +26,7 @@ from ettin.evaluation import uncertainty
 from ettin.report import identity, plots, runs, scores
 from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
 from ettin.report.runs import RunError
+from ettin.store.fs import write_text
 
 
 def default_out_dir(run_a: Path, run_b: Path) -> Path:
@@ -64,8 +65,8 @@ def write_report(run_a: Path | str, run_b: Path | str, out_dir: Path | str,
     evaluation = scores.load_evaluation(*given)
     blocks = report_blocks(a, b, out, evaluation, evaluation_sources, max_steps=max_steps)
     markdown = render_markdown(blocks)
-    (out / "report.md").write_text(markdown)
-    (out / "report.html").write_text(render_html(blocks, out, title=_title(a, b)))
+    write_text(out / "report.md", markdown)
+    write_text(out / "report.html", render_html(blocks, out, title=_title(a, b)))
     return out / "report.md"
 
 
@@ -92,6 +93,14 @@ def report_blocks(a: runs.Run, b: runs.Run, out: Path, evaluation: Optional[dict
     blocks.append(("table", identity.checks_table(checks)))
 
     blocks.append(("h2", "Evaluation"))
+    evaluation, weights, refused = scores.current_scores(evaluation, [a, b])
+    if refused:
+        blocks.append(("p", scores.refused_warning(refused, f"python -m ettin.eval {a.path} {b.path} "
+                                                            f"--out {out} (and --checkpoints ... for checkpoints)")))
+    if len(weights):
+        blocks.append(("p", "The weights each run's scores were computed from (eval.json's provenance), "
+                            "against the run's latest checkpoint:"))
+        blocks.append(("table", weights))
     over_training = scores.checkpoint_scores(evaluation, [a, b])
     if evaluation is None:
         blocks.append(("p", "No evaluation found (looked for eval.json in both run folders, in "

@@ -10,13 +10,16 @@ from typing import Sequence
 
 import pandas as pd
 
+from ettin.store.fs import publishing
+
 SMOKE_WARNING = ("These are smoke tasks: small generated offline tasks that check the pipeline end to "
                  "end. Their scores say nothing about how encoders and decoders compare; evaluate on "
                  "the standard suites for that.")
 
 
 def image(figure, out: Path, name: str, alt: str) -> tuple:
-    figure.savefig(out / name, dpi=110)
+    with publishing(out / name) as partial:
+        figure.savefig(partial, dpi=110, format="png")
     return ("image", name, alt)
 
 

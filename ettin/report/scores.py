@@ -215,6 +215,82 @@ def has_pair_scores(evaluation: Optional[dict], names: Sequence[str]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# Which weights the scores came from
+
+
+CURRENT, STALE, NOT_RECORDED = "current", "STALE", "not recorded"
+WEIGHTS_COLUMNS = ["model", "checkpoint", "tokens", "weights sha256", "status"]
+
+
+def _score_status(result: dict, checkpoint) -> tuple[str, str]:
+    """Whether a task result was scored from ``checkpoint`` (a runs.Checkpoint, or None: the run has
+    none): (status, why) by the checkpoint's name and the sha256 of its weights."""
+    from ettin.store.checkpoints import checkpoint_identity
+
+    provenance = result.get("provenance")
+    if provenance is None:
+        return NOT_RECORDED, "scored by an older ettin, which did not record the weights"
+    scored = provenance.get("checkpoint")
+    if checkpoint is None:
+        return NOT_RECORDED, "the run has no checkpoint to compare with"
+    now = checkpoint_identity(checkpoint.path)
+    if scored is None:
+        return STALE, f"not scored from a checkpoint of this run; its current one is {now['name']}"
+    same_weights = None in (scored.get("weights_sha256"), now["weights_sha256"]) or \
+        scored.get("weights_sha256") == now["weights_sha256"]
+    if scored.get("name") == now["name"] and same_weights:
+        return CURRENT, ""
+    return STALE, (f"scored from {scored.get('name')} (weights {short(scored.get('weights_sha256'))}), the run's "
+                   f"is {now['name']} (weights {short(now['weights_sha256'])})")
+
+
+def short(sha: Optional[str]) -> str:
+    return sha[:12] if sha else "not recorded"
+
+
+def current_scores(evaluation: Optional[dict], runs: Sequence[Run]) -> tuple[Optional[dict], pd.DataFrame,
+                                                                                list[str]]:
+    """The evaluation without the scores whose weights are not the runs' current ones; a table of what
+    each run's scores came from (its final model: the run's latest checkpoint); and one line per model
+    whose scores were left out. A run's final model is named after the run, a checkpoint's
+    ``RUN@CHECKPOINT`` (python -m ettin.eval RUN --checkpoints). Scores that record no provenance are
+    kept and marked "not recorded"."""
+    if not evaluation:
+        return evaluation, pd.DataFrame(columns=WEIGHTS_COLUMNS), []
+    models = {name: dict(model) for name, model in evaluation["models"].items()}
+    rows, refused = [], []
+    for run in runs:
+        targets = {run.name: run.checkpoints[-1] if run.checkpoints else None,
+                   **{f"{run.name}@{c.path.name}": c for c in run.checkpoints}}
+        for name, checkpoint in targets.items():
+            if name not in models:
+                continue
+            tasks = models[name].get("tasks", {})
+            statuses = {task: _score_status(result, checkpoint) for task, result in tasks.items()}
+            stale = [task for task, (status, _) in statuses.items() if status == STALE]
+            if stale:
+                refused.append(f"{name} ({', '.join(stale)}) {statuses[stale[0]][1]}")
+            models[name]["tasks"] = {task: result for task, result in tasks.items() if task not in stale}
+            if name != run.name:
+                continue
+            first = next(iter(tasks.values()), {}).get("provenance") or {}
+            scored = first.get("checkpoint") or {}
+            worst = next((s for s in (STALE, NOT_RECORDED) if any(v[0] == s for v in statuses.values())), CURRENT)
+            why = next((v[1] for v in statuses.values() if v[0] == worst), "the run's latest checkpoint")
+            rows.append([name, scored.get("name", "not recorded"),
+                         f"{scored['tokens']:,}" if scored.get("tokens") is not None else "not recorded",
+                         short(first.get("weights_sha256")),
+                         f"{worst}: {why}" if why else worst])
+    return {**evaluation, "models": models}, pd.DataFrame(rows, columns=WEIGHTS_COLUMNS), refused
+
+
+def refused_warning(refused: Sequence[str], command: str) -> str:
+    """The loud line of a report that leaves scores out."""
+    return (f"WARNING: scores left out, not computed from the runs' current weights: {'; '.join(refused)}. "
+            f"Evaluate again: {command}")
+
+
+# ------------------------------------------------------------------------------------------------
 # Data and schedule identity
 
 

@@ -22,6 +22,7 @@ from ettin.evaluation.paper import paper_entry
 from ettin.model.config import size_row
 from ettin.report import identity, plots, runs, scores
 from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
+from ettin.store.fs import write_text
 
 COLUMNS = ["member", "size", "parameters", "objective", "origin", "series", "task", "category",
            "metric", "score", "direction", "stderr", "ci95_low", "ci95_high", "stderr_method", "seed"]
@@ -162,9 +163,10 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
     directory = Path(directory)
     out = directory / "report"
     out.mkdir(parents=True, exist_ok=True)
-    evaluation = scores.load_evaluation(*eval_files)
+    evaluation, weights, refused = scores.current_scores(
+        scores.load_evaluation(*eval_files), [runs.load_run(directory / m["name"]) for m in members])
     table = suite_table(members, evaluation)
-    table.to_csv(out / "suite.csv", index=False)
+    write_text(out / "suite.csv", table.to_csv(index=False))
     ladder = pd.concat([table, category_averages(table)], ignore_index=True)
     paper = paper_points(table)
     checks = identity_table(directory, members)
@@ -175,9 +177,16 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
         ("p", f"{len(members)} members of {directory.resolve()}, evaluated on the suite "
               f"{evaluation.get('suite')!r}. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."),
     ]
+    if refused:
+        blocks.append(("p", scores.refused_warning(refused, f"python -m ettin.suite (the command that made "
+                                                            f"{directory}) evaluates every member again")))
     if scores.is_smoke(evaluation):
         blocks.append(("p", f"WARNING: {SMOKE_WARNING}"))
     blocks += [
+        ("h2", "Evaluated weights"),
+        ("p", "The checkpoint each member's scores were computed from (eval.json's provenance), against "
+              "the member's latest checkpoint."),
+        ("table", weights),
         ("h2", "Scores against parameters"),
         ("p", "Per task and per category average, each series' score against the parameter count "
               "(log axis): encoders, decoders, encoder-from-decoder, decoder-from-encoder. Bars: 95% intervals "
@@ -196,8 +205,8 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
               "schedule; every size must have trained on the same data."),
         ("table", checks),
     ]
-    (out / "report.md").write_text(render_markdown(blocks))
-    (out / "report.html").write_text(render_html(blocks, out, title=title))
+    write_text(out / "report.md", render_markdown(blocks))
+    write_text(out / "report.html", render_html(blocks, out, title=title))
     return out / "report.md"
 
 

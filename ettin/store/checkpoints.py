@@ -89,6 +89,16 @@ def read_meta(path: Path | str) -> dict:
     return json.loads((Path(path) / META).read_text())
 
 
+def checkpoint_identity(path: Path | str) -> dict:
+    """What identifies a checkpoint's weights: its name, phase, step, tokens (in the phase) and the
+    sha256 of its weights file recorded when it was written (None for checkpoints from before hashes).
+    An export and every score made from the checkpoint carry it, so they can be checked against the
+    run's checkpoints later (a run deleted and trained again reuses names, never weights)."""
+    meta = read_meta(path)
+    return {"name": Path(path).name, "phase": meta.get("phase"), "step": meta.get("step"),
+            "tokens": meta.get("tokens"), "weights_sha256": meta.get("sha256", {}).get(WEIGHTS)}
+
+
 def _order(meta: dict) -> tuple[int, int, int]:
     return int(meta.get("phase_index", 0)), int(meta["tokens"]), int(meta["step"])
 
