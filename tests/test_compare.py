@@ -477,4 +477,4 @@ def test_scores_of_weights_that_are_not_the_runs_current_ones_are_left_out_loudl
             f"{final} (weights cccccccccccc), the run's is {final} (weights bbbbbbbbbbbb)") in text
     assert f"| p-encoder | {final} | 768 | eeeeeeeeeeee | current |" in text
     assert f"| p-decoder | {final} | 768 | eeeeeeeeeeee | STALE: scored from {final}" in text
-    assert "| nli | classification | accuracy | higher | 0.7 | n/a | not evaluated on both |" in text
+    assert "| nli | classification | accuracy | higher | 0.7 ± 0.01 | n/a | - | - | - | not evaluated on both |" in text
