@@ -136,7 +136,7 @@ def test_missing_or_unknown_subcommand_lists_the_subcommands(argv, problem, caps
     err = capsys.readouterr().err
     assert problem in err
     assert "choose one of: model, data, gpu" in err
-    assert "usage: python -m ettin.bench {model,data,gpu}" in err
+    assert "usage: python -m ettin.bench {model,data,gpu,memory}" in err
 
 
 def test_module_entry_point_without_subcommand_exits_with_usage():

@@ -176,7 +176,7 @@ def test_lm_eval_tasks_of_three_output_types_run_offline_and_resume(folders, cac
     again = io.StringIO()
     assert evaluate(models, tasks="sciq,lambada_openai,triviaqa", out=tmp_path / "eval", limit=4,
                     console=again)["models"] == report["models"]
-    assert again.getvalue().count("already in eval.json, not rerun") == 6
+    assert again.getvalue().count("already in eval.json (same weights, tokenizer, settings and versions), not rerun") == 6
 
 
 def test_glue_single_sentence_pair_and_regression_tasks_run_offline_with_their_sweep(folders, cache,  # noqa: F811

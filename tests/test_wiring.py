@@ -37,7 +37,8 @@ def recorded(tmp_path_factory):
 
     def spy_init(self, config, **kwargs):
         init(self, config, **kwargs)
-        models.append((self, config))
+        if self.decoder.weight.device.type != "meta":  # start-up checks count parameters on meta
+            models.append((self, config))
 
     def spy_forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
         index = next(i for i, (m, _) in enumerate(models) if m is self)
@@ -148,7 +149,8 @@ def test_the_chunked_loss_trains_like_the_plain_one(tmp_path):
 
         def spy_init(self, *args, **kwargs):
             init(self, *args, **kwargs)
-            built.append(self.loss_implementation)
+            if self.decoder.weight.device.type != "meta":  # start-up checks count parameters on meta
+                built.append(self.loss_implementation)
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(ModernBert, "__init__", spy_init)

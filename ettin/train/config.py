@@ -326,6 +326,7 @@ def check(cfg: TrainConfig) -> None:
     if cfg.objective_mix and cfg.pair:
         raise ConfigError("objective_mix trains one model on both objectives, not a pair: set "
                           "pair=false (and export_as=encoder|decoder for the model it is)")
+    check_option_values(cfg)
     for name in cfg.phases_to_run():
         p = cfg.phases[name]
         if p.lr_schedule not in LR_SCHEDULES:
@@ -358,7 +359,6 @@ def check(cfg: TrainConfig) -> None:
         cfg.model_config(cfg.phases_to_run()[0])
     except (TypeError, ValueError, KeyError) as error:
         raise ConfigError(f"model: {error}") from None
-    check_option_values(cfg)
 
 
 def check_option_values(cfg: TrainConfig) -> None:
@@ -392,9 +392,7 @@ def check_option_values(cfg: TrainConfig) -> None:
 def check_batch_schedule(cfg: TrainConfig, phase: str) -> None:
     """The phase's global batch and its warmup ramp (``batch_warmup_tokens=0``: no ramp, and then
     ``batch_warmup_min`` is not read)."""
-    p = cfg.phases[phase]
-    if cfg.global_batch < 1:
-        raise ConfigError(f"global_batch={cfg.global_batch} must be >= 1 (sequences per optimizer step)")
+    p = cfg.phases[phase]  # global_batch >= 1: check_option_values, which runs first
     if p.batch_warmup_tokens < 0:
         raise ConfigError(f"phases.{phase}.batch_warmup_tokens={p.batch_warmup_tokens} must be >= 0 "
                           "(0: no batch warmup)")
