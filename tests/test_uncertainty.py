@@ -167,3 +167,28 @@ def test_the_pair_figure_draws_each_scores_recorded_95_percent_interval(tmp_path
     low, high = evaluation["models"]["enc"]["tasks"]["lm"]["ci95"]
     assert segments.get_segments()[0][:, 1].tolist() == pytest.approx([low, high])
     assert high - table["score_a"][0] != pytest.approx(table["score_a"][0] - low, rel=1e-3)
+
+
+def test_a_generation_tasks_corpus_chrf_gets_a_bootstrap_error_and_a_paired_test(tmp_path):
+    """smoke_continuation's chrF is a corpus statistic: from its (reference, prediction) pairs the score is
+    sacrebleu's corpus chrF (lm-eval's aggregation), its error a bootstrap, and a copy of it is within noise."""
+    import sacrebleu
+
+    from ettin.evaluation import _harness_examples
+
+    references = [f"the rest of sentence {i} ends here" for i in range(40)]
+    predictions = [text if i % 3 else "something else" for i, text in enumerate(references)]
+    samples = [{"doc_id": i, "chrf": [reference, prediction]}
+               for i, (reference, prediction) in reversed(list(enumerate(zip(references, predictions))))]
+    record = _harness_examples(samples, "chrf")
+    assert record["statistic"] == uncertainty.CHRF and record["index"] == list(range(40))
+    loaded = examples(uncertainty.CHRF, reference=record["reference"], prediction=record["prediction"])
+    score = uncertainty.statistic(loaded)
+    assert score == pytest.approx(sacrebleu.corpus_chrf(predictions, [references]).score, rel=1e-12)
+    error = uncertainty.uncertainty(loaded, score)
+    assert 0 < error["stderr"] < 20 and error["ci95"][0] < score < error["ci95"][1]
+    assert error["stderr_method"].startswith("bootstrap over examples")
+    uncertainty.save_examples(tmp_path / "continuation.npz", **{k: v for k, v in record.items()})
+    assert uncertainty.statistic(uncertainty.load_examples(tmp_path / "continuation.npz")) == score
+    same = uncertainty.paired_comparison(loaded, loaded)
+    assert same["difference"] == 0 and same["difference_ci95"] == [0.0, 0.0]

@@ -65,7 +65,8 @@ def _library_version(library: str) -> str:
 
 def _harness_examples(samples: list[dict], metric: str) -> Optional[dict]:
     """The per-example results (ettin.evaluation.uncertainty) of one lm-eval metric: a number per example
-    is a mean's; a (loglikelihood, words) pair per example is ``weighted_perplexity``'s; none else."""
+    is a mean's; a (loglikelihood, words) pair per example is ``weighted_perplexity``'s; a (reference, prediction) pair
+    per example is corpus chrF's; none else."""
     ordered = sorted(samples, key=lambda sample: sample["doc_id"])
     values = [sample.get(metric) for sample in ordered]
     index = [sample["doc_id"] for sample in ordered]
@@ -74,6 +75,9 @@ def _harness_examples(samples: list[dict], metric: str) -> Optional[dict]:
     if metric == "word_perplexity" and all(isinstance(v, (tuple, list)) and len(v) == 2 for v in values):
         return {"index": index, "statistic": uncertainty.WORD_PERPLEXITY,
                 "loglikelihood": [float(v[0]) for v in values], "weight": [float(v[1]) for v in values]}
+    if metric == "chrf" and all(isinstance(v, (tuple, list)) and len(v) == 2 for v in values):
+        return {"index": index, "statistic": uncertainty.CHRF, "reference": [str(v[0]) for v in values],
+                "prediction": [v[1] if isinstance(v[1], str) else str(v[1][0]) for v in values]}
     return None
 
 

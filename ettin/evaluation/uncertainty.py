@@ -37,6 +37,7 @@ LEVEL = 0.05
 Z95 = 1.959963984540054  # the normal distribution's 97.5% quantile
 
 MEAN, WORD_PERPLEXITY, MATTHEWS, SPEARMAN = "mean", "word_perplexity", "matthews_correlation", "spearman"
+CHRF = "chrf"  # corpus chrF over (reference, prediction) pairs, lm-eval's own aggregation
 MEAN_STDERR = "lm-eval mean_stderr formula: sample standard deviation (n-1) / sqrt(n) over {unit}; normal 95% interval"
 LM_EVAL_STDERR = "lm-eval's own {metric}_stderr (mean_stderr: sample standard deviation (n-1) / sqrt(n)); normal 95% interval"
 BOOTSTRAP = (f"bootstrap over {{unit}}: {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}; standard deviation "
@@ -85,6 +86,10 @@ def statistic(examples: dict, rows=None) -> float:
         from scipy.stats import spearmanr
 
         return float(spearmanr(take("gold"), take("predicted")).statistic)
+    if kind == CHRF:
+        from lm_eval.api.metrics import chrf
+
+        return float(chrf(list(zip(take("reference").tolist(), take("prediction").tolist()))))
     raise ValueError(f"unknown per-example statistic {kind!r}")
 
 
