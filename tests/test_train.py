@@ -103,6 +103,10 @@ def test_default_run_trains_and_exports_a_pair(workspace, pair_run):
     assert f"pair report: {report}" in out and report.is_file()
     results = json.loads((report.parent / "eval.json").read_text())
     assert set(results["models"]) == {"pair-encoder", "pair-decoder"}
+    # Both models' per-example files reach the report: every difference gets a paired test.
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| smoke_")]
+    assert rows and all("unpaired" not in row for row in rows)
+    assert any("McNemar exact" in row for row in rows)
 
 
 @pytest.mark.slow

@@ -101,7 +101,7 @@ def _harness_result(task: Task, model: EvalModel, lm, suite_dir: Optional[Path],
         lm_eval_metric = metric
     return {"metric": metric, "score": metrics[lm_eval_metric], "n_examples": scored.n_examples,
             "model_args": args, "examples": _harness_examples(scored.samples, lm_eval_metric),
-            "library_stderr": scored.stderrs.get(lm_eval_metric), **bound}
+            **bound}
 
 
 def _glue_rows(task: Task, limit: Optional[int]) -> tuple[list[dict], list[dict]]:
@@ -435,15 +435,14 @@ def _uncertainty(result: dict, task: Task, model: EvalModel, out: Optional[Path]
     """Take the runner's in-memory per-example results (and lm-eval's own stderr) out of ``result``; return
     the task record's ``stderr``, ``ci95``, ``stderr_method`` and ``per_example`` (the .npz file, relative to
     eval.json; None without ``out``)."""
-    examples, library_stderr = result.pop("examples", None), result.pop("library_stderr", None)
+    examples = result.pop("examples", None)
     if not examples:
         why = ("mteb gives ettin no per-query scores" if task.library == MTEB
                else "no per-example results for this metric")
         return {"stderr": None, "ci95": None, "stderr_method": NO_ERROR.format(why=why), "per_example": None}
     examples = {name: values if name == "statistic" else np.asarray(values) for name, values in examples.items()}
     unit = "queries" if task.category == "retrieval" else "examples"
-    record = uncertainty.uncertainty(examples, result["score"], unit=unit, metric=result["metric"],
-                                     library_stderr=library_stderr)
+    record = uncertainty.uncertainty(examples, result["score"], unit=unit, metric=result["metric"])
     record["per_example"] = None
     if out is not None:
         relative = Path(EXAMPLES_DIR) / f"{model.name.replace('/', '--')}--{task.name}.npz"

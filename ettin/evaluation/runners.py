@@ -78,33 +78,30 @@ def task_manager(include_path: Optional[str]):
 
 @dataclass(frozen=True)
 class HarnessScores:
-    """One lm-eval task's result: {metric: value}, lm-eval's own {metric: stderr} (where it gives one),
-    the examples scored and lm-eval's per-example records (``doc_id`` and each metric's value)."""
+    """One lm-eval task's result: {metric: value}, the examples scored and lm-eval's per-example records
+    (``doc_id`` and each metric's value), from which ettin.evaluation.uncertainty makes every error."""
 
     metrics: dict[str, float]
-    stderrs: dict[str, float]
     n_examples: int
     samples: list[dict]
 
 
 def run_harness_task(lm, task: str, *, include_path: Optional[Path], limit: Optional[int], few_shot: int,
                      seed: int) -> HarnessScores:
-    """One lm-eval task through lm-eval's ``simple_evaluate``, with its standard errors (lm-eval's
-    closed form for mean metrics; its bootstrap, ``BOOTSTRAP_RESAMPLES`` draws, for the few it
-    bootstraps) and its per-example records."""
+    """One lm-eval task through lm-eval's ``simple_evaluate``, with its per-example records. lm-eval's
+    own errors are not asked for (``bootstrap_iters=0``): its bootstrap forks a process pool inside a
+    process that holds torch's threads, which can hang; the errors come from the per-example records
+    (lm-eval's mean_stderr formula for means, a bootstrap for the rest: ettin.evaluation.uncertainty)."""
     from lm_eval import simple_evaluate
-
-    from ettin.evaluation.uncertainty import BOOTSTRAP_RESAMPLES
 
     local = {p.stem for p in include_path.glob("*.yaml")} if include_path else set()
     manager = task_manager(str(include_path)) if task in local else task_manager(None)
     results = simple_evaluate(model=lm, tasks=[task], task_manager=manager, num_fewshot=few_shot,
-                              limit=limit, bootstrap_iters=BOOTSTRAP_RESAMPLES, log_samples=True, random_seed=seed,
+                              limit=limit, bootstrap_iters=0, log_samples=True, random_seed=seed,
                               numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     values = {key.split(",")[0]: value for key, value in results["results"][task].items() if "," in key}
     numbers = {key: float(value) for key, value in values.items() if isinstance(value, (int, float))}
     return HarnessScores(metrics={k: v for k, v in numbers.items() if not k.endswith("_stderr")},
-                         stderrs={k[: -len("_stderr")]: v for k, v in numbers.items() if k.endswith("_stderr")},
                          n_examples=int(results["n-samples"][task]["effective"]),
                          samples=results["samples"][task])
 

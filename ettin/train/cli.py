@@ -132,8 +132,9 @@ def pair_report(cfg: TrainConfig, runs: list[TrainConfig]) -> Path:
 
     out = Path(cfg.output_dir) / f"{cfg.run_name}-report"
     log.info("evaluating %s on the %s tasks", " and ".join(r.run_name for r in runs), cfg.eval_tasks)
-    results = evaluate([r.run_dir for r in runs], tasks=cfg.eval_tasks, out=out, seed=cfg.seed)
-    return write_report(runs[0].run_dir, runs[1].run_dir, out, evaluation=results)
+    evaluate([r.run_dir for r in runs], tasks=cfg.eval_tasks, out=out, seed=cfg.seed)
+    # The file, not the returned dict: its per-example files are found beside it (the paired tests).
+    return write_report(runs[0].run_dir, runs[1].run_dir, out, evaluation=out / "eval.json")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
