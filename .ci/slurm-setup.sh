@@ -3,6 +3,8 @@
 #
 #   bash .ci/slurm-setup.sh install   # apt-get install slurm-wlm + munge (Debian packages); idempotent
 #   bash .ci/slurm-setup.sh start     # write the configs, start munged, slurmctld, slurmd; wait until idle
+#                                     # (a fresh cluster: daemons of an earlier start are stopped and the
+#                                     # jobs they saved are cleared, so no leftover job holds the node)
 #   bash .ci/slurm-setup.sh stop      # stop the daemons that `start` started (by their pid files)
 #   bash .ci/slurm-setup.sh status    # exit 0 when the cluster answers and the node is up
 #   bash .ci/slurm-setup.sh env       # print `export SLURM_CONF=...` for a shell
@@ -104,6 +106,7 @@ node_ready() {
 start() {
     need_root
     command -v slurmctld >/dev/null || { echo "slurm-setup: run '$0 install' first" >&2; exit 1; }
+    stop >/dev/null
     write_configs
     export SLURM_CONF="$CONF"
     # munge: the package's key, or a fresh one.
@@ -123,12 +126,9 @@ start() {
         fi
         touch "$DIR/run/munged.ours"
     fi
-    if ! alive "$DIR/run/slurmctld.pid"; then
-        slurmctld -f "$CONF"
-    fi
-    if ! alive "$DIR/run/slurmd.pid"; then
-        slurmd -f "$CONF" -N "$NODE"
-    fi
+    # -c: start without the jobs an earlier controller saved in $DIR/state.
+    slurmctld -c -f "$CONF"
+    slurmd -f "$CONF" -N "$NODE"
     for _ in $(seq 1 60); do
         if node_ready; then
             echo "slurm-setup: cluster up: node $NODE, $CPUS CPUs (SLURM_CONF=$CONF)"

@@ -12,6 +12,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+@pytest.fixture(scope="session")
+def cluster():
+    """The real one-node Slurm cluster of .ci/slurm-setup.sh (tests/slurm_cluster.py), started fresh
+    once per session: the Slurm files run on one xdist worker (see ``test_group`` below)."""
+    from slurm_cluster import local_cluster
+
+    yield from local_cluster()
+
+
 class Crash(Exception):
     """The process dies between two steps (nothing after the last checkpoint is saved)."""
 

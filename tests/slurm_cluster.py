@@ -49,16 +49,13 @@ class LocalCluster:
 
     def __init__(self) -> None:
         self.jobs: list[str] = []
-        self.started_here = False
 
     def start(self) -> None:
+        """A fresh cluster: daemons left by an earlier run are restarted and their saved jobs cleared."""
         os.environ["SLURM_CONF"] = str(CONF)
-        if _setup("status").returncode == 0:
-            return  # already up (started by someone else): use it, leave it running
         result = _setup("start")
         if result.returncode != 0:
             raise RuntimeError(f"could not start the local Slurm cluster:\n{result.stdout}{result.stderr}")
-        self.started_here = True
 
     def stop(self) -> None:
         active = [j for j in self.jobs if self.state(j).get("JobState") not in FINISHED]
@@ -69,8 +66,7 @@ class LocalCluster:
                               60, "cancelled jobs to end")
             except TimeoutError:
                 pass
-        if self.started_here:
-            _setup("stop")
+        _setup("stop")
 
     # -- jobs ---------------------------------------------------------------------------------------
     def track(self, job_id: str) -> str:
@@ -116,8 +112,8 @@ class LocalCluster:
         raise TimeoutError(f"waited {timeout:.0f} s for {what}" + (f": {detail()}" if detail else ""))
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def local_cluster():
+    """The ``cluster`` fixture (tests/conftest.py): one cluster per test session, started on first use."""
     reason = unavailable_reason()
     if reason:
         if in_ci():

@@ -7,7 +7,6 @@ import json
 
 import pytest
 from data_fixtures import data_root, tiny_tokenizer  # noqa: F401
-from slurm_cluster import cluster  # noqa: F401  (fixture)
 
 from ettin.data.prepare import main
 
@@ -76,7 +75,7 @@ original_call = __import__("ettin.data.executor", fromlist=["TokenizeTask"]).Tok
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_slurm_executor_on_the_local_cluster(cluster, single, tmp_path, tiny_tokenizer,  # noqa: F811
+def test_slurm_executor_on_the_local_cluster(cluster, single, tmp_path, tiny_tokenizer,
                                              monkeypatch):
     """executor=slurm submits the tokenize tasks and the dependent merge job to the real local Slurm
     the suite starts; the folder that appears equals the single-process one."""

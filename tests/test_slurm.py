@@ -22,7 +22,6 @@ from ettin.cluster import launch
 from ettin.train import preemption, topology
 from ettin.cluster.launch import JobSpec, render, submit
 from ettin.train.topology import TopologyError, check_topology
-from slurm_cluster import cluster  # noqa: F401  (fixture)
 
 TESTS = Path(__file__).resolve().parent
 TINY = TESTS / "slurm_tiny_train.py"

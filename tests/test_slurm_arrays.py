@@ -22,7 +22,6 @@ from ettin.cluster.launch import array_spec, recorded_job, render, slurm_args
 from ettin.cluster.suite import member_dir, plan, status, submit_slurm
 from ettin.suite import main as suite_main
 from ettin.train.cli import main as train_main
-from slurm_cluster import cluster  # noqa: F401  (fixture)
 
 # A few steps per phase, and one quick task (the suite's evaluation runs here, after the arrays).
 TINY = ["phases.pretrain.tokens=4_000", "phases.pretrain.warmup_tokens=1_000",
