@@ -41,11 +41,6 @@ def test_an_accuracys_stderr_is_lm_evals_and_the_binomial_one_up_to_the_n_minus_
     assert "n-1" in record["stderr_method"]
 
 
-def test_lm_evals_own_stderr_is_used_as_given_and_named():
-    record = uncertainty.uncertainty(examples(value=binary(0.5)), 0.5, metric="acc", library_stderr=0.0123)
-    assert record["stderr"] == 0.0123 and "lm-eval's own acc_stderr" in record["stderr_method"]
-
-
 def test_the_bootstrap_of_a_perplexity_matches_the_delta_method():
     """With one word per passage, word perplexity is exp(-mean loglikelihood): its standard error is about
     perplexity x stderr(loglikelihood)."""

@@ -442,7 +442,7 @@ def _uncertainty(result: dict, task: Task, model: EvalModel, out: Optional[Path]
         return {"stderr": None, "ci95": None, "stderr_method": NO_ERROR.format(why=why), "per_example": None}
     examples = {name: values if name == "statistic" else np.asarray(values) for name, values in examples.items()}
     unit = "queries" if task.category == "retrieval" else "examples"
-    record = uncertainty.uncertainty(examples, result["score"], unit=unit, metric=result["metric"])
+    record = uncertainty.uncertainty(examples, result["score"], unit=unit)
     record["per_example"] = None
     if out is not None:
         relative = Path(EXAMPLES_DIR) / f"{model.name.replace('/', '--')}--{task.name}.npz"

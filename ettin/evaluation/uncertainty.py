@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -39,7 +38,6 @@ Z95 = 1.959963984540054  # the normal distribution's 97.5% quantile
 MEAN, WORD_PERPLEXITY, MATTHEWS, SPEARMAN = "mean", "word_perplexity", "matthews_correlation", "spearman"
 CHRF = "chrf"  # corpus chrF over (reference, prediction) pairs, lm-eval's own aggregation
 MEAN_STDERR = "lm-eval mean_stderr formula: sample standard deviation (n-1) / sqrt(n) over {unit}; normal 95% interval"
-LM_EVAL_STDERR = "lm-eval's own {metric}_stderr (mean_stderr: sample standard deviation (n-1) / sqrt(n)); normal 95% interval"
 BOOTSTRAP = (f"bootstrap over {{unit}}: {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}; standard deviation "
              "of the resampled scores, 2.5/97.5 percentile interval")
 MCNEMAR = "McNemar exact (two-sided)"
@@ -113,15 +111,11 @@ def mean_stderr(values) -> float:
     return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
-def uncertainty(examples: dict, score: float, *, unit: str = "examples", metric: Optional[str] = None,
-                library_stderr: Optional[float] = None) -> dict:
-    """{"stderr", "ci95", "stderr_method"} of ``score`` from its per-example results. ``library_stderr``:
-    lm-eval's own (used as is, its method named)."""
+def uncertainty(examples: dict, score: float, *, unit: str = "examples") -> dict:
+    """{"stderr", "ci95", "stderr_method"} of ``score`` from its per-example results (lm-eval's own
+    errors are off: its bootstrap's process pool can hang under torch's threads)."""
     if examples["statistic"] == MEAN:
-        if library_stderr is not None:
-            stderr, method = float(library_stderr), LM_EVAL_STDERR.format(metric=metric)
-        else:
-            stderr, method = mean_stderr(examples["value"]), MEAN_STDERR.format(unit=unit)
+        stderr, method = mean_stderr(examples["value"]), MEAN_STDERR.format(unit=unit)
         return {"stderr": stderr, "ci95": [score - Z95 * stderr, score + Z95 * stderr], "stderr_method": method}
     scores = _resampled(examples, _resamples(len(examples["index"])))
     low, high = np.nanpercentile(scores, [2.5, 97.5])
