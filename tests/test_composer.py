@@ -308,7 +308,7 @@ def smoke_run(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["weights", "weights+optimizer"])
 def test_training_starts_from_a_composer_checkpoint(smoke_run, mode):
     from ettin.store.checkpoints import latest_checkpoint, load_weights, read_meta, safe_torch_load
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, args, config = smoke_run
     model = loud_model(config)

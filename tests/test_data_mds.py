@@ -186,7 +186,7 @@ def test_training_on_released_shards_sees_their_rows(released, ids, tiny_tokeniz
     the same order, same losses)."""
     import csv
 
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, rows = released
     seen: list = []
@@ -272,7 +272,7 @@ def test_training_on_the_published_layout_mixes_its_sources(published, ids, tiny
     """python -m ettin.train with the released layout's source folders weighted as a mixture: it
     trains on both sources' train rows only (the held-out rows are not in its splits) and validates
     on the held-out rows."""
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, sources = published
     every = {name: held_out(rows) for name, rows in sources.items()}
@@ -374,7 +374,7 @@ def test_two_runs_on_released_shards_replay_identical(released, tiny_tokenizer, 
     objective's collator: rows without [CLS] get one), so an honest pair on Ettin's shards shows
     "identical" in the replay, not one token short per such row."""
     from ettin.report import identity, runs
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, _ = released
     monkeypatch.setenv("ETTIN_CACHE_DIR", str(tmp_path / "cache"))

@@ -174,7 +174,7 @@ def test_training_consumes_the_whole_order_and_ends_the_phase(released_order, id
     """python -m ettin.train on the released folders, the phase's tokens = the order's tokens: every
     row is trained on once, in order; the phase ends cleanly with its phase-end checkpoint."""
     from ettin.store.checkpoints import list_checkpoints, read_meta
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, folders = released_order
     seen = []

@@ -7,7 +7,7 @@ import pytest
 
 from ettin.model.config import model_config
 from ettin.model.memory import training_memory
-from ettin.train.cli import main
+from ettin.train_command import main
 
 
 @pytest.mark.slow

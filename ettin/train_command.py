@@ -3,6 +3,10 @@
 Runs a recipe's phases in order inside ``<output_dir>/<run_name>/``, resuming from the run's latest
 complete checkpoint when there is one (``resume=auto``). With no arguments it runs ``recipe=smoke``:
 a tiny encoder and decoder on the built-in corpus, on CPU, exported as Hugging Face folders.
+
+The command sits above the packages it drives (ettin.train, and ettin.cluster for sweeps and
+ettin.evaluation / ettin.report for a pair's report), so none of them imports back up; ``python -m
+ettin.train`` reaches it through ettin/train/__main__.py.
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ def readiness(cfg: TrainConfig) -> list[str]:
 def pair_report(cfg: TrainConfig, runs: list[TrainConfig]) -> Path:
     """Both exports evaluated on the same tasks, and the pair report with its plots."""
     from ettin.evaluation import evaluate
-    from ettin.report.cli import write_report
+    from ettin.report.pair_report import write_report
 
     out = Path(cfg.output_dir) / f"{cfg.run_name}-report"
     log.info("evaluating %s on the %s tasks", " and ".join(r.run_name for r in runs), cfg.eval_tasks)
