@@ -98,7 +98,7 @@ def dry_run_report(cfg: TrainConfig) -> str:
 
 def readiness(cfg: TrainConfig) -> list[str]:
     """What a real run would need that is not there yet: the tokenizer and every phase's data."""
-    from ettin.data.loader import open_splits, source_format
+    from ettin.data.formats import open_splits, source_format
     from ettin.data.mds import looks_like_mds
 
     lines = ["ready to run?"]

@@ -14,7 +14,8 @@ from data_fixtures import (TINY_SEQ_LEN, data_root, released_rows, tiny_tokenize
                            write_published_mds, write_released_layout)
 
 from ettin.objectives.collate import CLMCollator, MLMCollator
-from ettin.data.loader import LoaderState, StepBatches, ValidationBatches, fit_row
+from ettin.data.formats import fit_row
+from ettin.data.loader import LoaderState, StepBatches, ValidationBatches
 from ettin.data.mds import MDSSplit
 from ettin.data.tokenizer import load_tokenizer, special_ids
 
@@ -168,7 +169,7 @@ def test_index_command_writes_next_to_the_data_or_into_the_cache(released, tmp_p
 
 def test_ids_beyond_the_tokenizer_are_refused_at_start(released, tmp_path):
     from ettin.data.corpus import builtin_documents
-    from ettin.data.loader import check_sources
+    from ettin.data.formats import check_sources
     from ettin.data.tokenizer import train_tokenizer
 
     root, _ = released

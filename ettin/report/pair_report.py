@@ -17,7 +17,6 @@ import pandas as pd
 from ettin.evaluation import uncertainty
 from ettin.report import identity, plots, runs, scores
 from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
-from ettin.report.runs import RunError
 from ettin.store.fs import write_text
 
 

@@ -347,7 +347,7 @@ def data_sources(run: Run, phase: str) -> Optional[list[dict]]:
         return [{**s, "path": str(s.get("path")), "weight": float(s.get("weight", 1.0)),
                  "format": s.get("format", "prepared"), "recorded": True} for s in recorded["sources"]]
     from ettin.data.corpus import builtin_data_path
-    from ettin.data.loader import prepared_fingerprint
+    from ettin.data.formats import prepared_fingerprint
 
     sources = (run.config.get("data") or {}).get(phase)
     phase_cfg = recorded_phase_config(run, phase)

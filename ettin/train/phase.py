@@ -53,7 +53,7 @@ def resolve_tokenizer(cfg: TrainConfig):
 def resolve_sources(cfg: TrainConfig, phase: str, tokenizer) -> list:
     """The phase's sources, checked; ``builtin`` prepares the built-in corpus if needed."""
     from ettin.data.corpus import builtin_data_path
-    from ettin.data.loader import check_released_continuation, check_sources
+    from ettin.data.formats import check_released_continuation, check_sources
     from ettin.data.prepare import ensure_prepared
     from ettin.store.fs import is_complete
 
@@ -93,7 +93,7 @@ def check_phases_data(cfg: TrainConfig, tokenizer) -> dict[str, list]:
 def data_identity(cfg: TrainConfig, phase: str, sources: list) -> dict:
     """What decides the tokens a phase sees, in order: recorded in every checkpoint so two runs can be
     proven to have seen the same data (ettin.report.identity)."""
-    from ettin.data.loader import prepared_fingerprint
+    from ettin.data.formats import prepared_fingerprint
 
     p = cfg.phases[phase]
     return {
