@@ -27,7 +27,7 @@ from ettin.store.rundir import RunDir, RunLockedError
 from ettin.train.config import (ConfigError, TrainConfig, available_recipes, compose, parse_argv,
                                 to_yaml)
 from ettin.train.environment import is_rank_zero
-from ettin.train.phase import phase_mask_rate
+from ettin.train.plan import phase_mask_rate
 from ettin.train.preemption import Preempted, Stopped, stop_on_signals
 from ettin.train.run import log, pair_configs, schedule_rows, train
 from ettin.train.step import NonFiniteLossError
@@ -71,7 +71,7 @@ def dry_run_report(cfg: TrainConfig) -> str:
             model = ModernBert(config)
         # Targets (and the head's FLOPs) at the phase's mean rate: linear in tokens, so FLOPs are too;
         # a mix's rows train each objective in its weight's share.
-        mask_rate = phase_mask_rate(cfg, name)
+        mask_rate = phase_mask_rate(cfg.phases[name])
         # A prefix's attention pairs are averaged over the lengths a row draws.
         flops = sum(w * sum(training_flops(config, [p.seq_len], m.targets_per_row(p.seq_len, mask_rate.mean),
                                            m.causal, [prefix]) for prefix in prefixes) / len(prefixes)

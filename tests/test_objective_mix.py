@@ -314,7 +314,7 @@ def test_a_mix_on_one_side_needs_no_export_as_and_the_phase_mix_wins(workspace):
 
 def test_the_configured_weights_reach_the_step_and_the_rows_of_the_right_objective(workspace, tiny_tokenizer):
     from ettin.data.tokenizer import load_tokenizer
-    from ettin.train.phase import step_settings
+    from ettin.train.plan import step_settings
 
     cfg = config(workspace, "weights", *GPT_BERT, "objective_mix={mlm: 3, clm: 1}")
     mix = cfg.phase_mix("pretrain")

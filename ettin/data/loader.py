@@ -29,7 +29,10 @@ log = logging.getLogger("ettin")
 
 @dataclass
 class LoaderState:
-    """Global counters after ``step`` optimizer steps of a phase (the same on every rank)."""
+    """Global counters after ``step`` optimizer steps of a phase (the same on every rank), and the
+    digest of the rows delivered: the one owner of the loader's position. The loader makes the
+    counters, the module carries them step by step (``after``), a checkpoint adds up the ranks'
+    digests (``of_all_ranks``) and a resume reads them back (``resumed``)."""
 
     step: int = 0
     samples: int = 0  # global positions consumed
@@ -37,6 +40,26 @@ class LoaderState:
     # The rows delivered so far in the phase, observed (rows_digest): this rank's part while training,
     # all ranks' in a checkpoint; None when a checkpoint written before digests was resumed.
     data_digest: Optional[str] = "0" * 64
+
+    @classmethod
+    def resumed(cls, recorded: Optional[dict]) -> "LoaderState":
+        """The state a checkpoint's meta recorded (a phase's start without one); a checkpoint written
+        before data digests resumes with the digest unknown, not restarted."""
+        return cls(**{"data_digest": None, **recorded}) if recorded else cls()
+
+    def on_rank(self, rank: int) -> "LoaderState":
+        """What ``rank`` carries on from a resumed state: a resumed digest is all ranks' rows, so rank
+        0 carries it on and every other rank starts its part from zero."""
+        return self if rank == 0 else replace(self, data_digest=add_digests())
+
+    def after(self, batch: "StepBatch") -> "LoaderState":
+        """The state after this rank trained ``batch``: its counters, this rank's digest grown by
+        the batch's rows."""
+        return replace(batch.state, data_digest=add_digests(self.data_digest, batch.rows_digest))
+
+    def of_all_ranks(self, digests: Sequence[Optional[str]]) -> "LoaderState":
+        """This state with every rank's digest added up (the rows all ranks were given)."""
+        return replace(self, data_digest=add_digests(*digests))
 
 
 DIGEST_MODULUS = 1 << 256

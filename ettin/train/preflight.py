@@ -102,7 +102,7 @@ def _status_bytes(key: str) -> int:
 def _phase_model(cfg: TrainConfig, phase: str):
     """The phase's model config and the vocabulary the synthetic rows draw from: the run's
     tokenizer's when it loads offline, else the size table's."""
-    from ettin.train.phase import run_model_config
+    from ettin.train.plan import run_model_config
 
     try:
         from ettin.data.tokenizer import load_tokenizer
@@ -120,9 +120,9 @@ def predict(cfg: TrainConfig, phase: str, config, rows: int, num_parameters: int
     """The memory model for ``rows`` full rows of the phase on this run's device."""
     p = cfg.phases[phase]
     mix = cfg.phase_mix(phase)
-    from ettin.train.phase import phase_mask_rate
+    from ettin.train.plan import phase_mask_rate
 
-    targets = round(rows * mix.targets_per_row(p.seq_len, phase_mask_rate(cfg, phase).start))
+    targets = round(rows * mix.targets_per_row(p.seq_len, phase_mask_rate(p).start))
     device = device_kind(cfg)
     loss = cfg.trainer.loss_implementation
     if loss == "auto":
@@ -141,7 +141,7 @@ def _measure(cfg: TrainConfig, phase: str, rows: int, steps: int, result) -> Non
     from ettin.optim.stable_adamw import StableAdamW, param_groups
     from ettin.parallel.speedups import apply_speedups
     from ettin.train.environment import set_cpu_threads, trainer_devices
-    from ettin.train.phase import phase_mask_rate, step_settings
+    from ettin.train.plan import phase_mask_rate, step_settings
 
     accelerator, devices = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     set_cpu_threads(accelerator, devices, cfg.trainer.cpu_threads)
@@ -161,7 +161,7 @@ def _measure(cfg: TrainConfig, phase: str, rows: int, steps: int, result) -> Non
                             weight_decay=settings.weight_decay, max_lr=settings.peak_lr)
     bf16 = device.type == "cuda" and cfg.trainer.precision in ("auto", "bf16-mixed")
     collator = cfg.phase_mix(phase).collator(SyntheticVocabulary(vocab),
-                                             mask_rate=phase_mask_rate(cfg, phase), seed=cfg.seed)
+                                             mask_rate=phase_mask_rate(p), seed=cfg.seed)
     generator = np.random.default_rng(cfg.seed)
     first = len(SyntheticVocabulary.all_special_ids)
 
