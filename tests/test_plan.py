@@ -81,8 +81,8 @@ def test_the_report_reads_the_plan_and_still_reads_runs_written_before_plans(mix
 def test_builders_callbacks_loggers_and_the_loader_take_the_plan_not_the_config():
     from ettin.train import callbacks, loggers, phase
 
-    for function in (phase.build_model, phase.build_module, phase.PhaseData, phase.phase_validation_batches,
-                     phase.build_trainer, loggers.build_loggers, callbacks.CheckpointCallback):
+    for function in (phase.build_model, phase.build_module, phase.PhaseData, phase.build_trainer,
+                     loggers.build_loggers, callbacks.CheckpointCallback, callbacks.ValidationCallback):
         parameters = list(inspect.signature(function).parameters)
         assert parameters[0] == "plan" and "cfg" not in parameters and "phase" not in parameters, function
 

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning as L
 import torch
@@ -168,14 +168,13 @@ class EveryTokens(L.Callback):
 
 
 class ValidationCallback(EveryTokens):
-    """Validation every ``every_tokens`` tokens of the phase (and, called by the phase's end, once
-    more), logged to metrics.csv with the tokens it was measured at. The batches are made once: the
-    same samples and masks at every evaluation."""
+    """Validation every ``val_every_tokens`` tokens of the phase (and, called by the phase's end, once
+    more), logged to metrics.csv with the tokens it was measured at. The batches are made once, from
+    the plan (``PhasePlan.validation_batches``): the same samples and masks at every evaluation."""
 
-    def __init__(self, make_batches: Callable[["EttinModule"], Any], *, every_tokens: int,
-                 start_tokens: int) -> None:
-        super().__init__(every_tokens=every_tokens, start_tokens=start_tokens)
-        self.make_batches = make_batches
+    def __init__(self, plan: "PhasePlan", tokenizer, *, start_tokens: int) -> None:
+        super().__init__(every_tokens=plan.intervals.val_every_tokens, start_tokens=start_tokens)
+        self.plan, self.tokenizer = plan, tokenizer
         self.batches: Optional[list] = None
 
     def fire(self, module: "EttinModule") -> None:
@@ -183,7 +182,8 @@ class ValidationCallback(EveryTokens):
 
     def validate(self, module: "EttinModule") -> dict[str, float]:
         if self.batches is None:
-            self.batches = self.make_batches(module)
+            self.batches = self.plan.validation_batches(self.tokenizer, rank=module.global_rank,
+                                                        world_size=module.trainer.world_size)
         if not any(self.batches):  # e.g. a replayed released data order: no validation split
             return {}
         metrics = module.evaluate(self.batches)

@@ -1,6 +1,6 @@
 """One phase of a run, built from parts a test can call alone: the run's tokenizer, then from the
-phase's ``PhasePlan`` (ettin.train.plan, resolved once) the model, the Lightning module, its data,
-its validation batches and its trainer; ``run_phase`` resolves the plan, puts them together and
+phase's ``PhasePlan`` (ettin.train.plan, resolved once) the model, the Lightning module, its data
+and its trainer; ``run_phase`` resolves the plan, puts them together and
 trains."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ettin.data.loader import LoaderState, StepBatch, StepBatches, validation_batches
+from ettin.data.loader import LoaderState, StepBatch, StepBatches
 from ettin.model.modernbert import ModernBert
 from ettin.train.checkpoint import StartState
 from ettin.train.config import TrainConfig, to_yaml
@@ -133,16 +133,6 @@ class PhaseData(L.LightningDataModule):
         return batch.count_on_host()
 
 
-def phase_validation_batches(plan: PhasePlan, tokenizer, *, rank: int, world_size: int) -> list[list]:
-    """The phase's fixed validation set for this rank (the same samples and masks every time), as
-    each objective of its mix collates it: every objective is measured on all validation rows."""
-    return [validation_batches(list(plan.sources), seq_len=plan.seq_len, batch_size=plan.micro_batch,
-                               collator=objective.collator(tokenizer, mask_rate=plan.val_mask_rate,
-                                                           seed=plan.seed),
-                               max_samples=plan.val_samples, rank=rank, world_size=world_size)
-            for objective in plan.mix.members]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Trainer
 
@@ -188,9 +178,7 @@ def run_phase(cfg: TrainConfig, phase: str, tokenizer, start: StartState, source
     started_at = module.loader_state
     checkpoints = CheckpointCallback(plan, tokenizer, checkpointer(cfg), config_yaml=to_yaml(cfg),
                                      start_tokens=started_at.tokens)
-    validation = ValidationCallback(
-        lambda m: phase_validation_batches(plan, tokenizer, rank=m.global_rank, world_size=m.trainer.world_size),
-        every_tokens=plan.intervals.val_every_tokens, start_tokens=started_at.tokens)
+    validation = ValidationCallback(plan, tokenizer, start_tokens=started_at.tokens)
     preemption = PreemptionHandler(
         save_fn=lambda trainer: checkpoints.save(trainer.lightning_module, kind="preemption"),
         timeout=timedelta(seconds=plan.trainer.process_group_timeout_s))

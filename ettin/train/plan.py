@@ -92,6 +92,17 @@ class PhasePlan:
             return f"packed micro-batches of up to {self.micro_batch * self.seq_len:,} tokens"
         return f"micro-batches of {self.micro_batch} rows"
 
+    def validation_batches(self, tokenizer, *, rank: int, world_size: int) -> list[list]:
+        """The phase's fixed validation set for this rank (the same samples and masks every time), as
+        each objective of its mix collates it: every objective is measured on all validation rows."""
+        from ettin.data.loader import validation_batches
+
+        return [validation_batches(list(self.sources), seq_len=self.seq_len, batch_size=self.micro_batch,
+                                   collator=objective.collator(tokenizer, mask_rate=self.val_mask_rate,
+                                                               seed=self.seed),
+                                   max_samples=self.val_samples, rank=rank, world_size=world_size)
+                for objective in self.mix.members]
+
     def as_dict(self) -> dict:
         """The plan as plain data (JSON), for a checkpoint's meta.json: what the report reads back."""
         s = self.settings
