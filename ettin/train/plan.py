@@ -125,14 +125,17 @@ class PhasePlan:
         }
 
 
-def plan_phase(cfg: TrainConfig, phase: str, tokenizer, sources: list, *, fresh_optimizer: bool) -> PhasePlan:
+def plan_phase(cfg: TrainConfig, phase: str, tokenizer, sources: list, *,
+               fresh_optimizer: bool) -> PhasePlan:
     """``phase`` of ``cfg`` resolved once, on its checked ``sources`` (``check_phases_data``), for a
-    start with fresh (zero) or restored Adam moments."""
+    start with fresh (zero) or restored Adam moments. Without a ``tokenizer`` (preflight: synthetic
+    rows, no data) the model keeps the size table's vocabulary."""
     p = cfg.phases[phase]
     return PhasePlan(
         run_name=cfg.run_name, recipe=cfg.recipe, run_dir=cfg.run_dir, phase=phase,
         index=cfg.phase_order.index(phase), seed=cfg.seed, phase_config=p,
-        model=run_model_config(cfg, phase, tokenizer), mix=cfg.phase_mix(phase), export_as=cfg.export_as,
+        model=run_model_config(cfg, phase, tokenizer) if tokenizer is not None else cfg.model_config(phase),
+        mix=cfg.phase_mix(phase), export_as=cfg.export_as,
         mask_rate=phase_mask_rate(p), val_mask_rate=cfg.trainer.val_mask_rate,
         val_samples=cfg.trainer.val_samples,
         settings=step_settings(cfg, phase, fresh_optimizer=fresh_optimizer),

@@ -76,11 +76,12 @@ def _train(cfg: TrainConfig) -> Path:
     phases = cfg.phases_to_run()
     sources = check_phases_data(cfg, tokenizer)
     if is_rank_zero():
-        from ettin.train.plan import run_model_config
+        from ettin.train.plan import plan_phase
         from ettin.train.preflight import startup_warnings
 
         for phase in phases:
-            for warning in startup_warnings(cfg, phase, run_model_config(cfg, phase, tokenizer)):
+            plan = plan_phase(cfg, phase, tokenizer, sources[phase], fresh_optimizer=False)
+            for warning in startup_warnings(plan):
                 log.warning("%s", warning)
     # Last, as it loads weights and optimizer state: every cheaper check has passed by then.
     start = resolve_start(cfg)
