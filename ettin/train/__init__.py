@@ -1,4 +1,5 @@
-"""Training: ``config`` (the typed config schema and recipe composition), ``run`` (a whole run, a pair), ``start`` (resume, init, scratch), ``phase`` (one phase's
+"""Training: ``config`` (the typed config schema and recipe composition), ``plan`` (a phase
+resolved once into its ``PhasePlan``), ``run`` (a whole run, a pair), ``start`` (resume, init, scratch), ``phase`` (one phase's
 parts and trainer), ``module`` (the one LightningModule), ``step`` (one optimizer step, no
 Lightning), ``callbacks`` (checkpoints and validation at token intervals, progress), ``loggers``
 (metrics.csv, wandb), ``checkpoint`` (what a checkpoint holds, StartState), ``preemption`` and
