@@ -27,7 +27,7 @@ log = logging.getLogger("ettin")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Tokenizer and data
+# Tokenizer (a run's, shared by its phases)
 
 
 def resolve_tokenizer(cfg: TrainConfig):
@@ -47,7 +47,7 @@ def resolve_tokenizer(cfg: TrainConfig):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model, step and module
+# Model and module
 
 
 def build_model(plan: PhasePlan, start: StartState) -> ModernBert:
