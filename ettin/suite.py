@@ -5,7 +5,7 @@ The Ettin ladder as one command: every size's encoder and decoder (and with ``cr
 encoder-from-decoder and decoder-from-encoder of each size, after their base) trained as members of
 one suite directory, then every member evaluated on the same tasks and the suite report written.
 Running it again skips finished members and resumes unfinished ones; ``status`` prints each member's
-state, tokens and last loss. See ettin/cluster/suite.py for the directory's layout.
+state, tokens and last loss. See ettin/cluster/suite_members.py for the directory's layout.
 
 With ``launcher=slurm`` the command submits the members as job arrays and returns; the same command
 again submits only the members that are neither done nor queued nor running, and once every member
@@ -27,7 +27,7 @@ from typing import Optional
 
 from ettin.cluster.launch import LaunchError, launcher_options, slurm_args, slurm_option_names
 from ettin.evaluation.stopping import Stopped, sigterm_as_interrupt
-from ettin.cluster.suite import (FAMILIES, MemberStopped, Suite, SuiteError, check_directory, eval_file, plan,
+from ettin.cluster.suite_members import (FAMILIES, MemberStopped, Suite, SuiteError, check_directory, eval_file, plan,
                                  recorded_members, run_local, status, status_table, submit_slurm)
 
 USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [cross=true] [seeds=N]
@@ -186,7 +186,7 @@ def submitted(suite: Suite, jobs: list[str], args: SuiteArgs) -> int:
 
 
 def report(suite: Suite, args: SuiteArgs) -> int:
-    from ettin.report.suite import write_suite_report
+    from ettin.report.suite_report import write_suite_report
 
     written = write_suite_report(suite.directory, recorded_members(suite.directory),
                                  evaluate_members(suite, args.tasks, args.eval_limit))

@@ -22,6 +22,9 @@ CONF = SLURM_DIR / "etc" / "slurm.conf"
 BINARIES = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun", "slurmctld", "slurmd", "munged")
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
             "DEADLINE", "PREEMPTED")
+# States of a job that still holds the node or may start again (a job Slurm no longer knows has none).
+ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+          "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED")
 
 
 def in_ci() -> bool:
@@ -58,11 +61,11 @@ class LocalCluster:
             raise RuntimeError(f"could not start the local Slurm cluster:\n{result.stdout}{result.stderr}")
 
     def stop(self) -> None:
-        active = [j for j in self.jobs if self.state(j).get("JobState") not in FINISHED]
+        active = [j for j in self.jobs if self.state(j).get("JobState") in ACTIVE]
         if active:
             subprocess.run(["scancel", *active], capture_output=True)
             try:
-                self.wait_for(lambda: all(self.state(j).get("JobState") in FINISHED for j in active),
+                self.wait_for(lambda: not any(self.state(j).get("JobState") in ACTIVE for j in active),
                               60, "cancelled jobs to end")
             except TimeoutError:
                 pass

@@ -20,7 +20,8 @@ import yaml
 
 from data_fixtures import build_tiny_prepared, data_root, tiny_prepared, tiny_tokenizer  # noqa: F401
 from ettin.report import identity, plots, runs, scores
-from ettin.report.cli import CHECKPOINT_EVAL, default_out_dir, main, write_report
+from ettin.compare import main
+from ettin.report.pair_report import CHECKPOINT_EVAL, default_out_dir, write_report
 from ettin.data.loader import StepBatches, add_digests
 
 BATCH = 4
@@ -162,7 +163,7 @@ def test_other_data_shows_as_a_different_fingerprint_and_order(tmp_path, data_ro
 
 
 def test_the_suite_compares_each_sizes_data_with_the_first_sizes(tmp_path, data_root, tiny_prepared):
-    from ettin.report.suite import ACROSS_SIZES, identity_table
+    from ettin.report.suite_report import ACROSS_SIZES, identity_table
 
     other = build_tiny_prepared(data_root, "tiny-prepared-other-split", seed=5)
     for name, prepared in (("encoder_tiny", tiny_prepared), ("decoder_tiny", tiny_prepared),

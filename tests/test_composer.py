@@ -294,7 +294,8 @@ def test_optimizer_groups_that_differ_are_not_imported(tmp_path):
 def smoke_run(tmp_path_factory):
     """Arguments of a one-phase smoke encoder run and the model config it builds."""
     from ettin.train.config import compose
-    from ettin.train.phase import resolve_tokenizer, run_model_config
+    from ettin.train.phase import resolve_tokenizer
+    from ettin.train.plan import run_model_config
 
     root = tmp_path_factory.mktemp("composer-init")
     args = [f"output_dir={root / 'runs'}", f"data_dir={root / 'data'}", *SHORT,
@@ -308,7 +309,7 @@ def smoke_run(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["weights", "weights+optimizer"])
 def test_training_starts_from_a_composer_checkpoint(smoke_run, mode):
     from ettin.store.checkpoints import latest_checkpoint, load_weights, read_meta, safe_torch_load
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, args, config = smoke_run
     model = loud_model(config)

@@ -12,7 +12,8 @@ import pytest
 from data_fixtures import TINY_SEQ_LEN, data_root, tiny_prepared, tiny_tokenizer  # noqa: F401
 
 from ettin.objectives.collate import MLMCollator
-from ettin.data.loader import PreparedSplit, StepBatches
+from ettin.data.formats import PreparedSplit
+from ettin.data.loader import StepBatches
 from ettin.data.reading import PrepareError
 from ettin.data.prepare import prepare, require_prepared
 from ettin.data.tokenizer import SpecialIds, check_vocab, load_tokenizer, special_ids

@@ -15,8 +15,9 @@ from data_fixtures import (TINY_SEQ_LEN, data_root, tiny_prepared, tiny_prepared
 from torch.utils.data import DataLoader
 
 from ettin.objectives.collate import CLMCollator, MLMCollator
-from ettin.data.loader import (LoaderState, Mixture, PreparedSplit, StepBatches, ValidationBatches,
-                               pack_rows, permute, validation_batches)
+from ettin.data.formats import PreparedSplit
+from ettin.data.loader import LoaderState, StepBatches, ValidationBatches, pack_rows, validation_batches
+from ettin.data.order import Mixture, permute
 from ettin.data.tokenizer import load_tokenizer, special_ids
 
 
@@ -150,7 +151,7 @@ def test_mixture_proportions_follow_the_token_weights(tiny_prepared, tiny_prepar
         assert abs((window == 0).mean() - expected) < 0.03
     # Over a whole mixture block every sample of a source is used equally often (+-1): a small
     # source repeats whole epochs, like Ettin's up-sampled copies, in shuffled order.
-    from ettin.data.loader import MIX_BLOCK
+    from ettin.data.order import MIX_BLOCK
 
     mixture = Mixture(splits, [0.7, 0.3], seed=5, phase="p", seq_len=128)
     source, index = mixture.locate(np.arange(MIX_BLOCK))

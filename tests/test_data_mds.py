@@ -14,7 +14,8 @@ from data_fixtures import (TINY_SEQ_LEN, data_root, released_rows, tiny_tokenize
                            write_published_mds, write_released_layout)
 
 from ettin.objectives.collate import CLMCollator, MLMCollator
-from ettin.data.loader import LoaderState, StepBatches, ValidationBatches, fit_row
+from ettin.data.formats import fit_row
+from ettin.data.loader import LoaderState, StepBatches, ValidationBatches
 from ettin.data.mds import MDSSplit
 from ettin.data.tokenizer import load_tokenizer, special_ids
 
@@ -168,7 +169,7 @@ def test_index_command_writes_next_to_the_data_or_into_the_cache(released, tmp_p
 
 def test_ids_beyond_the_tokenizer_are_refused_at_start(released, tmp_path):
     from ettin.data.corpus import builtin_documents
-    from ettin.data.loader import check_sources
+    from ettin.data.formats import check_sources
     from ettin.data.tokenizer import train_tokenizer
 
     root, _ = released
@@ -186,7 +187,7 @@ def test_training_on_released_shards_sees_their_rows(released, ids, tiny_tokeniz
     the same order, same losses)."""
     import csv
 
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, rows = released
     seen: list = []
@@ -272,7 +273,7 @@ def test_training_on_the_published_layout_mixes_its_sources(published, ids, tiny
     """python -m ettin.train with the released layout's source folders weighted as a mixture: it
     trains on both sources' train rows only (the held-out rows are not in its splits) and validates
     on the held-out rows."""
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, sources = published
     every = {name: held_out(rows) for name, rows in sources.items()}
@@ -374,7 +375,7 @@ def test_two_runs_on_released_shards_replay_identical(released, tiny_tokenizer, 
     objective's collator: rows without [CLS] get one), so an honest pair on Ettin's shards shows
     "identical" in the replay, not one token short per such row."""
     from ettin.report import identity, runs
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, _ = released
     monkeypatch.setenv("ETTIN_CACHE_DIR", str(tmp_path / "cache"))

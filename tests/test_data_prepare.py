@@ -12,7 +12,7 @@ import pytest
 from data_fixtures import (TINY_SEQ_LEN, build_tiny_prepared, data_root, tiny_prepared,  # noqa: F401
                            tiny_tokenizer, write_mixed_corpus)
 
-from ettin.data.loader import PreparedSplit
+from ettin.data.formats import PreparedSplit
 from ettin.data.prepare import ensure_prepared, main, prepare, require_prepared
 from ettin.store.fs import COMPLETE, is_complete
 from ettin.data.shards import chunk_bounds, chunk_document, columns_for, encode_sample

@@ -8,7 +8,7 @@ import json
 import numpy as np
 from data_fixtures import data_root, tiny_tokenizer  # noqa: F401
 
-from ettin.data.loader import PreparedSplit
+from ettin.data.formats import PreparedSplit
 from ettin.data.shards import ettin_chunks
 from ettin.data.prepare import main
 

@@ -11,7 +11,8 @@ import pytest
 from data_fixtures import data_root, tiny_tokenizer  # noqa: F401
 
 from ettin.objectives.collate import CLMCollator
-from ettin.data.loader import LoaderState, StepBatches, check_sources
+from ettin.data.formats import check_sources
+from ettin.data.loader import LoaderState, StepBatches
 from ettin.data.tokenizer import load_tokenizer, special_ids
 
 # Rows per released step, per folder (a batch-size warmup in the first folder). Steps restart at 1.
@@ -174,7 +175,7 @@ def test_training_consumes_the_whole_order_and_ends_the_phase(released_order, id
     """python -m ettin.train on the released folders, the phase's tokens = the order's tokens: every
     row is trained on once, in order; the phase ends cleanly with its phase-end checkpoint."""
     from ettin.store.checkpoints import list_checkpoints, read_meta
-    from ettin.train.cli import main
+    from ettin.train_command import main
 
     root, folders = released_order
     seen = []
@@ -289,7 +290,7 @@ def test_the_folder_after_a_revision_is_paired_by_position_never_by_step():
 
 def test_a_continuation_that_cannot_be_paired_is_refused_with_the_reason(released_order, ids,
                                                                          tiny_tokenizer, tmp_path):
-    from ettin.data.loader import check_released_continuation
+    from ettin.data.formats import check_released_continuation
     from ettin.data.released_order import check_continuation
     from ettin.data.source import DataSource
 

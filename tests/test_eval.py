@@ -18,7 +18,7 @@ from transformers import (AutoTokenizer, ModernBertConfig, ModernBertDecoderConf
 
 from ettin.data.tokenizer import set_objective_template, special_ids, train_tokenizer
 from ettin.evaluation.registry import CATEGORIES
-from ettin.evaluation import FORMAT, evaluate, suite
+from ettin.evaluation import FORMAT, evaluate, smoke_tasks
 from ettin.evaluation.models import EvalError
 from ettin.evaluation.cli import format_table, main
 from ettin.evaluation.masked_lm import MaskedLMHarness
@@ -164,8 +164,8 @@ def test_decoder_loglikelihood_through_lm_eval_is_the_sum_of_next_token_log_prob
 
 
 def test_offline_suite_is_deterministic_and_seeded(tmp_path):
-    size = suite.SuiteSize.limited(6)
-    first, again, other = (suite.generate(tmp_path / name, seed=seed, size=size)
+    size = smoke_tasks.SuiteSize.limited(6)
+    first, again, other = (smoke_tasks.generate(tmp_path / name, seed=seed, size=size)
                            for name, seed in (("a", 0), ("b", 0), ("c", 1)))
     data_files = sorted(p.name for p in first.iterdir() if p.suffix != ".yaml")
     assert data_files == ["smoke_cloze.jsonl", "smoke_continuation.jsonl", "smoke_lm.jsonl", "smoke_nli.json",
@@ -254,7 +254,7 @@ def test_evaluate_writes_the_eval_json_schema_for_an_encoder_and_a_decoder(folde
         hf = (ModernBertForMaskedLM if kind == "encoder" else ModernBertDecoderForCausalLM).from_pretrained(
             folders[kind])
         assert entry["parameters"] == hf.num_parameters()
-        assert list(entry["tasks"]) == list(suite.TASKS)
+        assert list(entry["tasks"]) == list(smoke_tasks.TASKS)
         for task, result in entry["tasks"].items():
             assert TASK_KEYS <= set(result) and result["category"] in CATEGORIES
             assert result["smoke"] is True and result["n_examples"] == 4
@@ -276,7 +276,7 @@ def test_evaluate_writes_the_eval_json_schema_for_an_encoder_and_a_decoder(folde
     table = format_table(report)
     lines = table.splitlines()
     assert "tiny-encoder" in lines[0] and "tiny-decoder" in lines[0]
-    assert sum(line.startswith("smoke_") and " *" in line for line in lines) == len(suite.TASKS)  # every smoke task is marked
+    assert sum(line.startswith("smoke_") and " *" in line for line in lines) == len(smoke_tasks.TASKS)  # every smoke task is marked
     assert "smoke task" in lines[-1]
 
 

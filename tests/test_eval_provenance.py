@@ -212,7 +212,7 @@ def test_a_stopped_evaluation_says_so_in_one_line_and_keeps_its_finished_scores(
 
 def test_a_stopped_suite_says_what_stopped_and_exits_143(tmp_path, monkeypatch, capsys):
     import ettin.suite as suite_command
-    from ettin.cluster.suite import MemberStopped
+    from ettin.cluster.suite_members import MemberStopped
 
     def stopped(suite):
         raise MemberStopped("encoder_micro", tmp_path / "logs" / "encoder_micro.log", signal.SIGTERM)
@@ -226,7 +226,7 @@ def test_a_stopped_suite_says_what_stopped_and_exits_143(tmp_path, monkeypatch, 
 
 
 def test_a_stopped_suite_passes_the_signal_to_the_member_in_training_and_waits_for_it(tmp_path):
-    from ettin.cluster.suite import run_training
+    from ettin.cluster.suite_members import run_training
     from ettin.evaluation.stopping import Terminated, sigterm_as_interrupt
 
     member = tmp_path / "python"

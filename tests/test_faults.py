@@ -24,8 +24,8 @@ from ettin.train.checkpoint import Checkpointer
 from ettin.store.fs import this_host
 from ettin.store.rundir import RunLock, RunLockedError
 from ettin.train.config import ConfigError, compose
-from ettin.train.cli import dry_run_report
-from ettin.train.cli import main
+from ettin.train_command import dry_run_report
+from ettin.train_command import main
 
 SHORT = ["pair=false", "objective=clm", "phase_order=[pretrain]", "phases.pretrain.tokens=12_000",
          "phases.pretrain.warmup_tokens=2_000",

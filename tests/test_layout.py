@@ -10,9 +10,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "ettin"
 
 # What each layer may import (besides itself). Commands sit on top and may import anything.
-COMMANDS = {"ettin.eval", "ettin.export", "ettin.merge", "ettin.compare", "ettin.launch", "ettin.train.cli",
-            "ettin.train.__main__", "ettin.evaluation.cli", "ettin.report.cli", "ettin.cluster.launch",
-            "ettin.suite", "ettin.generate"}
+COMMANDS = {"ettin.eval", "ettin.export", "ettin.merge", "ettin.compare", "ettin.launch", "ettin.train_command",
+            "ettin.train.__main__", "ettin.evaluation.cli", "ettin.cluster.launch", "ettin.suite", "ettin.generate"}
 ALLOWED = {
     "cluster": {"train.config", "model", "store"},
     "bench": {"model", "objectives", "data", "optim", "parallel", "train", "store"},
@@ -157,3 +156,31 @@ def test_every_command_keeps_its_name(command, tmp_path):
                           cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"python -m {command}" in done.stdout
+
+
+# File names two modules share, each with the one meaning both have.
+SHARED_NAMES = {
+    "config": "a package's own typed config (model.config: the architecture; train.config: a run)",
+    "memory": "training memory (model.memory counts it; bench.memory is its bench subcommand)",
+    "export": "python -m ettin.export: the entry point and the command it runs",
+    "merge": "python -m ettin.merge: the entry point and the command it runs",
+    "launch": "python -m ettin.launch: the entry point and the command it runs",
+}
+
+
+def test_one_meaning_per_module_name():
+    """A file name names one thing: no two ``suite.py`` with different meanings, ``cli.py`` only as
+    the command of its own package (one that imports nothing above it); a name shared by two modules
+    is listed with the meaning both carry."""
+    by_name = defaultdict(list)
+    for module in MODULES:
+        name = module.split(".")[-1]
+        if name not in ("ettin", "__main__") and module.count(".") >= 1 and module not in {
+                m for m in MODULES if (PACKAGE.parent / m.replace(".", "/") / "__init__.py").exists()}:
+            by_name[name].append(module)
+    shared = {name: sorted(modules) for name, modules in by_name.items() if len(modules) > 1}
+    assert set(shared) == set(SHARED_NAMES), shared
+    for module in by_name.get("cli", []):
+        mine = layer(module)
+        above = {layer(t) for t in MODULES[module]} - {mine, "ettin", "train.config"} - ALLOWED[mine]
+        assert not above, f"{module} is a command that drives {sorted(above)}: it belongs above them"

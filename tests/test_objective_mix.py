@@ -314,7 +314,7 @@ def test_a_mix_on_one_side_needs_no_export_as_and_the_phase_mix_wins(workspace):
 
 def test_the_configured_weights_reach_the_step_and_the_rows_of_the_right_objective(workspace, tiny_tokenizer):
     from ettin.data.tokenizer import load_tokenizer
-    from ettin.train.phase import step_settings
+    from ettin.train.plan import step_settings
 
     cfg = config(workspace, "weights", *GPT_BERT, "objective_mix={mlm: 3, clm: 1}")
     mix = cfg.phase_mix("pretrain")
@@ -327,7 +327,7 @@ def test_the_configured_weights_reach_the_step_and_the_rows_of_the_right_objecti
 
 
 def test_dry_run_shows_the_mix_and_its_average_targets(workspace):
-    from ettin.train.cli import dry_run_report
+    from ettin.train_command import dry_run_report
 
     report = dry_run_report(config(workspace, "dry", *GPT_BERT, "phase_order=[pretrain]",
                                    "phases.pretrain.mask_rate=0.25"))
@@ -394,7 +394,7 @@ def test_resume_in_the_middle_of_a_mixed_phase_is_bit_identical(workspace, crash
 def test_the_pair_report_shows_the_mix(tmp_path):
     import pandas as pd
 
-    from ettin.report.cli import runs_table
+    from ettin.report.pair_report import runs_table
     from ettin.report.runs import Run
 
     run = Run(tmp_path / "gpt-bert", config={"objective": "mlm", "objective_mix": {"mlm": 15, "clm": 1},

@@ -7,7 +7,7 @@ import pytest
 
 from ettin.model.config import model_config
 from ettin.model.memory import training_memory
-from ettin.train.cli import main
+from ettin.train_command import main
 
 
 @pytest.mark.slow
@@ -53,13 +53,14 @@ def test_memory_model_counts_quadratic_scores_only_for_eager():
 def test_start_warns_of_a_micro_batch_that_cannot_fit_and_of_quadratic_attention(monkeypatch):
     import ettin.train.preflight as preflight
     from ettin.train.config import compose
+    from ettin.train.plan import plan_phase
 
     monkeypatch.setattr(preflight, "free_memory", lambda device: 16 * 2**30)
     cfg = compose("encoder_150m", ["trainer.accelerator=cpu", "model.attn_implementation=eager"])
-    warnings = preflight.startup_warnings(cfg, "extension", cfg.model_config("extension"))
+    warnings = preflight.startup_warnings(plan_phase(cfg, "extension", None, [], fresh_optimizer=False))
     assert len(warnings) == 2
     assert warnings[0].startswith("phase extension: DOES NOT FIT: micro_batch=16 needs")
     assert "16.0 GiB free" in warnings[0] and "trainer.strategy=fsdp" not in warnings[0]
     assert "grow with the square of the row length (8000 tokens" in warnings[1]
     sdpa = compose("encoder_150m", ["trainer.accelerator=cpu", "phases.extension.micro_batch=1"])
-    assert preflight.startup_warnings(sdpa, "extension", sdpa.model_config("extension")) == []
+    assert preflight.startup_warnings(plan_phase(sdpa, "extension", None, [], fresh_optimizer=False)) == []

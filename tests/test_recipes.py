@@ -6,8 +6,8 @@ import torch
 from ettin.model.config import SIZES as SIZE_TABLE
 from ettin.model.modernbert import ModernBert
 from ettin.train.config import ConfigError, available_recipes, compose
-from ettin.train.cli import dry_run_report
-from ettin.train.cli import main
+from ettin.train_command import dry_run_report
+from ettin.train_command import main
 
 SIZES = [name for name, row in SIZE_TABLE.items() if row.parameters]  # the Ettin sizes
 FAMILIES = ["encoder", "decoder", "encoder_from_decoder", "decoder_from_encoder"]

@@ -13,7 +13,7 @@ import torch
 
 from ettin.store.checkpoints import list_checkpoints, load_weights, read_meta
 from ettin.train.checkpoint import Checkpointer
-from ettin.train.cli import dry_run_report
+from ettin.train_command import dry_run_report
 from ettin.train.config import compose
 from ettin.train.merge import MergeError, merge
 from ettin.train.run import train
@@ -270,7 +270,7 @@ def test_a_merge_whose_export_check_fails_publishes_nothing_and_the_retry_succee
 def test_the_pair_report_shows_each_phase_objective(tmp_path):
     import pandas as pd
 
-    from ettin.report.cli import runs_table
+    from ettin.report.pair_report import runs_table
     from ettin.report.runs import Run
 
     run = Run(tmp_path / "clm-mlm", config={"objective": "mlm", "phases": {"pretrain": {"objective": "clm"},

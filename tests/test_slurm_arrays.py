@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 
 from ettin.cluster.launch import array_spec, recorded_job, render, slurm_args
-from ettin.cluster.suite import member_dir, plan, status, submit_slurm
+from ettin.cluster.suite_members import member_dir, plan, status, submit_slurm
 from ettin.suite import main as suite_main
-from ettin.train.cli import main as train_main
+from ettin.train_command import main as train_main
 
 # A few steps per phase, and one quick task (the suite's evaluation runs here, after the arrays).
 TINY = ["phases.pretrain.tokens=4_000", "phases.pretrain.warmup_tokens=1_000",

@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ettin.cluster.suite import SuiteError, plan
-from ettin.report.suite import COLUMNS, category_averages, cross_comparisons, paper_points, suite_table
+from ettin.cluster.suite_members import SuiteError, plan
+from ettin.report.suite_report import COLUMNS, category_averages, cross_comparisons, paper_points, suite_table
 from ettin.report.plots import plot_ladder
-from ettin.report.cli import main as compare_main
+from ettin.compare import main as compare_main
 from ettin.suite import main as suite_main
 
 # Short phases for every member (an override of a phase a member lacks is not applied to it).
@@ -51,7 +51,7 @@ def test_a_size_joins_a_ladder_only_by_its_ladder_field(monkeypatch):
     """A new size without a published count (say 250m) is on no ladder until its row names one."""
     from dataclasses import replace
 
-    from ettin.cluster.suite import family_sizes
+    from ettin.cluster.suite_members import family_sizes
     from ettin.model.config import SIZES
 
     monkeypatch.setitem(SIZES, "250m", replace(SIZES["150m"], parameters=None, ladder=None))
@@ -163,7 +163,7 @@ def test_the_papers_scores_are_drawn_beside_the_native_members_of_ettin_sizes():
 
 
 def test_a_member_stopped_at_an_intermediate_phase_end_is_not_finished(tmp_path):
-    from ettin.cluster.suite import run_finished
+    from ettin.cluster.suite_members import run_finished
     from ettin.train.config import compose
 
     cfg = compose("smoke", [f"output_dir={tmp_path}", "run_name=m", "pair=false"])

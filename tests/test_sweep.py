@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ettin.cluster.sweep import sweep_members
-from ettin.train.cli import main
+from ettin.train_command import main
 
 
 def test_every_combination_is_a_member_named_from_what_varies():

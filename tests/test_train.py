@@ -16,7 +16,7 @@ import torch
 from ettin.store.checkpoints import latest_checkpoint, list_checkpoints, read_meta
 from ettin.train.module import EttinModule
 from ettin.train.config import compose
-from ettin.train.cli import main
+from ettin.train_command import main
 from ettin.train.run import train
 
 # Short settings shared by the tests: the smoke recipe with smaller phases.

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ettin.cluster.launch import array_spec, queue_states, recorded_job, submit
-from ettin.cluster.suite import run_finished, run_state, run_training
+from ettin.cluster.suite_members import run_finished, run_state, run_training
 from ettin.store.fs import write_text
 from ettin.store.rundir import RunDir
 from ettin.train.config import ConfigError, TrainConfig, compose

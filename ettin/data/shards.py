@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -363,22 +363,81 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path,
            unit_results: Optional[Callable[[Skips], Iterator[UnitResult]]] = None) -> None:
     """Tokenize, chunk and write ``temp``; ``unit_results`` (the executor's merge step) gives the
     tokenized units instead of the local processes."""
-    from streaming import MDSWriter
-    from tqdm import tqdm
-
     started = time.perf_counter()
-    ids = special_ids(tokenizer)
     temp.mkdir(parents=True)
     tokenizer.save_pretrained(str(temp / "tokenizer"))
     dtype = sample_dtype(tokenizer)
     skips = Skips()
-    stats = {s: {"documents": 0, "chunks": 0, "tokens": 0, "document_tokens": 0, "sources": {}}
-             for s in SPLITS}
-    lengths: dict = {s: [] for s in SPLITS}
-    rebalanced = long_documents = 0
     timings = {"read": 0.0, "tokenize": 0.0, "write": 0.0}
     processes = worker_count(cfg) if unit_results is None else cfg.tasks
-    columns = columns_for(dtype)
+
+    def units() -> Iterator[UnitResult]:
+        if unit_results is not None:
+            return unit_results(skips)
+        return _ordered_map(_tokenize_unit, _timed(document_units(cfg, skips), timings, "read"),
+                            processes, _init_worker,
+                            (str(temp / "tokenizer" / "tokenizer.json"), worker_settings(cfg, tokenizer)))
+
+    tally = _write_shards(cfg, temp, columns_for(dtype), units, skips, timings)
+    timings["tokenize"] -= timings["read"]  # reading happens inside the wait for results
+    arrays = tally.arrays()
+    if not len(arrays["train"]):
+        arrays = _train_on_validation(cfg, temp, columns_for(dtype), tally, arrays, skips)
+    _finish_splits(temp, arrays, tally.stats)
+    summary = _summary(cfg, tokenizer, settings, temp, tally, skips, dtype=dtype, processes=processes,
+                       seconds=time.perf_counter() - started, timings=timings)
+    (temp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (temp / COMPLETE).write_text(json.dumps({"format": FORMAT, "created": summary["created"]}) + "\n")
+
+
+def _split_stats() -> dict:
+    return {"documents": 0, "chunks": 0, "tokens": 0, "document_tokens": 0, "sources": {}}
+
+
+@dataclass
+class _Tally:
+    """What the written units add up to: per split, the statistics summary.json reports and the chunk
+    lengths lengths.npy holds; over both, the documents longer than a chunk and the tails rebalanced."""
+
+    stats: dict = field(default_factory=lambda: {s: _split_stats() for s in SPLITS})
+    lengths: dict = field(default_factory=lambda: {s: [] for s in SPLITS})
+    rebalanced: int = 0
+    long_documents: int = 0
+
+    def add(self, result: UnitResult, skips: Skips) -> None:
+        for split in SPLITS:
+            sizes = result.lengths[split]
+            self.lengths[split].append(sizes)
+            s = self.stats[split]
+            s["chunks"] += len(sizes)
+            s["tokens"] += int(sizes.sum())
+        for index, source, split, n_tokens, n_chunks, was_rebalanced, row_tokens in result.documents:
+            if split is None:
+                skips.document("no tokens after tokenization")
+                continue
+            s = self.stats[split]
+            s["documents"] += 1
+            s["document_tokens"] += n_tokens
+            per_source = s["sources"].setdefault(source, {"documents": 0, "tokens": 0})
+            per_source["documents"] += 1
+            per_source["tokens"] += row_tokens
+            self.long_documents += n_chunks > 1
+            self.rebalanced += bool(was_rebalanced)
+
+    def arrays(self) -> dict:
+        return {s: np.concatenate(self.lengths[s]) if self.lengths[s] else np.zeros(0, np.int32)
+                for s in SPLITS}
+
+    def tokens(self) -> int:
+        return int(sum(self.stats[s]["tokens"] for s in SPLITS))
+
+
+def _write_shards(cfg: PrepareConfig, temp: Path, columns: dict, units: Callable[[], Iterator[UnitResult]],
+                  skips: Skips, timings: dict) -> _Tally:
+    """Every tokenized unit's samples into the train and validation shards, in document order."""
+    from tqdm import tqdm
+
+    tally = _Tally()
     size_limit = cfg.shard_size_mb << 20
     total = None
     if cfg.input == "builtin":
@@ -394,56 +453,42 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path,
             _encoded_writer(columns=columns, out=str(temp / "validation"), size_limit=size_limit,
                             hashes=SHARD_HASHES) as val:
         writers = {"train": train, "validation": val}
-        if unit_results is None:
-            results = _ordered_map(_tokenize_unit, _timed(document_units(cfg, skips), timings, "read"),
-                                   processes, _init_worker,
-                                   (str(temp / "tokenizer" / "tokenizer.json"),
-                                    worker_settings(cfg, tokenizer)))
-        else:
-            results = unit_results(skips)
-        for result in _timed(results, timings, "tokenize"):
+        for result in _timed(units(), timings, "tokenize"):
             started_writing = time.perf_counter()
             for split in SPLITS:
-                sizes = result.lengths[split]
                 write = writers[split].write
                 for sample in result.samples[split]:
                     write(sample)
-                lengths[split].append(sizes)
-                s = stats[split]
-                s["chunks"] += len(sizes)
-                s["tokens"] += int(sizes.sum())
-            for index, source, split, n_tokens, n_chunks, was_rebalanced, row_tokens in result.documents:
-                if split is None:
-                    skips.document("no tokens after tokenization")
-                    continue
-                s = stats[split]
-                s["documents"] += 1
-                s["document_tokens"] += n_tokens
-                per_source = s["sources"].setdefault(source, {"documents": 0, "tokens": 0})
-                per_source["documents"] += 1
-                per_source["tokens"] += row_tokens
-                long_documents += n_chunks > 1
-                rebalanced += bool(was_rebalanced)
+            tally.add(result, skips)
             progress.update(len(result.documents))
-            progress.set_postfix(tokens=f"{stats['train']['tokens'] + stats['validation']['tokens']:,}")
+            progress.set_postfix(tokens=f"{tally.tokens():,}")
             timings["write"] += time.perf_counter() - started_writing
         progress.close()
-    timings["tokenize"] -= timings["read"]  # reading happens inside the wait for results
-    arrays = {s: np.concatenate(lengths[s]) if lengths[s] else np.zeros(0, np.int32) for s in SPLITS}
-    if not len(arrays["train"]):
-        if len(arrays["validation"]):  # a corpus of a single document: train on it
-            shutil.rmtree(temp / "train")
-            os.replace(temp / "validation", temp / "train")
-            MDSWriter(columns=columns, out=str(temp / "validation"), hashes=SHARD_HASHES).finish()
-            arrays = {"train": arrays["validation"], "validation": np.zeros(0, np.int32)}
-            stats = {"train": stats["validation"], "validation": {
-                "documents": 0, "chunks": 0, "tokens": 0, "document_tokens": 0, "sources": {}}}
-        else:
-            raise PrepareError(
-                f"input {cfg.input!r} gave no documents to train on (skipped documents: "
-                f"{skips.documents or 'none'}; skipped files: {len(skips.files)}"
-                f"{': ' + ', '.join(list(skips.files)[:5]) if skips.files else ''})"
-            )
+    return tally
+
+
+def _train_on_validation(cfg: PrepareConfig, temp: Path, columns: dict, tally: _Tally, arrays: dict,
+                         skips: Skips) -> dict:
+    """No training chunks: a corpus of a single document (all of it drawn for validation) trains on
+    it, with an empty validation split; no documents at all is an error. The split arrays after."""
+    from streaming import MDSWriter
+
+    if not len(arrays["validation"]):
+        raise PrepareError(
+            f"input {cfg.input!r} gave no documents to train on (skipped documents: "
+            f"{skips.documents or 'none'}; skipped files: {len(skips.files)}"
+            f"{': ' + ', '.join(list(skips.files)[:5]) if skips.files else ''})"
+        )
+    shutil.rmtree(temp / "train")
+    os.replace(temp / "validation", temp / "train")
+    MDSWriter(columns=columns, out=str(temp / "validation"), hashes=SHARD_HASHES).finish()
+    tally.stats = {"train": tally.stats["validation"], "validation": _split_stats()}
+    return {"train": arrays["validation"], "validation": np.zeros(0, np.int32)}
+
+
+def _finish_splits(temp: Path, arrays: dict, stats: dict) -> None:
+    """Each split's lengths.npy (checked against its shards' index), and its statistics condensed:
+    a long list of sources summed up, the chunk lengths' range."""
     for split in SPLITS:
         np.save(temp / split / "lengths.npy", arrays[split].astype(np.int32))
         index = json.loads((temp / split / "index.json").read_text())
@@ -457,32 +502,35 @@ def _write(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path,
             stats[split]["chunk_length"] = {"min": int(arrays[split].min()),
                                             "mean": round(float(arrays[split].mean()), 1),
                                             "max": int(arrays[split].max())}
-    seconds = time.perf_counter() - started
-    total_tokens = int(sum(stats[s]["tokens"] for s in SPLITS))
+
+
+def _summary(cfg: PrepareConfig, tokenizer, settings: dict, temp: Path, tally: _Tally, skips: Skips, *,
+             dtype: str, processes: int, seconds: float, timings: dict) -> dict:
+    """summary.json: the settings, the tokenizer, each split's statistics, the chunking, what was
+    skipped, the bytes on disk and the time taken."""
     skipped_files = dict(list(skips.files.items())[:MAX_LISTED])
     if len(skips.files) > MAX_LISTED:
         skipped_files["..."] = f"{len(skips.files) - MAX_LISTED} more"
     summary = {
         "settings": settings,
         "tokenizer": {"source": cfg.tokenizer, "tokens": len(tokenizer),
-                      "special_ids": {k: v for k, v in asdict(ids).items() if k != "all"}},
-        "splits": stats,
+                      "special_ids": {k: v for k, v in asdict(special_ids(tokenizer)).items() if k != "all"}},
+        "splits": tally.stats,
         "chunking": {"max_seq_len": cfg.max_seq_len, "text_tokens_per_chunk": cfg.max_seq_len - 2,
-                     "documents_longer_than_a_chunk": long_documents,
-                     "tails_rebalanced": rebalanced, "dtype": dtype},
+                     "documents_longer_than_a_chunk": tally.long_documents,
+                     "tails_rebalanced": tally.rebalanced, "dtype": dtype},
         "skipped": {"documents": skips.documents, "files": skipped_files,
                     "files_count": len(skips.files), "rows": skips.rows,
                     "rows_count": sum(entry["count"] for entry in skips.rows.values())},
         "bytes_on_disk": {s: _bytes(temp / s) for s in (*SPLITS, "tokenizer")},
         "seconds": round(seconds, 2),
         "seconds_in_main_process": {k: round(v, 2) for k, v in timings.items()},
-        "tokens_per_second": round(total_tokens / max(seconds, 1e-9)),
+        "tokens_per_second": round(tally.tokens() / max(seconds, 1e-9)),
         "num_proc": processes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     summary["bytes_on_disk"]["total"] = sum(summary["bytes_on_disk"].values())
-    (temp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (temp / COMPLETE).write_text(json.dumps({"format": FORMAT, "created": summary["created"]}) + "\n")
+    return summary
 
 
 def _timed(items: Iterable, timings: dict, key: str) -> Iterator:

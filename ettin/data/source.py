@@ -12,7 +12,7 @@ from typing import Optional
 class DataSource:
     path: str = "???"  # a prepared folder (python -m ettin.data.prepare), "builtin", an MDS folder or remote
     weight: float = 1.0
-    format: str = "auto"  # auto | prepared | mds | order (docs/data.md; ettin/data/loader.py source_format)
+    format: str = "auto"  # auto | prepared | mds | order (docs/data.md; ettin/data/formats.py source_format)
     column: str = "input_ids"  # mds: the token id column
     cache_dir: Optional[str] = None  # mds: cache of remote / compressed shards ($ETTIN_CACHE_DIR)
     cache_limit_gb: float = 0.0  # mds: cache size limit (0: none)

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Optional
 
-from ettin.data.loader import PreparedSplit
+from ettin.data.formats import PreparedSplit
 from ettin.data.shards import SPLITS
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from ettin.evaluation import diffusion_lm  # noqa: F401  registers "ettin-mdlm" with lm-eval
 from ettin.evaluation import masked_lm  # noqa: F401  registers "ettin-mlm" with lm-eval
-from ettin.evaluation import suite, uncertainty
+from ettin.evaluation import smoke_tasks, uncertainty
 from ettin.evaluation.models import EvalError, EvalModel, resolve_models
 from ettin.evaluation.offline import check_cached, is_offline, prefetch_command
 from ettin.evaluation.provenance import library_versions, model_provenance, task_provenance, why_not_reused
@@ -144,7 +144,7 @@ def _metric(task: Task, gold: list) -> Callable[[list], float]:
 def _classification(task: Task, model: EvalModel, suite_dir: Optional[Path], limit: Optional[int], seed: int,
                     work: Path, learning_rates: Optional[tuple[float, ...]]) -> dict:
     if task.smoke:
-        data = json.loads((suite_dir / f"{suite.NLI}.json").read_text())
+        data = json.loads((suite_dir / f"{smoke_tasks.NLI}.json").read_text())
         first, second = task.text_columns
         train, evaluation = ([{"text": r[first], "text_pair": r[second], "label": r["label"]} for r in part]
                              for part in (data["train"], data["test"]))
@@ -253,7 +253,7 @@ def _retrieval(task: Task, model: EvalModel, suite_dir: Optional[Path], limit: O
                work: Path, settings: RetrievalSettings) -> dict:
     if task.mteb_task:
         return _paper_retrieval(task, model, limit, seed, work)
-    data = (json.loads((suite_dir / f"{suite.RETRIEVAL}.json").read_text()) if task.smoke
+    data = (json.loads((suite_dir / f"{smoke_tasks.RETRIEVAL}.json").read_text()) if task.smoke
             else _msmarco_pool(limit))
     score, per_query = retrieval_ndcg_at_10(model, data["train"], data["queries"], data["corpus"], data["relevant"],
                                             settings=settings, seed=seed,
@@ -377,8 +377,8 @@ def _evaluate(evaluated: list[EvalModel], task_list: list[Task], spec: str | lis
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": {}}
     suite_dir = None
     if any(t.smoke for t in task_list):
-        size = suite.SuiteSize.limited(limit) if limit else suite.SuiteSize()
-        suite_dir = suite.generate(work / "offline-tasks", seed=seed, size=size)
+        size = smoke_tasks.SuiteSize.limited(limit) if limit else smoke_tasks.SuiteSize()
+        suite_dir = smoke_tasks.generate(work / "offline-tasks", seed=seed, size=size)
     for model in evaluated:
         entry = report["models"][model.name] = _model_entry(model)
         done = previous.get("models", {}).get(model.name, {})

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-from ettin.evaluation import suite
+from ettin.evaluation import smoke_tasks
 from ettin.evaluation.models import EvalError
 
 LM_EVAL, TRANSFORMERS, SENTENCE_TRANSFORMERS, MTEB = "lm-eval", "transformers", "sentence-transformers", "mteb"
@@ -131,14 +131,14 @@ PAPER_GLUE = (
     _glue("stsb", ("sentence1", "sentence2"), 1, metric="spearman"),  # regression: one output
 )
 SMOKE = (
-    Task(suite.CLOZE, "generation", LM_EVAL, "acc", True, "test", smoke=True, source="ettin smoke suite"),
-    Task(suite.LM, "language_modeling", LM_EVAL, "word_perplexity", False, "test", smoke=True,
+    Task(smoke_tasks.CLOZE, "generation", LM_EVAL, "acc", True, "test", smoke=True, source="ettin smoke suite"),
+    Task(smoke_tasks.LM, "language_modeling", LM_EVAL, "word_perplexity", False, "test", smoke=True,
          source="ettin smoke suite"),
-    Task(suite.NLI, "classification", TRANSFORMERS, "accuracy", True, "test", smoke=True,
+    Task(smoke_tasks.NLI, "classification", TRANSFORMERS, "accuracy", True, "test", smoke=True,
          source="ettin smoke suite", text_columns=("premise", "hypothesis"), num_labels=3, grid=SMOKE_GRID),
-    Task(suite.RETRIEVAL, "retrieval", SENTENCE_TRANSFORMERS, "ndcg@10", True, "test", smoke=True,
+    Task(smoke_tasks.RETRIEVAL, "retrieval", SENTENCE_TRANSFORMERS, "ndcg@10", True, "test", smoke=True,
          source="ettin smoke suite"),
-    Task(suite.CONTINUATION, "generation", LM_EVAL, "chrf", True, "test", smoke=True,
+    Task(smoke_tasks.CONTINUATION, "generation", LM_EVAL, "chrf", True, "test", smoke=True,
          source="ettin smoke suite"),
 )
 # Not the paper's protocol: MS MARCO v1.1 validation queries ranked among the passages retrieved for all

@@ -153,7 +153,7 @@ SERIES_ORDER = ("encoders", "decoders", "encoder-from-decoder", "decoder-from-en
 
 def plot_ladder(table: pd.DataFrame, paper: Optional[pd.DataFrame] = None):
     """One panel per task (and category average): score against parameters on a log axis, one line
-    per series of the suite (``ettin.report.suite``'s table) with 95% intervals where standard errors are
+    per series of the suite (``ettin.report.suite_report``'s table) with 95% intervals where standard errors are
     recorded; with several seeds per member, the line goes through the seeds' mean and each seed is
     a cross; ``paper``'s rows (the Ettin paper's
     scores at the same sizes and tasks) as hollow points in their series' colour."""

@@ -67,13 +67,24 @@ class Run:
     def objective(self) -> str:
         return str(self.config.get("objective"))
 
-    def phase_mix(self, phase: str):
-        """The ObjectiveMix ``phase`` trained (its own objective or mix, else the run's); None when
-        the config names objectives this ettin does not know."""
-        from ettin.objectives import MixError, resolve_mix
+    def plan(self, phase: str) -> Optional[dict]:
+        """The phase's plan as training resolved it (ettin.train.plan: the ``plan`` of its phase-end
+        checkpoint's meta, else of its latest); None for runs written before plans were recorded."""
+        end = self.phase_end(phase)
+        return end.meta.get("plan") if end is not None else None
 
+    def phase_mix(self, phase: str):
+        """The ObjectiveMix ``phase`` trained: from its recorded plan, else resolved from config.yaml
+        (its own objective or mix, else the run's); None when it names objectives this ettin does
+        not know."""
+        from ettin.objectives import MixError, ObjectiveMix, resolve_mix
+
+        plan = self.plan(phase)
         p = self.config.get("phases", {}).get(phase) or {}
         try:
+            if plan is not None:
+                mix = plan["objective_mix"]
+                return ObjectiveMix.of({m["objective"]: m["weight"] for m in mix["members"]}, mix["export_as"])
             return resolve_mix(p.get("objective_mix"), p.get("objective"), self.config.get("objective_mix"),
                                self.objective, self.config.get("export_as"))
         except MixError:
@@ -108,13 +119,14 @@ class Run:
         return (ends or mine or [None])[-1]
 
     def phase_config(self, phase: str):
-        """The ``PhaseConfig`` of ``phase`` from config.yaml. Only the phase's keys are read, so a
-        run written by another version of ettin (other top-level keys) still replays."""
+        """The ``PhaseConfig`` of ``phase`` from its recorded plan, else from config.yaml. Only the
+        phase's keys are read, so a run written by another version of ettin (other top-level keys)
+        still replays."""
         from dataclasses import fields
 
         from ettin.train.config import PhaseConfig
 
-        raw = (self.config.get("phases") or {}).get(phase)
+        raw = recorded_phase_config(self, phase)
         if raw is None:
             raise RunError(f"{self.path / 'config.yaml'} has no phases.{phase}")
         known = {f.name for f in fields(PhaseConfig)}
@@ -266,7 +278,9 @@ def checkpoint_losses(run: Run, *, max_samples: int = 32) -> pd.DataFrame:
     p = run.phase_config(phase)
     sources = data_sources(run, phase)
     tokenizer = load_tokenizer(run.checkpoints[-1].meta["tokenizer"])
-    mask_rate = float((run.config.get("trainer") or {}).get("val_mask_rate", 0.15))
+    plan = run.plan(phase)
+    mask_rate = float(plan["val_mask_rate"] if plan is not None
+                      else (run.config.get("trainer") or {}).get("val_mask_rate", 0.15))
     # A mix's model is scored as what it is (its export side's objective).
     mix = run.phase_mix(phase)
     objective = mix.objective if mix is not None else OBJECTIVES[run.phase_objective(phase)]
@@ -347,7 +361,7 @@ def data_sources(run: Run, phase: str) -> Optional[list[dict]]:
         return [{**s, "path": str(s.get("path")), "weight": float(s.get("weight", 1.0)),
                  "format": s.get("format", "prepared"), "recorded": True} for s in recorded["sources"]]
     from ettin.data.corpus import builtin_data_path
-    from ettin.data.loader import prepared_fingerprint
+    from ettin.data.formats import prepared_fingerprint
 
     sources = (run.config.get("data") or {}).get(phase)
     phase_cfg = recorded_phase_config(run, phase)
@@ -374,4 +388,6 @@ def recorded_seed(run: Run) -> Optional[int]:
 
 
 def recorded_phase_config(run: Run, phase: str) -> Optional[dict]:
-    return (run.config.get("phases") or {}).get(phase)
+    """The phase's keys as trained: its recorded plan's, else config.yaml's."""
+    plan = run.plan(phase)
+    return plan["phase_config"] if plan is not None else (run.config.get("phases") or {}).get(phase)

@@ -1,6 +1,6 @@
 """How a suite names its members' run directories: ``<role>_<size>[-seed<N>]``, and which native role
-a cross member starts from. The suite (ettin.cluster.suite) lays members out by these names and the
-suite report (ettin.report.suite) finds them by them, so both read this one rule."""
+a cross member starts from. The suite (ettin.cluster.suite_members) lays members out by these names and the
+suite report (ettin.report.suite_report) finds them by them, so both read this one rule."""
 
 from __future__ import annotations
 

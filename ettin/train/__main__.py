@@ -1,7 +1,8 @@
-"""python -m ettin.train recipe=NAME [overrides]"""
+"""python -m ettin.train recipe=NAME [overrides]: the command lives in ettin/train_command.py, above the
+packages it drives."""
 
 import sys
 
-from ettin.train.cli import main
+from ettin.train_command import main
 
 sys.exit(main())

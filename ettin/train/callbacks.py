@@ -12,22 +12,21 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
-from ettin.data.loader import add_digests
 from ettin.optim.schedule import format_tokens
 from ettin.store.fs import publishing
 from ettin.train.checkpoint import Checkpointer
-from ettin.train.config import TrainConfig, to_yaml
 from ettin.train.environment import git_commit
 
 if TYPE_CHECKING:
     from ettin.train.module import EttinModule
+    from ettin.train.plan import PhasePlan
 
 log = logging.getLogger("ettin")
 
@@ -169,14 +168,13 @@ class EveryTokens(L.Callback):
 
 
 class ValidationCallback(EveryTokens):
-    """Validation every ``every_tokens`` tokens of the phase (and, called by the phase's end, once
-    more), logged to metrics.csv with the tokens it was measured at. The batches are made once: the
-    same samples and masks at every evaluation."""
+    """Validation every ``val_every_tokens`` tokens of the phase (and, called by the phase's end, once
+    more), logged to metrics.csv with the tokens it was measured at. The batches are made once, from
+    the plan (``PhasePlan.validation_batches``): the same samples and masks at every evaluation."""
 
-    def __init__(self, make_batches: Callable[["EttinModule"], Any], *, every_tokens: int,
-                 start_tokens: int) -> None:
-        super().__init__(every_tokens=every_tokens, start_tokens=start_tokens)
-        self.make_batches = make_batches
+    def __init__(self, plan: "PhasePlan", tokenizer, *, start_tokens: int) -> None:
+        super().__init__(every_tokens=plan.intervals.val_every_tokens, start_tokens=start_tokens)
+        self.plan, self.tokenizer = plan, tokenizer
         self.batches: Optional[list] = None
 
     def fire(self, module: "EttinModule") -> None:
@@ -184,7 +182,8 @@ class ValidationCallback(EveryTokens):
 
     def validate(self, module: "EttinModule") -> dict[str, float]:
         if self.batches is None:
-            self.batches = self.make_batches(module)
+            self.batches = self.plan.validation_batches(self.tokenizer, rank=module.global_rank,
+                                                        world_size=module.trainer.world_size)
         if not any(self.batches):  # e.g. a replayed released data order: no validation split
             return {}
         metrics = module.evaluate(self.batches)
@@ -198,15 +197,12 @@ class CheckpointCallback(EveryTokens):
     """Checkpoints every ``every_tokens`` tokens of the phase; ``save`` also serves the phase end and
     preemption. Nothing is written from a state whose loss was not finite."""
 
-    def __init__(self, cfg: TrainConfig, phase: str, tokenizer, checkpointer: Checkpointer, *,
-                 every_tokens: int, start_tokens: int, fresh_optimizer: bool,
-                 data_identity: dict) -> None:
-        super().__init__(every_tokens=every_tokens, start_tokens=start_tokens)
-        self.cfg, self.phase, self.tokenizer = cfg, phase, tokenizer
+    def __init__(self, plan: "PhasePlan", tokenizer, checkpointer: Checkpointer, *, config_yaml: str,
+                 start_tokens: int) -> None:
+        super().__init__(every_tokens=plan.intervals.checkpoint_every_tokens, start_tokens=start_tokens)
+        self.plan, self.tokenizer, self.config_yaml = plan, tokenizer, config_yaml
         self.checkpointer = checkpointer
         self.run_dir = checkpointer.run_dir
-        self.fresh_optimizer = fresh_optimizer
-        self.data_identity = data_identity
 
     def fire(self, module: "EttinModule") -> None:
         self.save(module, kind="interval")
@@ -214,27 +210,27 @@ class CheckpointCallback(EveryTokens):
     def save(self, module: "EttinModule", *, kind: str) -> Path:
         """Every rank calls this; rank 0 writes the checkpoint atomically."""
         module.check_finite(f"the {kind} checkpoint at step {module.loader_state.step}")
-        # The rows every rank was given: the ranks' digests add up (ettin.data.loader.rows_digest).
-        state = dataclasses.replace(module.loader_state, data_digest=add_digests(
-            *_all_gather(module.loader_state.data_digest)))
+        state = module.loader_state.of_all_ranks(_all_gather(module.loader_state.data_digest))
         rng = _all_gather(capture_rng())
         weights, optimizer_state = module.full_state()  # collective when the model is sharded
-        path = self.run_dir.checkpoint(self.phase, state.step, state.tokens)
+        plan = self.plan
+        path = self.run_dir.checkpoint(plan.phase, state.step, state.tokens)
         if module.global_rank == 0:
             path = self.checkpointer.save(
-                phase=self.phase, phase_index=self.cfg.phase_order.index(self.phase), kind=kind,
+                phase=plan.phase, phase_index=plan.index, kind=kind,
                 loader_state=dataclasses.asdict(state), model_state=weights,
-                optimizer_state=optimizer_state, rng_states=rng, config_yaml=to_yaml(self.cfg),
+                optimizer_state=optimizer_state, rng_states=rng, config_yaml=self.config_yaml,
                 meta={
-                    "run_name": self.cfg.run_name, "recipe": self.cfg.recipe,
+                    "run_name": plan.run_name, "recipe": plan.recipe,
                     # The objective the model is (its export), and what the phase trained.
-                    "objective": self.cfg.phase_objective(self.phase).name,
-                    "objective_mix": self.cfg.phase_mix(self.phase).name,
-                    "export_as": self.cfg.phase_mix(self.phase).side,  # the export class's side
+                    "objective": plan.objective.name,
+                    "objective_mix": plan.mix.name,
+                    "export_as": plan.mix.side,  # the export class's side
                     "world_size": module.trainer.world_size,
                     "model_config": dataclasses.asdict(module.model.config),
                     "tokenizer": str(self.tokenizer_dir()), "git_commit": git_commit(),
-                    "fresh_optimizer": self.fresh_optimizer, "data": self.data_identity,
+                    "fresh_optimizer": plan.fresh_optimizer, "data": plan.data_identity,
+                    "plan": plan.as_dict(),  # the phase as resolved (ettin.report.runs reads it)
                 },
             )
             log.info("checkpoint %s", path)

@@ -94,25 +94,27 @@ class MetricsCSV(Logger):
         return rows
 
 
-def build_loggers(cfg, phase: str, objective, resume_step: int) -> list:
-    """metrics.csv (``logging.csv``) and wandb (``logging.wandb``) for one phase of a run."""
+def build_loggers(plan, resume_step: int) -> list:
+    """metrics.csv (``logging.csv``) and wandb (``logging.wandb``) for one phase of a run (its
+    ``PhasePlan``)."""
     from lightning.pytorch.loggers import WandbLogger
 
     from ettin.store.rundir import RunDir
 
     loggers: list = []
-    if cfg.logging.csv:
+    settings, objective = plan.logging, plan.mix
+    if settings.csv:
         columns = [*objective.train_metric_names(), "train/lr", "train/grad_norm", "train/tokens",
                    "train/global_batch", "perf/tokens_per_s_per_device", "perf/tflops_per_device",
                    "perf/mfu", *objective.metric_names("val"), "val/tokens"]
-        loggers.append(MetricsCSV(RunDir(cfg.run_dir).metrics(phase), columns, resume_step=resume_step))
-    if cfg.logging.wandb:
-        mode = cfg.logging.wandb_mode
+        loggers.append(MetricsCSV(RunDir(plan.run_dir).metrics(plan.phase), columns, resume_step=resume_step))
+    if settings.wandb:
+        mode = settings.wandb_mode
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         # One wandb run per ettin run: the id is the run name, so a requeued job continues it.
-        loggers.append(WandbLogger(project=cfg.logging.wandb_project, name=cfg.run_name,
-                                   id=cfg.run_name, resume="allow", save_dir=str(cfg.run_dir),
+        loggers.append(WandbLogger(project=settings.wandb_project, name=plan.run_name,
+                                   id=plan.run_name, resume="allow", save_dir=str(plan.run_dir),
                                    offline=mode == "offline"))
     return loggers
 

@@ -14,7 +14,6 @@ global batch can change during batch-size warmup without Lightning's fixed accum
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Callable, Optional
 
 import lightning as L
@@ -25,7 +24,7 @@ from ettin.model.flops import training_flops
 from ettin.model.modernbert import ModernBert
 from ettin.objectives import ObjectiveMix
 from ettin.optim.stable_adamw import StableAdamW, param_groups
-from ettin.data.loader import LoaderState, StepBatch, add_digests
+from ettin.data.loader import LoaderState, StepBatch
 from ettin.train.step import StepResult, StepSettings, TrainStep
 
 
@@ -85,8 +84,7 @@ class EttinModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.on_train_start_fn is not None:
             self.on_train_start_fn(self)
-        if self.global_rank != 0:  # a resumed digest is all ranks' rows: rank 0 carries it on
-            self.loader_state = replace(self.loader_state, data_digest=add_digests())
+        self.loader_state = self.loader_state.on_rank(self.global_rank)
         world = self.trainer.world_size
         self.train_step = TrainStep(
             self.parallel.network, self.optimizers(use_pl_optimizer=False), self.settings,
@@ -102,8 +100,7 @@ class EttinModule(L.LightningModule):
         result = self.train_step(batch.micro_batches, tokens_before=batch.tokens_before,
                                  targets=batch.targets, rows=batch.rows,
                                  group_targets=batch.group_targets)
-        self.loader_state = replace(batch.state, data_digest=add_digests(self.loader_state.data_digest,
-                                                                         batch.rows_digest))
+        self.loader_state = self.loader_state.after(batch)
         self._count_work(batch)
         if log_now:
             self.check_finite(f"step {batch.state.step}")

@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 
 from ettin.model.memory import GIB, TrainingMemory, training_memory
-from ettin.train.config import TrainConfig
+from ettin.train.config import TrainConfig, TrainerConfig
+from ettin.train.plan import PhasePlan, plan_phase
 
 # Of the memory the device reports free, what a run may plan to use (allocator slack, the data
 # loader's workers, other processes).
@@ -73,10 +74,10 @@ class PhaseMeasure:
     skipped: Optional[str] = None
 
 
-def device_kind(cfg: TrainConfig) -> str:
+def device_kind(trainer: TrainerConfig) -> str:
     from ettin.train.environment import trainer_devices
 
-    accelerator, _ = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
+    accelerator, _ = trainer_devices(trainer.accelerator, trainer.devices)
     return "cuda" if accelerator == "gpu" else "cpu"
 
 
@@ -99,41 +100,35 @@ def _status_bytes(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def _phase_model(cfg: TrainConfig, phase: str):
-    """The phase's model config and the vocabulary the synthetic rows draw from: the run's
-    tokenizer's when it loads offline, else the size table's."""
-    from ettin.train.phase import run_model_config
-
+def preflight_plan(cfg: TrainConfig, phase: str) -> tuple[PhasePlan, int]:
+    """The phase's plan without its data (the rows are synthetic) and the vocabulary the synthetic
+    rows draw from: with the run's tokenizer when it loads offline, else the size table's model."""
+    tokenizer = None
     try:
         from ettin.data.tokenizer import load_tokenizer
 
         if cfg.tokenizer != "builtin":
             tokenizer = load_tokenizer(cfg.tokenizer)
-            return run_model_config(cfg, phase, tokenizer), len(tokenizer)
     except Exception:  # noqa: BLE001 - not there (offline): the recipe's vocabulary size stands in
         pass
-    config = cfg.model_config(phase)
-    return config, config.vocab_size
+    plan = plan_phase(cfg, phase, tokenizer, [], fresh_optimizer=False)
+    return plan, len(tokenizer) if tokenizer is not None else plan.model.vocab_size
 
 
-def predict(cfg: TrainConfig, phase: str, config, rows: int, num_parameters: int) -> TrainingMemory:
+def predict(plan: PhasePlan, rows: int, num_parameters: int) -> TrainingMemory:
     """The memory model for ``rows`` full rows of the phase on this run's device."""
-    p = cfg.phases[phase]
-    mix = cfg.phase_mix(phase)
-    from ettin.train.phase import phase_mask_rate
-
-    targets = round(rows * mix.targets_per_row(p.seq_len, phase_mask_rate(cfg, phase).start))
-    device = device_kind(cfg)
-    loss = cfg.trainer.loss_implementation
+    targets = round(rows * plan.mix.targets_per_row(plan.seq_len, plan.mask_rate.start))
+    device = device_kind(plan.trainer)
+    loss = plan.trainer.loss_implementation
     if loss == "auto":
         loss = "chunked" if device == "cuda" else "plain"
-    return training_memory(config, [p.seq_len] * rows, targets,
-                           autocast_bf16=device == "cuda" and cfg.trainer.precision in ("auto", "bf16-mixed"),
-                           activation_checkpointing=cfg.trainer.activation_checkpointing,
+    return training_memory(plan.model, [plan.seq_len] * rows, targets,
+                           autocast_bf16=device == "cuda" and plan.trainer.precision in ("auto", "bf16-mixed"),
+                           activation_checkpointing=plan.trainer.activation_checkpointing,
                            loss_implementation=loss, num_parameters=num_parameters)
 
 
-def _measure(cfg: TrainConfig, phase: str, rows: int, steps: int, result) -> None:
+def _measure(plan: PhasePlan, vocab: int, rows: int, steps: int, result) -> None:
     """In the phase's own process: ``steps`` optimizer steps of one ``rows``-row micro-batch each."""
     import numpy as np
 
@@ -141,34 +136,30 @@ def _measure(cfg: TrainConfig, phase: str, rows: int, steps: int, result) -> Non
     from ettin.optim.stable_adamw import StableAdamW, param_groups
     from ettin.parallel.speedups import apply_speedups
     from ettin.train.environment import set_cpu_threads, trainer_devices
-    from ettin.train.phase import phase_mask_rate, step_settings
 
-    accelerator, devices = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
-    set_cpu_threads(accelerator, devices, cfg.trainer.cpu_threads)
+    trainer = plan.trainer
+    accelerator, devices = trainer_devices(trainer.accelerator, trainer.devices)
+    set_cpu_threads(accelerator, devices, trainer.cpu_threads)
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     start_rss = _status_bytes("VmRSS")
-    p = cfg.phases[phase]
-    config, vocab = _phase_model(cfg, phase)
-    loss = cfg.trainer.loss_implementation
-    torch.manual_seed(cfg.seed)
-    model = ModernBert(config, loss_implementation=loss if loss != "auto"
+    loss = trainer.loss_implementation
+    torch.manual_seed(plan.seed)
+    model = ModernBert(plan.model, loss_implementation=loss if loss != "auto"
                        else ("chunked" if device.type == "cuda" else "plain")).to(device)
-    apply_speedups(model, compile=cfg.trainer.compile,
-                   activation_checkpointing=cfg.trainer.activation_checkpointing)
-    settings = step_settings(cfg, phase, fresh_optimizer=False)
+    apply_speedups(model, compile=trainer.compile, activation_checkpointing=trainer.activation_checkpointing)
+    settings = plan.settings
     optimizer = StableAdamW(param_groups(model, settings.weight_decay), lr=settings.lr,
                             betas=settings.betas, eps=settings.eps,
                             weight_decay=settings.weight_decay, max_lr=settings.peak_lr)
-    bf16 = device.type == "cuda" and cfg.trainer.precision in ("auto", "bf16-mixed")
-    collator = cfg.phase_mix(phase).collator(SyntheticVocabulary(vocab),
-                                             mask_rate=phase_mask_rate(cfg, phase), seed=cfg.seed)
-    generator = np.random.default_rng(cfg.seed)
+    bf16 = device.type == "cuda" and trainer.precision in ("auto", "bf16-mixed")
+    collator = plan.mix.collator(SyntheticVocabulary(vocab), mask_rate=plan.mask_rate, seed=plan.seed)
+    generator = np.random.default_rng(plan.seed)
     first = len(SyntheticVocabulary.all_special_ids)
 
     def micro_batch(index: int) -> dict:
         samples = []
         for row in range(rows):
-            tokens = generator.integers(first, vocab, p.seq_len)
+            tokens = generator.integers(first, vocab, plan.seq_len)
             tokens[0], tokens[-1] = SyntheticVocabulary.cls_token_id, SyntheticVocabulary.sep_token_id
             samples.append((index * rows + row, tokens))
         batch = collator(samples)
@@ -202,7 +193,7 @@ def _measure(cfg: TrainConfig, phase: str, rows: int, steps: int, result) -> Non
     moments = sum(t.numel() * t.element_size() for state in optimizer.state.values()
                   for t in state.values() if isinstance(t, torch.Tensor))
     result.put(dict(seconds_per_micro_batch=seconds, seconds_per_optimizer_update=update_seconds,
-                    tokens_per_micro_batch=rows * p.seq_len, targets_per_micro_batch=targets,
+                    tokens_per_micro_batch=rows * plan.seq_len, targets_per_micro_batch=targets,
                     weights=weights, gradients=weights, optimizer=moments, peak=peak))
 
 
@@ -211,48 +202,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_phase(cfg: TrainConfig, phase: str, steps: int) -> PhaseMeasure:
+def measure_phase(plan: PhasePlan, vocab: int, steps: int) -> PhaseMeasure:
     """The phase's preflight in a fresh process, unless the memory model says it cannot fit."""
-    p = cfg.phases[phase]
-    device = device_kind(cfg)
-    config, _ = _phase_model(cfg, phase)
-    parameters = parameters_of(config)
+    phase, seq_len = plan.phase, plan.seq_len
+    device = device_kind(plan.trainer)
+    parameters = parameters_of(plan.model)
     free = free_memory(device)
-    rows = 1 if device == "cpu" else p.micro_batch
-    while rows > 1 and predict(cfg, phase, config, rows, parameters).peak > free:
+    rows = 1 if device == "cpu" else plan.micro_batch
+    while rows > 1 and predict(plan, rows, parameters).peak > free:
         rows //= 2
-    predicted = predict(cfg, phase, config, rows, parameters)
+    predicted = predict(plan, rows, parameters)
     empty = dict(seconds_per_micro_batch=None, seconds_per_optimizer_update=None,
-                 tokens_per_micro_batch=rows * p.seq_len, targets_per_micro_batch=0, weights=4 * parameters,
+                 tokens_per_micro_batch=rows * seq_len, targets_per_micro_batch=0, weights=4 * parameters,
                  gradients=4 * parameters, optimizer=8 * parameters, peak=None)
     if predicted.peak > free:
-        return PhaseMeasure(phase, rows, p.seq_len, 0, predicted=predicted, **empty, skipped=(
-            f"not run: {rows} row(s) of {p.seq_len} tokens are predicted to need "
+        return PhaseMeasure(phase, rows, seq_len, 0, predicted=predicted, **empty, skipped=(
+            f"not run: {rows} row(s) of {seq_len} tokens are predicted to need "
             f"{predicted.peak / GIB:.1f} GiB, {free / GIB:.1f} GiB are free"))
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_measure, args=(cfg, phase, rows, steps, queue), daemon=True)
+    process = context.Process(target=_measure, args=(plan, vocab, rows, steps, queue), daemon=True)
     process.start()
     process.join()
     if process.exitcode != 0:
         why = "killed (out of memory?)" if process.exitcode and process.exitcode < 0 else \
             f"failed (exit code {process.exitcode}; its traceback is above)"
-        return PhaseMeasure(phase, rows, p.seq_len, steps, predicted=predicted, **empty, skipped=why)
-    return PhaseMeasure(phase, rows, p.seq_len, steps, predicted=predicted, **queue.get())
+        return PhaseMeasure(phase, rows, seq_len, steps, predicted=predicted, **empty, skipped=why)
+    return PhaseMeasure(phase, rows, seq_len, steps, predicted=predicted, **queue.get())
 
 
-def projection(cfg: TrainConfig, phase: str, measure: PhaseMeasure) -> dict:
+def projection(plan: PhasePlan, measure: PhaseMeasure) -> dict:
     """The phase of the whole recipe on trainer.devices x trainer.num_nodes devices, from the
     measured seconds per row (one micro-batch of ``measure.rows`` rows, scaled linearly to the
     recipe's micro-batches) and per optimizer update; rows at full length (a lower bound on steps)."""
-    from ettin.optim.schedule import phase_batch_schedule, steps_for
+    from ettin.optim.schedule import steps_for
     from ettin.train.environment import trainer_devices
 
-    p = cfg.phases[phase]
-    _, devices = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
-    world = devices * cfg.trainer.num_nodes
-    steps = steps_for(p.tokens, p.seq_len, phase_batch_schedule(p, cfg.global_batch))
-    rows_per_device = p.tokens / p.seq_len / world
+    _, devices = trainer_devices(plan.trainer.accelerator, plan.trainer.devices)
+    world = devices * plan.trainer.num_nodes
+    steps = steps_for(plan.tokens, plan.seq_len, plan.batch_schedule)
+    rows_per_device = plan.tokens / plan.seq_len / world
     per_row = measure.seconds_per_micro_batch / measure.rows
     wall = rows_per_device * per_row + steps * measure.seconds_per_optimizer_update
     return dict(world=world, steps=steps, wall_s=wall, device_hours=wall * world / 3600)
@@ -272,23 +261,23 @@ def parameters_of(config) -> int:
         model_log.setLevel(level)
 
 
-def fits(cfg: TrainConfig, phase: str, config, free: int) -> str:
-    """Whether the recipe's micro-batch fits one device by the memory model (``config``: the
-    phase's model), and the setting to change when it does not."""
-    p = cfg.phases[phase]
-    parameters = parameters_of(config)
-    recipe = predict(cfg, phase, config, p.micro_batch, parameters)
+def fits(plan: PhasePlan, free: int) -> str:
+    """Whether the recipe's micro-batch fits one device by the memory model, and the setting to
+    change when it does not."""
+    phase, micro_batch = plan.phase, plan.micro_batch
+    parameters = parameters_of(plan.model)
+    recipe = predict(plan, micro_batch, parameters)
     if recipe.peak <= free:
-        return f"fits: micro_batch={p.micro_batch} needs {recipe.peak / GIB:.1f} of {free / GIB:.1f} GiB"
-    best = p.micro_batch
-    while best > 1 and predict(cfg, phase, config, best, parameters).peak > free:
+        return f"fits: micro_batch={micro_batch} needs {recipe.peak / GIB:.1f} of {free / GIB:.1f} GiB"
+    best = micro_batch
+    while best > 1 and predict(plan, best, parameters).peak > free:
         best -= 1
     advice = []
-    if best >= 1 and predict(cfg, phase, config, best, parameters).peak <= free:
+    if best >= 1 and predict(plan, best, parameters).peak <= free:
         advice.append(f"phases.{phase}.micro_batch={best} (the same global batch, more micro-batches)")
-    if not cfg.trainer.activation_checkpointing:
-        checkpointed = predict(replace(cfg, trainer=replace(cfg.trainer, activation_checkpointing=True)),
-                               phase, config, p.micro_batch, parameters)
+    if not plan.trainer.activation_checkpointing:
+        checkpointed = predict(replace(plan, trainer=replace(plan.trainer, activation_checkpointing=True)),
+                               micro_batch, parameters)
         if checkpointed.peak <= free:
             advice.append(f"trainer.activation_checkpointing=true ({checkpointed.peak / GIB:.1f} GiB)")
     if not advice:
@@ -297,28 +286,28 @@ def fits(cfg: TrainConfig, phase: str, config, free: int) -> str:
                       f"are {state / GIB:.1f} GiB)" if state > free / 2 else
                       "trainer.activation_checkpointing=true with a smaller phases."
                       f"{phase}.micro_batch")
-    return (f"DOES NOT FIT: micro_batch={p.micro_batch} needs {recipe.peak / GIB:.1f} GiB, "
+    return (f"DOES NOT FIT: micro_batch={micro_batch} needs {recipe.peak / GIB:.1f} GiB, "
             f"{free / GIB:.1f} GiB free; set " + " or ".join(advice))
 
 
-def quadratic_note(cfg: TrainConfig, phase: str, config) -> Optional[str]:
+def quadratic_note(plan: PhasePlan) -> Optional[str]:
     """What of the recipe's micro-batch grows with the square of the row length, if anything."""
-    p = cfg.phases[phase]
-    memory = predict(cfg, phase, config, p.micro_batch, parameters_of(config))
+    memory = predict(plan, plan.micro_batch, parameters_of(plan.model))
     if not memory.quadratic_attention:
         return None
     return (f"{memory.quadratic_attention / GIB:.2f} GiB of the micro-batch's {memory.peak / GIB:.1f} GiB "
-            f"are attention scores that grow with the square of the row length ({p.seq_len} tokens; "
-            f"attention {config.attn_implementation} keeps its softmax); sdpa keeps none")
+            f"are attention scores that grow with the square of the row length ({plan.seq_len} tokens; "
+            f"attention {plan.model.attn_implementation} keeps its softmax); sdpa keeps none")
 
 
-def startup_warnings(cfg: TrainConfig, phase: str, config) -> list[str]:
+def startup_warnings(plan: PhasePlan) -> list[str]:
     """At the start of a real run, for every phase: a micro-batch predicted not to fit, and quadratic
     attention memory (the memory model only: run preflight=true to measure)."""
-    verdict = fits(cfg, phase, config, free_memory(device_kind(cfg)))
+    phase = plan.phase
+    verdict = fits(plan, free_memory(device_kind(plan.trainer)))
     found = [f"phase {phase}: {verdict} (the memory model; preflight=true measures)"] \
         if verdict.startswith("DOES NOT FIT") else []
-    note = quadratic_note(cfg, phase, config)
+    note = quadratic_note(plan)
     return found + ([f"phase {phase}: {note}"] if note else [])
 
 
@@ -326,7 +315,7 @@ def report(cfg: TrainConfig, steps: int) -> str:
     """Run every phase's preflight and return the table."""
     from ettin.train.environment import trainer_devices
 
-    device = device_kind(cfg)
+    device = device_kind(cfg.trainer)
     accelerator, devices = trainer_devices(cfg.trainer.accelerator, cfg.trainer.devices)
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     free = free_memory(device)
@@ -339,12 +328,11 @@ def report(cfg: TrainConfig, steps: int) -> str:
              f"precision {cfg.trainer.precision}, loss {cfg.trainer.loss_implementation}"]
     total_wall = total_hours = 0.0
     for phase in cfg.phases_to_run():
-        m = measure_phase(cfg, phase, steps)
-        p = cfg.phases[phase]
-        config, _ = _phase_model(cfg, phase)
+        plan, vocab = preflight_plan(cfg, phase)
+        m = measure_phase(plan, vocab, steps)
         lines.append(f"phase {phase}: {m.rows} row(s) x {m.seq_len} tokens per micro-batch (recipe: "
-                     f"{p.micro_batch})")
-        note = quadratic_note(cfg, phase, config)
+                     f"{plan.micro_batch})")
+        note = quadratic_note(plan)
         if note:
             lines.append(f"  {note}")
         if m.skipped:
@@ -365,13 +353,13 @@ def report(cfg: TrainConfig, steps: int) -> str:
                 f"measured peak; activations {m.predicted.activations / GIB:.2f}, loss "
                 f"{m.predicted.loss / GIB:.2f})",
             ]
-            proj = projection(cfg, phase, m)
+            proj = projection(plan, m)
             total_wall += proj["wall_s"]
             total_hours += proj["device_hours"]
             lines.append(f"  whole phase on {proj['world']} device(s): >= {proj['steps']:,} optimizer "
                          f"steps, {_duration(proj['wall_s'])} wall, {proj['device_hours']:,.1f} "
                          "device-hours")
-        lines.append("  " + fits(cfg, phase, config, free))
+        lines.append("  " + fits(plan, free))
     if total_wall:
         lines.append(f"whole recipe (phases measured): {_duration(total_wall)} wall, "
                      f"{total_hours:,.1f} device-hours on this device kind; full-length rows, no "

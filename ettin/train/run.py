@@ -20,7 +20,8 @@ from ettin.train.environment import (environment_summary, git_commit, is_rank_ze
                                      quiet_lightning_banners, set_cpu_threads, setup_logging,
                                      trainer_devices)
 from ettin.train.loggers import finish_wandb
-from ettin.train.phase import check_phases_data, resolve_tokenizer, run_phase
+from ettin.train.phase import resolve_tokenizer, run_phase
+from ettin.train.plan import check_phases_data
 from ettin.train.preemption import Stopped
 from ettin.train.start import resolve_start, resume
 from ettin.train.step import NonFiniteLossError
@@ -75,11 +76,12 @@ def _train(cfg: TrainConfig) -> Path:
     phases = cfg.phases_to_run()
     sources = check_phases_data(cfg, tokenizer)
     if is_rank_zero():
-        from ettin.train.phase import run_model_config
+        from ettin.train.plan import plan_phase
         from ettin.train.preflight import startup_warnings
 
         for phase in phases:
-            for warning in startup_warnings(cfg, phase, run_model_config(cfg, phase, tokenizer)):
+            plan = plan_phase(cfg, phase, tokenizer, sources[phase], fresh_optimizer=False)
+            for warning in startup_warnings(plan):
                 log.warning("%s", warning)
     # Last, as it loads weights and optimizer state: every cheaper check has passed by then.
     start = resolve_start(cfg)

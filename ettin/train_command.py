@@ -3,6 +3,10 @@
 Runs a recipe's phases in order inside ``<output_dir>/<run_name>/``, resuming from the run's latest
 complete checkpoint when there is one (``resume=auto``). With no arguments it runs ``recipe=smoke``:
 a tiny encoder and decoder on the built-in corpus, on CPU, exported as Hugging Face folders.
+
+The command sits above the packages it drives (ettin.train, and ettin.cluster for sweeps and
+ettin.evaluation / ettin.report for a pair's report), so none of them imports back up; ``python -m
+ettin.train`` reaches it through ettin/train/__main__.py.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ettin.store.rundir import RunDir, RunLockedError
 from ettin.train.config import (ConfigError, TrainConfig, available_recipes, compose, parse_argv,
                                 to_yaml)
 from ettin.train.environment import is_rank_zero
-from ettin.train.phase import phase_mask_rate
+from ettin.train.plan import phase_mask_rate
 from ettin.train.preemption import Preempted, Stopped, stop_on_signals
 from ettin.train.run import log, pair_configs, schedule_rows, train
 from ettin.train.step import NonFiniteLossError
@@ -67,7 +71,7 @@ def dry_run_report(cfg: TrainConfig) -> str:
             model = ModernBert(config)
         # Targets (and the head's FLOPs) at the phase's mean rate: linear in tokens, so FLOPs are too;
         # a mix's rows train each objective in its weight's share.
-        mask_rate = phase_mask_rate(cfg, name)
+        mask_rate = phase_mask_rate(cfg.phases[name])
         # A prefix's attention pairs are averaged over the lengths a row draws.
         flops = sum(w * sum(training_flops(config, [p.seq_len], m.targets_per_row(p.seq_len, mask_rate.mean),
                                            m.causal, [prefix]) for prefix in prefixes) / len(prefixes)
@@ -94,7 +98,7 @@ def dry_run_report(cfg: TrainConfig) -> str:
 
 def readiness(cfg: TrainConfig) -> list[str]:
     """What a real run would need that is not there yet: the tokenizer and every phase's data."""
-    from ettin.data.loader import open_splits, source_format
+    from ettin.data.formats import open_splits, source_format
     from ettin.data.mds import looks_like_mds
 
     lines = ["ready to run?"]
@@ -128,7 +132,7 @@ def readiness(cfg: TrainConfig) -> list[str]:
 def pair_report(cfg: TrainConfig, runs: list[TrainConfig]) -> Path:
     """Both exports evaluated on the same tasks, and the pair report with its plots."""
     from ettin.evaluation import evaluate
-    from ettin.report.cli import write_report
+    from ettin.report.pair_report import write_report
 
     out = Path(cfg.output_dir) / f"{cfg.run_name}-report"
     log.info("evaluating %s on the %s tasks", " and ".join(r.run_name for r in runs), cfg.eval_tasks)

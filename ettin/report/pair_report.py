@@ -1,21 +1,13 @@
-"""python -m ettin.compare RUN_A RUN_B [--out DIR] [--eval EVAL_JSON]  |  --suite SUITE_DIR
-
-The report of two runs: an encoder and a decoder trained as a pair, or any two runs (then an A/B
-comparison, labelled by run name). Writes ``report.md``, a self-contained ``report.html`` and the PNG
-plots into DIR (default: a folder next to RUN_A named after the pair, ``<name>-report`` for the
-``<name>-encoder`` / ``<name>-decoder`` pair of ``python -m ettin.train``): the data and schedule
-identity of the two runs, proven from their metadata and a replay of the loader's order; evaluation
-scores side by side (from ``--eval``, else ``RUN/eval.json``, ``DIR/eval.json`` or
-``DIR/checkpoint-eval/eval.json`` when present); each task's score at the evaluated checkpoints
-(``python -m ettin.eval RUN --checkpoints ...``), and loss, learning rate, global batch and throughput,
-on one cumulative token axis.
-"""
+"""The pair report of two runs: an encoder and a decoder trained as a pair, or any two runs (then an
+A/B comparison, labelled by run name). ``write_report`` writes ``report.md``, a self-contained
+``report.html`` and the PNG plots: the data and schedule identity of the two runs, proven from their
+metadata and a replay of the loader's order; evaluation scores side by side; each task's score at the
+evaluated checkpoints, and loss, learning rate, global batch and throughput, on one cumulative token
+axis. The command is ``python -m ettin.compare`` (ettin/compare.py)."""
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,7 +17,6 @@ import pandas as pd
 from ettin.evaluation import uncertainty
 from ettin.report import identity, plots, runs, scores
 from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
-from ettin.report.runs import RunError
 from ettin.store.fs import write_text
 
 
@@ -258,58 +249,3 @@ def _scores_for_display(table: pd.DataFrame, name_a: str, name_b: str) -> pd.Dat
     shown["Ettin paper"] = table["paper"]
     shown["agrees"] = table["agrees"]
     return shown
-
-
-# ------------------------------------------------------------------------------------------------
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ettin.compare", description=__doc__.split("\n\n")[1])
-    parser.add_argument("run_a", type=Path, nargs="?", help="a run directory (runs/<run name>)")
-    parser.add_argument("run_b", type=Path, nargs="?", help="another run directory")
-    parser.add_argument("--suite", type=Path, help="a suite directory (python -m ettin.suite): rebuild "
-                                                   "its report from the members' runs and eval.json")
-    parser.add_argument("--out", type=Path, help="where to write the report (default: next to RUN_A, "
-                                                 "named after the pair)")
-    parser.add_argument("--eval", type=Path, dest="evaluation", action="append",
-                        help="an eval.json of python -m ettin.eval with the runs' (or their checkpoints') "
-                             "scores; repeat to merge several")
-    parser.add_argument("--max-steps", type=int, default=identity.MAX_REPLAY_STEPS,
-                        help="steps per phase whose samples are replayed and compared "
-                             f"(default {identity.MAX_REPLAY_STEPS}; more steps are sampled)")
-    args = parser.parse_args(argv)
-    if args.suite is not None:
-        return suite_report(args.suite)
-    if args.run_a is None or args.run_b is None:
-        parser.error("give two run directories, or --suite DIR")
-    out = args.out or default_out_dir(args.run_a, args.run_b)
-    try:
-        report = write_report(args.run_a, args.run_b, out, args.evaluation, max_steps=args.max_steps)
-    except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"report: {report}\n        {report.with_suffix('.html')}")
-    return 0
-
-
-def suite_report(directory: Path) -> int:
-    from ettin.cluster.suite import SuiteError, eval_file, recorded_members
-    from ettin.report.suite import write_suite_report
-
-    try:
-        members = recorded_members(directory)
-        files = [eval_file(directory, m["name"]) for m in members]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise SuiteError(f"no evaluation for {', '.join(missing)}; run python -m ettin.suite "
-                             "(the same command that made the suite) to evaluate every member")
-        report = write_suite_report(directory, members, files)
-    except (SuiteError, RunError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"report: {report}\n        {report.with_suffix('.html')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ and with ``cross=true`` the two cross-objective members of each size, each start
       logs/<member>.log   what the member's training printed (local runs)
       slurm/native/, slurm/cross/   each array's launch.sbatch and Slurm's own messages per task
       eval/<member>/eval.json   the member's scores (every member on the same tasks)
-      report/             suite.csv, report.md, report.html (ettin.report.suite)
+      report/             suite.csv, report.md, report.html (ettin.report.suite_report)
 
 A member is composed exactly as ``python -m ettin.train`` composes it (``compose``), so the suite adds
 no training logic: locally each member is one ``python -m ettin.train`` process after the other; on
