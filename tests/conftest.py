@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadFileScheduling
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,7 +16,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 @pytest.fixture(scope="session")
 def cluster():
     """The real one-node Slurm cluster of .ci/slurm-setup.sh (tests/slurm_cluster.py), started fresh
-    once per session: the Slurm files run on one xdist worker (see ``test_group`` below)."""
+    once per session: the Slurm files run on one xdist worker (see ``FileGroupScheduling`` below)."""
     from slurm_cluster import local_cluster
 
     yield from local_cluster()
@@ -62,23 +63,34 @@ def ettin_log(caplog):
     logger.setLevel(previous)
 
 
-# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) hands each worker one group of tests at a
+# pytest-xdist (pyproject's addopts: -n 2 --dist loadfile) hands each worker one group of tests at a
 # time. A group is a file, so a file's module fixtures are built once; the files that submit to the
 # local Slurm cluster are one group, so their jobs never wait behind each other's and one worker
 # starts and stops the cluster. The longest groups start first, so the two workers end together.
+# The groups are made by the scheduler below from the test ids alone. xdist's own `loadgroup` marks
+# are not used: with pytest 9.2 they are silently ignored (xdist 3.8 writes the group into a node id
+# attribute pytest no longer reads), which split every file across both workers.
 SLURM_FILES = ("test_slurm.py", "test_slurm_arrays.py", "test_data_executor.py")
 LONGEST_FIRST = ("test_smoke_learns.py", "slurm", "test_suite.py", "test_resume_world_size.py",
                  "test_train.py", "test_sweep.py", "test_notebooks.py", "test_eval_offline.py")
 
 
-def test_group(item: pytest.Item) -> str:
-    name = Path(str(item.fspath)).name
+def file_group(nodeid: str) -> str:
+    """The group of a test id: its file's name, or "slurm" for the files that use the cluster."""
+    name = Path(nodeid.split("::", 1)[0]).name
     return "slurm" if name in SLURM_FILES else name
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+class FileGroupScheduling(LoadFileScheduling):
+    """xdist's file-by-file scheduling with the Slurm files as one unit."""
+
+    _split_scope = staticmethod(file_group)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    return FileGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(test_group(item), len(rank)))  # stable: file order otherwise
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(test_group(item)))
+    items.sort(key=lambda item: rank.get(file_group(item.nodeid), len(rank)))  # stable otherwise

@@ -6,6 +6,7 @@ in CI (``CI=true``), where a missing cluster is a failure.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -50,14 +51,42 @@ def _setup(command: str) -> subprocess.CompletedProcess:
 class LocalCluster:
     """The daemons of .ci/slurm-setup.sh; remembers the jobs it submits and cancels leftovers."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path = SLURM_DIR) -> None:
         self.jobs: list[str] = []
+        self.directory = directory
+        self._lock = None
+
+    def hold(self) -> None:
+        """Take the cluster for this process. A second test process would restart the daemons under
+        the first's jobs (they vanish from the controller), so it is refused with the holder named."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock = open(self.directory / "tests.lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise RuntimeError(
+                f"the local Slurm cluster is in use by {holder}: the Slurm test files must run in one "
+                "process (one xdist worker: tests/conftest.py groups them), one test session at a time")
+        lock.truncate(0)
+        lock.write(f"pytest process {os.getpid()} ({os.environ.get('PYTEST_XDIST_WORKER', 'no xdist')})")
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
 
     def start(self) -> None:
         """A fresh cluster: daemons left by an earlier run are restarted and their saved jobs cleared."""
+        self.hold()
         os.environ["SLURM_CONF"] = str(CONF)
         result = _setup("start")
         if result.returncode != 0:
+            self.release()
             raise RuntimeError(f"could not start the local Slurm cluster:\n{result.stdout}{result.stderr}")
 
     def stop(self) -> None:
@@ -70,6 +99,7 @@ class LocalCluster:
             except TimeoutError:
                 pass
         _setup("stop")
+        self.release()
 
     # -- jobs ---------------------------------------------------------------------------------------
     def track(self, job_id: str) -> str:

@@ -167,6 +167,29 @@ def test_preemption_without_slurm_saves_at_a_step_boundary_and_stops(tmp_path, m
     assert signal.getsignal(signal.SIGUSR1) is preemption._record
 
 
+def test_one_test_process_holds_the_local_cluster_at_a_time(tmp_path):
+    """Two processes starting the one cluster restart its daemons under each other's jobs."""
+    from slurm_cluster import LocalCluster
+
+    first, second = LocalCluster(tmp_path), LocalCluster(tmp_path)
+    first.hold()
+    with pytest.raises(RuntimeError, match=f"in use by pytest process {os.getpid()}"):
+        second.hold()
+    first.release()
+    second.hold()  # free again
+    second.release()
+
+
+def test_the_slurm_files_run_as_one_group_and_every_other_file_as_its_own():
+    """The work units of the xdist scheduler that tests/conftest.py gives pytest-xdist."""
+    import conftest
+
+    scope = conftest.FileGroupScheduling._split_scope
+    assert {scope(f"tests/{name}::test_x[a-b]") for name in conftest.SLURM_FILES} == {"slurm"}
+    assert scope("tests/test_train.py::test_a") == scope("tests/test_train.py::test_b[x]") == "test_train.py"
+    assert scope("tests/test_train.py::test_a") != scope("tests/test_suite.py::test_a")
+
+
 # ---------------------------------------------------------------------------------------------------
 # On the local cluster (2 cores in CI; the cluster declares 4 CPUs so two 2-task jobs overlap)
 #
