@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 import re
@@ -191,9 +192,8 @@ def write_table(sweep: Sweep, statuses: dict[str, str]) -> Path:
     rows = [{"member": m.name, "overrides": " ".join(m.overrides), "status": statuses[m.name],
              **final_losses(sweep.root / m.name)} for m in sweep.members]
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    sweep.root.mkdir(parents=True, exist_ok=True)
-    with (sweep.root / "sweep.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return sweep.root / "sweep.csv"
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(sweep.root / "sweep.csv", table.getvalue())  # a crash never leaves half a table
