@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Optional
@@ -164,6 +165,14 @@ def sbatch_options(text: Optional[str]) -> dict[str, str]:
     return options
 
 
+def this_venv_activate() -> Optional[str]:
+    """The activate script of the virtual environment this process runs in, if any: datatrove's jobs
+    call its ``launch_pickled_pipeline`` by name, which a job finds only with the same environment
+    active (a user may run ``.venv/bin/python -m ettin.data.prepare`` without activating it)."""
+    activate = Path(sys.prefix) / "bin" / "activate"
+    return str(activate) if sys.prefix != sys.base_prefix and activate.is_file() else None
+
+
 def run_executor(cfg: PrepareConfig, tokenizer, settings: dict, output: Path) -> None:
     """Run (local) or submit (slurm) both stages."""
     work = parts_dir(output)
@@ -194,7 +203,8 @@ def run_executor(cfg: PrepareConfig, tokenizer, settings: dict, output: Path) ->
     common = dict(partition=cfg.partition, time=cfg.time, cpus_per_task=cfg.cpus_per_task,
                   mem_per_cpu_gb=cfg.mem_per_cpu_gb, skip_completed=True,
                   qos=options.pop("qos", "normal"),  # datatrove writes its own qos line last
-                  sbatch_args=options or None, job_name=f"ettin-prepare-{output.name}")
+                  sbatch_args=options or None, job_name=f"ettin-prepare-{output.name}",
+                  venv_path=this_venv_activate())
     tokenize = RelaunchSafeSlurmExecutor([TokenizeTask(cfg, output)], tasks=cfg.tasks,
                                          logging_dir=str(work / "logs" / "tokenize"), **common)
     merge = RelaunchSafeSlurmExecutor([MergeTask(cfg, settings, output)], tasks=1, depends=tokenize,
