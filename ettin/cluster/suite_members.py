@@ -39,13 +39,12 @@ from ettin.store.members import BASE, member_name
 from ettin.store.rundir import RunDir
 from ettin.train.config import ConfigError, TrainConfig, compose
 
-# The paper's four series and the masked diffusion member; a cross member starts from the final
-# weights of its base.
-ROLES = ("encoder", "decoder", "diffusion", "encoder_from_decoder", "decoder_from_encoder")
 # objectives= of python -m ettin.suite: each objective's native member, trained from scratch. A
 # diffusion member is its size's encoder with objective=mdlm: the same recipe, data, order, schedule and
 # shape, bidirectional, exported as ModernBertForMaskedLM and scored through its bound (ettin-mdlm).
 NATIVE_ROLES = {"mlm": "encoder", "clm": "decoder", "mdlm": "diffusion"}
+# Every role's objective: the paper's four series and the masked diffusion member (a cross member starts
+# from the final weights of its base).
 OBJECTIVE_OF_ROLE = {"encoder": "mlm", "decoder": "clm", "diffusion": "mdlm", "encoder_from_decoder": "mntp",
                      "decoder_from_encoder": "clm"}
 # The recipe a role trains with where it has none of its own (recipes/<role>_<size>.yaml).
@@ -73,7 +72,7 @@ class MemberStopped(KeyboardInterrupt):
 @dataclass(frozen=True)
 class Member:
     name: str  # <role>_<size> (member_name), also the run name
-    role: str  # one of ROLES
+    role: str  # one of OBJECTIVE_OF_ROLE
     size: str
     recipe: str
     overrides: tuple[str, ...]  # what python -m ettin.train gets after recipe=

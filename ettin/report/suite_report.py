@@ -27,7 +27,7 @@ from ettin.store.fs import write_text
 
 COLUMNS = ["member", "size", "parameters", "objective", "origin", "series", "task", "category",
            "metric", "score", "direction", "stderr", "ci95_low", "ci95_high", "stderr_method", "seed"]
-# A member's series, by its role (ettin.cluster.suite_members.ROLES): a diffusion member is an encoder to
+# A member's series, by its role (ettin.cluster.suite_members.OBJECTIVE_OF_ROLE): a diffusion member is an encoder to
 # transformers, so its kind alone would put it among the encoders.
 SERIES = {"encoder": "encoders", "decoder": "decoders", "diffusion": "masked diffusion",
           "encoder_from_decoder": "encoder-from-decoder", "decoder_from_encoder": "decoder-from-encoder"}
