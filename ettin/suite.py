@@ -1,11 +1,12 @@
-"""python -m ettin.suite [recipe=ettin|smoke] [sizes=[...]] [cross=true] [seeds=N] [launcher=slurm slurm.KEY=V ...]
-[key=value ...] [status]
+"""python -m ettin.suite [recipe=ettin|smoke] [sizes=[...]] [objectives=[mlm,clm,mdlm]] [cross=true] [seeds=N]
+[launcher=slurm slurm.KEY=V ...] [key=value ...] [status]
 
-The Ettin ladder as one command: every size's encoder and decoder (and with ``cross=true`` the
-encoder-from-decoder and decoder-from-encoder of each size, after their base) trained as members of
-one suite directory, then every member evaluated on the same tasks and the suite report written.
-Running it again skips finished members and resumes unfinished ones; ``status`` prints each member's
-state, tokens and last loss. See ettin/cluster/suite_members.py for the directory's layout.
+The Ettin ladder as one command: every size's encoder and decoder (with ``objectives=[mlm,clm,mdlm]``
+also a masked diffusion member; with ``cross=true`` the encoder-from-decoder and decoder-from-encoder of
+each size, after their base) trained as members of one suite directory, then every member evaluated
+on the same tasks and the suite report written. Running it again skips finished members and resumes
+unfinished ones; ``status`` prints each member's state, tokens and last loss. See
+ettin/cluster/suite_members.py for the directory's layout.
 
 With ``launcher=slurm`` the command submits the members as job arrays and returns; the same command
 again submits only the members that are neither done nor queued nor running, and once every member
@@ -27,15 +28,21 @@ from typing import Optional
 
 from ettin.cluster.launch import LaunchError, launcher_options, slurm_args, slurm_option_names
 from ettin.evaluation.stopping import Stopped, sigterm_as_interrupt
-from ettin.cluster.suite_members import (FAMILIES, MemberStopped, Suite, SuiteError, check_directory, eval_file, plan,
-                                 recorded_members, run_local, status, status_table, submit_slurm)
+from ettin.cluster.suite_members import (DEFAULT_OBJECTIVES, FAMILIES, NATIVE_ROLES, MemberStopped, Suite,
+                                         SuiteError, check_directory, eval_file, plan, recorded_members, run_local,
+                                         status, status_table, submit_slurm)
 
-USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [cross=true] [seeds=N]
-                            [launcher=local|slurm] [slurm.KEY=VALUE ...] [key=value ...] [status]
+USAGE = """usage: python -m ettin.suite [recipe=ettin|smoke] [sizes=[17m,32m]] [objectives=[mlm,clm,mdlm]]
+                            [cross=true] [seeds=N] [launcher=local|slurm] [slurm.KEY=VALUE ...]
+                            [key=value ...] [status]
 
   recipe=FAMILY    {families} (default ettin: recipes <role>_<size>; smoke: the offline one)
   sizes=[A,B]      the sizes (default: the family's all)
-  cross=true       also the encoder-from-decoder and decoder-from-encoder of each size
+  objectives=[..]  each size's members trained from scratch, one per objective: {objectives}
+                   (default [mlm,clm]: encoder_<size>, decoder_<size>; mdlm adds diffusion_<size>, the
+                   encoder's recipe trained with objective=mdlm, scored through its bound)
+  cross=true       also the encoder-from-decoder and decoder-from-encoder of each size (cross members
+                   exist for mlm and clm only: the diffusion member has none)
   seeds=N          train every member with N seeds, each seed a member (<role>_<size>-seed1 ...: the
                    recipe's seed + 0 .. N-1); the report draws the seed spread
   suite_dir=DIR    the suite directory (default runs/<family>-suite)
@@ -59,6 +66,7 @@ Any other key=value is a python -m ettin.train override applied to every member.
 class SuiteArgs:
     family: str = "ettin"
     sizes: list[str] = field(default_factory=list)
+    objectives: list[str] = field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     cross: bool = False
     seeds: int = 1
     suite_dir: Optional[Path] = None
@@ -90,7 +98,9 @@ def parse(argv: list[str]) -> SuiteArgs:
         elif key == "recipe":
             args.family = value
         elif key == "sizes":
-            args.sizes = [s.strip() for s in value.strip("[]").split(",") if s.strip()]
+            args.sizes = _listed(value)
+        elif key == "objectives":
+            args.objectives = _listed(value)
         elif key == "cross":
             if value.lower() not in ("true", "false"):
                 raise SuiteError(f"cross={value}: choose true or false")
@@ -111,6 +121,11 @@ def parse(argv: list[str]) -> SuiteArgs:
     return args
 
 
+def _listed(value: str) -> list[str]:
+    """``[a,b]`` (or ``a,b``) -> ["a", "b"]."""
+    return [s.strip() for s in value.strip("[]").split(",") if s.strip()]
+
+
 def evaluate_members(suite: Suite, tasks: str, limit: Optional[int]) -> list[Path]:
     """Each member's eval.json on the same tasks (generated with the same seed). A score already there
     is reused only when its provenance (weights, tokenizer, settings, versions) is the same."""
@@ -129,7 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         options = textwrap.fill(", ".join(f"slurm.{k}" for k in slurm_option_names()), width=100,
                                 initial_indent=" " * 19, subsequent_indent=" " * 19)
-        print(USAGE.format(families=", ".join(FAMILIES), slurm_options=options))
+        print(USAGE.format(families=", ".join(FAMILIES), objectives=", ".join(NATIVE_ROLES),
+                           slurm_options=options))
         return 0
     try:
         with sigterm_as_interrupt():
@@ -150,7 +166,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _run(argv: list[str]) -> int:
     args = parse(argv)
-    suite = plan(args.directory, args.family, args.sizes, args.cross, args.overrides, args.seeds)
+    suite = plan(args.directory, args.family, args.sizes, args.cross, args.overrides, args.seeds,
+                 args.objectives)
     if args.show_status:
         check_directory(suite)
         print(status_table(status(suite)))

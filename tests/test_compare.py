@@ -479,3 +479,46 @@ def test_scores_of_weights_that_are_not_the_runs_current_ones_are_left_out_loudl
     assert f"| p-encoder | {final} | 768 | eeeeeeeeeeee | current |" in text
     assert f"| p-decoder | {final} | 768 | eeeeeeeeeeee | STALE: scored from {final}" in text
     assert "| nli | classification | accuracy | higher | 0.7 ± 0.01 | n/a | - | - | - | not evaluated on both |" in text
+
+
+def test_three_runs_side_by_side_each_pair_tested_and_each_run_checked_against_a(tmp_path, tiny_prepared):
+    """An encoder, a decoder and a diffusion model on smoke_cloze (400 examples): the decoder gets 80 more
+    right than the encoder and the diffusion model the encoder's exact answers, so A vs B and B vs C are
+    decided (McNemar) and A vs C is within noise; one score table with three columns, three pairwise rows."""
+    from test_uncertainty import examples, write_evaluation
+
+    a = make_run(tmp_path, "p-encoder", tiny_prepared)
+    b = make_run(tmp_path, "p-decoder", tiny_prepared, objective="clm")
+    c = make_run(tmp_path, "p-diffusion", tiny_prepared, objective="mdlm")
+    encoder, decoder = np.zeros(400), np.zeros(400)
+    encoder[:229], decoder[:309] = 1.0, 1.0
+    out = tmp_path / "p-encoder-vs-p-decoder-vs-p-diffusion"
+    assert default_out_dir(a, b, c) == out
+    out.mkdir()
+    write_evaluation(out, {name: {"smoke_cloze": ("generation", examples(value=values))}
+                           for name, values in (("p-encoder", encoder), ("p-decoder", decoder),
+                                                ("p-diffusion", encoder))})
+    assert main([str(a), str(b), str(c)]) == 0
+    text = (out / "report.md").read_text()
+    assert "# ettin report: p-encoder vs p-decoder vs p-diffusion" in text
+    assert "C = p-diffusion (MDLM encoder) at" in text and "| run | p-encoder | p-decoder | p-diffusion |" in text
+    for letter in "BC":
+        assert f"## Data and schedule identity: A vs {letter}" in text
+        assert f"| check | phase | status | A | {letter} | how |" in text
+    assert "DIFFERS" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| smoke_cloze |")]
+    assert rows[0] == "| smoke_cloze | generation | acc | higher | 0.5725 ± 0.025 | 0.7725 ± 0.021 | 0.5725 ± 0.025 |"
+    pairs = {tuple(cell.strip() for cell in row.split("|")[3:5]): row for row in rows[1:]}
+    assert list(pairs) == [("p-encoder", "p-decoder"), ("p-encoder", "p-diffusion"), ("p-decoder", "p-diffusion")]
+    assert "| p-decoder |" in pairs["p-encoder", "p-decoder"].split("McNemar exact")[1]
+    assert "| within noise |" in pairs["p-encoder", "p-diffusion"]
+    assert "| p-decoder |" in pairs["p-decoder", "p-diffusion"].split("McNemar exact")[1]
+    assert all("McNemar exact" in row for row in pairs.values())
+
+    evaluated = scores.load_evaluation(out / "eval.json")
+    names = ["p-encoder", "p-decoder", "p-diffusion"]
+    (panel,) = [axis for axis in plots.plot_scores(scores.side_by_side(evaluated, names), names).axes
+                if axis.get_visible()]
+    assert [bar.get_height() for bar in panel.patches] == [0.5725, 0.7725, 0.5725]
+    assert [t.get_text() for t in panel.get_xticklabels()] == names
+    assert "(scores.png)" in text and "(loss.png)" in text

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 
 from ettin.cluster.suite_members import SuiteError, plan
+from ettin.store.members import member_name
 from ettin.report.suite_report import COLUMNS, category_averages, cross_comparisons, paper_points, suite_table
 from ettin.report.plots import plot_ladder
 from ettin.compare import main as compare_main
-from ettin.suite import main as suite_main
+from ettin.suite import main as suite_main, parse
 
 # Short phases for every member (an override of a phase a member lacks is not applied to it).
 SHORT = ["phases.pretrain.tokens=12_000", "phases.pretrain.warmup_tokens=2_000",
@@ -45,6 +46,36 @@ def test_members_come_in_ladder_order_with_cross_members_after_their_base(tmp_pa
     assert suite.member("encoder_tiny").config().phases["pretrain"].tokens == 30000
     ettin = plan(tmp_path / "e", "ettin")
     assert [m.name for m in ettin.members][:2] == ["encoder_17m", "decoder_17m"] and len(ettin.members) == 12
+
+
+def test_mdlm_adds_a_diffusion_member_per_size_the_encoder_trained_with_objective_mdlm(tmp_path):
+    from dataclasses import asdict
+
+    three = ["mlm", "clm", "mdlm"]
+    assert parse([]).objectives == ["mlm", "clm"] and parse(["objectives=[mlm,clm,mdlm]"]).objectives == three
+    suite = plan(tmp_path / "s", "smoke", objectives=three, overrides=["phases.pretrain.tokens=30000"])
+    assert [m.name for m in suite.members] == ["encoder_tiny", "decoder_tiny", "diffusion_tiny",
+                                               "encoder_micro", "decoder_micro", "diffusion_micro"]
+    ettin = plan(tmp_path / "e", "ettin", sizes=["17m"], objectives=three)
+    assert ettin.member("diffusion_17m").recipe == "encoder_17m"
+    for members, size in ((suite, "tiny"), (suite, "micro"), (ettin, "17m")):
+        diffusion, encoder = (asdict(members.member(member_name(role, size)).config()) for role in ("diffusion", "encoder"))
+        assert (diffusion["objective"], encoder["objective"]) == ("mdlm", "mlm")
+        # Everything else is the encoder's: recipe, data, order (seed), schedule, shape.
+        assert {key for key in encoder if diffusion[key] != encoder[key]} == {"run_name", "objective"}
+    assert suite.member("diffusion_micro").origin == "native"  # trained from scratch: the native Slurm array
+    assert [m.name for m in plan(tmp_path / "d", "smoke", sizes=["tiny"]).members] == ["encoder_tiny", "decoder_tiny"]
+
+
+def test_unknown_objectives_and_cross_members_without_their_bases_are_refused(tmp_path):
+    with pytest.raises(SuiteError, match=r"objectives=\[mlm,gpt\]: choose from mlm, clm, mdlm"):
+        plan(tmp_path, "smoke", objectives=["mlm", "gpt"])
+    with pytest.raises(SuiteError, match="keep mlm and clm in objectives"):
+        plan(tmp_path, "smoke", cross=True, objectives=["mlm", "mdlm"])
+    code, _, err = run_suite("recipe=smoke", "objectives=[mlm,clm,diffusion]", f"suite_dir={tmp_path}")
+    assert code == 2 and "choose from mlm, clm, mdlm" in err
+    code, out, _ = run_suite("--help")
+    assert code == 0 and "objectives=[..]" in out and "mlm, clm, mdlm" in out
 
 
 def test_a_size_joins_a_ladder_only_by_its_ladder_field(monkeypatch):
@@ -232,3 +263,28 @@ def test_seeds_make_one_member_per_seed_and_the_ladder_draws_each_seed(tmp_path)
     lines = {line.get_label(): line.get_xydata().tolist() for line in axis.get_lines()}
     assert lines["encoders"] == [[2.8e5, pytest.approx(0.55)]]
     assert lines["encoders (each seed)"] == [[2.8e5, 0.5], [2.8e5, 0.6]]
+
+
+def test_the_suite_table_and_ladder_carry_the_diffusion_members_as_their_own_series():
+    """A suite of objectives=[mlm,clm,mdlm]: the diffusion members (encoders to transformers) are the masked
+    diffusion series in suite.csv's table and a third line of the ladder, in its own colour."""
+    members = [{"name": member_name(role, size), "role": role, "size": size, "origin": "native"}
+               for size in ("tiny", "micro") for role in ("encoder", "decoder", "diffusion")]
+    parameters = {"tiny": 1000, "micro": 5000}
+    score = {"encoder": 0.6, "decoder": 0.5, "diffusion": 0.4}
+    evaluation = {"models": {m["name"]: {
+        "kind": "decoder" if m["role"] == "decoder" else "encoder",
+        "objective": {"encoder": "mlm", "decoder": "clm", "diffusion": "mdlm"}[m["role"]],
+        "parameters": parameters[m["size"]],
+        "tasks": {"smoke_cloze": {"category": "generation", "metric": "acc", "higher_is_better": True,
+                                  "score": score[m["role"]] + (m["size"] == "micro") / 10, "stderr": 0.01}}}
+        for m in members}}
+    table = suite_table(members, evaluation)
+    diffusion = table[table["member"].str.startswith("diffusion_")]
+    assert set(diffusion["series"]) == {"masked diffusion"} and set(diffusion["objective"]) == {"mdlm"}
+    assert set(table["series"]) == {"encoders", "decoders", "masked diffusion"}
+    (axis,) = [a for a in plot_ladder(table).axes if a.get_visible()]
+    lines = {line.get_label(): line for line in axis.get_lines() if not line.get_label().startswith("_")}
+    assert sorted(lines) == ["decoders", "encoders", "masked diffusion"]  # the error bars' lines are unlabelled
+    assert lines["masked diffusion"].get_xydata().tolist() == [[1000, 0.4], [5000, pytest.approx(0.5)]]
+    assert len({line.get_color() for line in lines.values()}) == 3

@@ -1,12 +1,14 @@
-"""A suite: Ettin's ladder in one directory. Every size's encoder and decoder (the native members),
-and with ``cross=true`` the two cross-objective members of each size, each started from its base.
+"""A suite: Ettin's ladder in one directory. Every size's encoder and decoder (the native members;
+with ``objectives=[mlm,clm,mdlm]`` also a masked diffusion member), and with ``cross=true`` the two
+cross-objective members of each size, each started from its base.
 
     SUITE_DIR/
       suite.json          the recipe family, the data every member trains on, and each member's
                           last local exit status
       <member>/           a normal run directory (python -m ettin.train output_dir=SUITE_DIR
-                          run_name=<member> ...); members are <role>_<size>, e.g. encoder_17m; on
-                          Slurm also slurm_job (its array task) and slurm.log (what it printed)
+                          run_name=<member> ...); members are <role>_<size>, e.g. encoder_17m or
+                          diffusion_17m; on Slurm also slurm_job (its array task) and slurm.log
+                          (what it printed)
       logs/<member>.log   what the member's training printed (local runs)
       slurm/native/, slurm/cross/   each array's launch.sbatch and Slurm's own messages per task
       eval/<member>/eval.json   the member's scores (every member on the same tasks)
@@ -37,8 +39,17 @@ from ettin.store.members import BASE, member_name
 from ettin.store.rundir import RunDir
 from ettin.train.config import ConfigError, TrainConfig, compose
 
-# The paper's four series; a cross member starts from the final weights of its base.
-ROLES = ("encoder", "decoder", "encoder_from_decoder", "decoder_from_encoder")
+# objectives= of python -m ettin.suite: each objective's native member, trained from scratch. A
+# diffusion member is its size's encoder with objective=mdlm: the same recipe, data, order, schedule and
+# shape, bidirectional, exported as ModernBertForMaskedLM and scored through its bound (ettin-mdlm).
+NATIVE_ROLES = {"mlm": "encoder", "clm": "decoder", "mdlm": "diffusion"}
+# Every role's objective: the paper's four series and the masked diffusion member (a cross member starts
+# from the final weights of its base).
+OBJECTIVE_OF_ROLE = {"encoder": "mlm", "decoder": "clm", "diffusion": "mdlm", "encoder_from_decoder": "mntp",
+                     "decoder_from_encoder": "clm"}
+# The recipe a role trains with where it has none of its own (recipes/<role>_<size>.yaml).
+RECIPE_ROLE = {"diffusion": "encoder"}
+DEFAULT_OBJECTIVES = ("mlm", "clm")
 # The recipe families a suite can be made of: recipe= of python -m ettin.suite.
 FAMILIES = LADDERS  # a suite's recipe family is a ladder of the size table
 STATES = ("done", "queued", "running", "failed", "stopped", "not started")
@@ -61,7 +72,7 @@ class MemberStopped(KeyboardInterrupt):
 @dataclass(frozen=True)
 class Member:
     name: str  # <role>_<size> (member_name), also the run name
-    role: str  # one of ROLES
+    role: str  # one of OBJECTIVE_OF_ROLE
     size: str
     recipe: str
     overrides: tuple[str, ...]  # what python -m ettin.train gets after recipe=
@@ -113,20 +124,40 @@ def family_sizes(family: str) -> list[str]:
 
 
 def _smoke_member(role: str, size: str) -> tuple[str, list[str]]:
-    objective = {"encoder": "mlm", "decoder": "clm", "encoder_from_decoder": "mntp",
-                 "decoder_from_encoder": "clm"}[role]
     recipe = "smoke_cross" if role in BASE else "smoke"
-    return recipe, [f"size={size}", f"objective={objective}", "pair=false", "eval_at_end=false"]
+    return recipe, [f"size={size}", f"objective={OBJECTIVE_OF_ROLE[role]}", "pair=false", "eval_at_end=false"]
+
+
+def _ettin_member(role: str, size: str) -> tuple[str, list[str]]:
+    recipe = f"{RECIPE_ROLE.get(role, role)}_{size}"
+    return recipe, [f"objective={OBJECTIVE_OF_ROLE[role]}"] if role in RECIPE_ROLE else []
+
+
+def suite_roles(objectives: Sequence[str], cross: bool) -> list[str]:
+    """Each size's members: one native member per objective (in the order given), then with ``cross`` the
+    two cross members, which start from the encoder and the decoder."""
+    unknown = [o for o in objectives if o not in NATIVE_ROLES]
+    if unknown or not objectives:
+        raise SuiteError(f"objectives=[{','.join(objectives)}]: choose from {', '.join(NATIVE_ROLES)} "
+                         "(objectives=[mlm,clm,mdlm] adds a masked diffusion member per size)")
+    roles = list(dict.fromkeys(NATIVE_ROLES[o] for o in objectives))
+    if cross and not {"encoder", "decoder"} <= set(roles):
+        raise SuiteError("cross=true continues each size's encoder and decoder with the other objective: "
+                         "keep mlm and clm in objectives=[...], or drop cross=true")
+    return roles + (list(BASE) if cross else [])
 
 
 def plan(directory: Path | str, family: str = "ettin", sizes: Optional[Sequence[str]] = None,
-         cross: bool = False, overrides: Sequence[str] = (), seeds: int = 1) -> Suite:
+         cross: bool = False, overrides: Sequence[str] = (), seeds: int = 1,
+         objectives: Sequence[str] = DEFAULT_OBJECTIVES) -> Suite:
     """The members of a suite, bases before their cross members, each composed once to check it. With
     ``seeds`` > 1 every member is trained once per seed 1..seeds, each seed a member
-    (``encoder_tiny-seed1``, its cross member starting from the same seed's base)."""
+    (``encoder_tiny-seed1``, its cross member starting from the same seed's base). ``objectives``: the
+    native members of each size (``suite_roles``)."""
     directory = Path(directory).resolve()
     if family not in FAMILIES:
         raise SuiteError(f"recipe={family!r} is not a suite family; choose one of {', '.join(FAMILIES)}")
+    roles = suite_roles(objectives, cross)
     known = family_sizes(family)
     sizes = list(known if not sizes else sizes)
     unknown = [s for s in sizes if s not in known]
@@ -144,12 +175,9 @@ def plan(directory: Path | str, family: str = "ettin", sizes: Optional[Sequence[
     members = []
     for size, seed, role in ((size, seed, role) for size in sizes
                              for seed in (range(1, seeds + 1) if seeds > 1 else (None,))
-                             for role in (ROLES if cross else ROLES[:2])):
+                             for role in roles):
         name = member_name(role, size, seed)
-        if family == "smoke":
-            recipe, own = _smoke_member(role, size)
-        else:
-            recipe, own = f"{role}_{size}", []
+        recipe, own = (_smoke_member if family == "smoke" else _ettin_member)(role, size)
         own += [f"output_dir={directory}", f"run_name={name}"]
         if role in BASE:
             own.append(f"init={directory / member_name(BASE[role], size, seed)}")

@@ -1,12 +1,14 @@
 """The pair report of two runs: an encoder and a decoder trained as a pair, or any two runs (then an
-A/B comparison, labelled by run name). ``write_report`` writes ``report.md``, a self-contained
-``report.html`` and the PNG plots: the data and schedule identity of the two runs, proven from their
-metadata and a replay of the loader's order; evaluation scores side by side; each task's score at the
-evaluated checkpoints, and loss, learning rate, global batch and throughput, on one cumulative token
-axis. The command is ``python -m ettin.compare`` (ettin/compare.py)."""
+A/B comparison, labelled by run name); or of three runs (say an encoder, a decoder and a masked
+diffusion model), side by side. ``write_report`` writes ``report.md``, a self-contained ``report.html``
+and the PNG plots: the data and schedule identity of each run against run A, proven from their
+metadata and a replay of the loader's order; evaluation scores side by side, each pair of runs tested;
+each task's score at the evaluated checkpoints, and loss, learning rate, global batch and throughput, on
+one cumulative token axis. The command is ``python -m ettin.compare`` (ettin/compare.py)."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 from pathlib import Path
@@ -20,13 +22,19 @@ from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdo
 from ettin.store.fs import write_text
 
 
-def default_out_dir(run_a: Path, run_b: Path) -> Path:
-    """``<name>-report`` for the ``<name>-encoder`` / ``<name>-decoder`` pair, else ``A-vs-B``."""
+# The runs' letters in the report, in the order given (RUN_A RUN_B [RUN_C]).
+LETTERS = "ABC"
+# How the report says "every run" of two or three.
+EVERY = {2: "both", 3: "all three"}
+
+
+def default_out_dir(run_a: Path, run_b: Path, run_c: Optional[Path] = None) -> Path:
+    """``<name>-report`` for the ``<name>-encoder`` / ``<name>-decoder`` pair, else ``A-vs-B`` (``A-vs-B-vs-C``)."""
     a, b = run_a.name, run_b.name
-    for left, right in ((a, b), (b, a)):
+    for left, right in ((a, b), (b, a)) if run_c is None else ():
         if left.endswith("-encoder") and right == left[: -len("encoder")] + "decoder":
             return run_a.parent / f"{left[: -len('-encoder')]}-report"
-    return run_a.parent / f"{a}-vs-{b}"
+    return run_a.parent / "-vs-".join(r.name for r in (run_a, run_b, run_c) if r is not None)
 
 
 # Where the report looks for the checkpoints' evaluation: python -m ettin.eval RUN_A RUN_B --checkpoints
@@ -34,30 +42,32 @@ def default_out_dir(run_a: Path, run_b: Path) -> Path:
 CHECKPOINT_EVAL = "checkpoint-eval"
 
 
-def find_evaluation(run_a: Path, run_b: Path, out_dir: Path) -> list[Path]:
-    """The eval.json files that may hold the pair's scores, in the order they are merged."""
-    return [p for p in (run_a / "eval.json", run_b / "eval.json", out_dir / "eval.json",
+def find_evaluation(run_a: Path, run_b: Path, out_dir: Path, run_c: Optional[Path] = None) -> list[Path]:
+    """The eval.json files that may hold the runs' scores, in the order they are merged."""
+    folders = [r for r in (run_a, run_b, run_c) if r is not None]
+    return [p for p in (*(r / "eval.json" for r in folders), out_dir / "eval.json",
                         out_dir / CHECKPOINT_EVAL / "eval.json") if p.is_file()]
 
 
 def write_report(run_a: Path | str, run_b: Path | str, out_dir: Path | str,
                  evaluation: dict | Path | str | Sequence[dict | Path | str] | None = None, *,
-                 max_steps: int = identity.MAX_REPLAY_STEPS) -> Path:
-    """Write report.md, report.html and the plots of two runs into ``out_dir``; returns report.md.
-    ``evaluation``: eval.json files or dicts (merged); None: those ``find_evaluation`` finds."""
-    a, b = runs.load_run(run_a), runs.load_run(run_b)
+                 run_c: Path | str | None = None, max_steps: int = identity.MAX_REPLAY_STEPS) -> Path:
+    """Write report.md, report.html and the plots of two runs (three with ``run_c``) into ``out_dir``;
+    returns report.md. ``evaluation``: eval.json files or dicts (merged); None: those ``find_evaluation``
+    finds."""
+    compared = [runs.load_run(r) for r in (run_a, run_b, run_c) if r is not None]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if evaluation is None:
-        given = find_evaluation(a.path, b.path, out)
+        given = find_evaluation(compared[0].path, compared[1].path, out, *(r.path for r in compared[2:]))
     else:
         given = list(evaluation) if isinstance(evaluation, (list, tuple)) else [evaluation]
     evaluation_sources = [str(g) if isinstance(g, (str, Path)) else "given" for g in given]
     evaluation = scores.load_evaluation(*given)
-    blocks = report_blocks(a, b, out, evaluation, evaluation_sources, max_steps=max_steps)
+    blocks = report_blocks(compared, out, evaluation, evaluation_sources, max_steps=max_steps)
     markdown = render_markdown(blocks)
     write_text(out / "report.md", markdown)
-    write_text(out / "report.html", render_html(blocks, out, title=_title(a, b)))
+    write_text(out / "report.html", render_html(blocks, out, title=_title(compared)))
     return out / "report.md"
 
 
@@ -65,55 +75,68 @@ def write_report(run_a: Path | str, run_b: Path | str, out_dir: Path | str,
 # What the report says: a list of blocks, rendered to Markdown and to HTML
 
 
-def _title(a: runs.Run, b: runs.Run) -> str:
-    return f"ettin report: {a.name} vs {b.name}"
+def _title(compared: Sequence[runs.Run]) -> str:
+    return f"ettin report: {' vs '.join(r.name for r in compared)}"
 
 
-def report_blocks(a: runs.Run, b: runs.Run, out: Path, evaluation: Optional[dict],
-                  evaluation_sources: Sequence[str], *, max_steps: int) -> list[tuple]:
-    blocks: list[tuple] = [("h1", _title(a, b))]
-    kind = ("an encoder/decoder pair" if a.kind != b.kind else
+def _what_it_is(compared: Sequence[runs.Run]) -> str:
+    a, b = compared[:2]
+    if len(compared) > 2:
+        return (f"a comparison of {len(compared)} runs (labelled by run name): each run's data and schedule "
+                "are checked against A's, and the scores are tested pair by pair")
+    return ("an encoder/decoder pair" if a.kind != b.kind else
             f"an A/B comparison of two {a.kind}s (labelled by run name)")
-    blocks.append(("p", f"A = {a.label} at {a.path.resolve()}; B = {b.label} at {b.path.resolve()}. "
-                        f"This is {kind}. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."))
-    blocks.append(("table", runs_table(a, b)))
 
-    checks = identity.identity_checks(a, b, max_steps=max_steps)
-    blocks.append(("h2", "Data and schedule identity"))
-    blocks.append(("p", identity_verdict(checks)))
-    blocks.append(("table", identity.checks_table(checks)))
+
+def report_blocks(compared: Sequence[runs.Run], out: Path, evaluation: Optional[dict],
+                  evaluation_sources: Sequence[str], *, max_steps: int) -> list[tuple]:
+    """The report of two or three runs (``compared``, A first)."""
+    a = compared[0]
+    paths = " ".join(str(r.path) for r in compared)
+    blocks: list[tuple] = [("h1", _title(compared))]
+    who = "; ".join(f"{letter} = {r.label} at {r.path.resolve()}" for letter, r in zip(LETTERS, compared))
+    blocks.append(("p", f"{who}. This is {_what_it_is(compared)}. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."))
+    blocks.append(("table", runs_table(*compared)))
+
+    for letter, other in zip(LETTERS[1:], compared[1:]):
+        checks = identity.identity_checks(a, other, max_steps=max_steps)
+        blocks.append(("h2", "Data and schedule identity" + (f": A vs {letter}" if len(compared) > 2 else "")))
+        blocks.append(("p", identity_verdict(checks)))
+        blocks.append(("table", identity.checks_table(checks).rename(columns={"B": letter})))
 
     blocks.append(("h2", "Evaluation"))
-    evaluation, weights, refused = scores.current_scores(evaluation, [a, b])
+    evaluation, weights, refused = scores.current_scores(evaluation, compared)
     if refused:
-        blocks.append(("p", scores.refused_warning(refused, f"python -m ettin.eval {a.path} {b.path} "
+        blocks.append(("p", scores.refused_warning(refused, f"python -m ettin.eval {paths} "
                                                             f"--out {out} (and --checkpoints ... for checkpoints)")))
     if len(weights):
         blocks.append(("p", "The weights each run's scores were computed from (eval.json's provenance), "
                             "against the run's latest checkpoint:"))
         blocks.append(("table", weights))
-    over_training = scores.checkpoint_scores(evaluation, [a, b])
+    over_training = scores.checkpoint_scores(evaluation, compared)
+    every = EVERY[len(compared)]
     if evaluation is None:
-        blocks.append(("p", "No evaluation found (looked for eval.json in both run folders, in "
-                            f"{out} and in {out / CHECKPOINT_EVAL}). Evaluate both with: python -m ettin.eval "
-                            f"{a.path} {b.path}, then pass the file with --eval."))
+        blocks.append(("p", f"No evaluation found (looked for eval.json in {every} run folders, in "
+                            f"{out} and in {out / CHECKPOINT_EVAL}). Evaluate {every} with: python -m ettin.eval "
+                            f"{paths}, then pass the file with --eval."))
     else:
         if scores.is_smoke(evaluation):
             blocks.append(("p", f"WARNING: {SMOKE_WARNING}"))
-        blocks += pair_scores(evaluation, evaluation_sources, a, b, out, checkpoints_only=len(over_training) > 0
-                              and not scores.has_pair_scores(evaluation, [a.name, b.name]))
-    blocks += scores_over_training(over_training, [a, b], out)
+        blocks += pair_scores(evaluation, evaluation_sources, compared, out, checkpoints_only=len(over_training) > 0
+                              and not scores.has_pair_scores(evaluation, [r.name for r in compared]))
+    blocks += scores_over_training(over_training, compared, out)
 
     blocks.append(("h2", "Training curves"))
-    if a.objective != b.objective:
-        blocks.append(("p", f"Each loss is its own objective's ({a.objective.upper()} vs "
-                            f"{b.objective.upper()}): compare how the curves move, not their levels. "
+    objectives = list(dict.fromkeys(r.objective for r in compared))
+    if len(objectives) > 1:
+        blocks.append(("p", f"Each loss is its own objective's ({' vs '.join(o.upper() for o in objectives)}): "
+                            "compare how the curves move, not their levels. "
                             "Phase boundaries are dotted; tokens are cumulative over phases."))
-    blocks.append(image(plots.plot_losses([a, b]), out, "loss.png", "train and validation loss"))
-    blocks.append(("table", final_losses(a, b)))
-    blocks.append(image(plots.plot_schedule([a, b]), out, "schedule.png",
+    blocks.append(image(plots.plot_losses(compared), out, "loss.png", "train and validation loss"))
+    blocks.append(("table", final_losses(*compared)))
+    blocks.append(image(plots.plot_schedule(compared), out, "schedule.png",
                          "learning rate and global batch"))
-    blocks.append(image(plots.plot_throughput([a, b]), out, "throughput.png", "throughput"))
+    blocks.append(image(plots.plot_throughput(compared), out, "throughput.png", "throughput"))
     return blocks
 
 
@@ -125,22 +148,31 @@ UNCERTAINTY_NOTE = (
     f"when p < {uncertainty.LEVEL}, else the difference is within noise.")
 
 
-def pair_scores(evaluation: dict, sources: Sequence[str], a: runs.Run, b: runs.Run, out: Path, *,
+def pair_scores(evaluation: dict, sources: Sequence[str], compared: Sequence[runs.Run], out: Path, *,
                 checkpoints_only: bool) -> list[tuple]:
-    """The two final models' scores side by side, each task's winner and the paper's direction."""
+    """The final models' scores side by side, each pair's test and winner and the paper's direction: for two
+    runs one table, for three the scores in one table and the tests pair by pair (A vs B, A vs C, B vs C)
+    in another."""
+    names = [r.name for r in compared]
     if checkpoints_only:
         return [("p", f"Only checkpoints were evaluated (from {', '.join(sources)}); the final models' scores "
-                      f"side by side need: python -m ettin.eval {a.path} {b.path}.")]
-    table = scores.score_table(evaluation, a.name, b.name)
-    return [("p", f"Suite {evaluation.get('suite')!r}, created {evaluation.get('created')}, from "
-                  f"{', '.join(sources)}. {UNCERTAINTY_NOTE} The Ettin paper found encoders ahead on "
-                  "classification and retrieval and decoders ahead on generation; 'agrees' is filled only for "
-                  "a decided winner."
-                  + ("" if a.kind != b.kind else " Both runs are the same kind, so the paper's direction is "
-                     "not tested here.")),
-            ("table", _scores_for_display(table, a.name, b.name)),
-            image(plots.plot_scores(table, [a.name, b.name]), out, "scores.png",
-                  "evaluation scores with 95% intervals, decided winner starred")]
+                      f"side by side need: python -m ettin.eval {' '.join(str(r.path) for r in compared)}.")]
+    kinds = {r.kind for r in compared}
+    text = (f"Suite {evaluation.get('suite')!r}, created {evaluation.get('created')}, from "
+            f"{', '.join(sources)}. {UNCERTAINTY_NOTE} The Ettin paper found encoders ahead on "
+            "classification and retrieval and decoders ahead on generation; 'agrees' is filled only for "
+            "a decided winner."
+            + ("" if len(kinds) > 1 else f" {EVERY[len(compared)].capitalize()} runs are the same kind, so the "
+               "paper's direction is not tested here."))
+    if len(compared) == 2:
+        table = scores.score_table(evaluation, *names)
+        shown = [pd.concat([_scores_for_display(table, names), _tests_for_display(table)], axis=1)]
+    else:
+        table = scores.side_by_side(evaluation, names)
+        shown = [_scores_for_display(table, names), _pairwise_for_display(evaluation, names)]
+    return [("p", text), *(("table", t) for t in shown),
+            image(plots.plot_scores(table, names), out, "scores.png",
+                  "evaluation scores with 95% intervals" + (", decided winner starred" if len(compared) == 2 else ""))]
 
 
 def scores_over_training(table: pd.DataFrame, pair: Sequence[runs.Run], out: Path) -> list[tuple]:
@@ -180,9 +212,9 @@ def noise_over_training(table: pd.DataFrame, pair: Sequence[runs.Run]) -> list[t
             ("table", noise.round(4))]
 
 
-def runs_table(a: runs.Run, b: runs.Run) -> pd.DataFrame:
+def runs_table(*compared: runs.Run) -> pd.DataFrame:
     rows = {}
-    for key, run in (("A", a), ("B", b)):
+    for key, run in zip(LETTERS, compared):
         final = run.checkpoints[-1] if run.checkpoints else None
         rows[key] = {
             "run": run.name, "objective": run.objective, "kind": run.kind,
@@ -208,11 +240,11 @@ def identity_verdict(checks: Sequence[identity.Check]) -> str:
     return text
 
 
-def final_losses(a: runs.Run, b: runs.Run) -> pd.DataFrame:
+def final_losses(*compared: runs.Run) -> pd.DataFrame:
     rows = []
-    for phase in a.phases + [p for p in b.phases if p not in a.phases]:
+    for phase in dict.fromkeys(p for run in compared for p in run.phases):
         row = {"phase": phase}
-        for run in (a, b):
+        for run in compared:
             for column, label in (("train/loss", "train"), ("val/loss", "validation")):
                 curve = run.curve(column)
                 curve = curve[curve["phase"] == phase]
@@ -233,14 +265,22 @@ def _p_value(p) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3g}"
 
 
-def _scores_for_display(table: pd.DataFrame, name_a: str, name_b: str) -> pd.DataFrame:
-    """``score ± stderr`` per model (★ on a decided winner), the difference with its 95% interval, the
-    p-value and the test that decided."""
+def _scores_for_display(table: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """``score ± stderr`` per model (★ on a decided winner, where the table names one: a pair's), of
+    ``scores.score_table`` or ``scores.side_by_side``."""
     shown = pd.DataFrame({"task": table["task"], "category": table["category"], "metric": table["metric"],
                           "better": ["higher" if h else "lower" for h in table["higher_is_better"]]})
-    for name, score, stderr in ((name_a, "score_a", "stderr_a"), (name_b, "score_b", "stderr_b")):
+    winners = table["winner"] if "winner" in table else [None] * len(table)
+    for letter, name in zip(scores.LETTERS, names):
         shown[name] = [_with_error(s, e) + (" ★" if w == name else "")
-                       for s, e, w in zip(table[score], table[stderr], table["winner"])]
+                       for s, e, w in zip(table[f"score_{letter}"], table[f"stderr_{letter}"], winners)]
+    return shown
+
+
+def _tests_for_display(table: pd.DataFrame) -> pd.DataFrame:
+    """A pair's test (``scores.score_table``): the difference with its 95% interval, the p-value, the test
+    that decided, the winner and the paper's direction."""
+    shown = pd.DataFrame(index=table.index)
     shown["A - B [95% interval]"] = ["-" if d is None or pd.isna(d) else f"{d:+.4g} [{ci[0]:+.3g}, {ci[1]:+.3g}]"
                                      for d, ci in zip(table["difference"], table["difference_ci95"])]
     shown["p"] = [_p_value(p) for p in table["p_value"]]
@@ -249,3 +289,13 @@ def _scores_for_display(table: pd.DataFrame, name_a: str, name_b: str) -> pd.Dat
     shown["Ettin paper"] = table["paper"]
     shown["agrees"] = table["agrees"]
     return shown
+
+
+def _pairwise_for_display(evaluation: dict, names: Sequence[str]) -> pd.DataFrame:
+    """Every pair of the models tested task by task (A vs B, A vs C, B vs C), one row per task and pair."""
+    tables = []
+    for name_a, name_b in itertools.combinations(names, 2):
+        table = scores.score_table(evaluation, name_a, name_b)
+        pair = pd.DataFrame({"task": table["task"], "metric": table["metric"], "A": name_a, "B": name_b})
+        tables.append(pd.concat([pair, _tests_for_display(table)], axis=1))
+    return pd.concat(tables, ignore_index=True)

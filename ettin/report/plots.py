@@ -10,7 +10,7 @@ import pandas as pd
 
 from ettin.report.runs import WEIGHT_GROUPS, Run
 
-COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
 
 def _figure(rows: int = 1, cols: int = 1, width: float = 8.0, height: float = 3.6):
@@ -96,26 +96,32 @@ def _interval_bars(scores: Sequence[float], stderrs: Sequence[Optional[float]]) 
 
 
 def plot_scores(table: pd.DataFrame, names: Sequence[str]):
-    """One panel per task: both models' scores with their 95% intervals (eval.json's ci95; else score +-
-    1.96 stderr), a decided winner's bar marked with a star (``scores.score_table``' table)."""
+    """One panel per task: each model's score with its 95% interval (eval.json's ci95; else score +- 1.96
+    stderr), a decided winner's bar marked with a star (``scores.score_table``' table of a pair, or
+    ``scores.side_by_side``' of two or three models, which names no winner)."""
+    from ettin.report.scores import LETTERS
+
     tasks = list(table.itertuples(index=False))
     cols = min(3, max(1, len(tasks)))
     rows = max(1, math.ceil(len(tasks) / cols))
     figure, axes = _figure(rows, cols, width=3.2 * cols, height=2.6)
+    letters = LETTERS[:len(names)]
+    positions = list(range(len(names)))
     for axis, task in zip(axes, tasks):
-        scores = [task.score_a, task.score_b]
+        scores = [getattr(task, f"score_{letter}") for letter in letters]
         heights = [0.0 if pd.isna(s) else float(s) for s in scores]
-        errors = _interval_bars(scores, [getattr(task, "stderr_a", None), getattr(task, "stderr_b", None)])
+        errors = _interval_bars(scores, [getattr(task, f"stderr_{letter}", None) for letter in letters])
         below, above = zip(*((max(0.0, s - i[0]), max(0.0, i[1] - s)) if isinstance(i, (list, tuple)) else (e, e)
-                             for s, e, i in zip(heights, errors, (getattr(task, "ci95_a", None),
-                                                                  getattr(task, "ci95_b", None)))))
-        bars = axis.bar([0, 1], heights, color=COLORS[:2], yerr=[below, above], capsize=4, ecolor="black")
-        axis.set_xticks([0, 1], [str(n) for n in names], fontsize=7)
+                             for s, e, i in zip(heights, errors, (getattr(task, f"ci95_{letter}", None)
+                                                                  for letter in letters))))
+        bars = axis.bar(positions, heights, color=COLORS[:len(names)], yerr=[below, above], capsize=4,
+                        ecolor="black")
+        axis.set_xticks(positions, [str(n) for n in names], fontsize=7)
         arrow = "higher" if task.higher_is_better else "lower"
         axis.set_title(f"{task.task} ({task.category})\n{task.metric}, {arrow} is better", fontsize=8)
         for bar, score, error, name in zip(bars, scores, above, names):
             text = "n/a" if pd.isna(score) else f"{score:.3g}"
-            if task.winner == name:
+            if getattr(task, "winner", None) == name:
                 text += " ★"
             axis.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height() + error),
                           ha="center", va="bottom", fontsize=8)
@@ -148,7 +154,7 @@ def plot_scores_over_tokens(table: pd.DataFrame, task: str, runs: Sequence[Run])
     return figure
 
 
-SERIES_ORDER = ("encoders", "decoders", "encoder-from-decoder", "decoder-from-encoder")
+SERIES_ORDER = ("encoders", "decoders", "encoder-from-decoder", "decoder-from-encoder", "masked diffusion")
 
 
 def plot_ladder(table: pd.DataFrame, paper: Optional[pd.DataFrame] = None):
@@ -219,7 +225,7 @@ def plot_checkpoints(run: Run, losses: pd.DataFrame, norms: pd.DataFrame):
                   label="checkpoints on fixed validation samples")
         plotted = True
     _finish(loss, [run], "Loss of the intermediate checkpoints", "cross-entropy (nats)", plotted)
-    for color, group in zip(COLORS + ("tab:purple",), WEIGHT_GROUPS):
+    for color, group in zip(COLORS, WEIGHT_GROUPS):
         if group in norms:
             norm.plot(norms["total_tokens"], norms[group], "o-", color=color, label=group)
     _finish(norm, [run], "Weight norms per checkpoint", "L2 norm", len(norms) > 0)

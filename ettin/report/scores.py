@@ -1,5 +1,5 @@
-"""``eval.json`` files (format ``ettin-eval/1``) as tables: two models side by side, with Ettin's
-finding per task category beside them."""
+"""``eval.json`` files (format ``ettin-eval/1``) as tables: two or three models side by side, each pair
+tested, with Ettin's finding per task category beside them."""
 
 from __future__ import annotations
 
@@ -102,30 +102,54 @@ def is_smoke(evaluation: Optional[dict]) -> bool:
                for task in model.get("tasks", {}).values())
 
 
-def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.DataFrame:
-    """Per task: both scores with their standard errors and 95% intervals, the test of their difference (A - B, its 95%
-    interval and p-value, the test's name), the winner it decides (or "within noise"), what the Ettin
-    paper found for the task's category and whether this pair agrees (only for a decided winner)."""
-    columns = ["task", "category", "metric", "higher_is_better", "score_a", "stderr_a", "ci95_a", "score_b",
-               "stderr_b", "ci95_b", "difference", "difference_ci95", "p_value", "test", "winner", "paper", "agrees",
-               "smoke"]
+LETTERS = "abc"  # the runs' column suffixes in the order given: score_a, score_b, score_c
+
+
+def side_by_side(evaluation: Optional[dict], names: Sequence[str]) -> pd.DataFrame:
+    """Per task of any of the models: its category, metric and direction, and each model's score, standard
+    error and 95% interval (``score_a``, ``stderr_a``, ``ci95_a`` for the first name, ``_b``, ``_c`` for the
+    next; NaN score where a model lacks the task); ``smoke`` when any of them is a smoke task."""
+    letters = LETTERS[:len(names)]
+    columns = ["task", "category", "metric", "higher_is_better",
+               *[f"{column}_{letter}" for letter in letters for column in ("score", "stderr", "ci95")], "smoke"]
     if not evaluation:
         return pd.DataFrame(columns=columns)
     models = evaluation["models"]
-    missing = [n for n in (name_a, name_b) if n not in models]
+    missing = [n for n in names if n not in models]
     if missing:
         raise RunError(f"the evaluation has no results for {', '.join(missing)} (it holds "
                        f"{', '.join(models) or 'no model'}); evaluate with python -m ettin.eval "
-                       f"{name_a} {name_b}")
-    a, b = models[name_a], models[name_b]
-    kinds = {name_a: a.get("kind"), name_b: b.get("kind")}
+                       f"{' '.join(names)}")
+    tasks = [models[name].get("tasks", {}) for name in names]
     rows = []
-    for task in sorted(set(a.get("tasks", {})) | set(b.get("tasks", {}))):
+    for task in sorted(set().union(*tasks)):
+        results = [own.get(task) for own in tasks]
+        first = next(r for r in results if r)
+        row = [task, first.get("category"), first.get("metric"), bool(first.get("higher_is_better", True))]
+        for result in results:
+            row += [result["score"], result.get("stderr"), result.get("ci95")] if result else \
+                [float("nan"), None, None]
+        rows.append(row + [any(bool(r and r.get("smoke")) for r in results)])
+    return pd.DataFrame(rows, columns=columns)
+
+
+TEST_COLUMNS = ["difference", "difference_ci95", "p_value", "test", "winner", "paper", "agrees"]
+
+
+def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.DataFrame:
+    """Per task: both scores with their standard errors and 95% intervals (``side_by_side``), the test of their
+    difference (A - B, its 95% interval and p-value, the test's name), the winner it decides (or "within
+    noise"), what the Ettin paper found for the task's category and whether this pair agrees (only for a
+    decided winner)."""
+    table = side_by_side(evaluation, [name_a, name_b])
+    columns = [*table.columns[:-1], *TEST_COLUMNS, "smoke"]
+    if not evaluation:
+        return pd.DataFrame(columns=columns)
+    a, b = (evaluation["models"][name] for name in (name_a, name_b))
+    kinds = {name_a: a.get("kind"), name_b: b.get("kind")}
+    tests = []
+    for task, category, higher in zip(table["task"], table["category"], table["higher_is_better"]):
         ta, tb = a.get("tasks", {}).get(task), b.get("tasks", {}).get(task)
-        first = ta or tb
-        score_a = ta["score"] if ta else float("nan")
-        score_b = tb["score"] if tb else float("nan")
-        higher = bool(first.get("higher_is_better", True))
         comparison = None
         if not (ta and tb):
             winner = "not evaluated on both"
@@ -134,7 +158,7 @@ def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.Data
         else:
             comparison = compare_results(ta, tb)
             winner = decided_winner(comparison, name_a, name_b, higher)
-        expected = PAPER_DIRECTION.get(first.get("category"))
+        expected = PAPER_DIRECTION.get(category)
         if expected is None:
             paper = "-"
         elif kinds[name_a] == kinds[name_b]:
@@ -146,13 +170,9 @@ def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.Data
         else:
             agrees = "-"
         comparison = comparison or {}
-        rows.append([task, first.get("category"), first.get("metric"), higher,
-                     score_a, (ta or {}).get("stderr"), (ta or {}).get("ci95"),
-                     score_b, (tb or {}).get("stderr"), (tb or {}).get("ci95"),
-                     comparison.get("difference"), comparison.get("difference_ci95"), comparison.get("p_value"),
-                     comparison.get("test"), winner, paper, agrees,
-                     bool((ta or {}).get("smoke") or (tb or {}).get("smoke"))])
-    return pd.DataFrame(rows, columns=columns)
+        tests.append([comparison.get("difference"), comparison.get("difference_ci95"), comparison.get("p_value"),
+                      comparison.get("test"), winner, paper, agrees])
+    return pd.concat([table, pd.DataFrame(tests, columns=TEST_COLUMNS, index=table.index)], axis=1)[columns]
 
 
 CHECKPOINT_COLUMNS = ["run", "checkpoint", "total_tokens", "task", "category", "metric", "higher_is_better",

@@ -1,6 +1,7 @@
 """The suite report: every member's score on the same tasks against its parameter count, in the
-paper's four series (encoders, decoders, encoder-from-decoder, decoder-from-encoder), per task and per
-category average, and the data-identity checks of each size's members.
+paper's four series (encoders, decoders, encoder-from-decoder, decoder-from-encoder) and, where the suite
+trained one (objectives=[mlm,clm,mdlm]), the masked diffusion series, per task and per category
+average, and the data-identity checks of each size's members.
 
     write_suite_report(SUITE_DIR, members, eval_files)  ->  SUITE_DIR/report/{suite.csv, report.md,
                                                             report.html, ladder.png}
@@ -26,9 +27,10 @@ from ettin.store.fs import write_text
 
 COLUMNS = ["member", "size", "parameters", "objective", "origin", "series", "task", "category",
            "metric", "score", "direction", "stderr", "ci95_low", "ci95_high", "stderr_method", "seed"]
-# A member's series: its kind (from its objective) and whether it was trained natively.
-SERIES = {("encoder", "native"): "encoders", ("decoder", "native"): "decoders",
-          ("encoder", "cross"): "encoder-from-decoder", ("decoder", "cross"): "decoder-from-encoder"}
+# A member's series, by its role (ettin.cluster.suite_members.OBJECTIVE_OF_ROLE): a diffusion member is an encoder to
+# transformers, so its kind alone would put it among the encoders.
+SERIES = {"encoder": "encoders", "decoder": "decoders", "diffusion": "masked diffusion",
+          "encoder_from_decoder": "encoder-from-decoder", "decoder_from_encoder": "decoder-from-encoder"}
 
 
 def suite_table(members: Sequence[dict], evaluation: dict) -> pd.DataFrame:
@@ -41,7 +43,7 @@ def suite_table(members: Sequence[dict], evaluation: dict) -> pd.DataFrame:
             raise runs.RunError(f"the evaluation has no results for member {member['name']}; "
                                 "evaluate it (python -m ettin.suite ... evaluates every member)")
         parameters = size_row(member["size"]).parameters or result.get("parameters")
-        series = SERIES[(result["kind"], member["origin"])]
+        series = SERIES[member["role"]]
         for task, score in sorted(result["tasks"].items()):
             low, high = score.get("ci95") or (None, None)
             rows.append([member["name"], member["size"], parameters, result["objective"],
@@ -97,8 +99,9 @@ ACROSS_SIZES = ("data sources (path, weight)", "prepared data fingerprint")
 
 
 def identity_table(directory: Path, members: Sequence[dict]) -> pd.DataFrame:
-    """Per size, the native pair and the cross pair compared check by check (same data, same order,
-    same schedule); across sizes, each size's first member against the first size's (same data)."""
+    """Per size, the native pair, the encoder and the diffusion member, and the cross pair compared check
+    by check (same data, same order, same schedule); across sizes, each size's first member against the
+    first size's (same data)."""
     frames = []
     by_name = {m["name"]: m for m in members}
     sizes = list(dict.fromkeys(m["size"] for m in members))
@@ -114,7 +117,8 @@ def identity_table(directory: Path, members: Sequence[dict]) -> pd.DataFrame:
     seeds = list(dict.fromkeys(m.get("seed") for m in members))
     for size in sizes:
         for seed in seeds:
-            for pair in (("encoder", "decoder"), ("encoder_from_decoder", "decoder_from_encoder")):
+            for pair in (("encoder", "decoder"), ("encoder", "diffusion"),
+                         ("encoder_from_decoder", "decoder_from_encoder")):
                 names = [member_name(role, size, seed) for role in pair]
                 if all(n in by_name for n in names):
                     compare(names, size if seed is None else f"{size} seed {seed}")
@@ -189,7 +193,8 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
         ("table", weights),
         ("h2", "Scores against parameters"),
         ("p", "Per task and per category average, each series' score against the parameter count "
-              "(log axis): encoders, decoders, encoder-from-decoder, decoder-from-encoder. Bars: 95% intervals "
+              f"(log axis): {', '.join(s for s in plots.SERIES_ORDER if s in set(table['series']))}. "
+              "Bars: 95% intervals "
               "(suite.csv's stderr, ci95_low, ci95_high and stderr_method; an average's stderr is "
               f"{AVERAGE_STDERR})."),
         image(plots.plot_ladder(ladder, paper), out, "ladder.png", "scores against parameters"),
@@ -200,9 +205,9 @@ def write_suite_report(directory: Path | str, members: Sequence[dict],
         *_seed_blocks(table),
         *_cross_blocks(members, evaluation),
         ("h2", "Data and schedule identity across members"),
-        ("p", f"{len(checks)} checks, {differs} differ. Each size's encoder and decoder (and its two "
-              "cross members) must have seen the same data in the same order under the same "
-              "schedule; every size must have trained on the same data."),
+        ("p", f"{len(checks)} checks, {differs} differ. Each size's encoder and decoder (its diffusion "
+              "member and its two cross members) must have seen the same data in the same order under the "
+              "same schedule; every size must have trained on the same data."),
         ("table", checks),
     ]
     write_text(out / "report.md", render_markdown(blocks))
