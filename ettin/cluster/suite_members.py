@@ -39,14 +39,15 @@ from ettin.store.members import BASE, member_name
 from ettin.store.rundir import RunDir
 from ettin.train.config import ConfigError, TrainConfig, compose
 
-# objectives= of python -m ettin.suite: each objective's native member, trained from scratch. A
-# diffusion member is its size's encoder with objective=mdlm: the same recipe, data, order, schedule and
-# shape, bidirectional, exported as ModernBertForMaskedLM and scored through its bound (ettin-mdlm).
-NATIVE_ROLES = {"mlm": "encoder", "clm": "decoder", "mdlm": "diffusion"}
 # Every role's objective: the paper's four series and the masked diffusion member (a cross member starts
-# from the final weights of its base).
+# from the final weights of its base). A diffusion member is its size's encoder with objective=mdlm: the
+# same recipe, data, order, schedule and shape, bidirectional, exported as ModernBertForMaskedLM and
+# scored through its bound (ettin-mdlm).
 OBJECTIVE_OF_ROLE = {"encoder": "mlm", "decoder": "clm", "diffusion": "mdlm", "encoder_from_decoder": "mntp",
                      "decoder_from_encoder": "clm"}
+# objectives= of python -m ettin.suite: each objective's native member (a role without a base), trained
+# from scratch.
+NATIVE_ROLES = {objective: role for role, objective in OBJECTIVE_OF_ROLE.items() if role not in BASE}
 # The recipe a role trains with where it has none of its own (recipes/<role>_<size>.yaml).
 RECIPE_ROLE = {"diffusion": "encoder"}
 DEFAULT_OBJECTIVES = ("mlm", "clm")

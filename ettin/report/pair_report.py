@@ -22,8 +22,8 @@ from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdo
 from ettin.store.fs import write_text
 
 
-# The runs' letters in the report, in the order given (RUN_A RUN_B [RUN_C]).
-LETTERS = "ABC"
+# The runs' letters in the report, in the order given (RUN_A RUN_B [RUN_C]): score_a's run is A.
+LETTERS = scores.LETTERS.upper()
 # How the report says "every run" of two or three.
 EVERY = {2: "both", 3: "all three"}
 
