@@ -160,6 +160,28 @@ def test_a_slurm_relaunch_submits_no_task_that_is_queued_running_or_done(tmp_pat
     assert f"--dependency=afterok:101:{count + 1}" in (fake_slurm / f"job-{new_merge}.args").read_text()
 
 
+@pytest.mark.parametrize("in_a_venv", [True, False])
+def test_slurm_jobs_activate_the_virtual_environment_of_the_submitting_python(tmp_path, tiny_tokenizer,
+                                                                             fake_slurm, monkeypatch,
+                                                                             in_a_venv):
+    """datatrove's jobs call launch_pickled_pipeline by name: they must run in the submitter's venv even
+    when it was not activated (``.venv/bin/python -m ettin.data.prepare ...``)."""
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", str(venv if not in_a_venv else tmp_path / "system"))
+    assert main(["input=builtin", f"output={tmp_path / 'out'}", f"tokenizer={tiny_tokenizer}",
+                 "max_seq_len=64", "max_documents=300", "progress=false", "executor=slurm",
+                 "partition=debug", "tasks=2"]) == 0
+    scripts = [script for script, _ in submissions(fake_slurm)]
+    assert len(scripts) >= 2  # the tokenize tasks, the merge (and datatrove's stats jobs)
+    activation = f"source {venv / 'bin' / 'activate'}"
+    assert all((activation in script) == in_a_venv for script in scripts)
+
+
 def test_tasks_that_saw_another_input_are_not_merged(tmp_path):
     from ettin.data.executor import MANIFEST, input_counts
     from ettin.data.reading import PrepareError

@@ -48,6 +48,23 @@ def test_a_rerun_whose_member_would_get_other_overrides_is_refused_naming_them(t
     assert code == 2
 
 
+def test_a_crash_while_writing_sweep_csv_leaves_the_previous_table_whole(tmp_path, monkeypatch):
+    from ettin.cluster.sweep import plan_sweep, write_table
+
+    plan = plan_sweep("smoke", [f"output_dir={tmp_path}", "run_name=s", "pair=false", "optim.lr=0.001,0.003"])
+    table = write_table(plan, {m.name: "not started" for m in plan.members})
+    before = table.read_text()
+    assert before.count("not started") == 2
+
+    def crash(self, rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_table(plan, {m.name: "done" for m in plan.members})
+    assert table.read_text() == before
+
+
 def sweep(argv: list[str]) -> tuple[int, str, dict[str, dict]]:
     """(exit status, what it printed, sweep.csv's rows by member)."""
     out, err = io.StringIO(), io.StringIO()
