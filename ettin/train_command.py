@@ -136,9 +136,21 @@ def pair_report(cfg: TrainConfig, runs: list[TrainConfig]) -> Path:
 
     out = Path(cfg.output_dir) / f"{cfg.run_name}-report"
     log.info("evaluating %s on the %s tasks", " and ".join(r.run_name for r in runs), cfg.eval_tasks)
-    evaluate([r.run_dir for r in runs], tasks=cfg.eval_tasks, out=out, seed=cfg.seed)
+    evaluate([r.run_dir for r in runs], tasks=cfg.eval_tasks, out=out, limit=cfg.eval_limit, seed=cfg.seed)
     # The file, not the returned dict: its per-example files are found beside it (the paired tests).
     return write_report(runs[0].run_dir, runs[1].run_dir, out, evaluation=out / "eval.json")
+
+
+def run_evaluation(cfg: TrainConfig) -> Path:
+    """One run evaluated on the eval tasks into RUN/eval/eval.json, its table on the console."""
+    from ettin.evaluation import evaluate
+    from ettin.evaluation.cli import format_table
+
+    out = RunDir(cfg.run_dir).evaluation()
+    log.info("evaluating %s on the %s tasks", cfg.run_name, cfg.eval_tasks)
+    report = evaluate([cfg.run_dir], tasks=cfg.eval_tasks, out=out, limit=cfg.eval_limit, seed=cfg.seed)
+    print(format_table(report), flush=True)
+    return out / "eval.json"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -173,8 +185,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with stop_on_signals():
         try:
             finals = [(run, train(run)) for run in runs]
-            if cfg.pair and cfg.eval_at_end and is_rank_zero():
-                report = pair_report(cfg, runs)
+            if cfg.eval_at_end and is_rank_zero():
+                report = ("pair report", pair_report(cfg, runs)) if cfg.pair else ("scores", run_evaluation(cfg))
         except Preempted as stop:
             log.info("%s", stop)
             return 0
@@ -222,7 +234,8 @@ def sweep(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def summary(finals: list[tuple[TrainConfig, Path]], seconds: float, report: Optional[Path] = None) -> str:
+def summary(finals: list[tuple[TrainConfig, Path]], seconds: float,
+            report: Optional[tuple[str, Path]] = None) -> str:
     from ettin.model.export import pipeline_example
 
     lines = [f"\nDone in {seconds / 60:.1f} min."]
@@ -235,7 +248,8 @@ def summary(finals: list[tuple[TrainConfig, Path]], seconds: float, report: Opti
         elif cfg.export_at_end:
             lines.append("    no Hugging Face folder: see the warning above (not exported)")
     if report is not None:
-        lines.append(f"  pair report: {report}")
+        what, path = report
+        lines.append(f"  {what}: {path}")
     return "\n".join(lines)
 
 

@@ -272,6 +272,12 @@ def test_scores_name_the_winner_by_the_metric_direction_and_the_paper(tmp_path):
                     {"nli": ("classification", "accuracy", True, {"x": 0.1, "y": 0.2})})
     row = scores.score_table(ab, "x", "y").iloc[0]
     assert (row["winner"], row["agrees"]) == ("y", "-") and "not tested" in row["paper"]
+    # A prefix LM is neither side of the paper's finding: its wins test nothing.
+    prefix = evaluation({"x": "encoder", "p": "prefix"},
+                        {"nli": ("classification", "accuracy", True, {"x": 0.1, "p": 0.2})})
+    row = scores.score_table(prefix, "x", "p").iloc[0]
+    assert (row["winner"], row["agrees"]) == ("p", "-")
+    assert row["paper"] == "encoders (not tested: encoder vs prefix)"
     with pytest.raises(runs.RunError, match="no results for z"):
         scores.score_table(ab, "x", "z")
 

@@ -299,7 +299,7 @@ def smoke_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("composer-init")
     args = [f"output_dir={root / 'runs'}", f"data_dir={root / 'data'}", *SHORT,
-            "phase_order=[pretrain]", "pair=false", "objective=mlm", "export_at_end=false",
+            "phase_order=[pretrain]", "pair=false", "objective=mlm", "export_at_end=false", "eval_at_end=false",
             "phases.pretrain.tokens=8_192", "phases.pretrain.warmup_tokens=2_048"]
     cfg = compose("smoke", args)
     return root, args, run_model_config(cfg, "pretrain", resolve_tokenizer(cfg))

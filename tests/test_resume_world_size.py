@@ -25,7 +25,7 @@ from test_train import losses
 
 LOSS_ATOL = 1e-4
 RUN = [
-    "phase_order=[pretrain]", "pair=false", "objective=mlm", "export_at_end=false",
+    "phase_order=[pretrain]", "pair=false", "objective=mlm", "export_at_end=false", "eval_at_end=false",
     "phases.pretrain.tokens=60_000", "phases.pretrain.checkpoint_every_tokens=15_000",
     "keep_last_checkpoints=10", "model.attention_output_dropout=0.0",
     "trainer.log_every_steps=1", "trainer.num_workers=0", "trainer.accelerator=cpu",

@@ -261,7 +261,7 @@ def tiny_jobs(cluster, tmp_path_factory):
 # -- ettin.train.run itself, submitted with python -m ettin.launch ----------------------------------------
 
 ETTIN_RUN = [
-    "recipe=smoke", "phase_order=[pretrain]", "pair=false", "objective=mlm", "export_at_end=false",
+    "recipe=smoke", "phase_order=[pretrain]", "pair=false", "objective=mlm", "export_at_end=false", "eval_at_end=false",
     "phases.pretrain.tokens=40_000", "phases.pretrain.checkpoint_every_tokens=10_000",
     "model.attention_output_dropout=0.0",  # dropout draws differ between 1 and 2 processes
     "trainer.log_every_steps=1", "trainer.num_workers=0",

@@ -8,7 +8,8 @@ eval.json (format ``ettin-eval/1``, docs/evaluation.md) records how each score w
 was made from (its ``provenance``: ettin.evaluation.provenance); it is published atomically after every
 task, and a rerun with the same ``out`` reuses a score only when its provenance is the same.
 
-Importing this package registers the ``ettin-mlm`` lm-eval model (ettin.evaluation.masked_lm).
+Importing this package registers ettin's lm-eval models: ``ettin-mlm`` (ettin.evaluation.masked_lm),
+``ettin-mdlm`` (ettin.evaluation.diffusion_lm) and ``ettin-prefix`` (ettin.evaluation.prefix_lm).
 
 May import: ettin.model.modernbert, ettin.objectives, ettin.data, ettin.store; nothing of training.
 """
@@ -32,6 +33,7 @@ import numpy as np
 
 from ettin.evaluation import diffusion_lm  # noqa: F401  registers "ettin-mdlm" with lm-eval
 from ettin.evaluation import masked_lm  # noqa: F401  registers "ettin-mlm" with lm-eval
+from ettin.evaluation import prefix_lm  # noqa: F401  registers "ettin-prefix" with lm-eval
 from ettin.evaluation import smoke_tasks, uncertainty
 from ettin.evaluation.models import EvalError, EvalModel, resolve_models
 from ettin.evaluation.offline import check_cached, is_offline, prefetch_command
@@ -92,7 +94,7 @@ def _harness_result(task: Task, model: EvalModel, lm, suite_dir: Optional[Path],
         bound = {"bound_samples": args["samples"], "bound_mean_stderr": lm.mean_stderr()}
         lm.stderrs.clear()
     if task.category == "language_modeling":
-        metric = ("word_perplexity" if model.is_decoder else
+        metric = ("word_perplexity" if args["model"] in ("hf", "ettin-prefix") else
                   "word_perplexity_bound" if bound else "pseudo_word_perplexity")
         lm_eval_metric = "word_perplexity"
     else:

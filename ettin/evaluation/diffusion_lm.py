@@ -43,18 +43,12 @@ class DiffusionLMHarness(MaskedLMHarness):
         out: list[float] = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            width = max(len(ids) for ids, _, _ in chunk)
-            ids = torch.full((len(chunk), width), self.pad, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for b, (row, _, _) in enumerate(chunk):
-                ids[b, :len(row)] = torch.tensor(row)
-                attention[b, :len(row)] = 1
+            ids, attention = self._padded([row for row, _, _ in chunk])
             batch = torch.tensor([b for b, (_, positions, _) in enumerate(chunk) for _ in positions])
             positions = torch.tensor([p for _, ps, _ in chunk for p in ps])
             targets = torch.tensor([t for _, _, ts in chunk for t in ts], device=self._device)
             with torch.inference_mode():
-                hidden = self.model.model(input_ids=ids.to(self._device),
-                                          attention_mask=attention.to(self._device)).last_hidden_state
+                hidden = self.model.model(input_ids=ids, attention_mask=attention).last_hidden_state
                 logits = self.model.decoder(self.model.head(hidden[batch.to(self._device),
                                                                    positions.to(self._device)])).float()
                 scores = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]

@@ -30,35 +30,20 @@ DEFAULT_EXTRA_MASKS = 2
 DEFAULT_PLL_WINDOW = 512
 
 
-@register_model("ettin-mlm")
-class MaskedLMHarness(TemplateLM):
-    """``pretrained``: a folder or hub id that ``AutoModelForMaskedLM`` loads (or a loaded model,
-    with ``tokenizer``), laid out as ``ModernBertForMaskedLM``: a backbone ``model`` and a vocabulary
-    head ``decoder(head(hidden))``, which runs only at the positions read (memory bounded by the batch,
-    not by the number of requests)."""
+class TokenHarness(TemplateLM):
+    """What ettin's lm-eval models share: [CLS] and [SEP] as lm-eval's prefix and end-of-text tokens,
+    one fixed batch size, the device, and greedy ``generate_until`` over ``_next_tokens``."""
 
     backend = "causal"  # context and continuation are encoded together, then split
 
-    def __init__(self, pretrained, tokenizer=None, batch_size: int | str = 32, device: Optional[str] = None,
-                 extra_masks: int | str = DEFAULT_EXTRA_MASKS, max_length: Optional[int | str] = None,
-                 pll_window: int | str = DEFAULT_PLL_WINDOW, dtype: str = "float32",
-                 max_batch_size: Optional[int] = None) -> None:  # lm-eval passes it; one fixed batch size here
+    def __init__(self, model, tokenizer, *, batch_size: int | str, device: Optional[str],
+                 max_length: Optional[int | str]) -> None:
         super().__init__()
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-        if isinstance(pretrained, str):
-            tokenizer = AutoTokenizer.from_pretrained(pretrained)
-            pretrained = AutoModelForMaskedLM.from_pretrained(pretrained, dtype=getattr(torch, dtype))
-        if tokenizer is None or tokenizer.mask_token_id is None:
-            raise ValueError("ettin-mlm needs the model's tokenizer, with a [MASK] token")
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = pretrained.to(self._device).eval()
+        self.model = model.to(self._device).eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # "auto" -> 32
-        self.extra_masks = int(extra_masks)
-        self.shift = int(bool(getattr(self.model.config, "ettin_predicts_next_token", False)))
         self._max_length = int(max_length or min(self.model.config.max_position_embeddings, 8192))
-        self.pll_window = min(int(pll_window), self._max_length)
         self.cls, self.sep = tokenizer.cls_token_id, tokenizer.sep_token_id
         self.mask, self.pad = tokenizer.mask_token_id, tokenizer.pad_token_id
 
@@ -77,22 +62,87 @@ class MaskedLMHarness(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
         return self.tokenizer(string, add_special_tokens=False)["input_ids"]
 
+    def _padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows right-padded into one batch: (input ids, attention mask), on the device."""
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for b, row in enumerate(rows):
+            ids[b, :len(row)] = torch.tensor(row)
+            attention[b, :len(row)] = 1
+        return ids.to(self._device), attention.to(self._device)
+
+    def _next_tokens(self, prompts: list[list[int]], generated: list[list[int]]) -> list[int]:
+        """The greedy next token of each (prompt, tokens generated so far), in one batch."""
+        raise NotImplementedError
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy, ``batch_size`` requests at a time: one forward pass per generated token of the batch;
+        a request leaves the batch at [SEP], at a stop string or at ``max_gen_toks``."""
+        results: list[str] = [""] * len(requests)
+        for start in range(0, len(requests), self.batch_size):
+            batch = list(range(start, min(start + self.batch_size, len(requests))))
+            prompts = {n: self.tok_encode(requests[n].args[0]) for n in batch}
+            stops, budgets, generated = {}, {}, {n: [] for n in batch}
+            for n in batch:
+                settings = requests[n].args[1]
+                until = settings.get("until") or [self.tokenizer.sep_token]
+                stops[n] = [until] if isinstance(until, str) else list(until)
+                budgets[n] = int(settings.get("max_gen_toks", 256))
+            active = [n for n in batch if budgets[n] > 0]
+            while active:
+                next_tokens = self._next_tokens([prompts[n] for n in active], [generated[n] for n in active])
+                still = []
+                for n, token in zip(active, next_tokens):
+                    if token == self.sep:
+                        continue
+                    generated[n].append(token)
+                    text = self.tokenizer.decode(generated[n], skip_special_tokens=True)
+                    if len(generated[n]) < budgets[n] and not any(stop in text for stop in stops[n]):
+                        still.append(n)
+                active = still
+            for n in batch:
+                text = self.tokenizer.decode(generated[n], skip_special_tokens=True)
+                for stop in stops[n]:
+                    text = text.split(stop)[0]
+                self.cache_hook.add_partial("generate_until", requests[n].args, text)
+                results[n] = text
+        return results
+
+
+@register_model("ettin-mlm")
+class MaskedLMHarness(TokenHarness):
+    """``pretrained``: a folder or hub id that ``AutoModelForMaskedLM`` loads (or a loaded model,
+    with ``tokenizer``), laid out as ``ModernBertForMaskedLM``: a backbone ``model`` and a vocabulary
+    head ``decoder(head(hidden))``, which runs only at the positions read (memory bounded by the batch,
+    not by the number of requests)."""
+
+    def __init__(self, pretrained, tokenizer=None, batch_size: int | str = 32, device: Optional[str] = None,
+                 extra_masks: int | str = DEFAULT_EXTRA_MASKS, max_length: Optional[int | str] = None,
+                 pll_window: int | str = DEFAULT_PLL_WINDOW, dtype: str = "float32",
+                 max_batch_size: Optional[int] = None) -> None:  # lm-eval passes it; one fixed batch size here
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        if isinstance(pretrained, str):
+            tokenizer = AutoTokenizer.from_pretrained(pretrained)
+            pretrained = AutoModelForMaskedLM.from_pretrained(pretrained, dtype=getattr(torch, dtype))
+        if tokenizer is None or tokenizer.mask_token_id is None:
+            raise ValueError("ettin-mlm needs the model's tokenizer, with a [MASK] token")
+        super().__init__(pretrained, tokenizer, batch_size=batch_size, device=device, max_length=max_length)
+        self.extra_masks = int(extra_masks)
+        self.shift = int(bool(getattr(self.model.config, "ettin_predicts_next_token", False)))
+        self.pll_window = min(int(pll_window), self._max_length)
+
     # -----------------------------------------------------------------------------------------------
     # One primitive: the output head run only at the positions read, one batch at a time.
 
     def _logits_at(self, rows: list[tuple[list[int], int]]) -> torch.Tensor:
         """[len(rows), vocab] float logits that predict each row's position (one batch of rows): the
         backbone runs on the padded batch, the vocabulary head only at the positions read."""
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for b, (row, _) in enumerate(rows):
-            ids[b, :len(row)] = torch.tensor(row)
-            attention[b, :len(row)] = 1
+        ids, attention = self._padded([row for row, _ in rows])
         read = torch.tensor([position - self.shift for _, position in rows], device=self._device)
         with torch.inference_mode():
-            hidden = self.model.model(input_ids=ids.to(self._device),
-                                      attention_mask=attention.to(self._device)).last_hidden_state
+            hidden = self.model.model(input_ids=ids, attention_mask=attention).last_hidden_state
             picked = hidden[torch.arange(len(rows), device=self._device), read]
             return self.model.decoder(self.model.head(picked)).float()
 
@@ -180,36 +230,6 @@ class MaskedLMHarness(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
         return totals
 
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy, ``batch_size`` requests at a time: one forward pass per generated token of the batch;
-        a request leaves the batch at [SEP], at a stop string or at ``max_gen_toks``."""
-        results: list[str] = [""] * len(requests)
-        for start in range(0, len(requests), self.batch_size):
-            batch = list(range(start, min(start + self.batch_size, len(requests))))
-            pasts = {n: self.tok_encode(requests[n].args[0]) for n in batch}
-            stops, budgets, generated = {}, {}, {n: [] for n in batch}
-            for n in batch:
-                settings = requests[n].args[1]
-                until = settings.get("until") or [self.tokenizer.sep_token]
-                stops[n] = [until] if isinstance(until, str) else list(until)
-                budgets[n] = int(settings.get("max_gen_toks", 256))
-            active = [n for n in batch if budgets[n] > 0]
-            while active:
-                next_tokens = self._logits_at([self._pseudo_causal_row(pasts[n] + generated[n])
-                                               for n in active]).argmax(-1).tolist()
-                still = []
-                for n, token in zip(active, next_tokens):
-                    if token == self.sep:
-                        continue
-                    generated[n].append(token)
-                    text = self.tokenizer.decode(generated[n], skip_special_tokens=True)
-                    if len(generated[n]) < budgets[n] and not any(stop in text for stop in stops[n]):
-                        still.append(n)
-                active = still
-            for n in batch:
-                text = self.tokenizer.decode(generated[n], skip_special_tokens=True)
-                for stop in stops[n]:
-                    text = text.split(stop)[0]
-                self.cache_hook.add_partial("generate_until", requests[n].args, text)
-                results[n] = text
-        return results
+    def _next_tokens(self, prompts: list[list[int]], generated: list[list[int]]) -> list[int]:
+        rows = [self._pseudo_causal_row(prompt + tokens) for prompt, tokens in zip(prompts, generated)]
+        return self._logits_at(rows).argmax(-1).tolist()

@@ -1,6 +1,12 @@
 """What ``python -m ettin.eval MODEL`` accepts: a Hugging Face ModernBERT / ModernBERT-Decoder folder
 or hub id (ours, exported, or saved by plain transformers), or an ettin run directory (its export
-``RUN/hf``, made from the latest checkpoint when missing)."""
+``RUN/hf``, made from the latest checkpoint when missing).
+
+A model trained with attention no transformers class computes (``objective=prefix_lm``) is read as
+trained: lm-eval's tasks through ``ettin-prefix`` (the context as its prefix), and the fine-tuned tasks
+(classification, retrieval) with the whole input as the prefix, which is bidirectional attention: its
+run is exported for evaluation as an encoder, to ``RUN/hf-bidirectional`` (``RUN/hf`` stays what the
+run's ``export_as`` chose, or absent)."""
 
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ class EvalError(ValueError):
 class EvalModel:
     name: str
     path: Path  # the Hugging Face folder
-    kind: str  # "encoder" | "decoder"
+    kind: str  # "encoder" | "decoder" | "prefix" (a prefix LM, in a folder of either class)
     objective: Optional[str]  # "mlm" | "clm" | "mntp", None for folders not made by ettin
     parameters: int
     ettin_size: Optional[str] = None  # the Ettin size it has (released hub id, or the shape of a size)
@@ -35,6 +41,26 @@ class EvalModel:
     @property
     def is_decoder(self) -> bool:
         return self.kind == "decoder"
+
+
+def exported_as(checkpoint: Path) -> Optional[str]:
+    """The side an evaluation exports ``checkpoint`` as: None for its own class (its objective's, or the
+    run's ``export_as``); ``encoder`` for a model no class computes (a prefix LM: its whole input as the
+    prefix is bidirectional attention)."""
+    from ettin.model.export import ExportError, export_class
+    from ettin.store.checkpoints import read_meta
+
+    try:
+        export_class(read_meta(checkpoint))
+        return None
+    except ExportError:
+        return "encoder"
+
+
+def is_prefix_lm(objective: Optional[str]) -> bool:
+    from ettin.objectives import OBJECTIVES, Attention
+
+    return objective in OBJECTIVES and OBJECTIVES[objective].attention is Attention.PREFIX
 
 
 def _run_objective(run: Path) -> Optional[str]:
@@ -67,8 +93,9 @@ def resolve_model(spec: str | Path) -> EvalModel:
     path = Path(spec)
     run: Optional[Path] = None
     if path.is_dir() and RunDir.is_run(path):
-        run, path = path, RunDir(path).export()
-        latest = RunDir(run).latest_checkpoint()
+        run, latest = path, RunDir(path).latest_checkpoint()
+        exported = exported_as(latest) if latest is not None else None
+        path = RunDir(run).export() if exported is None else RunDir(run).bidirectional_export()
         if latest is not None:
             export_current(latest, path)
     elif path.is_dir() and RunDir.of_export(path) is not None:
@@ -88,14 +115,16 @@ def resolve_model(spec: str | Path) -> EvalModel:
     name = run.name if run else (path.name if Path(spec).is_dir() else str(spec))
     from ettin.model.export import export_source
 
-    return EvalModel(name=name, path=path, kind=kinds[config["model_type"]], objective=objective,
+    kind = "prefix" if is_prefix_lm(objective) else kinds[config["model_type"]]
+    return EvalModel(name=name, path=path, kind=kind, objective=objective,
                      parameters=_parameters(path), ettin_size=ettin_size(hub_id, config),
                      checkpoint=export_source(path))
 
 
 def export_current(checkpoint: Path, folder: Path) -> None:
-    """Export ``checkpoint`` to ``folder`` unless ``folder`` already holds its export: an export of
-    another checkpoint (the run trained on, or was trained again) or of unknown origin is replaced."""
+    """Export ``checkpoint`` to ``folder`` (as ``exported_as`` says) unless ``folder`` already holds its
+    export: an export of another checkpoint (the run trained on, or was trained again) or of unknown
+    origin is replaced."""
     from ettin.model.export import export_checkpoint, export_source
     from ettin.store.checkpoints import checkpoint_identity
 
@@ -108,7 +137,7 @@ def export_current(checkpoint: Path, folder: Path) -> None:
                  (source or {}).get("name", "an unrecorded checkpoint"), checkpoint.name)
     else:
         log.info("exporting %s to %s", checkpoint, folder)
-    export_checkpoint(checkpoint, folder)
+    export_checkpoint(checkpoint, folder, export_as=exported_as(checkpoint))
 
 
 def select_checkpoints(run: Path, selection: str) -> list[Path]:

@@ -1,7 +1,8 @@
 """The three ways a task is scored, each through its field's library:
 
 * lm-evaluation-harness (generation and language-modelling tasks): decoders through lm-eval's own
-  ``hf`` model, encoders through ``ettin-mlm`` (ettin.evaluation.masked_lm);
+  ``hf`` model, encoders through ``ettin-mlm`` (ettin.evaluation.masked_lm), masked diffusion models
+  through ``ettin-mdlm``, prefix LMs through ``ettin-prefix`` (ettin.evaluation.prefix_lm);
 * transformers ``Trainer`` + ``AutoModelForSequenceClassification`` (classification by fine-tuning;
   a decoder pools its last token);
 * sentence-transformers (retrieval: mean pooling, a short MultipleNegativesRankingLoss fine-tune,
@@ -38,7 +39,11 @@ HARNESS_BATCH_SIZE = 32
 def harness_model_args(model: EvalModel, batch_size: int = HARNESS_BATCH_SIZE) -> dict:
     """The lm-eval model arguments of ``model`` (recorded in eval.json): lm-eval's ``hf`` for a decoder,
     with ``add_bos_token=True`` as the Ettin paper ran it; ``ettin-mlm`` for an encoder; ``ettin-mdlm``
-    (scored through the MDLM bound) for a model trained with a bound objective."""
+    (scored through the MDLM bound) for a model trained with a bound objective; ``ettin-prefix`` (the
+    context as its prefix) for a prefix LM."""
+    if model.kind == "prefix":
+        return {"model": "ettin-prefix", "pretrained": str(model.path), "dtype": "float32",
+                "batch_size": batch_size, "device": _device()}
     if model.is_decoder:
         return {"model": "hf", "pretrained": str(model.path), "backend": "causal", "add_bos_token": True,
                 "dtype": "float32", "batch_size": batch_size, "device": _device()}
@@ -58,13 +63,14 @@ def harness_model(model: EvalModel, batch_size: int = HARNESS_BATCH_SIZE):
     """The lm-eval model of ``model``, built from ``harness_model_args``."""
     from lm_eval.models.huggingface import HFLM
 
-    from ettin.evaluation.masked_lm import MaskedLMHarness
-
     from ettin.evaluation.diffusion_lm import DiffusionLMHarness
+    from ettin.evaluation.masked_lm import MaskedLMHarness
+    from ettin.evaluation.prefix_lm import PrefixLMHarness
 
     arguments = harness_model_args(model, batch_size)
     kind = arguments.pop("model")
-    return {"hf": HFLM, "ettin-mlm": MaskedLMHarness, "ettin-mdlm": DiffusionLMHarness}[kind](**arguments)
+    return {"hf": HFLM, "ettin-mlm": MaskedLMHarness, "ettin-mdlm": DiffusionLMHarness,
+            "ettin-prefix": PrefixLMHarness}[kind](**arguments)
 
 
 @lru_cache(maxsize=4)

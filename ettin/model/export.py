@@ -121,14 +121,18 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
 
 def export_checkpoint(source: Path | str, out_dir: Path | str, *, dtype: str = "fp32",
                       push_to_hub: Optional[str] = None, allow_theta_mismatch: bool = False,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, export_as: Optional[str] = None) -> Path:
+    """``export_as`` (``encoder`` | ``decoder``): the class to export as in place of the run's choice
+    (ettin.evaluation exports a prefix LM as an encoder: its whole input as the prefix)."""
     if dtype not in DTYPES:
         raise ExportError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     out = Path(out_dir)
     check_replaceable(out, overwrite)
     checkpoint = resolve_checkpoint(source)
-    cls = export_class(read_meta(checkpoint))  # refused before anything is written
+    chosen = {"export_as": export_as} if export_as else {}
+    cls = export_class({**read_meta(checkpoint), **chosen})  # refused before anything is written
     model, meta = load_checkpoint_model(checkpoint, causal=cls == SIDES["decoder"])
+    meta = {**meta, **chosen}
     # Beside the export, visible: a failed check leaves it for inspection and the previous export
     # untouched.
     partial = out.with_name(out.name + ".partial")
@@ -226,9 +230,11 @@ def model_card(model: ModernBert, meta: dict, checkpoint: Path, dtype: str) -> s
     trained = OBJECTIVES[meta["objective"]].attention
     prefix_note = f"""
 **Attention differs from training:** this model was trained with objective `{meta['objective']}`
-({trained.value} attention: bidirectional over a prefix, causal after it) and exported as `{cls}` by the
-run's `export_as`, which attends {'causally' if causal else 'bidirectionally'} everywhere; its outputs
-are not those it was trained to give.
+({trained.value} attention: bidirectional over a prefix, causal after it) and exported as `{cls}`
+(`export_as={meta.get('export_as')}`), which attends {'causally' if causal else 'bidirectionally'} everywhere:
+its outputs are those of {'an empty prefix' if causal else 'a prefix covering the whole input'}, and its
+logits predict the next token. `python -m ettin.eval` reads it as trained (lm-eval model `ettin-prefix`:
+the context as the prefix).
 """ if trained.causal and OBJECTIVES[meta["objective"]].side is None else ""
     mntp_note = """
 **Masked next-token prediction (MNTP):** this encoder was trained to predict a masked token at

@@ -19,6 +19,7 @@ import pandas as pd
 from ettin.evaluation import uncertainty
 from ettin.report import identity, plots, runs, scores
 from ettin.report.render import SMOKE_WARNING, image, render_html, render_markdown
+from ettin.store.rundir import RunDir
 from ettin.store.fs import write_text
 
 
@@ -43,9 +44,12 @@ CHECKPOINT_EVAL = "checkpoint-eval"
 
 
 def find_evaluation(run_a: Path, run_b: Path, out_dir: Path, run_c: Optional[Path] = None) -> list[Path]:
-    """The eval.json files that may hold the runs' scores, in the order they are merged."""
+    """The eval.json files that may hold the runs' scores, in the order they are merged: each run's own
+    (``RUN/eval.json``, and ``RUN/eval/eval.json`` of ``python -m ettin.train pair=false``), the report
+    folder's, and its checkpoint evaluation's."""
     folders = [r for r in (run_a, run_b, run_c) if r is not None]
-    return [p for p in (*(r / "eval.json" for r in folders), out_dir / "eval.json",
+    own = [path for r in folders for path in (r / "eval.json", RunDir(r).evaluation() / "eval.json")]
+    return [p for p in (*own, out_dir / "eval.json",
                         out_dir / CHECKPOINT_EVAL / "eval.json") if p.is_file()]
 
 

@@ -147,6 +147,9 @@ def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.Data
         return pd.DataFrame(columns=columns)
     a, b = (evaluation["models"][name] for name in (name_a, name_b))
     kinds = {name_a: a.get("kind"), name_b: b.get("kind")}
+    # The paper compared an encoder with a decoder; a pair of any other kinds (two encoders, a prefix LM)
+    # does not test its finding.
+    paired = set(kinds.values()) == {"encoder", "decoder"}
     tests = []
     for task, category, higher in zip(table["task"], table["category"], table["higher_is_better"]):
         ta, tb = a.get("tasks", {}).get(task), b.get("tasks", {}).get(task)
@@ -163,9 +166,11 @@ def score_table(evaluation: Optional[dict], name_a: str, name_b: str) -> pd.Data
             paper = "-"
         elif kinds[name_a] == kinds[name_b]:
             paper = f"{expected}s (not tested: both are {kinds[name_a]}s)"
+        elif not paired:
+            paper = f"{expected}s (not tested: {kinds[name_a]} vs {kinds[name_b]})"
         else:
             paper = f"{expected}s ahead"
-        if winner in (name_a, name_b) and expected and kinds[name_a] != kinds[name_b]:
+        if winner in (name_a, name_b) and expected and paired:
             agrees = "yes" if kinds[winner] == expected else "no"
         else:
             agrees = "-"

@@ -11,6 +11,8 @@
       logs/<phase>/metrics.csv   train rows and the validation curve, one continuous file per phase
       hf/, hf-<phase>/           Hugging Face exports of the run's end and of each phase's end
       hf-checkpoints/<name>/     exports of single checkpoints for evaluation over training
+      hf-bidirectional/          a prefix LM exported as an encoder, for evaluation (ettin.evaluation.models)
+      eval/                      python -m ettin.train's evaluation of a single run (pair=false): eval.json
       wandb/                     the wandb logger's files
 
 Nothing else in ettin spells these names.
@@ -98,6 +100,15 @@ class RunDir:
     def export(self, phase: Optional[str] = None) -> Path:
         """The Hugging Face export of the run's end (``hf``) or of a phase's end (``hf-<phase>``)."""
         return self.path / ("hf" if phase is None else f"hf-{phase}")
+
+    def bidirectional_export(self) -> Path:
+        """Where ``python -m ettin.eval RUN`` exports a model no transformers class computes (a prefix LM)
+        as an encoder: its whole input as the prefix, for the fine-tuned tasks."""
+        return self.path / "hf-bidirectional"
+
+    def evaluation(self) -> Path:
+        """Where ``python -m ettin.train pair=false`` evaluates the run at its end (eval.json, eval.log)."""
+        return self.path / "eval"
 
     def checkpoint_export(self, checkpoint_name: str) -> Path:
         """Where ``python -m ettin.eval RUN --checkpoints`` exports one checkpoint (kept for reuse)."""

@@ -149,7 +149,8 @@ class TrainConfig:
     # of the other saves (preemption), the newest keep_last_checkpoints.
     keep_interval_checkpoints: bool = True
     keep_last_checkpoints: int = 3
-    eval_at_end: bool = False  # a pair: evaluate both exports and write the pair report
+    # Evaluate what was trained: a pair's two exports, and the pair report; one run (pair=false) into RUN/eval/.
+    eval_at_end: bool = False
     eval_tasks: str = "offline"  # the tasks of that evaluation (python -m ettin.eval --tasks)
     eval_limit: Optional[int] = None  # at most this many examples per task (quick looks, tests)
     export_at_phase_end: bool = False
@@ -379,7 +380,7 @@ def check_option_values(cfg: TrainConfig) -> None:
     if cfg.trainer.precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}; choose one of "
                           f"{', '.join(PRECISIONS)}")
-    if cfg.pair and cfg.eval_at_end:  # evaluated only then: checked only then (it may index lm-eval)
+    if cfg.eval_at_end:  # evaluated only then: checked only then (it may index lm-eval)
         from ettin.evaluation.models import EvalError
         from ettin.evaluation.registry import resolve_tasks
 
