@@ -77,15 +77,45 @@ def test_a_text_after_cls_alone_is_scored_as_the_decoder_class_scores_it(views, 
     assert got == pytest.approx(expected, abs=1e-4)
 
 
-def test_continuations_score_alike_alone_and_in_a_padded_batch(views):
+def test_every_continuation_token_is_read_after_the_prefix_as_the_checkpoint_model_reads_it(run, views):
+    """Against the trained model itself, loaded from the checkpoint: one row, [CLS] context as the prefix,
+    the continuation causal after it."""
+    from ettin.model.export import load_checkpoint_model
+    from ettin.store.checkpoints import latest_checkpoint
+
     encoder, _ = views
+    model, _ = load_checkpoint_model(latest_checkpoint(run))
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     lm = PrefixLMHarness(str(encoder), batch_size=4, device="cpu")
-    requests = [((a, b), [tokenizer.cls_token_id, *encode(tokenizer, a)], encode(tokenizer, b))
-                for a in CONTEXTS for b in (" value import", " beta")]
+    requests, expected = [], []
+    for a in CONTEXTS:
+        for b in (" value import print", " beta"):
+            context, continuation = encode(tokenizer, a), encode(tokenizer, b)
+            ids = torch.tensor([[tokenizer.cls_token_id, *context, *continuation]])
+            with torch.no_grad():
+                logits = model(ids, torch.ones_like(ids), prefix_lengths=torch.tensor([1 + len(context)])).logits
+            read = torch.log_softmax(logits[0, len(context):-1], -1)
+            expected.append(float(read.gather(1, torch.tensor(continuation)[:, None]).sum()))
+            requests.append(((a, b), [tokenizer.cls_token_id, *context], continuation))
     batched = lm._loglikelihood_tokens(requests)
-    alone = [lm._loglikelihood_tokens([request])[0] for request in requests]
-    assert [s for s, _ in batched] == pytest.approx([s for s, _ in alone], abs=1e-5)
+    assert [score for score, _ in batched] == pytest.approx(expected, abs=1e-4)
+    alone = [lm._loglikelihood_tokens([request])[0] for request in requests]  # no padding
+    assert [score for score, _ in alone] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_row_longer_than_max_length_loses_its_oldest_tokens_after_cls(views):
+    encoder, _ = views
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    short, whole = (PrefixLMHarness(str(encoder), device="cpu", max_length=n) for n in (6, 64))
+    cls, context = tokenizer.cls_token_id, encode(tokenizer, CONTEXTS[2])
+    continuation = context[:3]
+    assert len(context) > 5
+    # A long context keeps its last tokens; a continuation longer than the row is scored on its last five.
+    got = short._loglikelihood_tokens([(("c", "x"), [cls, *context], continuation),
+                                       (("c", "y"), [cls, *context[:2]], context)])
+    expected = whole._loglikelihood_tokens([(("c", "x"), [cls, *context[-2:]], continuation),
+                                            (("c", "y"), [cls], context[-5:])])
+    assert [score for score, _ in got] == pytest.approx([score for score, _ in expected], abs=1e-5)
 
 
 def test_generation_reads_the_prompt_as_the_prefix_and_stops_where_asked(views):
@@ -101,16 +131,47 @@ def test_generation_reads_the_prompt_as_the_prefix_and_stops_where_asked(views):
     one = lm.generate_until([SimpleNamespace(args=(text, {"until": ["\n\n\n"], "max_gen_toks": 1}))
                              for text in CONTEXTS])
     assert one == [tokenizer.decode([token], skip_special_tokens=True) for token in first]
-    several = lm.generate_until([SimpleNamespace(args=(text, {"until": ["\n\n\n"], "max_gen_toks": 5}))
+    # Each generated token is the greedy next token of prompt + tokens so far, the prompt as the prefix.
+    produced, steps = {}, []
+    next_tokens = lm._next_tokens
+
+    def recording(prompts, so_far):
+        steps.append(len(prompts))
+        tokens = next_tokens(prompts, so_far)
+        for prompt, token in zip(prompts, tokens):
+            produced.setdefault(tuple(prompt), []).append(token)
+        return tokens
+
+    lm._next_tokens = recording
+    several = lm.generate_until([SimpleNamespace(args=(text, {"until": ["\n\n\n"], "max_gen_toks": 4}))
                                  for text in CONTEXTS])
-    alone = [lm.generate_until([SimpleNamespace(args=(text, {"until": ["\n\n\n"], "max_gen_toks": 5}))])[0]
-             for text in CONTEXTS]
-    assert several == alone and all(text.startswith(start) for text, start in zip(several, one))
-    stop = several[0][len(one[0]):].strip()[:2] or one[0]
-    cut = lm.generate_until([SimpleNamespace(args=(CONTEXTS[0], {"until": [stop], "max_gen_toks": 5}))])[0]
-    assert stop not in cut and several[0].startswith(cut)
+    assert all(text.startswith(start) for text, start in zip(several, one))
+    prompts = [encode(tokenizer, text) for text in CONTEXTS]
+    scored = lm._loglikelihood_tokens([((text, "?"), [tokenizer.cls_token_id, *prompt], produced[tuple(prompt)])
+                                       for text, prompt in zip(CONTEXTS, prompts)])
+    assert all(greedy for _, greedy in scored)
+    # A stop string ends the request's generation where it appears.
+    stop = one[0].strip()
+    assert stop
+    steps.clear()
+    assert lm.generate_until([SimpleNamespace(args=(CONTEXTS[0], {"until": [stop], "max_gen_toks": 4}))]) == [""]
+    assert len(steps) == 1
 
 
+def test_a_prefix_lm_is_fine_tuned_bidirectionally_whatever_its_runs_export_as(tmp_path, tokenizer_dir, views):  # noqa: F811
+    from ettin.evaluation.models import resolve_model
+    from ettin.store.rundir import RunDir
+
+    run = make_run(tmp_path / "run", tokenizer_dir, objective="prefix_lm", export_as="decoder", **THETAS)
+    model = resolve_model(run)
+    assert (model.kind, model.path, model.is_decoder) == ("prefix", RunDir(run).bidirectional_export(), False)
+    # A folder given as such is fine-tuned as the class it loads as, and scored through ettin-prefix.
+    _, decoder = views
+    model = resolve_model(decoder)
+    assert (model.kind, model.is_decoder) == ("prefix", True)
+
+
+@pytest.mark.slow
 def test_ettin_eval_scores_a_prefix_lm_run_on_every_offline_task(run, tmp_path):
     from ettin.evaluation import evaluate
     from ettin.store.rundir import RunDir
@@ -131,6 +192,7 @@ def test_ettin_eval_scores_a_prefix_lm_run_on_every_offline_task(run, tmp_path):
     assert all(result["provenance"]["checkpoint"]["name"] == "pretrain-step0000010" for result in tasks.values())
 
 
+@pytest.mark.slow
 def test_train_pair_false_objective_prefix_lm_trains_and_scores_every_offline_task(tmp_path, capsys):
     from ettin.store.rundir import RunDir
     from ettin.train_command import main

@@ -10,7 +10,7 @@ reusing the scores already in eval.json.
 
 MODEL: a Hugging Face ModernBERT or ModernBERT-Decoder folder or hub id (``ID@REVISION`` for a branch,
 tag or commit), or an ettin run directory (its export RUN/hf, made from the latest checkpoint if
-missing). Writes DIR/eval.json and DIR/eval.log (docs/evaluation.md). The offline tasks are smoke tasks
+missing; a prefix LM's RUN/hf-bidirectional, read as trained: ettin.evaluation.models). Writes DIR/eval.json and DIR/eval.log (docs/evaluation.md). The offline tasks are smoke tasks
 generated from the built-in corpus.
 """
 

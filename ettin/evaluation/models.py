@@ -5,8 +5,9 @@ or hub id (ours, exported, or saved by plain transformers), or an ettin run dire
 A model trained with attention no transformers class computes (``objective=prefix_lm``) is read as
 trained: lm-eval's tasks through ``ettin-prefix`` (the context as its prefix), and the fine-tuned tasks
 (classification, retrieval) with the whole input as the prefix, which is bidirectional attention: its
-run is exported for evaluation as an encoder, to ``RUN/hf-bidirectional`` (``RUN/hf`` stays what the
-run's ``export_as`` chose, or absent)."""
+run is exported for evaluation as an encoder, to ``RUN/hf-bidirectional``, whatever its ``export_as``
+(``RUN/hf`` stays what the run's ``export_as`` chose, or absent). A prefix LM's folder given directly is
+fine-tuned as the class it loads as."""
 
 from __future__ import annotations
 
@@ -37,24 +38,24 @@ class EvalModel:
     ettin_size: Optional[str] = None  # the Ettin size it has (released hub id, or the shape of a size)
     # the checkpoint the folder was exported from (its run and checkpoint_identity), None if not ettin's
     checkpoint: Optional[dict] = None
+    # the class the folder loads as ("encoder" | "decoder"), where it differs from kind (a prefix LM)
+    folder_kind: Optional[str] = None
 
     @property
     def is_decoder(self) -> bool:
-        return self.kind == "decoder"
+        """Whether the folder is a decoder: fine-tuned tasks read it with a decoder's template and pooling."""
+        return (self.folder_kind or self.kind) == "decoder"
 
 
 def exported_as(checkpoint: Path) -> Optional[str]:
     """The side an evaluation exports ``checkpoint`` as: None for its own class (its objective's, or the
-    run's ``export_as``); ``encoder`` for a model no class computes (a prefix LM: its whole input as the
-    prefix is bidirectional attention)."""
-    from ettin.model.export import ExportError, export_class
+    run's ``export_as`` for a mix); ``encoder`` for an objective no class computes, whatever the run's
+    ``export_as`` (a prefix LM: its whole input as the prefix is bidirectional attention)."""
+    from ettin.objectives import OBJECTIVES
     from ettin.store.checkpoints import read_meta
 
-    try:
-        export_class(read_meta(checkpoint))
-        return None
-    except ExportError:
-        return "encoder"
+    objective = OBJECTIVES.get(read_meta(checkpoint).get("objective"))
+    return "encoder" if objective is not None and objective.side is None else None
 
 
 def is_prefix_lm(objective: Optional[str]) -> bool:
@@ -115,10 +116,10 @@ def resolve_model(spec: str | Path) -> EvalModel:
     name = run.name if run else (path.name if Path(spec).is_dir() else str(spec))
     from ettin.model.export import export_source
 
-    kind = "prefix" if is_prefix_lm(objective) else kinds[config["model_type"]]
-    return EvalModel(name=name, path=path, kind=kind, objective=objective,
-                     parameters=_parameters(path), ettin_size=ettin_size(hub_id, config),
-                     checkpoint=export_source(path))
+    folder_kind = kinds[config["model_type"]]
+    return EvalModel(name=name, path=path, kind="prefix" if is_prefix_lm(objective) else folder_kind,
+                     objective=objective, parameters=_parameters(path), ettin_size=ettin_size(hub_id, config),
+                     checkpoint=export_source(path), folder_kind=folder_kind)
 
 
 def export_current(checkpoint: Path, folder: Path) -> None:

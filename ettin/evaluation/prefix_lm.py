@@ -6,7 +6,8 @@ Face folder ``python -m ettin.eval`` exports for it, ettin.evaluation.models), w
 
 * ``loglikelihood(context, continuation)``: ``[CLS] context continuation`` with ``[CLS] context`` as
   the prefix; continuation token i is read at the position before it (the model predicts the next
-  token). Greedy: every continuation token is the argmax there.
+  token). Greedy: every continuation token is the argmax there. A row longer than ``max_length`` loses
+  its oldest tokens after [CLS].
 * ``loglikelihood_rolling``: windows of ``max_length`` tokens with ``[CLS]`` alone as the prefix (plain
   causal reading, so the perplexity is a decoder's); each window after the first is cut afresh, without
   the previous one as context (the bound of a document is the sum over its windows).
@@ -79,11 +80,14 @@ class PrefixLMHarness(TokenHarness):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         rows = []
+        budget = self._max_length - 1  # tokens after [CLS]
         for _, context, continuation in requests:
             context = context[1:] if context[:1] == [self.cls] else context  # lm-eval's empty context
-            keep = max(self._max_length - 1 - len(continuation), 0)
-            context = context[len(context) - keep:] if len(context) > keep else context
-            rows.append(([self.cls, *context, *continuation], 1 + len(context), len(continuation)))
+            # Cut from the left, as lm-eval's hf model cuts: the context first, then (a continuation
+            # longer than the row) the continuation's first tokens, which are then not scored.
+            tokens = [*context, *continuation][-budget:]
+            scored = min(len(continuation), budget)
+            rows.append(([self.cls, *tokens], 1 + len(tokens) - scored, scored))
         results = self._scored(rows)
         for (key, _, _), result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, result)
