@@ -266,6 +266,7 @@ def test_scores_name_the_winner_by_the_metric_direction_and_the_paper(tmp_path):
     assert dict(table["winner"]) == {"nli": "enc", "ret": "dec", "lm": "dec", "same": "within noise",
                                      "ppl": "not comparable (pseudo_perplexity vs perplexity)"}
     assert dict(table["agrees"]) == {"nli": "yes", "ret": "no", "lm": "yes", "same": "-", "ppl": "-"}
+    assert table.loc["ppl", "metric"] == "pseudo_perplexity/perplexity"  # each model's metric named
     assert scores.is_smoke(ev)
     # Two encoders: an A/B comparison, the paper's direction is not tested.
     ab = evaluation({"x": "encoder", "y": "encoder"},

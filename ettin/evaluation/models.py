@@ -51,11 +51,9 @@ def exported_as(checkpoint: Path) -> Optional[str]:
     """The side an evaluation exports ``checkpoint`` as: None for its own class (its objective's, or the
     run's ``export_as`` for a mix); ``encoder`` for an objective no class computes, whatever the run's
     ``export_as`` (a prefix LM: its whole input as the prefix is bidirectional attention)."""
-    from ettin.objectives import OBJECTIVES
     from ettin.store.checkpoints import read_meta
 
-    objective = OBJECTIVES.get(read_meta(checkpoint).get("objective"))
-    return "encoder" if objective is not None and objective.side is None else None
+    return "encoder" if is_prefix_lm(read_meta(checkpoint).get("objective")) else None
 
 
 def is_prefix_lm(objective: Optional[str]) -> bool:

@@ -43,12 +43,11 @@ def default_out_dir(run_a: Path, run_b: Path, run_c: Optional[Path] = None) -> P
 CHECKPOINT_EVAL = "checkpoint-eval"
 
 
-def find_evaluation(run_a: Path, run_b: Path, out_dir: Path, run_c: Optional[Path] = None) -> list[Path]:
+def find_evaluation(out_dir: Path, *run_dirs: Path) -> list[Path]:
     """The eval.json files that may hold the runs' scores, in the order they are merged: each run's own
     (``RUN/eval.json``, and ``RUN/eval/eval.json`` of ``python -m ettin.train pair=false``), the report
     folder's, and its checkpoint evaluation's."""
-    folders = [r for r in (run_a, run_b, run_c) if r is not None]
-    own = [path for r in folders for path in (r / "eval.json", RunDir(r).evaluation() / "eval.json")]
+    own = [path for r in run_dirs for path in (r / "eval.json", RunDir(r).evaluation() / "eval.json")]
     return [p for p in (*own, out_dir / "eval.json",
                         out_dir / CHECKPOINT_EVAL / "eval.json") if p.is_file()]
 
@@ -63,7 +62,7 @@ def write_report(run_a: Path | str, run_b: Path | str, out_dir: Path | str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if evaluation is None:
-        given = find_evaluation(compared[0].path, compared[1].path, out, *(r.path for r in compared[2:]))
+        given = find_evaluation(out, *(r.path for r in compared))
     else:
         given = list(evaluation) if isinstance(evaluation, (list, tuple)) else [evaluation]
     evaluation_sources = [str(g) if isinstance(g, (str, Path)) else "given" for g in given]

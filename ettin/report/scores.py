@@ -106,7 +106,8 @@ LETTERS = "abc"  # the runs' column suffixes in the order given: score_a, score_
 
 
 def side_by_side(evaluation: Optional[dict], names: Sequence[str]) -> pd.DataFrame:
-    """Per task of any of the models: its category, metric and direction, and each model's score, standard
+    """Per task of any of the models: its category, metric (the models' metrics joined by "/" where they
+    differ) and direction, and each model's score, standard
     error and 95% interval (``score_a``, ``stderr_a``, ``ci95_a`` for the first name, ``_b``, ``_c`` for the
     next; NaN score where a model lacks the task); ``smoke`` when any of them is a smoke task."""
     letters = LETTERS[:len(names)]
@@ -125,7 +126,8 @@ def side_by_side(evaluation: Optional[dict], names: Sequence[str]) -> pd.DataFra
     for task in sorted(set().union(*tasks)):
         results = [own.get(task) for own in tasks]
         first = next(r for r in results if r)
-        row = [task, first.get("category"), first.get("metric"), bool(first.get("higher_is_better", True))]
+        metrics = "/".join(dict.fromkeys(str(r.get("metric")) for r in results if r))  # e.g. a pseudo-perplexity beside a perplexity
+        row = [task, first.get("category"), metrics, bool(first.get("higher_is_better", True))]
         for result in results:
             row += [result["score"], result.get("stderr"), result.get("ci95")] if result else \
                 [float("nan"), None, None]
